@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from fixtures import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random checkpoint in the official layout, written once per test session."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "Z-Image-Tiny")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # The demo model is generated into the user's cache; tests use their own.
+    monkeypatch.setenv("ZIMAGE_LITE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

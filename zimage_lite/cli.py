@@ -1,0 +1,110 @@
+"""The one command-line entry point: `zimage-lite run | quantize | info | plan` (also `python -m zimage_lite`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ZImageLiteError
+
+GiB = 1024**3
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo",
+                   help="model folder in the official layout (Tongyi-MAI/Z-Image-Turbo), or 'demo' (default)")
+    p.add_argument("--dit", type=Path, help="DiT weights file, overriding the model folder's transformer/")
+    p.add_argument("--text-encoder", type=Path, help="text encoder weights file, overriding text_encoder/")
+    p.add_argument("--vae", type=Path, help="VAE weights file, overriding vae/")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="compute dtype; auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)")
+
+
+def _add_size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default 1024; demo 256)")
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default 1024; demo 256)")
+    p.add_argument("--steps", type=int, default=8, help="DiT forwards (Turbo: 8)")
+    p.add_argument("--cfg", type=float, default=0.0, help="guidance scale; CFG runs when above 1 (Turbo: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zimage-lite", description="Z-Image-Turbo on small hardware.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate an image from a prompt")
+    run.add_argument("prompt")
+    _add_model_args(run)
+    _add_size_args(run)
+    run.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed and stored)")
+    run.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
+    run.add_argument("--cfg-normalization", type=float, default=0.0,
+                     help="cap the guided prediction's norm at this factor times the positive one (0: off)")
+    run.add_argument("--cfg-truncation", type=float, default=1.0,
+                     help="no guidance once the model time t = 1 - sigma exceeds this")
+    run.add_argument("--out", type=Path, default=None, help="output PNG (default zimage-<seed>.png)")
+    run.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import secrets
+
+    from tqdm import tqdm
+
+    from .image import check_output, save_png
+    from .pipeline import load
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    if args.seed is None:
+        print(f"seed: {seed}")
+    out = args.out or Path(f"zimage-{seed}.png")
+    check_output(out, args.force)  # refuse before loading anything
+    pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
+                dtype=args.dtype)
+    size = 256 if args.model == "demo" else 1024
+    width, height = args.width or size, args.height or size
+    start = time.perf_counter()
+    peak = 0
+    bar = tqdm(total=args.steps, desc="denoise", unit="step", disable=None)
+    try:
+        for ev in pipe.generate(args.prompt, negative=args.negative, width=width, height=height, steps=args.steps,
+                                seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
+                                cfg_truncation=args.cfg_truncation):
+            peak = max(peak, ev.peak_bytes)
+            if ev.stage == "encoded":
+                cut = ev.info["truncated_from"]
+                if cut:
+                    tqdm.write(f"note: the prompt is {cut} tokens with the chat template; cut to 512")
+                tqdm.write(f"encoded {ev.info['tokens']} tokens in {ev.seconds:.1f} s")
+            elif ev.stage == "step":
+                bar.update(1)
+            else:
+                bar.close()
+                tqdm.write(f"decoded in {ev.seconds:.1f} s")
+                save_png(ev.image, out, ev.info, force=args.force)
+    finally:
+        bar.close()
+    total = time.perf_counter() - start
+    print(f"{out}  ({width}x{height}, {total:.1f} s, peak memory {peak / GiB:.2f} GiB on {pipe.device.type})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ZImageLiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Random checkpoints in the exact official file layout: the embedded demo model, and the tests' fixtures.
+
+`write_checkpoint` writes what `Tongyi-MAI/Z-Image-Turbo` holds (model_index.json, scheduler/, text_encoder/ and
+transformer/ as sharded safetensors with an index, tokenizer/, vae/), with the official storage dtypes
+(transformer F32, text encoder and VAE BF16) and all the tensors the official files have, including the ones this
+runtime never reads (the text encoder's last layer and final norm, the VAE encoder). Weights are random and
+deterministic per seed, so the demo's image is noise: it shows the machinery works, not what the model draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from .config import DEMO, ModelConfig, VAEConfig, config_to_dict
+from .models.dit import ZImageDiT
+from .models.qwen3 import Qwen3Encoder
+from .models.vae import AutoencoderDecoder
+
+DEMO_VERSION = 1
+DIFFUSERS_VERSION = "0.36.0.dev0"
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>",
+]
+FIRST_SPECIAL_ID = 151643  # <|endoftext|>; Qwen's added tokens follow in this order
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+# A reduced Qwen3 chat template: the same rendering for one user message with add_generation_prompt.
+CHAT_TEMPLATE_JINJA = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+TOKENIZER_CORPUS = [
+    "a photograph of a cat sitting on a red chair in the sun, highly detailed",
+    "an astronaut riding a horse on the moon, digital art, 4k",
+    "一只可爱的猫坐在窗台上，阳光明媚，高清摄影",
+    "a watercolor painting of mountains and a lake at sunrise",
+    "portrait of an old fisherman, dramatic lighting, 85mm lens",
+    "東京の夜景、ネオンサイン、雨の街",
+]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ZIMAGE_LITE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zimage-lite")
+    return Path(root)
+
+
+def demo_path() -> Path:
+    """The demo checkpoint, generated into the user's cache on first use."""
+    path = cache_dir() / f"demo-v{DEMO_VERSION}"
+    if not (path / "model_index.json").is_file():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_checkpoint(tmp, DEMO, seed=0)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    if len(shape) == 1 and "norm" in name:
+        return 1.0 + 0.1 * torch.randn(shape, generator=g)
+    if len(shape) == 1:
+        return 0.02 * torch.randn(shape, generator=g)
+    if "pad_token" in name or "embed_tokens" in name:
+        return torch.randn(shape, generator=g)
+    fan_in = max(1, int(torch.tensor(shape[1:]).prod()))
+    return torch.randn(shape, generator=g) / fan_in**0.5
+
+
+def _random_state(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: _random_tensor(n, s, g).to(dtype).contiguous() for n, s in shapes.items()}
+
+
+def _meta_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    return {prefix + n: tuple(p.shape) for n, p in module.named_parameters()}
+
+
+def vae_encoder_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the FLUX AE encoder as diffusers names them; stored in vae/ although decoding needs none."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name: str, cin: int, cout: int, k: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name: str, ch: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (ch,), (ch,)
+
+    def resnet(name: str, cin: int, cout: int) -> None:
+        norm(f"{name}.norm1", cin)
+        conv(f"{name}.conv1", cin, cout, 3)
+        norm(f"{name}.norm2", cout)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.conv_shortcut", cin, cout, 1)
+
+    chans = cfg.block_out_channels
+    conv("encoder.conv_in", 3, chans[0], 3)
+    for b, cout in enumerate(chans):
+        cin = chans[max(b - 1, 0)]
+        for r in range(cfg.layers_per_block):
+            resnet(f"encoder.down_blocks.{b}.resnets.{r}", cin if r == 0 else cout, cout)
+        if b < len(chans) - 1:
+            conv(f"encoder.down_blocks.{b}.downsamplers.0.conv", cout, cout, 3)
+    top = chans[-1]
+    for r in range(2):
+        resnet(f"encoder.mid_block.resnets.{r}", top, top)
+    norm("encoder.mid_block.attentions.0.group_norm", top)
+    for p in ("to_q", "to_k", "to_v", "to_out.0"):
+        shapes[f"encoder.mid_block.attentions.0.{p}.weight"] = (top, top)
+        shapes[f"encoder.mid_block.attentions.0.{p}.bias"] = (top,)
+    norm("encoder.conv_norm_out", top)
+    conv("encoder.conv_out", top, 2 * cfg.latent_channels, 3)
+    return shapes
+
+
+def _write_sharded(folder: Path, stem: str, state: dict[str, torch.Tensor], shards: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(state)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if shards <= 1:
+        save_file(state, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, start = {}, 0
+    for i in range(shards):
+        end = len(names) if i == shards - 1 else (len(names) * (i + 1)) // shards
+        fname = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[start:end]}
+        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+        start = end
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def _dump(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A small byte-level BPE with Qwen's normalizer, split rule, and special tokens at Qwen's ids."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=[])
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    data = json.loads(tok.to_str())
+    data["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                              "use_regex": False}
+    # Special tokens live in the model vocab at Qwen's ids too, or the tokenizers library renumbers them.
+    data["model"]["vocab"].update({t: FIRST_SPECIAL_ID + i for i, t in enumerate(QWEN_SPECIAL_TOKENS)})
+    data["added_tokens"] = [
+        {"id": FIRST_SPECIAL_ID + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i, t in enumerate(QWEN_SPECIAL_TOKENS)
+    ]
+    _dump(folder / "tokenizer.json", data)
+    _dump(folder / "tokenizer_config.json", {
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False, "add_prefix_space": False,
+        "model_max_length": 131072, "errors": "replace", "split_special_tokens": False,
+        "chat_template": CHAT_TEMPLATE_JINJA,
+    })
+
+
+def write_checkpoint(folder: Path, cfg: ModelConfig = DEMO, seed: int = 0, shards: int = 2,
+                     transformer_dtype: torch.dtype = torch.float32,
+                     text_dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a random checkpoint of `cfg` in the official layout into `folder` (created)."""
+    folder = Path(folder)
+    _dump(folder / "model_index.json", {
+        "_class_name": "ZImagePipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "Qwen3Model"],
+        "tokenizer": ["transformers", "Qwen2Tokenizer"], "transformer": ["diffusers", "ZImageTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+    _dump(folder / "scheduler" / "scheduler_config.json", {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        **config_to_dict(cfg.scheduler)})
+    with torch.device("meta"):
+        dit = ZImageDiT(cfg.dit)
+        full_te = dataclasses.replace(cfg.text_encoder, num_hidden_layers=cfg.text_encoder.num_hidden_layers + 1)
+        te = Qwen3Encoder(full_te)  # builds every layer the checkpoint stores, the unused last one included
+        vae = AutoencoderDecoder(cfg.vae)
+
+    _dump(folder / "transformer" / "config.json", {
+        "_class_name": "ZImageTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+        **config_to_dict(cfg.dit)})
+    _write_sharded(folder / "transformer", "diffusion_pytorch_model",
+                   _random_state(_meta_shapes(dit), seed, transformer_dtype), shards)
+
+    t = cfg.text_encoder
+    _dump(folder / "text_encoder" / "config.json", {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": FIRST_SPECIAL_ID, "eos_token_id": FIRST_SPECIAL_ID + 2, "head_dim": t.head_dim,
+        "hidden_act": "silu", "hidden_size": t.hidden_size, "initializer_range": 0.02,
+        "intermediate_size": t.intermediate_size, "max_position_embeddings": t.max_position_embeddings,
+        "max_window_layers": t.num_hidden_layers, "model_type": "qwen3", "num_attention_heads": t.num_attention_heads,
+        "num_hidden_layers": t.num_hidden_layers, "num_key_value_heads": t.num_key_value_heads,
+        "rms_norm_eps": t.rms_norm_eps, "rope_scaling": None, "rope_theta": t.rope_theta, "sliding_window": None,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
+        "use_cache": True, "use_sliding_window": False, "vocab_size": t.vocab_size,
+    })
+    te_shapes = _meta_shapes(te, "model.")
+    te_shapes["model.norm.weight"] = (t.hidden_size,)
+    _write_sharded(folder / "text_encoder", "model", _random_state(te_shapes, seed + 1, text_dtype), shards)
+    write_tokenizer(folder / "tokenizer")
+
+    v = cfg.vae
+    _dump(folder / "vae" / "config.json", {
+        "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "_name_or_path": "flux-dev",
+        "act_fn": "silu", "block_out_channels": list(v.block_out_channels),
+        "down_block_types": ["DownEncoderBlock2D"] * len(v.block_out_channels), "force_upcast": True,
+        "in_channels": 3, "latent_channels": v.latent_channels, "latents_mean": None, "latents_std": None,
+        "layers_per_block": v.layers_per_block, "mid_block_add_attention": v.mid_block_add_attention,
+        "norm_num_groups": v.norm_num_groups, "out_channels": v.out_channels, "sample_size": 1024,
+        "scaling_factor": v.scaling_factor, "shift_factor": v.shift_factor,
+        "up_block_types": ["UpDecoderBlock2D"] * len(v.block_out_channels), "use_post_quant_conv": False,
+        "use_quant_conv": False,
+    })
+    vae_shapes = {**vae_encoder_shapes(v), **_meta_shapes(vae)}
+    _write_sharded(folder / "vae", "diffusion_pytorch_model", _random_state(vae_shapes, seed + 2, vae_dtype), 1)
+    return folder

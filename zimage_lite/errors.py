@@ -1,0 +1,29 @@
+"""Error types. Each carries a message a user can act on, naming the file, tensor or option at fault."""
+
+
+class ZImageLiteError(Exception):
+    """Base class: the CLI prints these as one line, without a traceback."""
+
+
+class CheckpointError(ZImageLiteError):
+    """A checkpoint file or folder is missing, truncated, corrupt or of an unknown layout."""
+
+
+class ShapeError(CheckpointError):
+    """A tensor in a checkpoint has a shape other than the config asks for."""
+
+
+class UnsupportedQuantError(ZImageLiteError):
+    """A quant type that cannot be read, or a tensor that cannot be written as the asked-for type."""
+
+
+class OptionError(ZImageLiteError):
+    """A command-line option or API argument has a value that cannot be used."""
+
+
+class NumericsError(ZImageLiteError):
+    """The computation produced NaN or inf (for example fp16 overflow)."""
+
+
+class BudgetError(ZImageLiteError):
+    """A memory budget that no plan can meet, or running out of memory mid-run."""

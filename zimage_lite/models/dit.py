@@ -1,0 +1,233 @@
+"""The Z-Image S3-DiT (single-stream diffusion transformer).
+
+Module and parameter names are the official checkpoint keys (zimage_spec.md 4.1), so `strict` loading is the name
+check. The order of operations follows zimage_spec.md 4.3 exactly. Items of a batch (the positive and negative
+prompt under CFG) are kept as a list and run one after another through each block: at batch 1 the reference uses
+no attention mask, and running items separately is equal to the reference's masked batch (zimage_spec.md 4.3),
+while each block is still fetched once per step for all items, which is what matters when blocks are streamed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FREQUENCY_EMBEDDING_SIZE, SEQ_MULTI_OF, T_EMBED_MID, DiTConfig
+from .layers import RMSNorm, attention
+
+MAX_PERIOD = 10000.0
+
+# Yields each block with its weights ready on the compute device, in the order given (see runtime/streamer.py).
+BlockRunner = Callable[[Iterable[nn.Module]], Iterator[nn.Module]]
+
+
+def resident(blocks: Iterable[nn.Module]) -> Iterator[nn.Module]:
+    """The trivial runner: every block already lives where it computes."""
+    yield from blocks
+
+
+def rope_angles(pos: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the 3-axis RoPE for integer positions pos (S, 3): each (S, head_dim/2) in fp32.
+
+    Angles in float64 then cast to float32, as the reference table is built.
+    """
+    angles = []
+    for axis, d in enumerate(axes_dims):
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)
+        angles.append((pos[:, axis].double()[:, None] * inv[None]).float())
+    a = torch.cat(angles, dim=-1)
+    return a.cos(), a.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair (complex) RoPE on x (S, H, D), computed in fp32: pairs (x[2k], x[2k+1]) rotate by angle k."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None], sin[:, None]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.to_q = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.to_k = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.to_v = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)])
+        self.norm_q = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.norm_k = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.chunk: int | None = None  # query chunk for attention, set by the memory plan
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        s = x.shape[0]  # x: (S, dim), one item
+        q = apply_rope(self.norm_q(self.to_q(x).view(s, self.n_heads, self.head_dim)), *rope)
+        k = apply_rope(self.norm_k(self.to_k(x).view(s, self.n_kv_heads, self.head_dim)), *rope)
+        v = self.to_v(x).view(s, self.n_kv_heads, self.head_dim)
+        out = attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], chunk=self.chunk)
+        return self.to_out[0](out[0].transpose(0, 1).reshape(s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Sandwich-norm block; with `modulation`, tanh-gated adaLN scales from the timestep embedding (no shifts)."""
+
+    def __init__(self, cfg: DiTConfig, modulation: bool) -> None:
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.modulation = modulation
+        if modulation:
+            # A list, not Sequential(SiLU, Linear): the block adaLN has no SiLU before it (zimage_spec.md 4.4).
+            self.adaLN_modulation = nn.ModuleList([nn.Linear(cfg.adaln_dim, 4 * cfg.dim, bias=True)])
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                adaln: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.modulation:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation[0](adaln).chunk(4, dim=-1)
+        x = x + gate_msa.tanh() * self.attention_norm2(self.attention(self.attention_norm1(x) * (1 + scale_msa), rope))
+        return x + gate_mlp.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, out_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQUENCY_EMBEDDING_SIZE, T_EMBED_MID), nn.SiLU(),
+                                 nn.Linear(T_EMBED_MID, out_dim))
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        half = FREQUENCY_EMBEDDING_SIZE // 2
+        freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first, as the reference
+        return self.mlp(emb.to(dtype))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cfg.dim, cfg.patch_dim, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, cfg.dim, bias=True))
+
+    def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + self.adaLN_modulation(adaln))
+        return self.linear(x)
+
+
+@dataclass
+class _Item:
+    """One image's token streams inside a forward."""
+
+    n_img: int  # real image tokens N (pads follow them)
+    img: torch.Tensor
+    cap: torch.Tensor
+    img_rope: tuple[torch.Tensor, torch.Tensor]
+    cap_rope: tuple[torch.Tensor, torch.Tensor]
+    adaln: torch.Tensor
+
+
+class ZImageDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        key = cfg.embedder_key
+        self.all_x_embedder = nn.ModuleDict({key: nn.Linear(cfg.patch_dim, cfg.dim, bias=True)})
+        self.all_final_layer = nn.ModuleDict({key: FinalLayer(cfg)})
+        self.noise_refiner = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([TransformerBlock(cfg, False) for _ in range(cfg.n_refiner_layers)])
+        self.t_embedder = TimestepEmbedder(cfg.adaln_dim)
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps),
+                                          nn.Linear(cfg.cap_feat_dim, cfg.dim, bias=True))
+        self.x_pad_token = nn.Parameter(torch.empty(1, cfg.dim))
+        self.cap_pad_token = nn.Parameter(torch.empty(1, cfg.dim))
+        self.layers = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_layers)])
+        self.block_runner: BlockRunner = resident
+
+    def blocks(self) -> list[nn.Module]:
+        """The 34 blocks in execution order: what the streamer moves; the rest stays resident."""
+        return [*self.noise_refiner, *self.context_refiner, *self.layers]
+
+    def set_attention_chunk(self, chunk: int | None) -> None:
+        for block in self.blocks():
+            block.attention.chunk = chunk
+
+    def _embed(self, latent: torch.Tensor, cap_feats: torch.Tensor, adaln: torch.Tensor) -> _Item:
+        cfg, p = self.cfg, self.cfg.patch_size
+        dev, dtype = latent.device, latent.dtype
+        # Caption: pad to a multiple of 32 by repeating the last row, embed, then overwrite the pads.
+        n_cap = cap_feats.shape[0]
+        n_cap_pad = (-n_cap) % SEQ_MULTI_OF
+        cap = torch.cat([cap_feats, cap_feats[-1:].expand(n_cap_pad, -1)]) if n_cap_pad else cap_feats
+        cap = self.cap_embedder(cap.to(dtype))
+        cap[n_cap:] = self.cap_pad_token.to(dtype)
+        lp = n_cap + n_cap_pad
+        cap_pos = torch.zeros(lp, 3, dtype=torch.long, device=dev)
+        cap_pos[:, 0] = torch.arange(1, lp + 1, device=dev)
+        # Image: patchify (C, H, W) into (N, p*p*C) with channel fastest, tokens row-major.
+        c, h, w = latent.shape
+        ht, wt = h // p, w // p
+        n = ht * wt
+        img = latent.view(c, ht, p, wt, p).permute(1, 3, 2, 4, 0).reshape(n, p * p * c)
+        n_img_pad = (-n) % SEQ_MULTI_OF
+        if n_img_pad:
+            img = torch.cat([img, img[-1:].expand(n_img_pad, -1)])
+        img = self.all_x_embedder[cfg.embedder_key](img)
+        img[n:] = self.x_pad_token.to(dtype)
+        img_pos = torch.zeros(n + n_img_pad, 3, dtype=torch.long, device=dev)  # pads sit at (0, 0, 0)
+        img_pos[:n, 0] = lp + 1
+        img_pos[:n, 1] = torch.arange(ht, device=dev).repeat_interleave(wt)
+        img_pos[:n, 2] = torch.arange(wt, device=dev).repeat(ht)
+        return _Item(n, img, cap, rope_angles(img_pos, cfg.axes_dims, cfg.rope_theta),
+                     rope_angles(cap_pos, cfg.axes_dims, cfg.rope_theta), adaln)
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
+        """latents (B, C, H, W) in the compute dtype; t (B,) = 1 - sigma; cap_feats: B tensors (L_i, cap_feat_dim).
+
+        Returns the model output (B, C, H, W): the negative flow velocity, in the compute dtype.
+        """
+        cfg = self.cfg
+        adaln = self.t_embedder(t * cfg.t_scale, latents.dtype)
+        items = [self._embed(latents[i], cap_feats[i], adaln[i:i + 1]) for i in range(latents.shape[0])]
+        blocks = self.block_runner(self.blocks())
+        for _ in range(cfg.n_refiner_layers):
+            block = next(blocks)
+            for it in items:
+                it.img = block(it.img, it.img_rope, it.adaln)
+        for _ in range(cfg.n_refiner_layers):
+            block = next(blocks)
+            for it in items:
+                it.cap = block(it.cap, it.cap_rope)
+        # Unified sequence: image tokens first, then caption tokens.
+        seqs = [torch.cat([it.img, it.cap]) for it in items]
+        ropes = [tuple(torch.cat([a, b]) for a, b in zip(it.img_rope, it.cap_rope, strict=True)) for it in items]
+        for block in blocks:
+            seqs = [block(x, rope, it.adaln) for x, rope, it in zip(seqs, ropes, items, strict=True)]
+        final = self.all_final_layer[cfg.embedder_key]
+        out = []
+        c, h, w = latents.shape[1:]
+        p = cfg.patch_size
+        for x, it in zip(seqs, items, strict=True):
+            y = final(x[:it.n_img], it.adaln)
+            out.append(y.view(h // p, w // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, h, w))
+        return torch.stack(out)

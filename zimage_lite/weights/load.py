@@ -1,0 +1,49 @@
+"""Filling a model built on the `meta` device from a lazy tensor source, one tensor at a time.
+
+Each tensor is read, checked against the shape the config implies, cast and assigned in place of the meta
+parameter, so the peak is one tensor above the result: the official DiT, stored in fp32 (24.6 GB), never exists
+twice. Source names are official names (name translation happens in the source, see names.py); tensors the model
+does not use (the text encoder's last layer and final norm, ComfyUI's `norm_final`) are never read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ShapeError
+from .sources import TensorSource
+
+
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def check_names(module: nn.Module, source: TensorSource, component: str) -> None:
+    missing = [n for n, _ in module.named_parameters() if n not in source]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source.path}: the {component} is missing tensor(s) {', '.join(missing[:5])}{more}")
+
+
+def load_tensor(source: TensorSource, name: str, expected: torch.Size) -> torch.Tensor:
+    """Read one tensor, accepting a stored shape that differs only by size-1 axes ([dim] for [1, dim])."""
+    shape = tuple(source.shape(name))
+    if shape != tuple(expected):
+        squeeze = tuple(d for d in shape if d != 1) == tuple(d for d in expected if d != 1)
+        if not squeeze:
+            raise ShapeError(f"{source.where(name)}: tensor {name} has shape {list(shape)}, "
+                             f"expected {list(expected)}")
+    return source.get(name).reshape(expected)
+
+
+def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, device: torch.device | str,
+                component: str) -> nn.Module:
+    """Replace every meta parameter of `module` by the source's tensor, cast to dtype, on device."""
+    check_names(module, source, component)
+    for name, param in list(module.named_parameters()):
+        t = load_tensor(source, name, param.shape)
+        set_tensor(module, name, t.to(device=device, dtype=dtype))
+    return module.eval().requires_grad_(False)
