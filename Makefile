@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/zimage-lite run "$(PROMPT)" --model demo --seed 42 --out demo.png --force
 
 test: install-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 lint: install-test
 	$(BIN)/ruff check zimage_lite quantize tests benchmarks

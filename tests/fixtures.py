@@ -36,3 +36,14 @@ def make_checkpoint(folder: Path, cfg: ModelConfig = TINY, seed: int = 0, **kwar
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b|: the figure the parity tolerances are stated in."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+# TINY with a 256-wide DiT, so the K-quants apply: every Linear row of the main blocks is 256 long (qkv, out, w1,
+# w3, adaLN), except w2's 682 (int(256 / 3 * 8)), which falls back as llama.cpp does. TINY's 64-wide rows all fall
+# back. Used by the quantize and interop tests.
+KQUANT = ModelConfig(
+    dit=DiTConfig(dim=256, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=48,
+                  axes_dims=(32, 48, 48)),
+    text_encoder=TINY.text_encoder,
+    vae=TINY.vae,
+)

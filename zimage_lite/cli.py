@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="compute dtype; auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)")
+    p.add_argument("--vram", help="GPU memory budget, e.g. 4GB, 3.5GiB (default: what the GPU reports)")
+    p.add_argument("--ram", help="RAM budget on the CPU path, e.g. 8GB (default: available memory)")
 
 
 def _add_size_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +50,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None, help="output PNG (default zimage-<seed>.png)")
     run.add_argument("--force", action="store_true", help="overwrite an existing output file")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="print the memory plan for a run, without loading weights")
+    _add_model_args(plan)
+    plan.set_defaults(model=None)
+    _add_size_args(plan)
+    plan.add_argument("--preset", default=None, help="plan for a preset model (turbo, base, demo) without files")
+    plan.add_argument("--quant", default="Q4_K_M", help="DiT weight format for --preset (default Q4_K_M)")
+    plan.add_argument("--text-quant", default="BF16", help="text encoder weight format for --preset (default BF16)")
+    plan.add_argument("--prompt-tokens", type=int, default=512,
+                      help="caption length to plan for, chat template included (default: the 512 maximum)")
+    plan.set_defaults(func=cmd_plan)
+
+    from quantize.cli import add_arguments as add_quantize_arguments
+
+    quant = sub.add_parser("quantize", help="write GGUF (Q8_0, Q4_K_M, ...), int8 or nf4 files from a checkpoint")
+    add_quantize_arguments(quant)
+    quant.set_defaults(func=cmd_quantize)
+
+    info = sub.add_parser("info", help="what a file or folder holds: component, layout, quant types, size, "
+                                       "and which tools load it")
+    info.add_argument("path", type=Path, help="a GGUF or safetensors file, a component folder or a model folder")
+    info.add_argument("--json", action="store_true", help="print the description as JSON")
+    info.set_defaults(func=cmd_info)
     return parser
 
 
@@ -65,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or Path(f"zimage-{seed}.png")
     check_output(out, args.force)  # refuse before loading anything
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
-                dtype=args.dtype)
+                dtype=args.dtype, vram=args.vram, ram=args.ram)
     size = 256 if args.model == "demo" else 1024
     width, height = args.width or size, args.height or size
     start = time.perf_counter()
@@ -91,6 +116,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.close()
     total = time.perf_counter() - start
     print(f"{out}  ({width}x{height}, {total:.1f} s, peak memory {peak / GiB:.2f} GiB on {pipe.device.type})")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .runtime.budget import parse_size
+    from .runtime.plan import format_plan, plan_for
+
+    vram = parse_size(args.vram, "--vram") if args.vram else None
+    ram = parse_size(args.ram, "--ram") if args.ram else None
+    if args.model is None or args.preset is not None:
+        preset = args.preset or "turbo"
+        size = 256 if preset == "demo" else 1024
+        plan = plan_for(preset, args.quant, args.width or size, args.height or size, args.cfg > 1.0, args.device,
+                        vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens)
+    else:
+        from .pipeline import check_size, load
+
+        pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
+                    dtype=args.dtype, vram=vram, ram=ram)
+        size = 256 if args.model == "demo" else 1024
+        check_size(args.width or size, args.height or size, 8)
+        plan = pipe.make_plan(args.width or size, args.height or size, args.cfg, args.prompt_tokens)
+    print(format_plan(plan))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quantize.cli import run
+
+    return run(args)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .weights.inspect import describe, format_info
+
+    desc = describe(args.path)
+    print(json.dumps(desc, indent=2, default=str) if args.json else format_info(desc))
     return 0
 
 

@@ -13,18 +13,20 @@ import dataclasses
 import json
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from .config import DEMO, ModelConfig, VAEConfig, config_to_dict
 from .models.dit import ZImageDiT
 from .models.qwen3 import Qwen3Encoder
 from .models.vae import AutoencoderDecoder
+from .text import qwen_byte_level
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DIFFUSERS_VERSION = "0.36.0.dev0"
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -34,8 +36,6 @@ QWEN_SPECIAL_TOKENS = [
     "<think>", "</think>",
 ]
 FIRST_SPECIAL_ID = 151643  # <|endoftext|>; Qwen's added tokens follow in this order
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-              r"|\s+(?!\S)|\s+")
 # A reduced Qwen3 chat template: the same rendering for one user message with add_generation_prompt.
 CHAT_TEMPLATE_JINJA = (
     "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -83,8 +83,12 @@ def _random_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> tor
 
 
 def _random_state(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {n: _random_tensor(n, s, g).to(dtype).contiguous() for n, s in shapes.items()}
+    """Random tensors for `shapes`; each tensor's values depend only on the seed and its name."""
+    out = {}
+    for n, s in shapes.items():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(n.encode()))
+        out[n] = _random_tensor(n, s, g).to(dtype).contiguous()
+    return out
 
 
 def _meta_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -129,21 +133,24 @@ def vae_encoder_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _write_sharded(folder: Path, stem: str, state: dict[str, torch.Tensor], shards: int) -> None:
+def _write_sharded(folder: Path, stem: str, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype,
+                   shards: int) -> None:
+    """Random tensors written shard by shard, so a full-size model never has to fit in memory at once."""
     folder.mkdir(parents=True, exist_ok=True)
-    names = list(state)
-    total = sum(t.numel() * t.element_size() for t in state.values())
+    names = list(shapes)
     if shards <= 1:
-        save_file(state, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+        save_file(_random_state(shapes, seed, dtype), str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
         return
-    weight_map, start = {}, 0
+    weight_map, start, total = {}, 0, 0
     for i in range(shards):
         end = len(names) if i == shards - 1 else (len(names) * (i + 1)) // shards
         fname = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: state[n] for n in names[start:end]}
+        part = _random_state({n: shapes[n] for n in names[start:end]}, seed, dtype)
+        total += sum(t.numel() * t.element_size() for t in part.values())
         save_file(part, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
         start = end
+        del part
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
@@ -155,13 +162,7 @@ def _dump(path: Path, data: dict) -> None:
 
 def write_tokenizer(folder: Path) -> None:
     """A small byte-level BPE with Qwen's normalizer, split rule, and special tokens at Qwen's ids."""
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
+    tok = qwen_byte_level(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, special_tokens=[])
     tok.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
@@ -207,8 +208,8 @@ def write_checkpoint(folder: Path, cfg: ModelConfig = DEMO, seed: int = 0, shard
     _dump(folder / "transformer" / "config.json", {
         "_class_name": "ZImageTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
         **config_to_dict(cfg.dit)})
-    _write_sharded(folder / "transformer", "diffusion_pytorch_model",
-                   _random_state(_meta_shapes(dit), seed, transformer_dtype), shards)
+    _write_sharded(folder / "transformer", "diffusion_pytorch_model", _meta_shapes(dit), seed, transformer_dtype,
+                   shards)
 
     t = cfg.text_encoder
     _dump(folder / "text_encoder" / "config.json", {
@@ -224,7 +225,7 @@ def write_checkpoint(folder: Path, cfg: ModelConfig = DEMO, seed: int = 0, shard
     })
     te_shapes = _meta_shapes(te, "model.")
     te_shapes["model.norm.weight"] = (t.hidden_size,)
-    _write_sharded(folder / "text_encoder", "model", _random_state(te_shapes, seed + 1, text_dtype), shards)
+    _write_sharded(folder / "text_encoder", "model", te_shapes, seed + 1, text_dtype, shards)
     write_tokenizer(folder / "tokenizer")
 
     v = cfg.vae
@@ -240,5 +241,5 @@ def write_checkpoint(folder: Path, cfg: ModelConfig = DEMO, seed: int = 0, shard
         "use_quant_conv": False,
     })
     vae_shapes = {**vae_encoder_shapes(v), **_meta_shapes(vae)}
-    _write_sharded(folder / "vae", "diffusion_pytorch_model", _random_state(vae_shapes, seed + 2, vae_dtype), 1)
+    _write_sharded(folder / "vae", "diffusion_pytorch_model", vae_shapes, seed + 2, vae_dtype, 1)
     return folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,22 +29,47 @@ def check_output(path: Path, force: bool) -> None:
         raise OptionError(f"--out {path}: file exists; pass --force to overwrite it")
 
 
-def write_atomic(path: Path, write: Callable[[Path], None], force: bool) -> None:
-    """Write through `write(tmp)` into a temporary file beside `path`, then rename it into place.
+def _public(path: Path) -> None:
+    """Give a temporary output the mode a plain `open` would (mkstemp/mkdtemp make it owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
-    An interrupted or failed write leaves nothing behind; an existing file is replaced only with `force`.
+
+def write_atomic(path: Path, write: Callable[[Path], None], force: bool, folder: bool = False) -> None:
+    """Write through `write(tmp)` into a temporary file (or folder) beside `path`, then rename it into place.
+
+    An interrupted or failed write leaves nothing behind; an existing output is replaced only with `force`.
     """
     check_output(path, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
     try:
-        write(Path(tmp))
+        write(tmp)
+        _public(tmp)
         if path.exists() and not force:  # appeared while we worked
             raise OptionError(f"--out {path}: file exists; pass --force to overwrite it")
-        os.replace(tmp, path)
+        if folder and path.exists():  # a folder cannot be renamed over another: move the old one aside first
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_png(image: Image.Image, path: Path, params: dict[str, object], force: bool = False) -> None:

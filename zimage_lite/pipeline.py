@@ -18,19 +18,25 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import MAX_TEXT_TOKENS, DiTConfig
-from .errors import OptionError
+from .config import MAX_TEXT_TOKENS, DiTConfig, ModelConfig
+from .errors import BudgetError, OptionError
 from .image import to_pil
 from .models.dit import ZImageDiT
 from .models.qwen3 import Qwen3Encoder
 from .models.vae import AutoencoderDecoder
+from .runtime import plan
+from .runtime.budget import parse_size
 from .runtime.memory import peak_bytes, reset_peak
+from .runtime.streamer import CudaStreamer, LazyBlocks
 from .sampling import combine_cfg, euler_step, get_noise, get_sigmas, guidance_active, model_time
-from .text import PromptTokenizer
+from .text import PromptTokenizer, Tokens
 from .weights.components import ModelFiles, open_dit, open_text_encoder, open_vae, resolve_model, scheduler_config
-from .weights.load import load_module
+from .weights.load import load_module, tensor_names
+from .weights.sources import RenamedSource, TensorSource
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+HOST_ONLY = ("embed_tokens",)  # Qwen3's 0.4 G-param table stays on the host: only the prompt's rows move
 
 
 @dataclass
@@ -47,16 +53,6 @@ class Event:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 arithmetic (AVX512-BF16 or AMX); without it bf16 matmuls are emulated and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,13 +64,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if dtype not in DTYPES:
+    if dtype != "auto" and dtype not in DTYPES:
         raise OptionError(f"--dtype {dtype}: expected auto, bf16, fp16 or fp32")
-    return DTYPES[dtype]
+    return DTYPES[plan.resolve_dtype(dtype, device.type)]
 
 
 def check_size(width: int, height: int, scale: int) -> None:
@@ -88,36 +80,97 @@ def check_size(width: int, height: int, scale: int) -> None:
 
 class ZImagePipeline:
     def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype, keep_loaded: bool = False,
-                 quant: str = "") -> None:
+                 vram: int | None = None, ram: int | None = None) -> None:
         self.files, self.device, self.dtype, self.keep_loaded = files, device, dtype, keep_loaded
+        self.vram, self.ram = vram, ram
+        self.plan: plan.Plan | None = None
         # The VAE never runs in plain fp16 (it overflows); fp32 unless bf16 compute was chosen.
         self.vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         self.tokenizer = PromptTokenizer(files.tokenizer, MAX_TEXT_TOKENS)
         self.scheduler = scheduler_config(files)
-        self.dit_config: DiTConfig = open_dit(files.dit)[0]
-        self.quant = quant or "as stored"
+        self._sources: dict[str, tuple[Any, TensorSource]] = {}
         self._models: dict[str, torch.nn.Module] = {}
+        self.dit_config: DiTConfig = self._open("dit")[0]
 
     # -- components -------------------------------------------------------------------------------------------
+    def _open(self, which: str) -> tuple[Any, TensorSource]:
+        """(config, source) of a component; headers are read once per pipeline."""
+        if which not in self._sources:
+            opener = {"text_encoder": open_text_encoder, "dit": open_dit, "vae": open_vae}[which]
+            self._sources[which] = opener(getattr(self.files, which))
+        return self._sources[which]
+
+    def stored_type(self, which: str) -> str:
+        """The most common stored type of a component's block weights ('Q4_K', 'BF16', ...)."""
+        _, src = self._open(which)
+        types = [src.qtype(n) for n in src.names() if n.startswith("layers.0.") and n.endswith("weight")]
+        return max(set(types), key=types.count) if types else "F32"
+
+    def weight_format(self, which: str) -> str:
+        """The format the planner counts a component's blocks in: the stored type when quantized, else the
+        compute dtype (float weights are cast to it as they load)."""
+        stored = self.stored_type(which)
+        if stored in ("F32", "F16", "BF16"):
+            return {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[DTYPE_NAMES[self.dtype]]
+        return stored
+
+    def make_plan(self, width: int, height: int, cfg: float, caption_tokens: int = MAX_TEXT_TOKENS) -> plan.Plan:
+        """The memory plan for one image: which blocks stay resident, attention chunking, VAE tiling."""
+        config = ModelConfig(dit=self.dit_config, text_encoder=self._open("text_encoder")[0],
+                             vae=self._open("vae")[0])
+        return plan.plan_for(config, self.weight_format("dit"), width, height, cfg > 1.0, self.device.type,
+                             self.vram, self.ram, DTYPE_NAMES[self.dtype], self.weight_format("text_encoder"),
+                             caption_tokens=caption_tokens)
+
     def _load(self, which: str) -> torch.nn.Module:
         if which in self._models:
             return self._models[which]
-        if which == "text_encoder":
-            cfg, src = open_text_encoder(self.files.text_encoder)
-            with torch.device("meta"):
-                model = Qwen3Encoder(cfg)
-            model = load_module(model, src, self.dtype, self.device, "text encoder")
-        elif which == "dit":
-            cfg, src = open_dit(self.files.dit)
-            with torch.device("meta"):
-                model = ZImageDiT(cfg)
-            model = load_module(model, src, self.dtype, self.device, "DiT")
+        cfg, src = self._open(which)
+        label = {"text_encoder": "text encoder", "dit": "DiT", "vae": "VAE"}[which]
+        cls = {"text_encoder": Qwen3Encoder, "dit": ZImageDiT, "vae": AutoencoderDecoder}[which]
+        with torch.device("meta"):
+            model = cls(cfg)
+        stage = self.plan.stage(which) if self.plan else None
+        if which == "vae":
+            model = load_module(model, src, self.vae_dtype, self.device, label)
         else:
-            cfg, src = open_vae(self.files.vae)
-            with torch.device("meta"):
-                model = AutoencoderDecoder(cfg)
-            model = load_module(model, src, self.vae_dtype, self.device, "VAE")
+            model = self._load_blocks(model, src, stage, label)
+            if which == "dit" and stage is not None:
+                model.set_attention_chunk(stage.attention_chunk if stage.attention == "chunked" else None)
         self._models[which] = model
+        return model
+
+    def _load_blocks(self, model: torch.nn.Module, src: TensorSource, stage: plan.StagePlan | None,
+                     label: str) -> torch.nn.Module:
+        """Load a block model under the plan: resident blocks on the device, the others streamed."""
+        names = {id(m): n for n, m in model.named_modules()}
+        blocks = model.blocks()
+        streamed = set(stage.streamed) if stage else set()
+        resident = [names[id(b)] not in streamed for b in blocks]
+        if self.device.type == "cpu" and streamed:
+            # Streamed blocks stay unloaded and are read from the memory map at each use.
+            all_names = tensor_names(model)
+            subs = {}  # block → a view of the source under the block's own names
+            for b, keep in zip(blocks, resident, strict=True):
+                if not keep:
+                    prefix = names[id(b)] + "."
+                    subs[id(b)] = RenamedSource(src, {n[len(prefix):]: n for n in all_names if n.startswith(prefix)})
+            lazy = tuple(names[id(b)] + "." for b in blocks if id(b) in subs)
+            load_module(model, src, self.dtype, "cpu", label, only=[n for n in all_names if not n.startswith(lazy)])
+
+            def materialize(block: torch.nn.Module) -> None:
+                load_module(block, subs[id(block)], self.dtype, "cpu", f"{label} block {names[id(block)]}")
+
+            model.block_runner = LazyBlocks(blocks, resident, materialize)
+            return model
+        load_module(model, src, self.dtype, "cpu", label)
+        if self.device.type != "cpu":
+            for name, child in model.named_children():
+                if name not in HOST_ONLY and not isinstance(child, torch.nn.ModuleList):
+                    child.to(self.device)
+            for name, p in list(model._parameters.items()):
+                model._parameters[name] = torch.nn.Parameter(p.to(self.device), requires_grad=False)
+            model.block_runner = CudaStreamer(blocks, resident, self.device)
         return model
 
     def _release(self, which: str) -> None:
@@ -127,10 +180,12 @@ class ZImagePipeline:
                 torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def encode(self, prompt: str) -> tuple[torch.Tensor, int | None]:
-        """Caption features (L, hidden) of one prompt, and the untruncated token count if it was cut."""
-        tokens = self.tokenizer.encode(prompt)
-        return self._load("text_encoder")(tokens.ids, self.device, self.dtype), tokens.truncated_from
+    def encode(self, prompt: str) -> torch.Tensor:
+        """Caption features (L, hidden) of one prompt."""
+        return self._encode(self.tokenizer.encode(prompt))
+
+    def _encode(self, tokens: Tokens) -> torch.Tensor:
+        return self._load("text_encoder")(tokens.ids, self.device, self.dtype)
 
     # -- generation -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -142,14 +197,32 @@ class ZImagePipeline:
         if steps < 1:
             raise OptionError(f"--steps {steps}: at least 1 step is needed")
         seed = secrets.randbelow(2**63) if seed is None else seed
-        use_cfg = cfg > 1.0
-        params = {"prompt": prompt, "negative_prompt": negative if use_cfg else "", "seed": seed, "steps": steps,
-                  "cfg": cfg, "width": width, "height": height, "model": self.files.name, "quant": self.quant}
+        params = {"prompt": prompt, "negative_prompt": negative if cfg > 1.0 else "", "seed": seed, "steps": steps,
+                  "cfg": cfg, "width": width, "height": height, "model": self.files.name,
+                  "quant": self.stored_type("dit")}
 
+        tokens = self.tokenizer.encode(prompt)
+        neg_tokens = self.tokenizer.encode(negative) if cfg > 1.0 else None
+        longest = max(tokens.ids.shape[0], neg_tokens.ids.shape[0] if neg_tokens else 0)
+        self.plan = self.make_plan(width, height, cfg, caption_tokens=longest)
+        try:
+            yield from self._stages(tokens, neg_tokens, width, height, steps, seed, cfg, cfg_normalization,
+                                    cfg_truncation, params)
+        except torch.OutOfMemoryError:
+            self._models.clear()
+            raise BudgetError(
+                f"out of {self.device.type} memory under this plan:\n{plan.format_plan(self.plan)}\n"
+                "Set a smaller --vram/--ram so that more blocks stream, use a smaller quant (--dit with a Q4_K_M "
+                "or Q3_K_M file) or a lower resolution.") from None
+
+    def _stages(self, tokens: Tokens, neg_tokens: Tokens | None, width: int, height: int, steps: int, seed: int,
+                cfg: float, cfg_normalization: float, cfg_truncation: float,
+                params: dict[str, Any]) -> Iterator[Event]:
+        use_cfg = neg_tokens is not None
         t0 = time.perf_counter()
         reset_peak(self.device)
-        feats, cut = self.encode(prompt)
-        neg_feats = self.encode(negative)[0] if use_cfg else None
+        feats, cut = self._encode(tokens), tokens.truncated_from
+        neg_feats = self._encode(neg_tokens) if use_cfg else None
         self._release("text_encoder")
         yield Event("encoded", seconds=time.perf_counter() - t0, peak_bytes=peak_bytes(self.device),
                     info={**params, "tokens": feats.shape[0], "truncated_from": cut})
@@ -174,7 +247,9 @@ class ZImagePipeline:
 
         t0 = time.perf_counter()
         reset_peak(self.device)
-        image = to_pil(self._load("vae").decode(latents)[0])
+        vae_plan = self.plan.stage("vae")
+        tile = vae_plan.tile if vae_plan.tiled else None
+        image = to_pil(self._load("vae").decode(latents, tile=tile)[0])
         self._release("vae")
         yield Event("decoded", steps, steps, time.perf_counter() - t0, peak_bytes(self.device), latents, image,
                     params)
@@ -189,9 +264,14 @@ class ZImagePipeline:
 
 
 def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: Path | None = None,
-         vae: Path | None = None, device: str = "auto", dtype: str = "auto",
-         keep_loaded: bool = False) -> ZImagePipeline:
-    """Open a model (a folder in the official layout, or 'demo') for generation; weights load stage by stage."""
+         vae: Path | None = None, device: str = "auto", dtype: str = "auto", vram: int | str | None = None,
+         ram: int | str | None = None, keep_loaded: bool = False) -> ZImagePipeline:
+    """Open a model (a folder in the official layout, or 'demo') for generation; weights load stage by stage.
+
+    `vram`/`ram` are memory budgets in bytes or as text ('4GB'); absent, what the device reports minus headroom.
+    """
     files = resolve_model(model, dit=dit, text_encoder=text_encoder, vae=vae)
     dev = resolve_device(device)
-    return ZImagePipeline(files, dev, resolve_dtype(dtype, dev), keep_loaded=keep_loaded)
+    vram = parse_size(vram, "--vram") if isinstance(vram, str) else vram
+    ram = parse_size(ram, "--ram") if isinstance(ram, str) else ram
+    return ZImagePipeline(files, dev, resolve_dtype(dtype, dev), keep_loaded=keep_loaded, vram=vram, ram=ram)

@@ -11,12 +11,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 
 from .config import MAX_TEXT_TOKENS
 from .errors import CheckpointError
 
 CHAT_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+# Qwen2's pre-tokenizer split rule (as in its tokenizer.json).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+
+
+def qwen_byte_level(tok: Tokenizer) -> Tokenizer:
+    """Give a BPE tokenizer Qwen2's text pipeline: NFC, Qwen's split rule, byte-level pre-tokenizer and decoder."""
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class Attention(nn.Module):
         k = apply_rope(self.norm_k(self.to_k(x).view(s, self.n_kv_heads, self.head_dim)), *rope)
         v = self.to_v(x).view(s, self.n_kv_heads, self.head_dim)
         out = attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], chunk=self.chunk)
-        return self.to_out[0](out[0].transpose(0, 1).reshape(s, -1))
+        return fp16_guard(self.to_out[0](out[0].transpose(0, 1).reshape(s, -1)))
 
 
 class FeedForward(nn.Module):
@@ -81,7 +81,19 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return fp16_guard(self.w2(fp16_guard(F.silu(self.w1(x)) * self.w3(x))))
+
+
+FP16_MAX = 65504.0
+
+
+def fp16_guard(t: torch.Tensor) -> torch.Tensor:
+    """In fp16, clamp overflowed values back into range. The FFN of the real model exceeds fp16's range (NaN
+    latents and black images on cards without bf16, Tongyi-MAI/Z-Image issues 14-15); the post-norm that follows
+    each clamp makes the clipping harmless. A no-op in bf16 and fp32."""
+    if t.dtype != torch.float16:
+        return t
+    return torch.nan_to_num(t, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
 
 
 class TransformerBlock(nn.Module):

@@ -1,22 +1,45 @@
-"""Where each component's weights and config come from: a model folder in the official layout, or one file each.
+"""Where each component's weights and config come from, in whatever layout the user has.
 
-`resolve_model` turns `--model` and the per-component overrides into paths; `open_*` turn a path into
-(config, tensor source) with official tensor names, whatever the layout on disk.
+`--model` is the official folder (transformer/, text_encoder/, tokenizer/, vae/), a folder of single files
+(`z_image_turbo-Q4_K_M.gguf`, `qwen_3_4b.safetensors`, `ae.safetensors`, ...), or one file; `--dit`,
+`--text-encoder` and `--vae` override one component each. Which file holds which component, and in which name
+layout, is read from the tensor names (names.py), never from file names. A single file has no config.json: the
+config is read off the tensor shapes, the rest taken from the turbo preset. Every component is opened (headers
+only) and checked while the model is resolved, so a wrong, cut or unreadable file fails before any work.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..config import DiTConfig, SchedulerConfig, TextEncoderConfig, VAEConfig, read_json
-from ..errors import CheckpointError
+import torch
+
+from ..config import PRESETS, DiTConfig, SchedulerConfig, TextEncoderConfig, VAEConfig, read_json
+from ..errors import CheckpointError, UnsupportedQuantError
+from ..quant.formats import SUPPORTED_TYPES
+from .gguf_source import GGUFSource
+from .names import detect_component, translate
 from .sources import RenamedSource, SafetensorsSource, TensorSource
 
-# Component → folder name in the official (diffusers) layout.
+COMPONENTS = ("dit", "text_encoder", "vae")
 FOLDERS = {"dit": "transformer", "text_encoder": "text_encoder", "tokenizer": "tokenizer", "vae": "vae"}
+LABELS = {"dit": "DiT", "text_encoder": "text encoder", "vae": "VAE"}
+OPTIONS = {"dit": "--dit", "text_encoder": "--text-encoder", "vae": "--vae"}
+CONFIGS = {"dit": DiTConfig, "text_encoder": TextEncoderConfig, "vae": VAEConfig}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".gguf")
 LAYOUT_HINT = ("a model folder holds transformer/, text_encoder/, tokenizer/ and vae/ "
-               "(the Tongyi-MAI/Z-Image-Turbo layout)")
+               "(the Tongyi-MAI/Z-Image-Turbo layout), or one single file per component")
+# Language-model heads a text encoder file may carry; Z-Image never reads them.
+UNUSED = re.compile(r"(^|\.)(lm_head|output)\.weight$")
+# Storage types a file may use: the dequant table's, plus float types torch casts directly (safetensors).
+READABLE = {t.name for t in SUPPORTED_TYPES} | {"F64", "F8_E4M3", "F8_E5M2"}
 
 
 @dataclass(frozen=True)
@@ -29,61 +52,304 @@ class ModelFiles:
     scheduler: Path | None  # scheduler_config.json, when present
 
 
+@dataclass(frozen=True)
+class Component:
+    """What a path holds: its kind ('dit', 'text_encoder', 'vae'; None if unknown), name layout and config, and
+    the tensors under official names (`source`) and as stored (`stored`)."""
+
+    path: Path
+    kind: str | None
+    layout: str | None
+    config: Any
+    source: RenamedSource | None
+    stored: TensorSource
+
+
+# --- opening --------------------------------------------------------------------------------------------------
+
+
+def _signature(path: Path) -> tuple:
+    """Changes whenever the files behind `path` change, so cached opens never serve stale headers."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+
+
+def open_stored(path: Path) -> TensorSource:
+    """The tensors of a single file (GGUF by its magic, else safetensors) or a component folder, as stored."""
+    path = Path(path)
+    if path.is_dir():
+        return SafetensorsSource.from_folder(path)
+    with open(path, "rb") as f:
+        is_gguf = f.read(4) == b"GGUF" or path.suffix.lower() == ".gguf"  # a bad magic is GGUFSource's to report
+    if not is_gguf and path.suffix.lower() not in (".safetensors", ".sft"):
+        raise CheckpointError(f"{path}: neither a GGUF nor a safetensors file; zimage-lite reads "
+                              f"{', '.join(SINGLE_FILE_SUFFIXES)} files (pickled .ckpt/.bin/.pt are not loaded)")
+    return GGUFSource(path) if is_gguf else SafetensorsSource([path])
+
+
+def _count(names: list[str], pattern: str) -> int:
+    """1 + the largest block index the pattern's group captures (layers.N., blk.N., ...), 0 if none."""
+    found = {int(m.group(1)) for n in names if (m := re.search(pattern, n))}
+    return max(found) + 1 if found else 0
+
+
+def _probe(kind: str, stored: TensorSource, names: list[str], path: Path, official: list[str],
+           n_up: int = 4) -> dict[str, tuple[int, ...]]:
+    """Shapes of a few official tensors, found through the file's own layout."""
+    _, mapping = translate(kind, official, names, str(path), n_up)
+    view = RenamedSource(stored, mapping)
+    return {n: view.shape(n) for n in official}
+
+
+def _meta_float(stored: TensorSource, key: str, default: float) -> float:
+    value = stored.meta(key) if isinstance(stored, GGUFSource) else None
+    # GGUF stores FLOAT32: 1e-6 comes back as 9.99999997e-07. Seven significant digits recover what was written.
+    return default if value is None else float(f"{float(value):.7g}")
+
+
+def _dit_config(stored: TensorSource, names: list[str], path: Path) -> DiTConfig:
+    base = PRESETS["turbo"].dit
+    x_emb = f"all_x_embedder.{base.embedder_key}.weight"
+    s = _probe("dit", stored, names, path, ["cap_embedder.1.weight", "layers.0.attention.norm_q.weight",
+                                            "layers.0.attention.to_k.weight", x_emb])
+    dim, cap_feat_dim = s["cap_embedder.1.weight"]
+    head_dim = s["layers.0.attention.norm_q.weight"][0]
+    # RoPE axes split head_dim as the turbo model does (32:48:48 of 128)
+    axes = tuple(d * head_dim // base.head_dim for d in base.axes_dims)
+    if sum(axes) != head_dim or any(a % 2 for a in axes):
+        raise CheckpointError(f"{path}: head_dim {head_dim} (from q_norm) does not split into RoPE axes like "
+                              f"{base.axes_dims}; put the DiT in a folder with its config.json")
+    return dataclasses.replace(
+        base, dim=dim, n_layers=_count(names, r"(?:^|\.)layers\.(\d+)\."),
+        n_refiner_layers=_count(names, r"(?:^|\.)noise_refiner\.(\d+)\."), n_heads=dim // head_dim,
+        n_kv_heads=s["layers.0.attention.to_k.weight"][0] // head_dim, cap_feat_dim=cap_feat_dim,
+        in_channels=s[x_emb][1] // (base.patch_size ** 2 * base.f_patch_size), axes_dims=axes)
+
+
+def _text_encoder_config(stored: TensorSource, names: list[str], path: Path) -> TextEncoderConfig:
+    base = PRESETS["turbo"].text_encoder
+    probe = ["embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
+             "layers.0.self_attn.q_norm.weight", "layers.0.mlp.gate_proj.weight"]
+    s = _probe("text_encoder", stored, names, path, probe)
+    vocab, hidden = s["embed_tokens.weight"]
+    head_dim = s["layers.0.self_attn.q_norm.weight"][0]
+    n_layers = _count(names, r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
+    if n_layers < 2:
+        raise CheckpointError(f"{path}: the text encoder has {n_layers} layer(s); Z-Image reads the output of the "
+                              f"second-to-last, so at least 2 are needed")
+    arch = (stored.meta("general.architecture") if isinstance(stored, GGUFSource) else None) or "qwen3"
+    return dataclasses.replace(
+        base, hidden_size=hidden, intermediate_size=s["layers.0.mlp.gate_proj.weight"][0],
+        num_hidden_layers=n_layers, num_attention_heads=s["layers.0.self_attn.q_proj.weight"][0] // head_dim,
+        num_key_value_heads=s["layers.0.self_attn.k_proj.weight"][0] // head_dim, head_dim=head_dim,
+        vocab_size=vocab, rope_theta=_meta_float(stored, f"{arch}.rope.freq_base", base.rope_theta),
+        rms_norm_eps=_meta_float(stored, f"{arch}.attention.layer_norm_rms_epsilon", base.rms_norm_eps))
+
+
+def _vae_config(stored: TensorSource, names: list[str], path: Path) -> VAEConfig:
+    base = PRESETS["turbo"].vae
+    n_up = _count(names, r"decoder\.up(?:_blocks)?\.(\d+)\.")
+    ups = [f"decoder.up_blocks.{i}.resnets.0.conv2.weight" for i in range(n_up)]
+    s = _probe("vae", stored, names, path, ["decoder.conv_in.weight", "decoder.conv_out.weight", *ups], n_up)
+    chans = tuple(reversed([s[u][0] for u in ups]))
+    # GroupNorm's group count is not in the weights: FLUX's 32, which must divide every width.
+    if any(c % base.norm_num_groups for c in chans):
+        raise CheckpointError(f"{path}: VAE widths {list(chans)} are not multiples of {base.norm_num_groups} "
+                              f"GroupNorm groups; put the VAE in a folder with its config.json")
+    return dataclasses.replace(
+        base, block_out_channels=chans, latent_channels=s["decoder.conv_in.weight"][1],
+        out_channels=s["decoder.conv_out.weight"][0],
+        layers_per_block=_count(names, r"decoder\.up(?:_blocks)?\.0\.(?:resnets|block)\.(\d+)\.") - 1,
+        mid_block_add_attention=any(re.search(r"decoder\.mid(?:_block)?\.(?:attn_1|attentions)\.", n)
+                                    for n in names))
+
+
+DERIVE = {"dit": _dit_config, "text_encoder": _text_encoder_config, "vae": _vae_config}
+
+
+def official_names(kind: str, config: Any) -> list[str]:
+    """The tensors the runtime's model for `config` reads (built on `meta`: no memory)."""
+    from ..models.dit import ZImageDiT
+    from ..models.qwen3 import Qwen3Encoder
+    from ..models.vae import AutoencoderDecoder
+
+    cls = {"dit": ZImageDiT, "text_encoder": Qwen3Encoder, "vae": AutoencoderDecoder}[kind]
+    with torch.device("meta"):
+        return [n for n, _ in cls(config).named_parameters()]
+
+
+@functools.lru_cache(maxsize=16)
+def _identify(path: Path, signature: tuple) -> Component:
+    stored = open_stored(path)
+    names = [n for n in stored.names() if not UNUSED.search(n)]
+    kind = detect_component(names)
+    if kind is None:
+        return Component(path, None, None, None, None, stored)
+    if path.is_dir():
+        config = CONFIGS[kind].from_dict(read_json(path / "config.json"))
+    else:
+        config = DERIVE[kind](stored, names, path)
+    n_up = len(config.block_out_channels) if kind == "vae" else 4
+    layout, mapping = translate(kind, official_names(kind, config), names, str(path), n_up)
+    return Component(path, kind, layout, config, RenamedSource(stored, mapping), stored)
+
+
+def identify(path: Path) -> Component:
+    """Open a file or component folder (headers only; cached while the files stay unchanged) and say what it is."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    return _identify(path, _signature(path))
+
+
+def open_component(path: Path, kind: str, option: str | None = None) -> Component:
+    """`identify`, then check that `path` holds a `kind` whose tensors zimage-lite can all read."""
+    comp = identify(path)
+    via = f" ({option})" if option else ""
+    if comp.kind is None:
+        names = [n for n in comp.stored.names() if not UNUSED.search(n)]
+        translate(kind, [], names, f"{path}{via}")  # raises, listing the names each layout has
+        raise CheckpointError(f"{path}{via}: not a Z-Image {LABELS[kind]} in any known layout")
+    if comp.kind != kind:
+        raise CheckpointError(f"{path} holds a {LABELS[comp.kind]}, not a {LABELS[kind]}{via}")
+    for name, (stored_name, _) in comp.source.mapping.items():
+        qtype = comp.source.qtype(name)
+        if qtype not in READABLE:
+            raise UnsupportedQuantError(
+                f"{comp.source.where(name)}: tensor {stored_name} is {qtype}, a type zimage-lite cannot read "
+                f"(it reads {', '.join(sorted(READABLE))}); use a file quantized to one of those")
+    return comp
+
+
+def open_dit(path: Path) -> tuple[DiTConfig, TensorSource]:
+    comp = open_component(path, "dit")
+    return comp.config, comp.source
+
+
+def open_text_encoder(path: Path) -> tuple[TextEncoderConfig, TensorSource]:
+    comp = open_component(path, "text_encoder")
+    return comp.config, comp.source
+
+
+def open_vae(path: Path) -> tuple[VAEConfig, TensorSource]:
+    comp = open_component(path, "vae")
+    return comp.config, comp.source
+
+
+def scheduler_config(files: ModelFiles) -> SchedulerConfig:
+    return SchedulerConfig.from_dict(read_json(files.scheduler)) if files.scheduler else SchedulerConfig()
+
+
+# --- resolving --model and the overrides ----------------------------------------------------------------------
+
+
+def single_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SINGLE_FILE_SUFFIXES)
+
+
+def _found_in(root: Path) -> dict[str, list[Path]]:
+    """Component kind → candidate paths under `--model`: official sub-folders first, then single files."""
+    found: dict[str, list[Path]] = {k: [] for k in COMPONENTS}
+    if root.is_file() or (root / "config.json").is_file():  # one file, or one component's folder
+        comp = identify(root)
+        if comp.kind is None:
+            some = ", ".join(sorted(comp.stored.names())[:4]) or "no tensors"
+            raise CheckpointError(f"--model {root}: not a Z-Image DiT, text encoder or VAE in any known layout "
+                                  f"(found {some}, ...); {LAYOUT_HINT}")
+        found[comp.kind].append(root)
+        return found
+    for kind in COMPONENTS:
+        if (root / FOLDERS[kind]).is_dir():
+            found[kind].append(root / FOLDERS[kind])
+    for f in single_files(root):
+        kind = identify(f).kind  # files of no known component (a LoRA, say) are left alone
+        if kind is not None and not (root / FOLDERS[kind]).is_dir():
+            found[kind].append(f)
+    return found
+
+
+def _gguf_tokenizer(path: Path) -> Path | None:
+    """tokenizer.json rebuilt from a GGUF text encoder's metadata, cached next to the demo model."""
+    from ..demo import cache_dir
+
+    stored = identify(path).stored
+    if not isinstance(stored, GGUFSource):
+        return None
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "tokenizers" / f"{path.stem}-{key}.json"
+    if out.is_file():
+        return out
+    text = stored.tokenizer_json()
+    if text is None:
+        return None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot store the tokenizer read from {path} ({e}); set ZIMAGE_LITE_CACHE "
+                              f"to a writable folder") from None
+    return out
+
+
+def _tokenizer(home: Path, text_encoder: Path, override: Path | None) -> Path:
+    if override is not None:
+        tok = Path(override) / "tokenizer.json" if Path(override).is_dir() else Path(override)
+        if not tok.is_file():
+            raise CheckpointError(f"{tok}: tokenizer file not found")
+        return tok
+    for cand in (home / FOLDERS["tokenizer"] / "tokenizer.json", home / "tokenizer.json"):
+        if cand.is_file():
+            return cand
+    from_gguf = _gguf_tokenizer(text_encoder) if text_encoder.is_file() else None
+    if from_gguf is not None:
+        return from_gguf
+    why = f"; {text_encoder} carries no tokenizer metadata" if text_encoder.suffix.lower() == ".gguf" else ""
+    raise CheckpointError(f"{home}: no tokenizer found: zimage-lite needs Qwen3's tokenizer.json; put "
+                          f"tokenizer/tokenizer.json (from Tongyi-MAI/Z-Image-Turbo) into {home}, or point "
+                          f"--model at the official folder{why}")
+
+
 def resolve_model(model: str | Path, dit: Path | None = None, text_encoder: Path | None = None,
                   vae: Path | None = None, tokenizer: Path | None = None) -> ModelFiles:
-    """`model` is a folder in the official layout or 'demo'; the other arguments override one component each."""
+    """`model`: the official folder, a folder of single files, one file, or 'demo'; the other arguments override
+    one component each. Every component is opened and checked here (headers only)."""
     if str(model) == "demo":
         from ..demo import demo_path
 
         root, name = demo_path(), "demo"
     else:
-        root, name = Path(model), Path(model).name
-    if not root.is_dir():
-        raise CheckpointError(f"--model {root}: folder not found; {LAYOUT_HINT}")
-
-    def part(key: str, override: Path | None) -> Path:
-        if override is not None:
-            if not Path(override).exists():
-                raise CheckpointError(f"{override}: file not found (--{key.replace('_', '-')})")
-            return Path(override)
-        path = root / FOLDERS[key]
-        if not path.is_dir():
-            raise CheckpointError(f"{root}: no {FOLDERS[key]}/ folder; {LAYOUT_HINT}")
-        return path
-
-    tok = part("tokenizer", tokenizer)
-    tok_file = tok / "tokenizer.json" if tok.is_dir() else tok
-    sched = root / "scheduler" / "scheduler_config.json"
-    return ModelFiles(name, part("dit", dit), part("text_encoder", text_encoder), tok_file, part("vae", vae),
-                      sched if sched.is_file() else None)
-
-
-def _folder_source(path: Path) -> TensorSource:
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: expected a component folder with config.json and safetensors")
-    return SafetensorsSource.from_folder(path)
-
-
-def _strip_prefix(source: TensorSource, prefix: str) -> TensorSource:
-    names = list(source.names())
-    if any(n.startswith(prefix) for n in names):
-        return RenamedSource(source, {n[len(prefix):]: n for n in names if n.startswith(prefix)})
-    return source
-
-
-def open_dit(path: Path) -> tuple[DiTConfig, TensorSource]:
-    return DiTConfig.from_dict(read_json(path / "config.json")), _folder_source(path)
-
-
-def open_text_encoder(path: Path) -> tuple[TextEncoderConfig, TensorSource]:
-    # Qwen3ForCausalLM stores `model.layers...`; Qwen3Model without the prefix: accept both.
-    cfg = TextEncoderConfig.from_dict(read_json(path / "config.json"))
-    return cfg, _strip_prefix(_folder_source(path), "model.")
-
-
-def open_vae(path: Path) -> tuple[VAEConfig, TensorSource]:
-    return VAEConfig.from_dict(read_json(path / "config.json")), _folder_source(path)
-
-
-def scheduler_config(files: ModelFiles) -> SchedulerConfig:
-    return SchedulerConfig.from_dict(read_json(files.scheduler)) if files.scheduler else SchedulerConfig()
+        root = Path(model)
+        name = root.stem if root.is_file() else root.name
+    if not root.exists():
+        raise CheckpointError(f"--model {root}: not found; {LAYOUT_HINT}")
+    overrides = {"dit": dit, "text_encoder": text_encoder, "vae": vae}
+    single = root.is_file() or (root / "config.json").is_file()
+    home = root.parent if single else root  # where tokenizer/ and scheduler/ may be
+    found = _found_in(root)
+    paths: dict[str, Path] = {}
+    for kind in COMPONENTS:
+        if overrides[kind] is not None:
+            paths[kind] = Path(overrides[kind])
+            if not paths[kind].exists():
+                raise CheckpointError(f"{paths[kind]}: file not found ({OPTIONS[kind]})")
+            open_component(paths[kind], kind, OPTIONS[kind])
+            continue
+        candidates = found[kind]
+        if not candidates:
+            if single:
+                raise CheckpointError(f"--model {root} holds only one component: pass the {LABELS[kind]} with "
+                                      f"{OPTIONS[kind]} FILE")
+            raise CheckpointError(f"{root}: no {FOLDERS[kind]}/ folder and no single {LABELS[kind]} file "
+                                  f"({', '.join(SINGLE_FILE_SUFFIXES)}) in it; {LAYOUT_HINT}, or pass "
+                                  f"{OPTIONS[kind]} FILE")
+        if len(candidates) > 1:
+            raise CheckpointError(f"{root}: {', '.join(c.name for c in candidates)} all hold a {LABELS[kind]}; "
+                                  f"keep one, or choose with {OPTIONS[kind]}")
+        paths[kind] = candidates[0]
+        open_component(paths[kind], kind)
+    tok = _tokenizer(home, paths["text_encoder"], tokenizer)
+    sched = home / "scheduler" / "scheduler_config.json"
+    return ModelFiles(name, paths["dit"], paths["text_encoder"], tok, paths["vae"], sched if sched.is_file() else None)

@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ShapeError
+from ..quant.qlinear import QEmbedding, QLinear, QTensor, packed_module
 from .sources import TensorSource
+
+PACKED = (QLinear, QEmbedding)
 
 
 def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -21,14 +24,19 @@ def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
-def check_names(module: nn.Module, source: TensorSource, component: str) -> None:
-    missing = [n for n, _ in module.named_parameters() if n not in source]
+def tensor_names(module: nn.Module) -> list[str]:
+    """Every weight a module needs: its parameters and the packed weights of its QLinear/QEmbedding layers."""
+    return list(module.state_dict(keep_vars=True))
+
+
+def check_names(names: list[str], source: TensorSource, component: str) -> None:
+    missing = [n for n in names if n not in source]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{source.path}: the {component} is missing tensor(s) {', '.join(missing[:5])}{more}")
 
 
-def load_tensor(source: TensorSource, name: str, expected: torch.Size) -> torch.Tensor:
+def load_tensor(source: TensorSource, name: str, expected: torch.Size) -> torch.Tensor | QTensor:
     """Read one tensor, accepting a stored shape that differs only by size-1 axes ([dim] for [1, dim])."""
     shape = tuple(source.shape(name))
     if shape != tuple(expected):
@@ -40,10 +48,32 @@ def load_tensor(source: TensorSource, name: str, expected: torch.Size) -> torch.
 
 
 def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, device: torch.device | str,
-                component: str) -> nn.Module:
-    """Replace every meta parameter of `module` by the source's tensor, cast to dtype, on device."""
-    check_names(module, source, component)
-    for name, param in list(module.named_parameters()):
-        t = load_tensor(source, name, param.shape)
+                component: str, only: list[str] | None = None) -> nn.Module:
+    """Replace every meta parameter of `module` by the source's tensor, cast to dtype, on device.
+
+    Quantized weights of Linear and Embedding layers stay packed (the layer becomes a QLinear/QEmbedding);
+    any other quantized tensor (norms, pad tokens, as stable-diffusion.cpp writes them) is dequantized here.
+    `only` limits loading to those names (the rest stay on `meta`, to be loaded later).
+    """
+    state = module.state_dict(keep_vars=True)
+    names = list(state) if only is None else only
+    check_names(names, source, component)
+    for name in names:
+        current = state[name]
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        shape = owner.shape if isinstance(owner, PACKED) and leaf == "weight" else current.shape
+        t = load_tensor(source, name, shape)
+        if isinstance(t, QTensor):
+            if isinstance(owner, PACKED) and leaf == "weight":  # loading again into a block streamed before
+                owner.weight = t.data.reshape(t.shape[0], -1).to(device)
+                continue
+            packed = packed_module(owner, t) if leaf == "weight" and owner_name else None
+            if packed is not None:
+                packed.weight = t.data.reshape(t.shape[0], -1).to(device)
+                parent, _, child = owner_name.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, child, packed)
+                continue
+            t = t.dequantize(torch.float32)
         set_tensor(module, name, t.to(device=device, dtype=dtype))
     return module.eval().requires_grad_(False)

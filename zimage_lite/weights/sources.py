@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CheckpointError
+from ..quant.qlinear import QTensor
+from .names import Part
 
 
 class TensorSource:
@@ -58,8 +60,11 @@ class SafetensorsSource(TensorSource):
             try:
                 handle = safe_open(str(f), framework="pt")
                 keys = list(handle.keys())
-            except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+            except Exception as e:
+                # safe_open checks the header's data offsets against the file size ("incomplete metadata, file
+                # not fully covered"), so a data section cut short fails here too, before any tensor is read.
+                raise CheckpointError(f"{f}: truncated or corrupt safetensors file, it cannot be opened ({e}); "
+                                      f"download or convert it again") from None
             self._handles[f] = handle
             for k in keys:
                 self._where[k] = f
@@ -109,10 +114,17 @@ class SafetensorsSource(TensorSource):
 
 
 class RenamedSource(TensorSource):
-    """A view of another source under different names: `mapping` is official name → name in the file."""
+    """A view of another source under official names.
 
-    def __init__(self, inner: TensorSource, mapping: dict[str, str]) -> None:
-        self.inner, self.path, self.mapping = inner, inner.path, mapping
+    `mapping` is official name → name in the file, or → (name in the file, part) as names.translate returns it:
+    part (i, n) means rows i/n of a fused tensor (ComfyUI's `qkv` holds q, k and v), on torch tensors and on
+    packed QTensors alike (blocks never cross rows).
+    """
+
+    def __init__(self, inner: TensorSource, mapping: dict[str, str | tuple[str, Part]]) -> None:
+        self.inner, self.path = inner, inner.path
+        self.mapping: dict[str, tuple[str, Part]] = {
+            k: (v, None) if isinstance(v, str) else v for k, v in mapping.items()}
 
     def names(self) -> Iterable[str]:
         return self.mapping.keys()
@@ -121,13 +133,35 @@ class RenamedSource(TensorSource):
         return name in self.mapping
 
     def where(self, name: str) -> Path:
-        return self.inner.where(self.mapping[name])
+        return self.inner.where(self.mapping[name][0])
+
+    def _rows(self, name: str) -> tuple[str, slice | None]:
+        stored, part = self.mapping[name]
+        if part is None:
+            return stored, None
+        rows = self.inner.shape(stored)[0]
+        i, n = part
+        if rows % n:
+            raise CheckpointError(f"{self.inner.where(stored)}: tensor {stored} has {rows} rows, which do not split "
+                                  f"into {n} equal parts for {name}")
+        return stored, slice(i * rows // n, (i + 1) * rows // n)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.inner.shape(self.mapping[name])
+        stored, rows = self._rows(name)
+        shape = self.inner.shape(stored)
+        return shape if rows is None else (rows.stop - rows.start, *shape[1:])
 
     def qtype(self, name: str) -> str:
-        return self.inner.qtype(self.mapping[name])
+        return self.inner.qtype(self.mapping[name][0])
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.inner.get(self.mapping[name])
+    def get(self, name: str) -> torch.Tensor | QTensor:
+        stored, rows = self._rows(name)
+        t = self.inner.get(stored)
+        if rows is None:
+            return t
+        if isinstance(t, QTensor):
+            return t.rows(rows.start, rows.stop)
+        # A view would keep the whole fused tensor alive (three times over for q, k, v) unless it is a view of a
+        # memory-mapped file, which costs nothing until read.
+        piece = t[rows]
+        return piece if getattr(self.inner, "memory_mapped", False) else piece.clone()

@@ -1,0 +1,262 @@
+"""One benchmark harness: DiT steps and quantization, ours and peers', one JSON row per measurement.
+
+    python benchmarks/run.py --preset demo --steps 1 --json out.json          # seconds: the CI smoke test
+    python benchmarks/run.py --preset turbo --quant BF16,Q8_0,Q4_K_M --width 512 --height 512 --steps 1 \
+        --peers diffusers --quantize --json benchmarks/results/cpu-512.json
+
+`--preset turbo` builds the full-size model with random weights once into a cache folder (same shapes and bytes as
+the real checkpoint, no download; the transformer is stored in BF16 rather than the official F32 to halve the disk
+and the build time: the runtime casts to the compute dtype either way) and reuses it. Every measurement runs in a
+fresh child process, so peak RSS (VmHWM, which counts memory-mapped file pages that were touched) is that run's.
+Quantized files are written by our own `zimage-lite quantize`. Peers run in the same invocation, on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = ROOT / ".bench_cache"
+CAPTION_TOKENS = 100  # a typical prompt with the chat template
+GNU_TIME = "/usr/bin/time"
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+
+
+# ---- the weights ------------------------------------------------------------------------------------------------
+def model_folder(preset: str, cache: Path) -> Path:
+    """The official-layout folder for `preset`, written once into the cache."""
+    from zimage_lite.config import PRESETS
+    from zimage_lite.demo import demo_path, write_checkpoint
+
+    if preset == "demo":
+        return demo_path()
+    folder = cache / preset
+    if not (folder / "model_index.json").is_file():
+        tmp = cache / f"{preset}.tmp"
+        print(f"building full-size random weights in {folder} (once)", file=sys.stderr)
+        write_checkpoint(tmp, PRESETS[preset], seed=0, shards=3, transformer_dtype=torch.bfloat16)
+        tmp.rename(folder)
+    return folder
+
+
+def dit_file(folder: Path, quant: str, cache: Path) -> tuple[Path, dict | None]:
+    """The DiT weights for `quant`: the folder itself for BF16, else our GGUF (written and measured once)."""
+    if quant.upper() == "BF16":
+        return folder / "transformer", None
+    out = cache / f"{folder.name}-dit-{quant}.gguf"
+    row = None
+    if not out.is_file():
+        cmd = [sys.executable, "-m", "zimage_lite", "quantize", str(folder), "--type", quant, "--component", "dit",
+               "--out", str(out)]
+        row = {"component": "quantize", "impl": "zimage-lite", "quant": quant, **_child(cmd),
+               "file_bytes": out.stat().st_size, "command": " ".join(cmd[1:])}
+    return out, row
+
+
+# ---- child processes --------------------------------------------------------------------------------------------
+def _child(cmd: list[str]) -> dict:
+    """Run cmd under GNU time; its wall time and peak RSS, plus the JSON it printed last.
+
+    GNU time, not our own wait4: a child forked from this (large) process would inherit our high-water mark.
+    """
+    start = time.perf_counter()
+    if not os.path.exists(GNU_TIME):
+        raise SystemExit(f"{GNU_TIME} not found: install GNU time (Debian package `time`)")
+    proc = subprocess.run([GNU_TIME, "-f", "maxrss_kb=%M", *cmd], capture_output=True, text=True)
+    lines = proc.stderr.splitlines()
+    sys.stderr.write("\n".join(ln for ln in lines[-20:] if not ln.startswith("maxrss_kb=")) + "\n")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+    rss = next(int(ln.split("=")[1]) for ln in reversed(lines) if ln.startswith("maxrss_kb="))
+    result = {"total_seconds": time.perf_counter() - start, "peak_rss_bytes": rss * 1024}
+    out = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if out:
+        result.update(json.loads(out[-1]))
+    return result
+
+
+def worker(spec: dict) -> dict:
+    """In the child: load one DiT (ours or a peer's), run `steps` forwards, report times and memory."""
+    from zimage_lite.sampling import get_noise
+
+    device = torch.device(spec["device"])
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[spec["dtype"]]
+    if device.type == "cuda" and spec.get("vram_fraction"):
+        torch.cuda.set_per_process_memory_fraction(spec["vram_fraction"], device)
+    t0 = time.perf_counter()
+    if spec["impl"] == "zimage-lite":
+        forward = _ours(spec, device, dtype)
+    else:
+        forward = _diffusers(spec, device, dtype)
+    load_seconds = time.perf_counter() - t0
+    torch.manual_seed(0)
+    latents = get_noise(0, 16, spec["height"], spec["width"]).to(device, dtype)
+    cap = torch.randn(CAPTION_TOKENS, spec["cap_dim"]).to(device, dtype)
+    times, out = [], None
+    with torch.inference_mode():
+        for i in range(spec["steps"]):
+            t = time.perf_counter()
+            out = forward(latents, torch.tensor([0.1 + 0.1 * i], device=device), cap)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    if spec.get("save"):
+        torch.save(out.float().cpu(), spec["save"])
+    peak_dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"load_seconds": load_seconds, "step_seconds": sum(times) / len(times), "peak_device_bytes": peak_dev}
+
+
+def _ours(spec: dict, device: torch.device, dtype: torch.dtype):
+    import zimage_lite
+    from zimage_lite.models.dit import ZImageDiT
+    from zimage_lite.weights.components import open_dit
+    from zimage_lite.weights.load import load_module
+
+    if spec.get("vram"):  # the real runtime path: plan, resident blocks, streaming
+        pipe = zimage_lite.load(spec["model"], dit=Path(spec["weights"]), device=spec["device"], dtype=spec["dtype"],
+                                vram=spec["vram"])
+        pipe.plan = pipe.make_plan(spec["width"], spec["height"], 0.0, CAPTION_TOKENS)
+        dit = pipe._load("dit")
+    else:
+        cfg, src = open_dit(Path(spec["weights"]))
+        with torch.device("meta"):
+            dit = ZImageDiT(cfg)
+        dit = load_module(dit, src, dtype, device, "DiT")
+    return lambda x, t, cap: dit(x, t, [cap])
+
+
+def _diffusers(spec: dict, device: torch.device, dtype: torch.dtype):
+    from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
+
+    if spec["weights"].endswith(".gguf"):
+        model = ZImageTransformer2DModel.from_single_file(
+            spec["weights"], config=str(Path(spec["model"]) / "transformer"),
+            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), torch_dtype=dtype)
+    else:
+        model = ZImageTransformer2DModel.from_pretrained(spec["weights"], torch_dtype=dtype)
+    offload = spec.get("offload")
+    if offload == "model":
+        model.to(device)  # a single model: model offloading keeps it whole on the device while it runs
+    elif offload == "group":
+        model.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
+                                   use_stream=True)
+    elif offload == "sequential":
+        from accelerate import cpu_offload
+
+        cpu_offload(model, execution_device=device)
+    else:
+        model.to(device)
+    model.eval()
+
+    def forward(x, t, cap):
+        return model(list(x.unsqueeze(2)), t, [cap], return_dict=False)[0][0].squeeze(1)[None]  # (1, C, H, W)
+
+    return forward
+
+
+# ---- the harness ------------------------------------------------------------------------------------------------
+def measure(args: argparse.Namespace) -> list[dict]:
+    from zimage_lite.config import PRESETS
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = model_folder(args.preset, cache)
+    cfg = PRESETS[args.preset]
+    width = args.width or (64 if args.preset == "demo" else 512)
+    height = args.height or width
+    base = {"device": args.device, "width": width, "height": height, "steps": args.steps, "preset": args.preset,
+            "dtype": args.dtype, "model": str(folder), "cap_dim": cfg.dit.cap_feat_dim}
+    rows = []
+    for quant in args.quant.split(","):
+        weights, qrow = dit_file(folder, quant, cache)
+        if qrow and args.quantize:
+            rows.append({**base, **qrow, "steps": 0})
+        runs = [("zimage-lite", None)]
+        if "diffusers" in args.peers.split(","):
+            if quant.upper() == "BF16":
+                runs.append(("diffusers", None))
+                if args.device == "cuda":
+                    runs += [("diffusers", "model"), ("diffusers", "group"), ("diffusers", "sequential")]
+            else:
+                runs.append(("diffusers", "gguf"))
+        for impl, offload in runs:
+            spec = {**base, "impl": impl, "quant": quant, "weights": str(weights), "vram": args.vram,
+                    "offload": offload if offload != "gguf" else None,
+                    "save": str(cache / f"out-{impl}-{quant}-{offload}.pt") if args.quality else None}
+            cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+            print(f"measuring {impl} {quant} {offload or ''} ...", file=sys.stderr)
+            row = {**spec, "component": "dit", **_child(cmd), "settings": offload or "resident",
+                   "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
+            for key in ("save", "model", "cap_dim"):
+                row.pop(key, None)
+            rows.append(row)
+    if args.quality:
+        _quality(rows, cache)
+    info = machine()
+    return [{**r, "machine": info, "date": time.strftime("%Y-%m-%d")} for r in rows]
+
+
+def _quality(rows: list[dict], cache: Path) -> None:
+    """Relative error (L2) of one DiT forward for each recipe against our BF16 forward on the same weights."""
+    ref_path = cache / "out-zimage-lite-BF16-None.pt"
+    if not ref_path.is_file():
+        return
+    ref = torch.load(ref_path)
+    for r in rows:
+        p = cache / f"out-{r.get('impl')}-{r.get('quant')}-{r.get('offload')}.pt"
+        if r["component"] == "dit" and p.is_file():
+            out = torch.load(p)
+            r["rel_error_vs_bf16"] = float((out - ref).norm() / ref.norm())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="demo", choices=["demo", "turbo"])
+    p.add_argument("--quant", default="BF16", help="comma-separated DiT formats: BF16,Q8_0,Q4_K_M,...")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--vram", help="run ours through the planner and streamer under this budget (e.g. 4GB)")
+    p.add_argument("--peers", default="", help="comma-separated peers to measure alongside: diffusers")
+    p.add_argument("--quantize", action="store_true", help="also report the time and RAM of writing each GGUF")
+    p.add_argument("--quality", action="store_true", help="relative error of each recipe's forward vs BF16")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE))
+    p.add_argument("--json", help="append the rows to this JSON file (a list)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    rows = measure(args)
+    for r in rows:
+        print(json.dumps(r))
+    if args.json:
+        path = Path(args.json)
+        old = json.loads(path.read_text()) if path.is_file() else []
+        path.write_text(json.dumps(old + rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

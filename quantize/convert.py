@@ -1,0 +1,391 @@
+"""The streaming converter: source checkpoint → GGUF (or bitsandbytes safetensors), one tensor at a time.
+
+Every size is known from the recipe before any weight is read, so the output is laid out first (GGUF header, KV
+data and tensor infos through gguf-py's GGUFWriter streaming API, gguf_interop.md 4.1) and each tensor is then read,
+quantized and appended in order. Memory stays at about one fused tensor (qkv: 11520 x 3840 fp32, 177 MB) above the
+interpreter: the source's memory-mapped pages are handed back after every tensor (`release_pages`), since a mapped
+page that was read stays in the process' resident set until the mapping goes away. Measured on the full DiT from
+BF16 shards (benchmarks/quantize_bench.py, 2 cores): Q8_0 in 65 s at 0.78 GB peak RSS, Q4_K_M in 268 s at 0.87 GB;
+without the page release the peak grows with the checkpoint (2.6 GB for 2 of the 30 layers). The output goes to a
+temporary file beside the target and is renamed at the end (image.write_atomic), so Ctrl-C or an error leaves nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+from tqdm import tqdm
+
+from zimage_lite.config import read_json
+from zimage_lite.errors import CheckpointError, OptionError, UnsupportedQuantError
+from zimage_lite.image import check_output, write_atomic
+from zimage_lite.quant.formats import quantize
+from zimage_lite.quant.qlinear import QTensor
+from zimage_lite.runtime.memory import peak_bytes
+from zimage_lite.weights.components import FOLDERS, LAYOUT_HINT, UNUSED, identify, open_component
+from zimage_lite.weights.gguf_source import GGUFSource
+from zimage_lite.weights.load import load_tensor
+from zimage_lite.weights.names import translate
+from zimage_lite.weights.sources import RenamedSource, TensorSource
+
+from . import bnb, recipes
+from .recipes import TARGETS, Target, TensorPlan
+
+GB = 1e9
+READABLE = {"F32", "F16", "BF16"}
+FILE_NAMES = {"dit": "z_image_turbo-{t}.gguf", "text_encoder": "Qwen3-4B-{t}.gguf"}
+BNB_FOLDER = "z_image_turbo-{t}"
+COMPONENTS = {"dit": "dit", "text-encoder": "text_encoder", "text_encoder": "text_encoder", "all": "all"}
+
+
+@dataclass
+class Result:
+    path: Path
+    nbytes: int
+    histogram: dict[str, int]
+    seconds: float
+
+
+# ---- sources ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceInput:
+    """One component to convert: its config and tensor source (official names) from components.py's openers."""
+
+    component: str  # "dit" or "text_encoder"
+    config: Any  # DiTConfig or TextEncoderConfig
+    source: TensorSource
+    root: Path  # the component folder or the single file
+    digest: str  # sha256 of the config/index files or of the file's header: cheap provenance
+    raw_config: dict | None  # config.json as stored, when there is one
+    tokenizer: Path | None  # tokenizer.json, when one lies beside the source
+    shapes: dict[str, tuple[int, ...]]  # official name -> shape of every tensor the output is made of
+
+
+def _digest(root: Path, stored: TensorSource) -> str:
+    """sha256 of what identifies the source cheaply: a folder's config and index files (or its safetensors
+    headers when it has no index), a single file's header (safetensors JSON header, GGUF metadata and infos)."""
+    h = hashlib.sha256()
+    if root.is_file():
+        if isinstance(stored, GGUFSource):
+            length = int(stored.reader.data_offset)
+        else:
+            with open(root, "rb") as f:
+                length = 8 + int.from_bytes(f.read(8), "little")
+        with open(root, "rb") as f:
+            h.update(f.read(length))
+        return h.hexdigest()
+    for p in sorted(root.glob("*.json")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    if not any(root.glob("*.safetensors.index.json")):
+        for p in sorted(root.glob("*.safetensors")):
+            with open(p, "rb") as f:
+                h.update(f.read(8 + int.from_bytes(f.read(8), "little")))
+    return h.hexdigest()
+
+
+def _open(root: Path, component: str, tokenizer: Path) -> SourceInput:
+    """Open through components.py (kind, config, stored tensors), then map every tensor the output needs to
+    official names: the runtime's own source leaves out what it never runs (the text encoder's last layer and
+    final norm), which a llama.cpp-family file must hold."""
+    comp = open_component(root, component)
+    expected = recipes.dit_shapes(comp.config) if component == "dit" else recipes.te_shapes(comp.config)
+    names = [n for n in comp.stored.names() if not UNUSED.search(n)]
+    _, mapping = translate(component, list(expected), names, str(root))
+    raw = read_json(root / "config.json") if root.is_dir() and (root / "config.json").is_file() else None
+    return SourceInput(component, comp.config, RenamedSource(comp.stored, mapping), root,
+                       _digest(root, comp.stored), raw, tokenizer if tokenizer.is_file() else None, expected)
+
+
+def open_inputs(src: Path, component: str | None) -> list[SourceInput]:
+    """The components to convert from `src`: the official model folder (DiT by default; `all`: DiT and text
+    encoder), a component folder, or a single file in any layout names.py knows."""
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or folder")
+    wanted = COMPONENTS[component] if component else None
+    if src.is_dir() and any((src / FOLDERS[c]).is_dir() for c in ("dit", "text_encoder")):
+        out = []
+        for c in ["dit", "text_encoder"] if wanted == "all" else [wanted or "dit"]:
+            if not (src / FOLDERS[c]).is_dir():
+                raise CheckpointError(f"{src}: no {FOLDERS[c]}/ folder; {LAYOUT_HINT}")
+            out.append(_open(src / FOLDERS[c], c, src / "tokenizer" / "tokenizer.json"))
+        return out
+    comp = identify(src)
+    if comp.kind is None:
+        names = sorted(comp.stored.names())
+        raise CheckpointError(f"{src}: unknown layout: not a Z-Image DiT or a Qwen3 text encoder in any known "
+                              f"name layout (found {', '.join(names[:3]) or 'no tensors'}, ...)")
+    label = {"dit": "a DiT", "text_encoder": "a text encoder", "vae": "a VAE"}[comp.kind]
+    if comp.kind == "vae":
+        raise OptionError(f"{src} holds a VAE; quantize writes the DiT and the text encoder (keep the FLUX VAE)")
+    if wanted == "all":
+        raise OptionError(f"--component all needs the model folder; {src} holds only {label}")
+    if wanted and wanted != comp.kind:
+        raise OptionError(f"--component {component}, but {src} holds {label}")
+    base = src if src.is_dir() else src.parent
+    tok = base / "tokenizer.json"
+    return [_open(src, comp.kind, tok if tok.is_file() else base.parent / "tokenizer" / "tokenizer.json")]
+
+
+# ---- memory: hand back the source's mapped pages --------------------------------------------------------------------
+
+
+def release_pages(root: Path) -> None:
+    """Drop this process' resident pages of every memory map of a file under `root` (MADV_DONTNEED).
+
+    The source tensors are views of file mappings (safe_open maps private copy-on-write, GGUFReader read-only);
+    their pages stay counted in RSS until unmapped, which would make the peak the size of the whole checkpoint.
+    Dropping them is safe because the converter never writes to a source tensor (a copy-on-write page it had
+    written would be lost): a later access reads the page again from the page cache. Linux only.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    prefix = str(Path(root).resolve())
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split(None, 5)
+        shared_writable = fields[1][1] == "w" and fields[1][3] == "s" if len(fields) > 1 else True
+        if len(fields) == 6 and fields[5].strip().startswith(prefix) and not shared_writable:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4 = MADV_DONTNEED
+
+
+# ---- reading ---------------------------------------------------------------------------------------------------------
+
+
+def check_readable(inp: SourceInput, target: Target) -> None:
+    """Refuse sources that are already quantized: quantizing Q8_0 data to Q4_K compounds two errors."""
+    for name in inp.shapes:
+        qtype = inp.source.qtype(name)
+        if qtype not in READABLE:
+            raise UnsupportedQuantError(
+                f"{inp.source.where(name)}: tensor {name} is stored as {qtype}; re-quantizing already quantized "
+                f"weights to {target.name} is refused (the error would compound): convert from the official "
+                f"safetensors or a BF16/F16 GGUF")
+
+
+def read(source: TensorSource, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """One official tensor as a float tensor of `shape`; a read error names the file."""
+    try:
+        t = load_tensor(source, name, torch.Size(shape))
+    except OSError as e:
+        raise CheckpointError(f"{source.where(name)}: tensor {name} cannot be read ({e})") from None
+    return t.dequantize(torch.float32) if isinstance(t, QTensor) else t
+
+
+def read_plan(source: TensorSource, tp: TensorPlan, shapes: dict[str, tuple[int, ...]]) -> torch.Tensor:
+    parts = [read(source, p, shapes[p]) for p in tp.parts]
+    t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # fused qkv: q, k, v rows in that order
+    return t.reshape(tp.shape)
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------------
+
+
+def write_gguf(path: Path, arch: str, plan: list[TensorPlan], metadata: Callable[[gguf.GGUFWriter], None],
+               inp: SourceInput, shapes: dict[str, tuple[int, ...]], bar: tqdm) -> None:
+    """Stream `plan` into a GGUF file at `path`: all tensor infos first, then each tensor as it is quantized."""
+    writer = gguf.GGUFWriter(path, arch)
+    try:
+        metadata(writer)
+        for tp in plan:
+            writer.add_tensor_info(tp.name, tp.byte_shape, gguf.np.dtype(gguf.np.uint8), tp.nbytes, raw_dtype=tp.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tp in plan:
+            data = quantize(read_plan(inp.source, tp, shapes), tp.qtype, name=tp.name)
+            writer.write_tensor_data(data)
+            del data
+            release_pages(inp.root)
+            bar.update(tp.nbytes)
+        writer.flush()
+    finally:
+        writer.close()
+
+
+def _guard_write(path: Path, needed: int, write: Callable[[], None]) -> None:
+    """Run `write`, turning the OS errors of writing into one line naming the output."""
+    try:
+        write()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OptionError(f"--out {path}: disk full while writing (the file needs {needed / GB:.2f} GB); "
+                              "nothing was written") from None
+        raise OptionError(f"--out {path}: cannot write ({e.strerror or e}); nothing was written") from None
+
+
+def _provenance(writer: gguf.GGUFWriter, inp: SourceInput, recipe: str) -> None:
+    import zimage_lite
+
+    writer.add_string("zimage_lite.source_sha256", inp.digest)
+    writer.add_string("zimage_lite.recipe", recipe)
+    writer.add_string("zimage_lite.version", zimage_lite.__version__)
+
+
+def convert_dit(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
+    shapes = inp.shapes
+    if not target.is_gguf:
+        return convert_bnb(inp, target, out, force)
+    plan = recipes.dit_plan(shapes, target)
+    recipe = f"{target.name}: ComfyUI-GGUF lcpp lumina2 mix (embedders, final layer, refiners BF16)"
+
+    def metadata(w: gguf.GGUFWriter) -> None:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_file_type(int(target.ftype))
+        w.add_name("Z-Image-Turbo")
+        _provenance(w, inp, recipe)
+
+    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "lumina2", plan, metadata, inp, shapes,
+                                                                     bar))
+
+
+def convert_text_encoder(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
+    cfg, shapes = inp.config, inp.shapes
+    plan = recipes.te_plan(shapes, target, cfg)
+    recipe = f"{target.name}: llama.cpp llama_tensor_get_type mix for qwen3"
+    if inp.tokenizer:
+        tokens = recipes.tokenizer_metadata(inp.tokenizer, cfg.vocab_size, inp.raw_config)
+    elif isinstance(getattr(inp.source, "inner", None), GGUFSource):  # a llama.cpp GGUF: keep its vocabulary
+        tokens = recipes.copied_metadata(inp.root, "tokenizer.")
+    else:
+        tokens = None
+    if tokens is None:
+        print(f"note: no tokenizer/tokenizer.json beside {inp.root}: the GGUF carries no vocabulary "
+              "(stable-diffusion.cpp and ComfyUI-GGUF do not need one; llama.cpp does)", file=sys.stderr)
+
+    def metadata(w: gguf.GGUFWriter) -> None:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_file_type(int(target.ftype))
+        w.add_name("Qwen3-4B")
+        # the hyper-parameter keys llama.cpp's convert_hf_to_gguf writes for qwen3
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        if tokens is not None:
+            tokens(w)
+        _provenance(w, inp, recipe)
+
+    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "qwen3", plan, metadata, inp, shapes, bar))
+
+
+def _write_file(out: Path, force: bool, plan: list[TensorPlan], write: Callable[[Path, tqdm], None]) -> Result:
+    start = time.perf_counter()
+    total = sum(t.nbytes for t in plan)
+    with tqdm(total=total, desc=out.name, unit="B", unit_scale=True, disable=None) as bar:
+        _guard_write(out, total, lambda: write_atomic(out, lambda tmp: write(tmp, bar), force))
+    return Result(out, out.stat().st_size, recipes.type_histogram(plan), time.perf_counter() - start)
+
+
+def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
+    import json
+
+    import zimage_lite
+    from zimage_lite.config import config_to_dict
+
+    shapes = inp.shapes
+    linear = recipes.dit_linear_weights(inp.config)
+    dtype = bnb.TORCH_DTYPE_NAMES.get(_storage_dtype(inp, shapes, linear), "float32")
+    plan = bnb.bnb_plan(shapes, linear, target.name, dtype)
+    config = dict(inp.raw_config) if inp.raw_config else {"_class_name": "ZImageTransformer2DModel",
+                                                           **config_to_dict(inp.config)}
+    config["quantization_config"] = bnb.quantization_config(target.name)
+    metadata = {"format": "pt", "zimage_lite.source_sha256": inp.digest, "zimage_lite.version": zimage_lite.__version__,
+                "zimage_lite.recipe": f"{target.name}: bitsandbytes, diffusers pre-quantized layout"}
+    total = bnb.predicted_bnb_size(plan)
+    start = time.perf_counter()
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+        def on_group(group: bnb.BnbGroup) -> None:
+            release_pages(inp.root)
+            bar.update(sum(e.nbytes for e in group.entries))
+
+        bnb.write_safetensors(tmp / "diffusion_pytorch_model.safetensors", plan,
+                              lambda name: read(inp.source, name, shapes[name]), metadata, dtype, on_group)
+
+    with tqdm(total=total, desc=out.name, unit="B", unit_scale=True, disable=None) as bar:
+        _guard_write(out, total, lambda: write_atomic(out, write, force, folder=True))
+    size = sum(f.stat().st_size for f in out.iterdir())
+    hist: dict[str, int] = {}
+    for g in plan:
+        hist[g.kind] = hist.get(g.kind, 0) + 1
+    return Result(out, size, hist, time.perf_counter() - start)
+
+
+def _storage_dtype(inp: SourceInput, shapes: dict[str, tuple[int, ...]], linear: set[str]) -> torch.dtype:
+    """The weights' storage dtype (recorded in the nf4 quant state, as bitsandbytes does)."""
+    name = next((n for n in shapes if n in linear), None)
+    kind = inp.source.qtype(name) if name else "F32"
+    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(kind, torch.float32)
+
+
+# ---- entry point -----------------------------------------------------------------------------------------------------
+
+
+def output_paths(inputs: list[SourceInput], target: Target, out: Path | None) -> list[Path]:
+    """Where each component goes: the community file names, in `out` when it is a folder (or with `all`)."""
+    names = [BNB_FOLDER.format(t=target.name) if not target.is_gguf else FILE_NAMES[i.component].format(t=target.name)
+             for i in inputs]
+    if len(inputs) > 1 or out is None or out.is_dir():
+        folder = out or Path.cwd()
+        if not folder.is_dir():
+            raise OptionError(f"--out {folder}: with --component all, --out must be an existing folder")
+        return [folder / n for n in names]
+    return [out]
+
+
+def convert(src: Path, type_name: str, component: str | None = None, out: Path | None = None,
+            force: bool = False) -> list[Result]:
+    """Convert `src` to `type_name` (a key of recipes.TARGETS). Returns one Result per file written."""
+    if type_name not in TARGETS:
+        raise OptionError(f"--type {type_name}: expected one of {', '.join(TARGETS)}")
+    target = TARGETS[type_name]
+    inputs = open_inputs(Path(src), component)
+    if not target.is_gguf and any(i.component == "text_encoder" for i in inputs):
+        raise UnsupportedQuantError(f"--type {type_name}: bitsandbytes files are written for the DiT only; for the "
+                                    "text encoder choose a GGUF type such as Q8_0 or Q4_K_M")
+    for inp in inputs:
+        check_readable(inp, target)
+    paths = output_paths(inputs, target, Path(out) if out else None)
+    for p in paths:  # refuse before any work: an existing output without --force, a missing or read-only folder
+        check_output(p, force)
+        if not os.access(p.parent, os.W_OK):
+            raise OptionError(f"--out {p}: folder {p.parent} is not writable; nothing was written")
+    results = []
+    for inp, path in zip(inputs, paths, strict=True):
+        fn = convert_dit if inp.component == "dit" else convert_text_encoder
+        results.append(fn(inp, target, path, force))
+    return results
+
+
+def summary(r: Result) -> str:
+    hist = ", ".join(f"{k} {v}" for k, v in sorted(r.histogram.items()))
+    peak = peak_bytes(torch.device("cpu")) / 1024**3
+    return f"{r.path}  ({r.nbytes / GB:.2f} GB; {hist}; {r.seconds:.1f} s, peak memory {peak:.2f} GiB)"

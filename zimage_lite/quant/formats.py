@@ -1,0 +1,263 @@
+"""GGML block formats in pure torch: one table of dequant kernels keyed by quant type, plus quantize and sizes.
+
+`dequantize` is the hot path: it runs just before every matmul of a packed weight, on the weight's device (CPU or
+CUDA), without Python loops over blocks. Each kernel takes the blocks as uint8 rows (n_blocks, type_size) and returns
+fp32 (n_blocks, block_size) with the same operations, in the same order, as gguf-py's numpy `dequantize_blocks`, so
+the two agree bit for bit. Block layouts: ggml-common.h (summarised in shared/reference/gguf_interop.md section 4.4).
+
+`quantize` writes the bytes GGUFWriter.add_tensor(..., raw_dtype=qtype) takes: gguf-py's numpy quantizers for the
+float and 32-weight types, kquants.py for Q2_K..Q6_K.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import CheckpointError, UnsupportedQuantError
+from .kquants import K_QUANT_TYPES, quantize_k
+
+Q = GGMLQuantizationType
+Kernel = Callable[[torch.Tensor], torch.Tensor]  # (n_blocks, type_size) uint8 -> (n_blocks, block_size) fp32
+
+FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+
+
+# ---- byte-level helpers (blocks: (n, type_size) uint8)
+
+
+def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The ggml_half at byte `at` of each block as (n, 1) fp32. The copy is 2 bytes a block, and makes any
+    alignment of the file's bytes fine for the fp16 view."""
+    return blocks[:, at:at + 2].contiguous().view(torch.float16).float()
+
+
+def _fields(b: torch.Tensor, shifts: tuple[int, ...], bits: int) -> torch.Tensor:
+    """(..., k) bytes -> (..., len(shifts), k) uint8: the `bits`-wide field at each shift. One scalar shift and mask
+    per field: several times faster than broadcasting a tensor of shifts."""
+    out = b.new_empty((*b.shape[:-1], len(shifts), b.shape[-1]))
+    mask = (1 << bits) - 1
+    for i, shift in enumerate(shifts):
+        if shift + bits >= 8:  # the top field needs no mask
+            torch.bitwise_right_shift(b, shift, out=out[..., i, :])
+        else:
+            torch.bitwise_and(b >> shift if shift else b, mask, out=out[..., i, :])
+    return out
+
+
+def _bits(b: torch.Tensor) -> torch.Tensor:
+    """(n, k) bytes -> (n, 8, k): [j, i] is bit j of byte i (hmask, qh: element k*j + i)."""
+    return _fields(b, tuple(range(8)), 1)
+
+
+def _nibbles(b: torch.Tensor) -> torch.Tensor:
+    """(..., k) bytes -> (..., 2k): the low nibbles, then the high nibbles (element j, element j + k)."""
+    return _fields(b, (0, 4), 4).flatten(-2)
+
+
+def _crumbs(b: torch.Tensor) -> torch.Tensor:
+    """(..., k) bytes -> (..., 4k): the 2-bit fields at bits 0, 2, 4, 6, each a run of k elements."""
+    return _fields(b, (0, 2, 4, 6), 2).flatten(-2)
+
+
+def _signed(q: torch.Tensor, offset: int) -> torch.Tensor:
+    """uint8 levels minus `offset` as fp32: wrap in uint8, read as int8 (exact for results in -128..127)."""
+    return (q - offset).view(torch.int8).float()
+
+
+def _qh32(b: torch.Tensor) -> torch.Tensor:
+    """Q5_0/Q5_1 qh: 4 bytes, a little-endian uint32 whose bit j is bit 4 of element j -> (n, 32)."""
+    return _bits(b).transpose(1, 2).flatten(1)
+
+
+def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins, as get_scale_min_k4 in ggml-quants.c."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0xF) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc.float(), mn.float()
+
+
+# ---- kernels; each mirrors gguf/quants.py's dequantize_blocks operation for operation (fp32, no FMA). The fp32
+# result is allocated once and scaled in place: on CPU, allocating is as slow as the arithmetic at these sizes.
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    # block_q8_0: {half d; int8 qs[32]}; x = q * d
+    return b[:, 2:].view(torch.int8).float().mul_(_half(b, 0))
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    # block_q4_0: {half d; uint8 qs[16]}; x = d * (q - 8)
+    return _signed(_nibbles(b[:, 2:]), 8).mul_(_half(b, 0))
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    # block_q4_1: {half d; half m; uint8 qs[16]}; x = d * q + m
+    return _nibbles(b[:, 4:]).float().mul_(_half(b, 0)).add_(_half(b, 2))
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    # block_q5_0: {half d; uint8 qh[4]; uint8 qs[16]}; x = d * (q - 16)
+    q = _nibbles(b[:, 6:]).bitwise_or_(_qh32(b[:, 2:6]) << 4)
+    return _signed(q, 16).mul_(_half(b, 0))
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    # block_q5_1: {half d; half m; uint8 qh[4]; uint8 qs[16]}; x = d * q + m
+    q = _nibbles(b[:, 8:]).bitwise_or_(_qh32(b[:, 4:8]) << 4)
+    return q.float().mul_(_half(b, 0)).add_(_half(b, 2))
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    # block_q2_K: {uint8 scales[16]; uint8 qs[64]; half d; half dmin}; per 128: byte l has elements l, +32, +64, +96
+    sc = b[:, :16]
+    dl = (_half(b, 80) * (sc & 0xF).float()).unsqueeze(2)
+    ml = (_half(b, 82) * (sc >> 4).float()).unsqueeze(2)
+    q = _crumbs(b[:, 16:80].view(-1, 2, 32)).view(-1, 16, 16).float()
+    return q.mul_(dl).sub_(ml).view(-1, 256)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    # block_q3_K: {uint8 hmask[32]; uint8 qs[64]; uint8 scales[12]; half d}; a clear hmask bit means q - 4
+    s = b[:, 96:108]
+    low = _nibbles(s[:, :8])  # scales 0-7 in the low nibbles, 8-15 in the high ones
+    high = _crumbs(s[:, 8:12])  # bits 4-5 of scale j: byte j % 4, bit 2 * (j // 4)
+    dl = (_half(b, 108) * _signed(low | (high << 4), 32)).unsqueeze(2)
+    ql = _crumbs(b[:, 32:96].view(-1, 2, 32))
+    q = ql - ((_bits(b[:, :32]) ^ 1) << 2).view(ql.shape)  # uint8 wraps; read as int8 below
+    return q.view(torch.int8).float().view(-1, 16, 16).mul_(dl).view(-1, 256)
+
+
+def _k4(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Q4_K/Q5_K tail: x = (d * scale) * q - dmin * min, per sub-block of 32."""
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d = (_half(b, 0) * sc).unsqueeze(2)
+    dm = (_half(b, 2) * mn).unsqueeze(2)
+    return q.float().view(-1, 8, 32).mul_(d).sub_(dm).view(-1, 256)
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    # block_q4_K: {half d; half dmin; uint8 scales[12]; uint8 qs[128]}; per 64: low nibbles, then high nibbles
+    return _k4(b, _nibbles(b[:, 16:].view(-1, 4, 32)))
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    # block_q5_K: {half d; half dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]}; qh bit k: element 32k + i
+    ql = _nibbles(b[:, 48:].view(-1, 4, 32)).view(-1, 8, 32)
+    return _k4(b, ql.bitwise_or_(_bits(b[:, 16:48]) << 4))
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    # block_q6_K: {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d}; x = d * scale * (q - 32)
+    ql = _nibbles(b[:, :128].view(-1, 2, 64))  # per 128: two nibble planes of 64
+    qh = _crumbs(b[:, 128:192].view(-1, 2, 32))
+    d = (_half(b, 208) * b[:, 192:208].view(torch.int8).float()).unsqueeze(2)
+    return _signed(ql.bitwise_or_(qh << 4), 32).view(-1, 16, 16).mul_(d).view(-1, 256)
+
+
+KERNELS: dict[GGMLQuantizationType, Kernel] = {
+    Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1,
+    Q.Q2_K: _q2_k, Q.Q3_K: _q3_k, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k,
+}
+SUPPORTED_TYPES = (*FLOAT_TYPES, *KERNELS)
+
+# Row length that does not fit a K-quant: llama.cpp's llama_tensor_get_type picks a 32-weight type of about the same
+# size (Q2_K/Q3_K -> IQ4_NL there; we use Q4_0, same 4.5 bpw, as IQ* is not in the table), then F16 if that does
+# not fit either. A 32-weight type whose row does not fit goes straight to F16; float types fit any row.
+_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
+
+# ---- public API and the checks behind its errors
+
+
+def _tensor_label(name: str | None) -> str:
+    return f"tensor {name}" if name else "a tensor"
+
+
+def _check_type(qtype: GGMLQuantizationType | int, name: str | None, verb: str) -> GGMLQuantizationType:
+    try:
+        qtype = GGMLQuantizationType(qtype)
+    except ValueError:
+        raise UnsupportedQuantError(f"{_tensor_label(name)} has unknown GGML type {qtype!r}") from None
+    if qtype not in SUPPORTED_TYPES:
+        names = ", ".join(t.name for t in SUPPORTED_TYPES)
+        raise UnsupportedQuantError(f"{_tensor_label(name)} is {qtype.name}, which zimage-lite cannot {verb}; "
+                                    f"supported types: {names}")
+    return qtype
+
+
+def _check_row(qtype: GGMLQuantizationType, shape: tuple[int, ...], name: str | None) -> None:
+    block = GGML_QUANT_SIZES[qtype][0]
+    row = shape[-1] if shape else 1
+    if row % block:
+        hint = f"; {fallback_type(qtype, row).name} fits" if row > 0 else ""
+        raise UnsupportedQuantError(f"{_tensor_label(name)} is {qtype.name} but its row length {row} "
+                                    f"(shape {list(shape)}) is not a multiple of {block}{hint}")
+
+
+def can_quantize(qtype: GGMLQuantizationType | int, row_length: int) -> bool:
+    """True when zimage-lite can write a row of `row_length` weights as `qtype`."""
+    try:
+        qtype = GGMLQuantizationType(qtype)
+    except ValueError:
+        return False
+    return qtype in SUPPORTED_TYPES and row_length > 0 and row_length % GGML_QUANT_SIZES[qtype][0] == 0
+
+
+def fallback_type(qtype: GGMLQuantizationType | int, row_length: int) -> GGMLQuantizationType:
+    """`qtype` if a row of `row_length` fits it, else the nearest type that fits (llama.cpp's rule, see _FALLBACK):
+    Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 when the row is not a multiple of 32."""
+    qtype = _check_type(qtype, None, "write")
+    if can_quantize(qtype, row_length):
+        return qtype
+    alt = _FALLBACK.get(qtype, Q.F16)
+    return alt if can_quantize(alt, row_length) else Q.F16
+
+
+def quant_bytes(qtype: GGMLQuantizationType | int, shape: tuple[int, ...], name: str | None = None) -> int:
+    """Bytes a tensor of logical `shape` takes as `qtype` (GGML_QUANT_SIZES: whole blocks along each row)."""
+    qtype = _check_type(qtype, name, "read")
+    shape = tuple(shape)
+    _check_row(qtype, shape, name)
+    block, size = GGML_QUANT_SIZES[qtype]
+    return math.prod(shape) // block * size
+
+
+def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType | int, shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32, name: str | None = None) -> torch.Tensor:
+    """Unpack `raw` (the uint8 bytes as they lie in the file, any shape, on any device) into a `dtype` tensor of the
+    logical torch `shape`. Float types are a view when `dtype` matches; block types are computed in fp32."""
+    qtype = _check_type(qtype, name, "read")
+    shape = tuple(shape)
+    expected = quant_bytes(qtype, shape, name)
+    if raw.numel() != expected or raw.dtype != torch.uint8:
+        raise CheckpointError(f"{_tensor_label(name)} ({qtype.name}, shape {list(shape)}) should be {expected} "
+                              f"uint8 bytes, found {raw.numel()} of {raw.dtype}: the file is truncated or corrupt")
+    flat = raw.reshape(-1)
+    if qtype in FLOAT_TYPES:
+        if flat.data_ptr() % FLOAT_TYPES[qtype].itemsize:
+            flat = flat.clone()  # the dtype view needs an aligned start
+        return flat.view(FLOAT_TYPES[qtype]).view(shape).to(dtype)
+    size = GGML_QUANT_SIZES[qtype][1]
+    return KERNELS[qtype](flat.view(-1, size)).view(shape).to(dtype)
+
+
+def quantize(t: torch.Tensor, qtype: GGMLQuantizationType | int, name: str | None = None) -> np.ndarray:
+    """Pack `t` (any float dtype and device) as `qtype`: uint8 of shape (*t.shape[:-1], bytes_per_row), the layout
+    gguf.quants.quantize returns and GGUFWriter.add_tensor(name, bytes, raw_dtype=qtype) stores."""
+    qtype = _check_type(qtype, name, "write")
+    shape = tuple(t.shape) or (1,)
+    _check_row(qtype, shape, name)
+    t = t.detach().reshape(shape)
+    if qtype in K_QUANT_TYPES:
+        return quantize_k(t, qtype)
+    x = t.to("cpu", torch.float32).contiguous().numpy()
+    out = np.ascontiguousarray(gguf.quants.quantize(x, qtype)).view(np.uint8)
+    # F32 comes back as `x`, which may be t's own memory: copy, so later edits of t do not change the bytes
+    return out.copy() if np.shares_memory(out, x) else out

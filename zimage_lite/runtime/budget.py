@@ -1,0 +1,304 @@
+"""Memory budgets and byte counts: parse `--vram` / `--ram`, format sizes, ask a device how much it has free, and
+count what each block weighs in a weight format (BF16, Q8_0, a K-quant mix such as Q4_K_M, int8, nf4): the numbers
+the planner (plan.py) works from.
+
+Units, case-insensitive. A unit spelled with "B" after an SI prefix is decimal, as disk makers and accelerate's
+`max_memory` count (1 GB = 10^9 B). The binary spellings are powers of two: GiB, and also the bare letter, as docker,
+java and `ulimit`-style options read it (1 GiB = 1 G = 2^30 B). A number with no unit is bytes, and may use an
+exponent (`2e9`). So `--vram 4GB` is 3.73 GiB, while `--vram 4G` and `--vram 4GiB` are 4 GiB.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import gguf
+
+from ..config import FREQUENCY_EMBEDDING_SIZE, T_EMBED_MID, DiTConfig, ModelConfig, TextEncoderConfig, VAEConfig
+from ..errors import OptionError
+
+KIB, MIB, GIB, TIB = 2**10, 2**20, 2**30, 2**40
+KB, MB, GB, TB = 10**3, 10**6, 10**9, 10**12
+
+UNITS: dict[str, int] = {
+    "": 1, "b": 1,
+    "k": KIB, "kib": KIB, "kb": KB,
+    "m": MIB, "mib": MIB, "mb": MB,
+    "g": GIB, "gib": GIB, "gb": GB,
+    "t": TIB, "tib": TIB, "tb": TB,
+}
+
+# The CUDA context (kernels, cuBLAS/cuDNN handles: 0.3-0.5 GB, zimage_spec.md §11) and the caching allocator's
+# fragmentation live on the card but outside the tensors the plan counts, so they come off every VRAM figure.
+CUDA_HEADROOM = int(0.4 * GIB)
+# On the host the OS, the page cache behind the weight memory map and the Python process itself need room too.
+CPU_HEADROOM = 1 * GIB
+
+_SIZE = re.compile(r"^\s*(?P<num>(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(?P<unit>[a-z]*)\s*$", re.IGNORECASE)
+_FORMS = "a number with an optional unit, e.g. 4GB (10^9 B), 4G or 4GiB (2^30 B), 3.5GiB, 512MB, 800M, 2e9 (bytes)"
+
+
+def parse_size(text: str, option: str) -> int:
+    """Bytes in a size such as `4GB`, `3.5GiB`, `800M` or `2e9`; `option` names the flag in the error message."""
+    match = _SIZE.match(text or "")
+    unit = match.group("unit").lower() if match else ""
+    if match is None or unit not in UNITS:
+        raise OptionError(f"{option} {text!r} is not a size: use {_FORMS}")
+    value = float(match.group("num")) * UNITS[unit]
+    if not math.isfinite(value) or value < 1:
+        raise OptionError(f"{option} {text!r} must be at least one byte: use {_FORMS}")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """A byte count for people, in binary units: `3.42 GiB`, `512.00 MiB`, `17 B`."""
+    for unit, scale in (("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_option_size(n: int, round_up: bool = False) -> str:
+    """A byte count as an option value `parse_size` reads back (`4GB`, `4GiB`, `1.7GB`); `round_up` first rounds up
+    to a tenth of a GB, or to a whole MB below that, for a figure to suggest."""
+    if round_up:
+        n = math.ceil(n / (GB // 10)) * (GB // 10) if n > GB // 10 else math.ceil(n / MB) * MB
+    for unit, scale in (("GB", GB), ("GiB", GIB), ("GB", GB // 10), ("MB", MB), ("MiB", MIB)):
+        if n % scale == 0:
+            return f"{n / GB:g}GB" if scale == GB // 10 else f"{n // scale}{unit}"
+    return str(n)
+
+
+def _mem_available() -> int | None:
+    """Host memory the kernel says can be had without swapping: MemAvailable, else free pages."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * KIB  # the kernel writes kB meaning KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512-BF16 or AMX). Without it torch emulates bf16 matmuls, slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_budget(device: str) -> int | None:
+    """Bytes the run may use on `device` ("cpu", "cuda", "cuda:1"): what it reports free, minus headroom.
+
+    None when the device is absent (no CUDA GPU) or cannot say (no /proc/meminfo nor sysconf).
+    """
+    kind = device.split(":", 1)[0]
+    if kind == "cuda":
+        import torch  # here, not at module level: `zimage-lite plan` with an explicit --vram never needs torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return max(free - CUDA_HEADROOM, 0)
+    if kind == "cpu":
+        available = _mem_available()
+        return None if available is None else max(available - CPU_HEADROOM, 0)
+    raise OptionError(f"--device {device!r} is not a device: use cpu or cuda")
+
+
+def usable_budget(device: str, vram: int | None, ram: int | None) -> tuple[int, int]:
+    """(bytes tensors may use, headroom taken off) for a run on `device` with the user's `--vram` / `--ram`.
+
+    `--vram` counts the whole card, so the CUDA context comes off it; `--ram` is what the run may use. Without one,
+    ask the device. `ram` does not bound a cuda run (host memory is not planned there).
+    """
+    if device == "cuda" and vram is not None:
+        return vram - CUDA_HEADROOM, CUDA_HEADROOM
+    if device == "cuda":
+        budget = device_budget("cuda")
+        if budget is None:
+            raise OptionError("no CUDA GPU is visible: pass --vram SIZE to plan for a GPU this machine does not have")
+        return budget, 0
+    budget = ram if ram is not None else device_budget(device)
+    if budget is None:
+        raise OptionError("cannot tell how much RAM is free here: pass --ram SIZE")
+    return budget, 0
+
+
+# ---- Bytes of weights: the tensors of each block, and what a weight format makes of them ----------------------------
+# Shapes as in zimage_spec.md §4.1 and §2 (DiT with fused qkv as GGUF files store it, Qwen3 layer), §6 (VAE).
+
+FLOATS = frozenset({"F32", "F16", "BF16"})
+BNB = frozenset({"int8", "nf4"})  # bitsandbytes LLM.int8 (fp32 scale per row) and NF4 (fp32 absmax per 64)
+NF4_BLOCK = 64
+# llama.cpp file types named after their mix -> the type most tensors get (`llama_model_quantize_impl`).
+MIXES = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
+         "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K"}
+# Types that only exist inside ggml's dot products or are integers, never a weight format.
+_NOT_WEIGHTS = frozenset({"Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64"})
+# The DiT in a mix, ComfyUI-GGUF lcpp.patch `img_tensor_get_type` (gguf_interop.md §3.1): fused qkv and
+# feed_forward.w2 go up a step; everything else in layers.N takes the mix's base type.
+_DIT_MIX = {"Q3_K_M": {"qkv": "Q4_K", "w2": "Q4_K"}, "Q3_K_L": {"qkv": "Q4_K", "w2": "Q5_K"}, "Q4_K_S": {"w2": "Q5_K"},
+            "Q4_K_M": {"qkv": "Q5_K", "w2": "Q6_K"}, "Q5_K_M": {"qkv": "Q6_K", "w2": "Q6_K"},
+            "Q4_0": {"w2": "Q4_1"}, "Q5_0": {"w2": "Q5_1"}}
+# llama.cpp `tensor_type_fallback`, for rows a K-quant block cannot tile (the lcpp image patch uses F16 instead).
+_TEXT_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# The alternatives a BudgetError proposes, largest first.
+QUANT_LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+def normalize_format(name: str, option: str) -> str:
+    """The canonical spelling of a weight format (`q4_k_m` -> `Q4_K_M`), or OptionError naming `option`."""
+    if name.lower() in BNB:
+        return name.lower()
+    upper = name.upper()
+    if upper in MIXES or (upper in gguf.GGMLQuantizationType.__members__ and upper not in _NOT_WEIGHTS):
+        return upper
+    raise OptionError(f"{option} {name!r} is not a weight format: use BF16, F16, F32, Q8_0, Q6_K, Q5_K_M, Q5_0, "
+                      "Q4_K_M, Q4_K_S, Q4_0, Q3_K_M, Q2_K (or another GGML type), int8 or nf4")
+
+
+def _block_size(fmt: str) -> int:
+    if fmt in BNB:
+        return NF4_BLOCK if fmt == "nf4" else 1
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt]][0]
+
+
+def weight_bytes(rows: int, cols: int, fmt: str) -> int:
+    """Bytes of a [rows, cols] weight stored as `fmt` (blocks run along cols, as in ggml-common.h)."""
+    if fmt == "int8":
+        return rows * cols + rows * 4
+    if fmt == "nf4":
+        return rows * cols // 2 + rows * (cols // NF4_BLOCK) * 4
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt]]
+    return rows * (cols // block) * type_size
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """A block (or a model's non-block tensors): 2-D weights with their formats; 1-D tensors (norms, biases, pad
+    tokens) are stored F32 whatever the recipe, as every GGUF tool does (gguf_interop.md §8)."""
+
+    linear: tuple[tuple[str, int, int, str], ...]  # (role, out_features, in_features, format)
+    vector: int  # parameters in 1-D tensors
+
+    @property
+    def params(self) -> int:
+        return sum(r * c for _, r, c, _ in self.linear) + self.vector
+
+    def nbytes(self, floats_as: str | None = None) -> int:
+        """Bytes as stored, or with the float-format weights cast to `floats_as` (the compute dtype)."""
+        cast = (lambda f: floats_as if f in FLOATS else f) if floats_as else (lambda f: f)
+        return sum(weight_bytes(r, c, cast(f)) for _, r, c, f in self.linear) + self.vector * 4
+
+
+def _fit_rows(fmt: str, cols: int, image: bool) -> str:
+    """`fmt`, or what the quantizer writes when a row of `cols` is not a whole number of its blocks."""
+    while cols % _block_size(fmt):
+        fmt = "F16" if image or fmt not in _TEXT_FALLBACK else _TEXT_FALLBACK[fmt]
+    return fmt
+
+
+def dit_tensors(c: DiTConfig, fmt: str, kind: str, quantize_refiners: bool = False) -> Tensors:
+    """One DiT block (`kind` = noise_refiner | context_refiner | layers) or the non-block tensors (`other`)."""
+    d, f, kv = c.dim, c.ffn_dim, c.n_kv_heads * c.head_dim
+    if kind == "other":
+        shapes = [("x_embedder", d, c.patch_dim), ("final_layer", c.patch_dim, d), ("final_adaln", d, c.adaln_dim),
+                  ("t_mlp0", T_EMBED_MID, FREQUENCY_EMBEDDING_SIZE), ("t_mlp2", c.adaln_dim, T_EMBED_MID),
+                  ("cap_embedder", d, c.cap_feat_dim)]
+        # pad tokens 2d, biases (x_embedder d, final c.patch_dim + d, t_mlp T_EMBED_MID + adaln), cap RMSNorm + bias
+        vector = 2 * d + d + c.patch_dim + d + T_EMBED_MID + c.adaln_dim + c.cap_feat_dim + d
+    else:
+        shapes = [("qkv", c.n_heads * c.head_dim + 2 * kv, d), ("out", d, c.n_heads * c.head_dim), ("w1", f, d),
+                  ("w3", f, d), ("w2", d, f)]
+        vector = 2 * c.head_dim + 4 * d  # q/k RMSNorm per head, the four sandwich norms
+        if kind != "context_refiner":  # context_refiner blocks have no modulation
+            shapes.append(("adaln", 4 * d, c.adaln_dim))
+            vector += 4 * d
+    quantized = fmt not in FLOATS and (kind == "layers" or (quantize_refiners and kind != "other"))
+    if not quantized:  # embedders and final layer stay BF16 in quantized files; refiners too unless asked
+        return Tensors(tuple((r, o, i, fmt if fmt in FLOATS else "BF16") for r, o, i in shapes), vector)
+    rules = _DIT_MIX.get(fmt, {})
+    return Tensors(tuple((r, o, i, _fit_rows(rules.get(r, MIXES.get(fmt, fmt)), i, image=True))
+                         for r, o, i in shapes), vector)
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp `use_more_bits`: the first and last eighth of the layers and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def qwen_layer_tensors(c: TextEncoderConfig, fmt: str, i: int) -> Tensors:
+    """Qwen3 decoder layer `i`, typed by llama.cpp's rules for a dense GQA model without an imatrix."""
+    h, q, kv, m = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
+        c.intermediate_size
+    shapes = [("q", q, h), ("k", kv, h), ("v", kv, h), ("o", h, q), ("gate", m, h), ("up", m, h), ("down", h, m)]
+    vector = 2 * c.head_dim + 2 * h  # q/k norms, input and post-attention norms
+    if fmt in FLOATS or fmt in BNB:
+        return Tensors(tuple((r, o, k, fmt) for r, o, k in shapes), vector)
+    n, base, more = c.num_hidden_layers, MIXES.get(fmt, fmt), _more_bits(i, c.num_hidden_layers)
+    gqa = c.num_attention_heads // c.num_key_value_heads
+    rules = {
+        "v": {"Q2_K": "Q4_K" if gqa >= 4 else "Q3_K", "Q3_K_M": "Q5_K" if i < 2 else "Q4_K", "Q3_K_L": "Q5_K",
+              "Q4_K_M": "Q6_K" if more else base, "Q5_K_M": "Q6_K" if more else base,
+              "Q4_K_S": "Q5_K" if i < 4 else base},
+        "down": {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if i < n // 16 else "Q4_K", "Q3_K_L": "Q5_K",
+                 "Q4_K_M": "Q6_K" if more else base, "Q5_K_M": "Q6_K" if more else base,
+                 "Q4_K_S": "Q5_K" if i < n // 8 else base},
+        "o": {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"},
+    }
+    return Tensors(tuple((r, o, k, _fit_rows(rules.get(r, {}).get(fmt, base), k, image=False))
+                         for r, o, k in shapes), vector)
+
+
+def vae_decoder_params(c: VAEConfig) -> int:
+    """Parameters of the FLUX AE decoder (zimage_spec.md §6): conv_in, mid block, up blocks, norm and conv_out."""
+    def conv(cin: int, cout: int, k: int = 3) -> int:
+        return cin * cout * k * k + cout
+
+    def resnet(cin: int, cout: int) -> int:  # two GroupNorms, two 3x3 convs, a 1x1 shortcut when widths differ
+        return 2 * cin + conv(cin, cout) + 2 * cout + conv(cout, cout) + (conv(cin, cout, 1) if cin != cout else 0)
+
+    widths = list(reversed(c.block_out_channels))
+    top = widths[0]
+    n = conv(c.latent_channels, top) + 2 * resnet(top, top)
+    if c.mid_block_add_attention:
+        n += 2 * top + 4 * (top * top + top)  # GroupNorm + Linear q, k, v, out with bias
+    prev = top
+    for level, width in enumerate(widths):
+        n += sum(resnet(prev if j == 0 else width, width) for j in range(c.layers_per_block + 1))
+        n += conv(width, width) if level < len(widths) - 1 else 0  # upsampler
+        prev = width
+    return n + 2 * widths[-1] + conv(widths[-1], c.out_channels)
+
+
+def param_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameter counts by part, to check against zimage_spec.md §8.1."""
+    dit, te = config.dit, config.text_encoder
+    counts = {"dit_modulated_block": dit_tensors(dit, "BF16", "layers").params,
+              "dit_context_block": dit_tensors(dit, "BF16", "context_refiner").params,
+              "dit_other": dit_tensors(dit, "BF16", "other").params,
+              "text_layer": qwen_layer_tensors(te, "BF16", 0).params,
+              "text_embedding": te.vocab_size * te.hidden_size,
+              "vae_decoder": vae_decoder_params(config.vae)}
+    counts["dit_total"] = (counts["dit_modulated_block"] * (dit.n_layers + dit.n_refiner_layers)
+                           + counts["dit_context_block"] * dit.n_refiner_layers + counts["dit_other"])
+    counts["text_total"] = (counts["text_layer"] * te.num_hidden_layers + counts["text_embedding"]
+                            + te.hidden_size)  # + the final norm
+    return counts
+
+
+def format_rank(fmt: str) -> float:
+    """Bits per weight of a full-size DiT main block in `fmt`, to order formats by size."""
+    block = dit_tensors(DiTConfig(), fmt, "layers")
+    return block.nbytes() * 8 / block.params

@@ -1,0 +1,233 @@
+"""`zimage-lite info`: what a file or folder holds, and which tools will load it.
+
+`describe` opens headers only (no tensor is read) and returns plain data: per component the name layout, the
+quant-type histogram (count and bytes per type, as ComfyUI-GGUF logs it after loading), parameters, bytes, GGUF
+metadata, and a verdict for zimage-lite, stable-diffusion.cpp, ComfyUI(-GGUF) and diffusers/transformers by the
+rules of shared/reference/gguf_interop.md section 7 (with 2.4, 3.2 and 6 for the text encoder and the VAE).
+`format_info` renders it for the terminal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+from gguf import LlamaFileType
+
+from ..errors import CheckpointError, ZImageLiteError
+from .components import FOLDERS, LABELS, Component, identify, open_component, single_files
+from .gguf_source import GGUFSource
+from .names import DIT_PREFIXES, TE_PREFIXES, VAE_PREFIXES, strip_prefix
+from .sources import TensorSource
+
+PREFIXES = {"dit": DIT_PREFIXES, "text_encoder": TE_PREFIXES, "vae": VAE_PREFIXES}
+ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E5M2": 1}
+PLAIN = {"F32", "F16"}  # what every reader uses as-is, including for norms and pad tokens
+FLOAT = PLAIN | {"BF16"}
+# Types with torch dequant kernels in ComfyUI-GGUF and diffusers (gguf_interop.md 3.3, 6); others are slow or fail.
+TORCH_KERNELS = FLOAT | {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+                         "IQ4_XS"}
+COMFY_IMAGE_ARCHS = {None, "lumina2", "pig", "cow"}  # None, pig, cow: detection from the tensor names
+COMFY_TEXT_ARCHS = {"t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl"}
+LONG_TEXT = 60
+LAYOUTS = {"official": "official (diffusers)", "comfyui": "ComfyUI (fused qkv)", "transformers": "transformers",
+           "llama.cpp": "llama.cpp", "diffusers": "diffusers", "flux": "FLUX ae"}
+
+
+def _nbytes(stored: TensorSource, name: str) -> int:
+    if isinstance(stored, GGUFSource):
+        return stored.nbytes(name)
+    return math.prod(stored.shape(name)) * ITEM_BYTES.get(stored.qtype(name), 0)
+
+
+def _config_summary(comp: Component) -> str:
+    c = comp.config
+    if comp.kind == "dit":
+        return (f"dim {c.dim}, {c.n_layers} layers + {c.n_refiner_layers} refiner layers, {c.n_heads} heads of "
+                f"{c.head_dim}, caption features {c.cap_feat_dim}")
+    if comp.kind == "text_encoder":
+        return (f"hidden {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads}/"
+                f"{c.num_key_value_heads} heads of {c.head_dim}, vocab {c.vocab_size}, rope theta {c.rope_theta:g}")
+    return (f"channels {'/'.join(map(str, c.block_out_channels))}, {c.layers_per_block + 1} resnets per level, "
+            f"latent {c.latent_channels}")
+
+
+def _dit_verdicts(comp: Component, gguf: bool, arch: str | None) -> dict[str, str]:
+    stored = comp.stored
+    types = {n: stored.qtype(n) for n in stored.names()}
+    shapes = {n: stored.shape(n) for n in stored.names()}
+    pads = [n for n in types if n.endswith("pad_token")]
+    one_d = [n for n in types if len(shapes[n]) == 1 and n not in pads]
+    quant_1d = sorted({types[n] for n in one_d} - FLOAT)
+    # ComfyUI-GGUF turns 1-D BF16 into F32 on load, nothing else (3.2); pad tokens are [1, dim] in ComfyUI
+    pad_bad = sorted({types[n] for n in pads if types[n] not in PLAIN and not (types[n] == "BF16" and
+                                                                               len(shapes[n]) == 1)})
+    slow = sorted(set(types.values()) - TORCH_KERNELS)
+    prefix, _ = strip_prefix(types, DIT_PREFIXES)
+    used = {stored_name for stored_name, _ in comp.source.mapping.values()}
+    extra = sorted(n for n in types if n not in used)
+    out = {"stable-diffusion.cpp": "yes"}
+    if comp.layout == "official":
+        out["stable-diffusion.cpp"] = "no (split to_q/to_k/to_v: it loads only the fused qkv of the ComfyUI layout)"
+    if gguf:
+        if arch not in COMFY_IMAGE_ARCHS:
+            why = f"general.architecture is {arch!r}, it accepts 'lumina2' or none"
+        elif quant_1d:
+            why = f"1-D tensors quantized: {', '.join(quant_1d)}"
+        elif pad_bad:
+            why = f"pad tokens stored as {', '.join(pad_bad)}"
+        elif comp.layout == "official" and set(types.values()) - FLOAT:
+            why = "official names: ComfyUI's qkv fusion does not work on quantized tensors"
+        else:
+            why = ""
+        out["ComfyUI-GGUF"] = f"no ({why})" if why else (f"yes (slow numpy dequant for {', '.join(slow)})"
+                                                          if slow else "yes")
+    else:
+        out["ComfyUI"] = "yes"
+    if gguf and slow:
+        out["diffusers"] = f"no ({', '.join(slow)} not among its GGUF types)"
+    elif gguf and {types[n] for n in one_d + pads} - PLAIN:
+        bad = ", ".join(sorted({types[n] for n in one_d + pads} - PLAIN))
+        out["diffusers"] = f"no (norms or pad tokens stored as {bad}: it would compute with their raw bytes)"
+    elif comp.layout == "official" and (prefix or extra):
+        what = f"the prefix {prefix}" if prefix else f"extra tensors ({', '.join(extra[:3])})"
+        out["diffusers"] = f"no (official names load only as the exact diffusers key set; this file has {what})"
+    else:
+        out["diffusers"] = "yes (copies the whole file into RAM)" if gguf else "yes"
+    return out
+
+
+def _verdicts(comp: Component, gguf: bool, arch: str | None) -> dict[str, str]:
+    try:
+        open_component(comp.path, comp.kind)
+        mine = "yes"
+    except ZImageLiteError as e:
+        mine = f"no ({str(e).removeprefix(str(comp.path)).lstrip(': ')})"
+    out = {"zimage-lite": mine}
+    if comp.path.is_dir():  # a sharded component folder: the diffusers/transformers layout, for those libraries
+        lib = "transformers" if comp.kind == "text_encoder" else "diffusers"
+        native = comp.layout in ("official", "transformers", "diffusers")
+        return out | {"stable-diffusion.cpp": "n/a (loads single files)", "ComfyUI": "n/a (loads single files)",
+                      lib: "yes (from_pretrained)" if native else "not checked"}
+    if comp.kind == "dit":
+        return out | _dit_verdicts(comp, gguf, arch)
+    if comp.kind == "text_encoder":
+        out["stable-diffusion.cpp"] = "yes"  # HF and llama.cpp names both (2.4)
+        if gguf:
+            out["ComfyUI-GGUF"] = "yes" if arch in COMFY_TEXT_ARCHS else f"no (general.architecture {arch!r})"
+            out["transformers"] = "yes (dequantized to full precision on load)"
+        else:
+            out["ComfyUI"] = "yes" if comp.layout == "transformers" else "not checked"
+            out["transformers"] = "yes" if comp.layout == "transformers" else "no (llama.cpp names outside a GGUF)"
+        return out
+    out["stable-diffusion.cpp"] = "yes"  # FLUX ae names, diffusers names converted (2.4)
+    if gguf:
+        out["ComfyUI-GGUF"] = "no (it has no VAE loader)"
+        out["diffusers"] = "not checked"
+    else:
+        out["ComfyUI"] = "yes" if comp.layout == "flux" else "not checked"
+        out["diffusers"] = "yes" if comp.layout == "diffusers" else "yes (AutoencoderKL.from_single_file)"
+    return out
+
+
+def _metadata(stored: GGUFSource) -> dict[str, Any]:
+    meta = {}
+    for key, value in stored.metadata().items():
+        if isinstance(value, str) and len(value) > LONG_TEXT:
+            value = value[:LONG_TEXT] + "..."
+        if key == "general.file_type" and isinstance(value, int):
+            try:
+                value = f"{value} ({LlamaFileType(value).name.removeprefix('MOSTLY_')})"
+            except ValueError:
+                pass
+        meta[key] = value
+    return meta
+
+
+def describe_component(path: Path) -> dict[str, Any]:
+    """One file or component folder: component, layout, quant histogram, size, metadata, verdicts."""
+    out: dict[str, Any] = {"path": str(path)}
+    try:
+        comp = identify(path)
+    except CheckpointError as e:
+        return out | {"component": None, "error": str(e)}
+    stored = comp.stored
+    gguf = isinstance(stored, GGUFSource)
+    hist: dict[str, dict[str, int]] = {}
+    params = 0
+    for name in stored.names():
+        entry = hist.setdefault(stored.qtype(name), {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += _nbytes(stored, name)
+        params += math.prod(stored.shape(name))
+    out |= {
+        "format": "GGUF" if gguf else ("safetensors folder" if path.is_dir() else "safetensors"),
+        "component": comp.kind, "layout": comp.layout, "tensors": sum(h["count"] for h in hist.values()),
+        "params": params, "bytes": sum(h["bytes"] for h in hist.values()),
+        "qtypes": dict(sorted(hist.items(), key=lambda kv: -kv[1]["bytes"])),
+    }
+    if comp.kind is not None:
+        prefix, _ = strip_prefix(stored.names(), PREFIXES[comp.kind])
+        out |= {"prefix": prefix, "config": dataclasses.asdict(comp.config), "summary": _config_summary(comp)}
+    arch = stored.architecture if gguf else None
+    if gguf:
+        out["metadata"] = _metadata(stored)
+        out["has_tokenizer"] = stored.meta("tokenizer.ggml.model") is not None
+    if comp.kind is not None:
+        out["loads_in"] = _verdicts(comp, gguf, arch)
+    return out
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """A file or folder: one section per component (official sub-folders, then single files)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found")
+    if path.is_file() or (path / "config.json").is_file():
+        return {"path": str(path), "sections": [describe_component(path)]}
+    parts = [path / FOLDERS[k] for k in ("dit", "text_encoder", "vae") if (path / FOLDERS[k]).is_dir()]
+    sections = [describe_component(p) for p in parts + single_files(path)]
+    tok = next((str(t) for t in (path / "tokenizer" / "tokenizer.json", path / "tokenizer.json") if t.is_file()),
+               None)
+    if tok is None:
+        tok = next((f"in {s['path']} (GGUF metadata)" for s in sections if s.get("has_tokenizer")), None)
+    return {"path": str(path), "sections": sections, "tokenizer": tok or "none found"}
+
+
+def _size(n: float, unit: str = "B") -> str:
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def format_info(desc: dict[str, Any]) -> str:
+    """The terminal rendering of `describe`'s result."""
+    lines = []
+    for s in desc["sections"]:
+        lines.append(s["path"])
+        if s.get("error"):
+            lines.append(f"  error        {s['error']}")
+            continue
+        kind = LABELS.get(s["component"], "unknown (no Z-Image DiT, text encoder or VAE names)")
+        layout = f", {LAYOUTS.get(s['layout'], s['layout'])} layout" if s.get("layout") else ""
+        prefix = f", prefix {s['prefix']}" if s.get("prefix") else ""
+        lines.append(f"  component    {kind}{layout}{prefix}")
+        lines.append(f"  format       {s['format']}, {s['tensors']} tensors, {_size(s['params'], '').strip()} params, "
+                     f"{_size(s['bytes'])}")
+        if s.get("summary"):
+            lines.append(f"  config       {s['summary']}")
+        hist = ", ".join(f"{t} {h['count']} ({_size(h['bytes'])})" for t, h in s["qtypes"].items())
+        lines.append(f"  quant types  {hist}")
+        for key, value in (s.get("metadata") or {}).items():
+            lines.append(f"  metadata     {key} = {value}")
+        if s.get("metadata") == {}:
+            lines.append("  metadata     none (no general.architecture either)")
+        for i, (tool, verdict) in enumerate((s.get("loads_in") or {}).items()):
+            lines.append(f"  {'loads in' if i == 0 else '':<12} {tool}: {verdict}")
+    if "tokenizer" in desc:
+        lines.append(f"tokenizer      {desc['tokenizer']}")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""The one table of tensor-name layouts, and layout detection. Models always see official names.
+
+Layouts (shared/reference/gguf_interop.md 1, 2.4, 8):
+- DiT: official/diffusers (split to_q/to_k/to_v) and ComfyUI/"original" (fused `qkv`, `q_norm`, `out`, `x_embedder`,
+  `final_layer`), the latter also with the `model.diffusion_model.` prefix that stable-diffusion.cpp writes.
+- Text encoder: Hugging Face Qwen3 (with or without `model.`) and llama.cpp (`blk.N.attn_q`, `token_embd`, ...).
+- VAE: diffusers AutoencoderKL (`decoder.up_blocks.0...`) and the original FLUX `ae.safetensors`
+  (`decoder.up.3.block.0...`, up blocks numbered the other way round, 1x1-conv attention projections).
+
+A translation maps each official name to (name in the file, part): part is None for a plain rename, or (i, n) for
+rows i/n of a fused tensor (the ComfyUI qkv holds q, k and v as three row ranges).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from ..errors import CheckpointError
+
+Part = tuple[int, int] | None
+Translation = dict[str, tuple[str, Part]]
+
+# --- DiT --------------------------------------------------------------------------------------------------------
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# official → ComfyUI, as substring rewrites (applied in this order)
+DIT_COMFY_RENAMES = [
+    (".attention.to_out.0.", ".attention.out."),
+    (".attention.norm_q.", ".attention.q_norm."),
+    (".attention.norm_k.", ".attention.k_norm."),
+    ("all_x_embedder.2-1.", "x_embedder."),
+    ("all_final_layer.2-1.", "final_layer."),
+]
+QKV = {".attention.to_q.": 0, ".attention.to_k.": 1, ".attention.to_v.": 2}
+DIT_IGNORED = re.compile(r"(^|\.)norm_final\.")  # a Lumina-2 leftover in ComfyUI files
+
+# --- text encoder (llama.cpp ⇄ HF Qwen3, per decoder layer) ---------------------------------------------------------
+LLAMA_CPP_LAYER = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "ffn_norm": "post_attention_layernorm",
+}
+LLAMA_CPP_GLOBAL = {"token_embd": "embed_tokens", "output_norm": "norm"}
+TE_PREFIXES = ("model.", "text_encoders.llm.model.", "text_encoders.qwen3_4b.transformer.model.")
+
+# --- VAE (original FLUX ae ⇄ diffusers), decoder only ------------------------------------------------------------
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+FLUX_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def strip_prefix(names: Iterable[str], prefixes: Iterable[str]) -> tuple[str, list[str]]:
+    """The longest of `prefixes` that every name carries ('' if none), and the names without it."""
+    names = list(names)
+    for p in sorted(prefixes, key=len, reverse=True):
+        if names and all(n.startswith(p) for n in names):
+            return p, [n[len(p):] for n in names]
+    return "", names
+
+
+def dit_comfy_name(official: str) -> tuple[str, Part]:
+    """Official DiT name → (ComfyUI name, part)."""
+    for key, i in QKV.items():
+        if key in official:
+            return official.replace(key, ".attention.qkv."), (i, 3)
+    name = official
+    for a, b in DIT_COMFY_RENAMES:
+        name = name.replace(a, b)
+    return name, None
+
+
+def vae_flux_name(official: str, n_up: int) -> str:
+    """diffusers VAE decoder name → original FLUX ae name."""
+    name = official.replace("decoder.mid_block.resnets.0.", "decoder.mid.block_1.")
+    name = name.replace("decoder.mid_block.resnets.1.", "decoder.mid.block_2.")
+    m = re.match(r"decoder\.mid_block\.attentions\.0\.(\w+(?:\.0)?)\.(weight|bias)$", name)
+    if m:
+        inverse = {v: k for k, v in FLUX_VAE_ATTN.items()}
+        return f"decoder.mid.attn_1.{inverse[m.group(1)]}.{m.group(2)}"
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)$", name)
+    if m:
+        idx = n_up - 1 - int(m.group(1))
+        rest = m.group(4).replace("conv_shortcut.", "nin_shortcut.")
+        if m.group(2) == "upsamplers":
+            return f"decoder.up.{idx}.upsample.{rest}"
+        return f"decoder.up.{idx}.block.{m.group(3)}.{rest}"
+    return name.replace("decoder.conv_norm_out.", "decoder.norm_out.")
+
+
+def te_llama_cpp_name(official: str) -> str:
+    """HF Qwen3 name without `model.` → llama.cpp name."""
+    m = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", official)
+    if m:
+        inverse = {v: k for k, v in LLAMA_CPP_LAYER.items()}
+        return f"blk.{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}"
+    stem, _, leaf = official.rpartition(".")
+    inverse = {v: k for k, v in LLAMA_CPP_GLOBAL.items()}
+    return f"{inverse.get(stem, stem)}.{leaf}"
+
+
+def _translate(expected: Iterable[str], present: list[str], prefix: str, rename, component: str,
+               layout: str, path: str) -> Translation:
+    have = set(present)
+    out: Translation = {}
+    missing = []
+    for name in expected:
+        target, part = rename(name)
+        if target not in have:
+            missing.append(target)
+            continue
+        out[name] = (prefix + target, part)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: {component} in the {layout} layout, but tensor(s) {', '.join(missing[:5])}"
+                              f"{more} are missing")
+    return out
+
+
+def translate(component: str, expected: Iterable[str], names: Iterable[str], path: str,
+              n_up: int = 4) -> tuple[str, Translation]:
+    """Detect the layout of a file's `names` and map each `expected` official name into it.
+
+    Returns (layout name, translation). Raises CheckpointError naming the file and the names it looked for.
+    """
+    expected = list(expected)
+    if component == "dit":
+        prefix, bare = strip_prefix(names, DIT_PREFIXES)
+        bare = [n for n in bare if not DIT_IGNORED.search(n)]
+        if any(".attention.qkv." in n for n in bare):
+            return "comfyui", _translate(expected, bare, prefix, dit_comfy_name, "DiT", "ComfyUI", path)
+        if any(".attention.to_q." in n for n in bare):
+            return "official", _translate(expected, bare, prefix, lambda n: (n, None), "DiT", "official", path)
+        hint = "layers.0.attention.qkv.weight (ComfyUI) or layers.0.attention.to_q.weight (official/diffusers)"
+    elif component == "text_encoder":
+        prefix, bare = strip_prefix(names, TE_PREFIXES)
+        if any(n.startswith("blk.") for n in bare):
+            return "llama.cpp", _translate(expected, bare, prefix, lambda n: (te_llama_cpp_name(n), None),
+                                           "text encoder", "llama.cpp", path)
+        if any(n.startswith("layers.") for n in bare):
+            return "transformers", _translate(expected, bare, prefix, lambda n: (n, None), "text encoder",
+                                              "transformers", path)
+        hint = "model.layers.0.self_attn.q_proj.weight (transformers) or blk.0.attn_q.weight (llama.cpp)"
+    elif component == "vae":
+        prefix, bare = strip_prefix(names, VAE_PREFIXES)
+        if any(n.startswith("decoder.up.") for n in bare):
+            return "flux", _translate(expected, bare, prefix, lambda n: (vae_flux_name(n, n_up), None), "VAE",
+                                      "FLUX ae", path)
+        if any(n.startswith("decoder.up_blocks.") for n in bare):
+            return "diffusers", _translate(expected, bare, prefix, lambda n: (n, None), "VAE", "diffusers", path)
+        hint = "decoder.up_blocks.0.resnets.0.conv1.weight (diffusers) or decoder.up.0.block.0.conv1.weight (FLUX)"
+    else:
+        raise ValueError(component)
+    found = ", ".join(sorted(names)[:4]) or "no tensors"
+    raise CheckpointError(f"{path}: not a Z-Image {component.replace('_', ' ')} in any known layout: expected names "
+                          f"like {hint}; found {found}, ...")
+
+
+def detect_component(names: Iterable[str]) -> str | None:
+    """Which component a set of tensor names belongs to, from the names alone (never the file name)."""
+    names = list(names)
+    bare = [strip_prefix([n], DIT_PREFIXES + TE_PREFIXES + VAE_PREFIXES)[1][0] for n in names]
+    if any(n.startswith("cap_embedder.") for n in bare) and any(".attention." in n for n in bare):
+        return "dit"
+    if any(n.startswith(("blk.", "layers.")) and ("attn_q" in n or "self_attn" in n) for n in bare):
+        return "text_encoder"
+    if any(n.startswith("decoder.") for n in bare) and any("conv_in" in n for n in bare):
+        return "vae"
+    return None
