@@ -201,7 +201,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
         for impl, offload in runs:
             spec = {**base, "impl": impl, "quant": quant, "weights": str(weights), "vram": args.vram,
                     "offload": offload if offload != "gguf" else None,
-                    "save": str(cache / f"out-{impl}-{quant}-{offload}.pt") if args.quality else None}
+                    "save": str(_output_file(cache, impl, quant, offload)) if args.quality else None}
             cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
             print(f"measuring {impl} {quant} {offload or ''} ...", file=sys.stderr)
             row = {**spec, "component": "dit", **_child(cmd), "settings": offload or "resident",
@@ -211,21 +211,54 @@ def measure(args: argparse.Namespace) -> list[dict]:
             rows.append(row)
     if args.quality:
         _quality(rows, cache)
-    info = machine()
-    return [{**r, "machine": info, "date": time.strftime("%Y-%m-%d")} for r in rows]
+    return rows
+
+
+def _output_file(cache: Path, impl: str, quant: str, settings: str | None) -> Path:
+    """Where a measured forward's output is kept for the quality comparison."""
+    return cache / f"out-{impl}-{quant}-{settings or 'resident'}.pt"
 
 
 def _quality(rows: list[dict], cache: Path) -> None:
     """Relative error (L2) of one DiT forward for each recipe against our BF16 forward on the same weights."""
-    ref_path = cache / "out-zimage-lite-BF16-None.pt"
+    ref_path = _output_file(cache, "zimage-lite", "BF16", None)
     if not ref_path.is_file():
         return
     ref = torch.load(ref_path)
     for r in rows:
-        p = cache / f"out-{r.get('impl')}-{r.get('quant')}-{r.get('offload')}.pt"
+        p = _output_file(cache, r.get("impl"), r.get("quant"), r.get("settings"))
         if r["component"] == "dit" and p.is_file():
             out = torch.load(p)
             r["rel_error_vs_bf16"] = float((out - ref).norm() / ref.norm())
+
+
+def image_quality(args: argparse.Namespace) -> list[dict]:
+    """The tiny K-quant fixture (tests/fixtures.py) rendered from each recipe's DiT file vs from its F32 weights."""
+    import numpy as np
+
+    import zimage_lite
+    from quantize.convert import convert
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures import KQUANT, PROMPTS, make_checkpoint
+
+    cache = Path(args.cache) / "kquant-tiny"
+    if not (cache / "model_index.json").is_file():
+        make_checkpoint(cache, KQUANT)
+    kwargs = dict(width=128, height=128, steps=8, seed=1)
+    ref = np.asarray(zimage_lite.load(cache, device="cpu", dtype="fp32").text_to_image(PROMPTS["en"], **kwargs),
+                     dtype=np.float32)
+    rows = []
+    for quant in args.quant.split(","):
+        out = Path(args.cache) / f"kquant-tiny-{quant}.gguf"
+        if not out.is_file():
+            convert(cache, quant, component="dit", out=out)
+        img = zimage_lite.load(cache, dit=out, device="cpu", dtype="fp32").text_to_image(PROMPTS["en"], **kwargs)
+        diff = np.abs(np.asarray(img, dtype=np.float32) - ref)
+        rows.append({"component": "image", "quant": quant, "width": 128, "height": 128, "steps": 8,
+                     "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                     "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"})
+    return rows
 
 
 def main() -> int:
@@ -241,6 +274,8 @@ def main() -> int:
     p.add_argument("--peers", default="", help="comma-separated peers to measure alongside: diffusers")
     p.add_argument("--quantize", action="store_true", help="also report the time and RAM of writing each GGUF")
     p.add_argument("--quality", action="store_true", help="relative error of each recipe's forward vs BF16")
+    p.add_argument("--image-quality", action="store_true",
+                   help="instead of timing: image difference per recipe on the tiny K-quant test fixture")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--json", help="append the rows to this JSON file (a list)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -248,7 +283,8 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    rows = measure(args)
+    rows = image_quality(args) if args.image_quality else measure(args)
+    rows = [{**r, "machine": machine(), "date": time.strftime("%Y-%m-%d")} if "machine" not in r else r for r in rows]
     for r in rows:
         print(json.dumps(r))
     if args.json:

@@ -11,13 +11,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from fixtures import make_checkpoint  # noqa: E402
+from fixtures import KQUANT, make_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random checkpoint in the official layout, written once per test session."""
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "Z-Image-Tiny")
+
+
+@pytest.fixture(scope="session")
+def kq_model(tmp_path_factory) -> Path:
+    """The 256-wide tiny checkpoint whose main weights K-quants can tile, written once per test session."""
+    return make_checkpoint(tmp_path_factory.mktemp("kq") / "Z-Image-KQ", KQUANT)
 
 
 @pytest.fixture(autouse=True)

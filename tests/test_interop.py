@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import KQUANT, PROMPTS, make_checkpoint, rel_err
+from fixtures import KQUANT, PROMPTS, rel_err
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 
@@ -24,11 +24,6 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 IMAGE_TOL = 1.5
-
-
-@pytest.fixture(scope="module")
-def kq_model(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("kq") / "Z-Image-KQ", KQUANT)
 
 
 @pytest.fixture(scope="module")

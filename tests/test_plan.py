@@ -75,8 +75,10 @@ def test_dit_bytes_reproduce_published_gguf_sizes(quant, gigabytes):
 
 
 def test_q4_k_m_mix_raises_qkv_and_w2():
-    types = {role: fmt for role, _, _, fmt in dit_tensors(DiTConfig(), "Q4_K_M", "layers").linear}
-    assert types == {"qkv": "Q5_K", "out": "Q4_K", "w1": "Q4_K", "w3": "Q4_K", "w2": "Q6_K", "adaln": "Q4_K"}
+    types = {role.split(".", 2)[2]: fmt for role, _, _, fmt in dit_tensors(DiTConfig(), "Q4_K_M", "layers").linear}
+    assert types == {"attention.qkv.weight": "Q5_K", "attention.out.weight": "Q4_K", "feed_forward.w1.weight": "Q4_K",
+                     "feed_forward.w3.weight": "Q4_K", "feed_forward.w2.weight": "Q6_K",
+                     "adaLN_modulation.0.weight": "Q4_K"}
 
 
 # ---- cuda plans for the full-size model ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from fixtures import KQUANT, make_checkpoint
+from fixtures import KQUANT
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, TokenType
 from safetensors import safe_open
@@ -37,11 +37,6 @@ NRMSE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 4e-3, Q.Q8_0: 0.01, Q.Q6_K: 0.035, Q.Q
 # jayn7/Z-Image-Turbo-GGUF (ComfyUI-GGUF recipe), GB; gguf_interop.md section 5.
 COMMUNITY_GB = {"BF16": 12.31, "Q8_0": 7.22, "Q6_K": 5.91, "Q5_K_M": 5.52, "Q5_K_S": 5.19, "Q4_K_M": 4.98,
                 "Q4_K_S": 4.66, "Q3_K_M": 4.12, "Q3_K_S": 3.79}
-
-
-@pytest.fixture(scope="module")
-def kq_model(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("kq") / "Z-Image-KQ", KQUANT)
 
 
 def _official(folder: Path, strip: str = "") -> dict[str, torch.Tensor]:

@@ -95,22 +95,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     width, height = args.width or size, args.height or size
     start = time.perf_counter()
     peak = 0
-    bar = tqdm(total=args.steps, desc="denoise", unit="step", disable=None)
+    # One bar per stage, opened as the stage starts: the events arrive when a stage (or step) has finished.
+    stages = iter([("encode", 1, "prompt"), ("denoise", args.steps, "step"), ("decode", 1, "image")])
+    name, seconds, bar = "", 0.0, None
+
+    def next_bar() -> tqdm:
+        nonlocal name, seconds
+        name, total, unit = next(stages)
+        seconds = 0.0
+        return tqdm(total=total, desc=name, unit=unit, disable=None)
+
+    def close(ev) -> None:
+        bar.close()
+        tqdm.write(f"{name}: {seconds:.1f} s, peak {ev.peak_bytes / GiB:.2f} GiB")
+
+    bar = next_bar()
     try:
         for ev in pipe.generate(args.prompt, negative=args.negative, width=width, height=height, steps=args.steps,
                                 seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
                                 cfg_truncation=args.cfg_truncation):
             peak = max(peak, ev.peak_bytes)
-            if ev.stage == "encoded":
-                cut = ev.info["truncated_from"]
-                if cut:
-                    tqdm.write(f"note: the prompt is {cut} tokens with the chat template; cut to 512")
-                tqdm.write(f"encoded {ev.info['tokens']} tokens in {ev.seconds:.1f} s")
-            elif ev.stage == "step":
-                bar.update(1)
-            else:
-                bar.close()
-                tqdm.write(f"decoded in {ev.seconds:.1f} s")
+            seconds += ev.seconds
+            bar.update(1)
+            if ev.stage == "encoded" and ev.info["truncated_from"]:
+                tqdm.write(f"note: the prompt is {ev.info['truncated_from']} tokens with the chat template; cut to 512")
+            if ev.stage == "encoded" or (ev.stage == "step" and ev.step == ev.steps):
+                close(ev)
+                bar = next_bar()
+            elif ev.stage == "decoded":
+                close(ev)
                 save_png(ev.image, out, ev.info, force=args.force)
     finally:
         bar.close()

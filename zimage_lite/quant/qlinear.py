@@ -1,8 +1,9 @@
 """Packed quantized weights and the one place they are dequantized: `QLinear.forward`.
 
-A `QTensor` is the bytes of a GGML-quantized tensor as they lie in the file (usually a view of the memory map),
-its quant type and its logical torch shape. It moves between devices still packed (Q4_K: 4.5 bits per weight) and
-is dequantized just before the matmul, by the torch kernels of `formats.py`.
+A `QTensor` is the bytes of a quantized tensor as they lie in the file (usually a view of the memory map), its
+quant type and its logical torch shape, plus, for bitsandbytes types, the small tensors holding its scales
+(`state`: int8's SCB, nf4's absmax and code table). It moves between devices still packed (Q4_K: 4.5 bits per
+weight) and is dequantized just before the matmul, by the torch kernels of `formats.py`.
 """
 
 from __future__ import annotations
@@ -14,50 +15,73 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from .formats import dequantize
+from .formats import FLOAT_TYPES, INT8, BnbType, dequantize
 
-FLOAT_TYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
-               GGMLQuantizationType.BF16: torch.bfloat16}
+QType = GGMLQuantizationType | BnbType
 
 
 @dataclass(frozen=True)
 class QTensor:
-    data: torch.Tensor  # uint8, (rows, bytes per row)
-    qtype: GGMLQuantizationType
+    data: torch.Tensor  # uint8; GGML: (rows, bytes per row); bitsandbytes: as stored (int8 [out, in], 4-bit [n/2, 1])
+    qtype: QType
     shape: tuple[int, ...]  # logical torch shape; the last axis is the row
+    state: tuple[torch.Tensor, ...] = ()  # bitsandbytes scales, in formats.bnb_sizes order; GGML keeps them inline
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.data, self.qtype, self.shape, dtype)
+        return dequantize(self.data, self.qtype, self.shape, dtype, state=self.state)
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel()
+        return sum(t.numel() * t.element_size() for t in (self.data, *self.state))
 
     def rows(self, start: int, stop: int) -> QTensor:
         """Rows start..stop of dim 0: whole blocks, so the packed bytes slice directly (fused qkv → q, k, v)."""
-        block, size = GGML_QUANT_SIZES[self.qtype]
-        per_row = self.shape[-1] // block * size
-        flat = self.data.reshape(-1, per_row)
         inner = 1
         for d in self.shape[1:-1]:
             inner *= d
-        return QTensor(flat[start * inner:stop * inner], self.qtype, (stop - start, *self.shape[1:]))
+        shape = (stop - start, *self.shape[1:])
+        if self.qtype == INT8:  # one scale per row
+            flat = self.data.reshape(-1, self.shape[-1])
+            return QTensor(flat[start * inner:stop * inner], self.qtype, shape, (self.state[0][start:stop],))
+        if isinstance(self.qtype, BnbType):
+            raise ValueError(f"bitsandbytes {self.qtype.name} blocks run across rows: its rows cannot be sliced")
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        flat = self.data.reshape(-1, self.shape[-1] // block * size)
+        return QTensor(flat[start * inner:stop * inner], self.qtype, shape)
 
     def reshape(self, shape: tuple[int, ...]) -> QTensor:
         shape = tuple(shape)
         if shape[-1] != self.shape[-1]:
             raise ValueError(f"cannot reshape packed {self.qtype.name} {self.shape} to {shape}: rows must stay")
-        return QTensor(self.data, self.qtype, tuple(shape))
+        return QTensor(self.data, self.qtype, tuple(shape), self.state)
 
 
 class QLinear(nn.Module):
-    """Linear layer over a packed weight: the single dequantize-then-matmul chokepoint."""
+    """Linear layer over a packed weight: the single dequantize-then-matmul chokepoint.
+
+    The packed bytes are the `weight` buffer and a bitsandbytes weight's scales the non-persistent buffers
+    `weight_state_0`, ...: the streamer moves every buffer with its block, and `state_dict` (the names the loader
+    reads) still lists only `weight` and `bias`.
+    """
 
     def __init__(self, weight: QTensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.qtype, self.shape = weight.qtype, weight.shape
-        self.register_buffer("weight", weight.data.reshape(weight.shape[0], -1))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.assign(weight)
+
+    def assign(self, weight: QTensor, device: torch.device | str | None = None) -> None:
+        """Take `weight` (packed bytes and state), moved to `device`: at build and when a streamed block reloads."""
+        self.qtype, self.shape = weight.qtype, weight.shape
+        data = weight.data if isinstance(weight.qtype, BnbType) else weight.data.reshape(weight.shape[0], -1)
+        self.register_buffer("weight", data.to(device))
+        self.n_state = len(weight.state)
+        for i, t in enumerate(weight.state):
+            self.register_buffer(f"weight_state_{i}", t.to(device), persistent=False)
+
+    @property
+    def state(self) -> tuple[torch.Tensor, ...]:
+        # read at each call: the streamer swaps the buffers for views of its device slots
+        return tuple(self._buffers[f"weight_state_{i}"] for i in range(self.n_state))
 
     @property
     def in_features(self) -> int:
@@ -68,7 +92,7 @@ class QLinear(nn.Module):
         return self.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self.weight, self.qtype, self.shape, x.dtype)
+        w = dequantize(self.weight, self.qtype, self.shape, x.dtype, state=self.state)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
@@ -80,8 +104,11 @@ class QEmbedding(nn.Module):
 
     def __init__(self, weight: QTensor) -> None:
         super().__init__()
+        self.assign(weight)
+
+    def assign(self, weight: QTensor, device: torch.device | str | None = None) -> None:
         self.qtype, self.shape = weight.qtype, weight.shape
-        self.register_buffer("weight", weight.data.reshape(weight.shape[0], -1))
+        self.register_buffer("weight", weight.data.reshape(weight.shape[0], -1).to(device))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight[ids.reshape(-1)]
@@ -94,6 +121,6 @@ def packed_module(owner: nn.Module, weight: QTensor) -> nn.Module | None:
         return None
     if isinstance(owner, nn.Linear):
         return QLinear(weight, owner.bias)
-    if isinstance(owner, nn.Embedding):
+    if isinstance(owner, nn.Embedding) and not isinstance(weight.qtype, BnbType):  # row lookup needs GGML rows
         return QEmbedding(weight)
     return None

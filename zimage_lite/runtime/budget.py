@@ -10,6 +10,7 @@ exponent (`2e9`). So `--vram 4GB` is 3.73 GiB, while `--vram 4G` and `--vram 4Gi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import gguf
 
-from ..config import FREQUENCY_EMBEDDING_SIZE, T_EMBED_MID, DiTConfig, ModelConfig, TextEncoderConfig, VAEConfig
+from ..config import DiTConfig, ModelConfig, TextEncoderConfig, VAEConfig
 from ..errors import OptionError
 
 KIB, MIB, GIB, TIB = 2**10, 2**20, 2**30, 2**40
@@ -141,28 +142,21 @@ def usable_budget(device: str, vram: int | None, ram: int | None) -> tuple[int, 
 FLOATS = frozenset({"F32", "F16", "BF16"})
 BNB = frozenset({"int8", "nf4"})  # bitsandbytes LLM.int8 (fp32 scale per row) and NF4 (fp32 absmax per 64)
 NF4_BLOCK = 64
-# llama.cpp file types named after their mix -> the type most tensors get (`llama_model_quantize_impl`).
-MIXES = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K",
-         "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K"}
 # Types that only exist inside ggml's dot products or are integers, never a weight format.
 _NOT_WEIGHTS = frozenset({"Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64"})
-# The DiT in a mix, ComfyUI-GGUF lcpp.patch `img_tensor_get_type` (gguf_interop.md §3.1): fused qkv and
-# feed_forward.w2 go up a step; everything else in layers.N takes the mix's base type.
-_DIT_MIX = {"Q3_K_M": {"qkv": "Q4_K", "w2": "Q4_K"}, "Q3_K_L": {"qkv": "Q4_K", "w2": "Q5_K"}, "Q4_K_S": {"w2": "Q5_K"},
-            "Q4_K_M": {"qkv": "Q5_K", "w2": "Q6_K"}, "Q5_K_M": {"qkv": "Q6_K", "w2": "Q6_K"},
-            "Q4_0": {"w2": "Q4_1"}, "Q5_0": {"w2": "Q5_1"}}
-# llama.cpp `tensor_type_fallback`, for rows a K-quant block cannot tile (the lcpp image patch uses F16 instead).
-_TEXT_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 # The alternatives a BudgetError proposes, largest first.
 QUANT_LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+BLOCK_KINDS = ("noise_refiner.", "context_refiner.", "layers.")
 
 
 def normalize_format(name: str, option: str) -> str:
     """The canonical spelling of a weight format (`q4_k_m` -> `Q4_K_M`), or OptionError naming `option`."""
     if name.lower() in BNB:
         return name.lower()
+    from quantize.recipes import TARGETS  # the recipes import the runtime: import them late
+
     upper = name.upper()
-    if upper in MIXES or (upper in gguf.GGMLQuantizationType.__members__ and upper not in _NOT_WEIGHTS):
+    if upper in TARGETS or (upper in gguf.GGMLQuantizationType.__members__ and upper not in _NOT_WEIGHTS):
         return upper
     raise OptionError(f"{option} {name!r} is not a weight format: use BF16, F16, F32, Q8_0, Q6_K, Q5_K_M, Q5_0, "
                       "Q4_K_M, Q4_K_S, Q4_0, Q3_K_M, Q2_K (or another GGML type), int8 or nf4")
@@ -202,63 +196,46 @@ class Tensors:
         return sum(weight_bytes(r, c, cast(f)) for _, r, c, f in self.linear) + self.vector * 4
 
 
-def _fit_rows(fmt: str, cols: int, image: bool) -> str:
-    """`fmt`, or what the quantizer writes when a row of `cols` is not a whole number of its blocks."""
-    while cols % _block_size(fmt):
-        fmt = "F16" if image or fmt not in _TEXT_FALLBACK else _TEXT_FALLBACK[fmt]
-    return fmt
+@functools.lru_cache(maxsize=32)
+def _recipe(component: str, cfg: DiTConfig | TextEncoderConfig, fmt: str) -> tuple[tuple[str, tuple, str], ...]:
+    """(name, shape, stored type) of every tensor a `fmt` file of `cfg` holds, by the quantize tool's own rules
+    (quantize/recipes.py: one table of per-tensor types, shared by the writer and the planner)."""
+    from quantize.recipes import TARGETS, Target, dit_plan, dit_shapes, te_plan, te_shapes
 
-
-def dit_tensors(c: DiTConfig, fmt: str, kind: str, quantize_refiners: bool = False) -> Tensors:
-    """One DiT block (`kind` = noise_refiner | context_refiner | layers) or the non-block tensors (`other`)."""
-    d, f, kv = c.dim, c.ffn_dim, c.n_kv_heads * c.head_dim
-    if kind == "other":
-        shapes = [("x_embedder", d, c.patch_dim), ("final_layer", c.patch_dim, d), ("final_adaln", d, c.adaln_dim),
-                  ("t_mlp0", T_EMBED_MID, FREQUENCY_EMBEDDING_SIZE), ("t_mlp2", c.adaln_dim, T_EMBED_MID),
-                  ("cap_embedder", d, c.cap_feat_dim)]
-        # pad tokens 2d, biases (x_embedder d, final c.patch_dim + d, t_mlp T_EMBED_MID + adaln), cap RMSNorm + bias
-        vector = 2 * d + d + c.patch_dim + d + T_EMBED_MID + c.adaln_dim + c.cap_feat_dim + d
+    target = TARGETS.get(fmt) or Target(fmt, gguf.GGMLQuantizationType[fmt], None)  # a plain type: all tensors
+    if component == "dit":
+        plan = dit_plan(dit_shapes(cfg), target)
     else:
-        shapes = [("qkv", c.n_heads * c.head_dim + 2 * kv, d), ("out", d, c.n_heads * c.head_dim), ("w1", f, d),
-                  ("w3", f, d), ("w2", d, f)]
-        vector = 2 * c.head_dim + 4 * d  # q/k RMSNorm per head, the four sandwich norms
-        if kind != "context_refiner":  # context_refiner blocks have no modulation
-            shapes.append(("adaln", 4 * d, c.adaln_dim))
-            vector += 4 * d
-    quantized = fmt not in FLOATS and (kind == "layers" or (quantize_refiners and kind != "other"))
-    if not quantized:  # embedders and final layer stay BF16 in quantized files; refiners too unless asked
-        return Tensors(tuple((r, o, i, fmt if fmt in FLOATS else "BF16") for r, o, i in shapes), vector)
-    rules = _DIT_MIX.get(fmt, {})
-    return Tensors(tuple((r, o, i, _fit_rows(rules.get(r, MIXES.get(fmt, fmt)), i, image=True))
-                         for r, o, i in shapes), vector)
+        plan = te_plan(te_shapes(cfg), target, cfg)
+    return tuple((t.name, t.shape, t.qtype.name) for t in plan)
 
 
-def _more_bits(i: int, n: int) -> bool:
-    """llama.cpp `use_more_bits`: the first and last eighth of the layers and every third one between."""
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+def _tensors(rows: list[tuple[str, tuple, str]]) -> Tensors:
+    linear = tuple((name, shape[0], math.prod(shape[1:]), fmt) for name, shape, fmt in rows
+                   if len(shape) == 2 and not name.endswith("pad_token"))
+    vector = sum(math.prod(shape) for name, shape, _ in rows if len(shape) != 2 or name.endswith("pad_token"))
+    return Tensors(linear, vector)
+
+
+def dit_tensors(c: DiTConfig, fmt: str, kind: str) -> Tensors:
+    """One DiT block (`kind` = noise_refiner | context_refiner | layers) or the non-block tensors (`other`).
+
+    GGUF formats are typed as `zimage-lite quantize` writes them (ComfyUI-GGUF's convention: refiners, embedders
+    and final layer BF16). bitsandbytes formats quantize every block Linear and keep the rest BF16.
+    """
+    prefix = f"{kind}.0." if kind != "other" else None
+    in_block = (lambda n: n.startswith(prefix)) if prefix else (lambda n: not n.startswith(BLOCK_KINDS))
+    if fmt in BNB:
+        rows = [(n, s, fmt if prefix and len(s) == 2 else "BF16") for n, s, _ in _recipe("dit", c, "BF16")]
+    else:
+        rows = list(_recipe("dit", c, fmt))
+    return _tensors([r for r in rows if in_block(r[0])])
 
 
 def qwen_layer_tensors(c: TextEncoderConfig, fmt: str, i: int) -> Tensors:
-    """Qwen3 decoder layer `i`, typed by llama.cpp's rules for a dense GQA model without an imatrix."""
-    h, q, kv, m = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
-        c.intermediate_size
-    shapes = [("q", q, h), ("k", kv, h), ("v", kv, h), ("o", h, q), ("gate", m, h), ("up", m, h), ("down", h, m)]
-    vector = 2 * c.head_dim + 2 * h  # q/k norms, input and post-attention norms
-    if fmt in FLOATS or fmt in BNB:
-        return Tensors(tuple((r, o, k, fmt) for r, o, k in shapes), vector)
-    n, base, more = c.num_hidden_layers, MIXES.get(fmt, fmt), _more_bits(i, c.num_hidden_layers)
-    gqa = c.num_attention_heads // c.num_key_value_heads
-    rules = {
-        "v": {"Q2_K": "Q4_K" if gqa >= 4 else "Q3_K", "Q3_K_M": "Q5_K" if i < 2 else "Q4_K", "Q3_K_L": "Q5_K",
-              "Q4_K_M": "Q6_K" if more else base, "Q5_K_M": "Q6_K" if more else base,
-              "Q4_K_S": "Q5_K" if i < 4 else base},
-        "down": {"Q2_K": "Q3_K", "Q3_K_M": "Q5_K" if i < n // 16 else "Q4_K", "Q3_K_L": "Q5_K",
-                 "Q4_K_M": "Q6_K" if more else base, "Q5_K_M": "Q6_K" if more else base,
-                 "Q4_K_S": "Q5_K" if i < n // 8 else base},
-        "o": {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"},
-    }
-    return Tensors(tuple((r, o, k, _fit_rows(rules.get(r, {}).get(fmt, base), k, image=False))
-                         for r, o, k in shapes), vector)
+    """Qwen3 decoder layer `i`, typed as `zimage-lite quantize` (following llama.cpp's rules) writes it."""
+    rows = _recipe("text_encoder", c, "BF16" if fmt in BNB else fmt)
+    return _tensors([r for r in rows if r[0].startswith(f"blk.{i}.")])
 
 
 def vae_decoder_params(c: VAEConfig) -> int:

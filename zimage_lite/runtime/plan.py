@@ -68,7 +68,6 @@ class PlanRequest:
     device: str = "cuda"  # "cuda" plans VRAM, "cpu" plans RAM
     dtype: str = "bf16"  # compute dtype: bf16 | fp16 | fp32
     caption_tokens: int = MAX_TEXT_TOKENS  # the worst case unless the prompt is known
-    quantize_refiners: bool = False  # ComfyUI-GGUF files keep the refiners BF16 (gguf_interop.md §3.1)
     headroom: int = 0  # bytes taken off the user's figure before `budget` (CUDA context); shown in messages
     model_name: str = "custom"
 
@@ -231,7 +230,7 @@ def _dit_stage(req: PlanRequest) -> StagePlan:
              + [("layers", i) for i in range(c.n_layers)])  # execution order, zimage_spec.md §4.3
     blocks, groups = [], []
     for kind, i in order:
-        tensors = dit_tensors(c, req.quant, kind, req.quantize_refiners)
+        tensors = dit_tensors(c, req.quant, kind)
         device, stored = _held(tensors, req)
         blocks.append(_Block(f"{kind}.{i}", device, device if req.device == "cuda" else stored))
         groups.append(tensors)
@@ -362,7 +361,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height: int, cfg: bool, device: str,
              vram: int | None, ram: int | None, dtype: str = "auto", text_quant: str | None = None,
-             caption_tokens: int = MAX_TEXT_TOKENS, quantize_refiners: bool = False) -> Plan:
+             caption_tokens: int = MAX_TEXT_TOKENS) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
     `ram` is what the run may use. Missing budgets come from the device; `ram` is ignored on cuda."""
     if isinstance(preset_or_config, str):
@@ -381,7 +380,7 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
     return make_plan(PlanRequest(
         config=config, budget=budget, quant=quant, text_quant=text_quant or "BF16", width=width, height=height,
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,
-        quantize_refiners=quantize_refiners, headroom=headroom, model_name=name))
+        headroom=headroom, model_name=name))
 
 
 def _ranges(names: tuple[str, ...]) -> str:

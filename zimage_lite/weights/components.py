@@ -4,8 +4,10 @@
 (`z_image_turbo-Q4_K_M.gguf`, `qwen_3_4b.safetensors`, `ae.safetensors`, ...), or one file; `--dit`,
 `--text-encoder` and `--vae` override one component each. Which file holds which component, and in which name
 layout, is read from the tensor names (names.py), never from file names. A single file has no config.json: the
-config is read off the tensor shapes, the rest taken from the turbo preset. Every component is opened (headers
-only) and checked while the model is resolved, so a wrong, cut or unreadable file fails before any work.
+config is read off the tensor shapes, the rest taken from the turbo preset. A folder whose config.json carries a
+bitsandbytes `quantization_config` (as `zimage-lite quantize --type int8|nf4` and diffusers write it) opens through
+sources.BnbSource: official names, int8/nf4 weights packed. Every component is opened (headers only) and checked
+while the model is resolved, so a wrong, cut or unreadable file fails before any work.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..errors import CheckpointError, UnsupportedQuantError
 from ..quant.formats import SUPPORTED_TYPES
 from .gguf_source import GGUFSource
 from .names import detect_component, translate
-from .sources import RenamedSource, SafetensorsSource, TensorSource
+from .sources import BnbSource, RenamedSource, SafetensorsSource, TensorSource
 
 COMPONENTS = ("dit", "text_encoder", "vae")
 FOLDERS = {"dit": "transformer", "text_encoder": "text_encoder", "tokenizer": "tokenizer", "vae": "vae"}
@@ -38,8 +40,9 @@ LAYOUT_HINT = ("a model folder holds transformer/, text_encoder/, tokenizer/ and
                "(the Tongyi-MAI/Z-Image-Turbo layout), or one single file per component")
 # Language-model heads a text encoder file may carry; Z-Image never reads them.
 UNUSED = re.compile(r"(^|\.)(lm_head|output)\.weight$")
-# Storage types a file may use: the dequant table's, plus float types torch casts directly (safetensors).
-READABLE = {t.name for t in SUPPORTED_TYPES} | {"F64", "F8_E4M3", "F8_E5M2"}
+# Storage types a file may use: the dequant table's, bitsandbytes' (fp4 has a kernel but no memory plan yet), plus
+# float types torch casts directly (safetensors).
+READABLE = {t.name for t in SUPPORTED_TYPES} | {"int8", "nf4"} | {"F64", "F8_E4M3", "F8_E5M2"}
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,28 @@ def _signature(path: Path) -> tuple:
     return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
 
 
+def _quantization_config(folder: Path) -> dict[str, Any] | None:
+    """config.json's `quantization_config` when it names bitsandbytes; None without one. Other methods (torchao,
+    quanto, ...) keep weights in forms zimage-lite does not read: refused here, by name."""
+    config = folder / "config.json"
+    qc = read_json(config).get("quantization_config") if config.is_file() else None
+    if not qc:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != "bitsandbytes":
+        raise UnsupportedQuantError(f"{config}: quantization_config.quant_method is {method!r}; zimage-lite reads "
+                                    f"bitsandbytes int8/nf4 folders and GGUF files")
+    return qc
+
+
 def open_stored(path: Path) -> TensorSource:
-    """The tensors of a single file (GGUF by its magic, else safetensors) or a component folder, as stored."""
+    """The tensors of a single file (GGUF by its magic, else safetensors) or a component folder, as stored;
+    a bitsandbytes folder with its quantized weights folded into packed tensors."""
     path = Path(path)
     if path.is_dir():
-        return SafetensorsSource.from_folder(path)
+        stored = SafetensorsSource.from_folder(path)
+        qc = _quantization_config(path)
+        return stored if qc is None else BnbSource(stored, qc)
     with open(path, "rb") as f:
         is_gguf = f.read(4) == b"GGUF" or path.suffix.lower() == ".gguf"  # a bad magic is GGUFSource's to report
     if not is_gguf and path.suffix.lower() not in (".safetensors", ".sft"):

@@ -20,11 +20,9 @@ from ..errors import CheckpointError, ZImageLiteError
 from .components import FOLDERS, LABELS, Component, identify, open_component, single_files
 from .gguf_source import GGUFSource
 from .names import DIT_PREFIXES, TE_PREFIXES, VAE_PREFIXES, strip_prefix
-from .sources import TensorSource
+from .sources import BnbSource
 
 PREFIXES = {"dit": DIT_PREFIXES, "text_encoder": TE_PREFIXES, "vae": VAE_PREFIXES}
-ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-              "F8_E4M3": 1, "F8_E5M2": 1}
 PLAIN = {"F32", "F16"}  # what every reader uses as-is, including for norms and pad tokens
 FLOAT = PLAIN | {"BF16"}
 # Types with torch dequant kernels in ComfyUI-GGUF and diffusers (gguf_interop.md 3.3, 6); others are slow or fail.
@@ -35,12 +33,6 @@ COMFY_TEXT_ARCHS = {"t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl"}
 LONG_TEXT = 60
 LAYOUTS = {"official": "official (diffusers)", "comfyui": "ComfyUI (fused qkv)", "transformers": "transformers",
            "llama.cpp": "llama.cpp", "diffusers": "diffusers", "flux": "FLUX ae"}
-
-
-def _nbytes(stored: TensorSource, name: str) -> int:
-    if isinstance(stored, GGUFSource):
-        return stored.nbytes(name)
-    return math.prod(stored.shape(name)) * ITEM_BYTES.get(stored.qtype(name), 0)
 
 
 def _config_summary(comp: Component) -> str:
@@ -110,8 +102,9 @@ def _verdicts(comp: Component, gguf: bool, arch: str | None) -> dict[str, str]:
     if comp.path.is_dir():  # a sharded component folder: the diffusers/transformers layout, for those libraries
         lib = "transformers" if comp.kind == "text_encoder" else "diffusers"
         native = comp.layout in ("official", "transformers", "diffusers")
+        how = "yes (from_pretrained" + (", with bitsandbytes installed)" if _bnb_types(comp.stored) else ")")
         return out | {"stable-diffusion.cpp": "n/a (loads single files)", "ComfyUI": "n/a (loads single files)",
-                      lib: "yes (from_pretrained)" if native else "not checked"}
+                      lib: how if native else "not checked"}
     if comp.kind == "dit":
         return out | _dit_verdicts(comp, gguf, arch)
     if comp.kind == "text_encoder":
@@ -147,12 +140,20 @@ def _metadata(stored: GGUFSource) -> dict[str, Any]:
     return meta
 
 
+def _bnb_types(stored: object) -> str | None:
+    """'int8' or 'nf4' (the types of a bitsandbytes folder's quantized weights), None for anything else."""
+    if not isinstance(stored, BnbSource):
+        return None
+    types = sorted({stored.qtype(n) for n in stored.names()} & {"int8", "nf4", "fp4"})
+    return "/".join(types) or "(no quantized weights)"
+
+
 def describe_component(path: Path) -> dict[str, Any]:
     """One file or component folder: component, layout, quant histogram, size, metadata, verdicts."""
     out: dict[str, Any] = {"path": str(path)}
     try:
         comp = identify(path)
-    except CheckpointError as e:
+    except ZImageLiteError as e:  # a cut file, or one quantized in a way zimage-lite does not read
         return out | {"component": None, "error": str(e)}
     stored = comp.stored
     gguf = isinstance(stored, GGUFSource)
@@ -161,11 +162,14 @@ def describe_component(path: Path) -> dict[str, Any]:
     for name in stored.names():
         entry = hist.setdefault(stored.qtype(name), {"count": 0, "bytes": 0})
         entry["count"] += 1
-        entry["bytes"] += _nbytes(stored, name)
+        entry["bytes"] += stored.nbytes(name)  # a bitsandbytes weight counts its scale tensors too
         params += math.prod(stored.shape(name))
+    bnb = _bnb_types(stored)
     out |= {
         "format": "GGUF" if gguf else ("safetensors folder" if path.is_dir() else "safetensors"),
-        "component": comp.kind, "layout": comp.layout, "tensors": sum(h["count"] for h in hist.values()),
+        # a bitsandbytes folder always has official names (diffusers saves them): its quantization is the news
+        "component": comp.kind, "layout": f"bitsandbytes {bnb}" if bnb else comp.layout,
+        "tensors": sum(h["count"] for h in hist.values()),
         "params": params, "bytes": sum(h["bytes"] for h in hist.values()),
         "qtypes": dict(sorted(hist.items(), key=lambda kv: -kv[1]["bytes"])),
     }

@@ -66,11 +66,11 @@ def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, dev
         t = load_tensor(source, name, shape)
         if isinstance(t, QTensor):
             if isinstance(owner, PACKED) and leaf == "weight":  # loading again into a block streamed before
-                owner.weight = t.data.reshape(t.shape[0], -1).to(device)
+                owner.assign(t, device)
                 continue
             packed = packed_module(owner, t) if leaf == "weight" and owner_name else None
             if packed is not None:
-                packed.weight = t.data.reshape(t.shape[0], -1).to(device)
+                packed.assign(t, device)
                 parent, _, child = owner_name.rpartition(".")
                 setattr(module.get_submodule(parent) if parent else module, child, packed)
                 continue

@@ -2,18 +2,24 @@
 
 A source answers `names()`, `shape(name)` and `get(name)`. Safetensors files are opened with `safe_open` (the
 header only; tensors are read on request); a sharded folder is found through its `*.safetensors.index.json`.
+A bitsandbytes folder (diffusers' pre-quantized layout) is seen through `BnbSource`, which folds each quantized
+weight and its scale tensors into one packed `QTensor`.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedQuantError
+from ..quant.formats import INT8, BnbType, bnb_sizes
 from ..quant.qlinear import QTensor
 from .names import Part
 
@@ -36,6 +42,10 @@ class TensorSource:
         """Storage type of a tensor as a GGML type name: 'F32', 'BF16', 'Q4_K', ..."""
         raise NotImplementedError
 
+    def nbytes(self, name: str) -> int:
+        """Bytes the tensor takes as stored."""
+        return math.prod(self.shape(name)) * ITEM_BYTES.get(self.qtype(name), 0)
+
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
 
@@ -43,8 +53,9 @@ class TensorSource:
         return self.path
 
 
-_ST_TYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "I8": "I8", "U8": "U8", "I32": "I32",
-             "I64": "I64", "F8_E4M3": "F8_E4M3", "F8_E5M2": "F8_E5M2", "BOOL": "BOOL", "I16": "I16"}
+# safetensors dtypes (the names are the GGML-style type names `qtype` answers) and their item sizes
+ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class SafetensorsSource(TensorSource):
@@ -103,7 +114,8 @@ class SafetensorsSource(TensorSource):
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def qtype(self, name: str) -> str:
-        return _ST_TYPES.get(self._handles[self._where[name]].get_slice(name).get_dtype(), "?")
+        dtype = self._handles[self._where[name]].get_slice(name).get_dtype()
+        return dtype if dtype in ITEM_BYTES else "?"
 
     def get(self, name: str) -> torch.Tensor:
         f = self._where[name]
@@ -111,6 +123,126 @@ class SafetensorsSource(TensorSource):
             return self._handles[f].get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{f}: tensor {name} cannot be read ({e})") from None
+
+
+# Tensors bitsandbytes serializes beside a quantized weight (QuantState.as_dict(packed=True), Linear8bitLt)
+_BNB_4BIT_STATE = re.compile(r"^(.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$")
+_BNB_INT8_STATE = re.compile(r"^(.+)\.(SCB|weight_format)$")
+
+
+class BnbSource(TensorSource):
+    """A bitsandbytes folder as diffusers/transformers save it (see quantize/bnb.py for the keys), under its own
+    names: each quantized weight comes back as one `QTensor` (packed bytes, BnbType, logical shape, scale tensors)
+    and the tensors that hold its state (`.SCB`, `.weight_format`, `.weight.absmax`, `.weight.quant_map`,
+    `.weight.nested_*`, `.weight.quant_state.*`) are hidden from `names()`. Every quantized weight is checked
+    against its state at open, from the headers plus the small JSON quant states, so a cut file fails before any
+    work; unquantized tensors (skipped modules, norms) pass through.
+    """
+
+    def __init__(self, inner: SafetensorsSource, quant_config: dict[str, Any]) -> None:
+        self.inner, self.path = inner, inner.path
+        # diffusers and transformers write both spellings
+        if quant_config.get("load_in_8bit") or quant_config.get("_load_in_8bit"):
+            self.kind = "int8"
+        elif quant_config.get("load_in_4bit") or quant_config.get("_load_in_4bit"):
+            self.kind = "4bit"
+        else:
+            raise CheckpointError(f"{self.path}: config.json's quantization_config (bitsandbytes) sets neither "
+                                  f"load_in_8bit nor load_in_4bit")
+        # weight name -> (type, logical shape, state tensor names in bnb_sizes order, every stored name it owns)
+        self._packed: dict[str, tuple[BnbType, tuple[int, ...], tuple[str, ...], tuple[str, ...]]] = {}
+        self._offsets: dict[str, float] = {}  # double quantization's absmax offset, from the JSON quant state
+        pattern = _BNB_INT8_STATE if self.kind == "int8" else _BNB_4BIT_STATE
+        owned: dict[str, list[str]] = {}
+        for name in inner.names():
+            m = pattern.match(name)
+            if m:
+                owned.setdefault(m.group(1) if self.kind == "4bit" else f"{m.group(1)}.weight", []).append(name)
+        self._hidden = {n for names in owned.values() for n in names}
+        # a weight in bitsandbytes' storage type is quantized even when all its state is gone
+        storage = "I8" if self.kind == "int8" else "U8"
+        for name in inner.names():
+            if name.endswith(".weight") and inner.qtype(name) == storage:
+                owned.setdefault(name, [])
+        for weight, extra in owned.items():
+            self._packed[weight] = self._check(weight, extra, quant_config)
+        self._names = [n for n in inner.names() if n not in self._hidden]
+
+    def _missing(self, weight: str, name: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: tensor {name} is missing: the bitsandbytes {self.kind} weight {weight} "
+                               f"cannot be read without it (an incomplete save?); quantize or save the model again")
+
+    def _check(self, weight: str, extra: list[str], quant_config: dict[str, Any]
+               ) -> tuple[BnbType, tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
+        inner = self.inner
+        if weight not in inner:
+            raise self._missing(weight, weight)
+        if self.kind == "int8":
+            module = weight.removesuffix(".weight")
+            qtype, shape, state = INT8, inner.shape(weight), (f"{module}.SCB",)
+            if f"{module}.weight_format" in inner:
+                fmt = int(inner.get(f"{module}.weight_format").reshape(-1)[0])
+                if fmt != 0:  # bitsandbytes < 0.45 could save GPU tile layouts (col_turing, col_ampere)
+                    raise UnsupportedQuantError(
+                        f"{inner.where(weight)}: tensor {module}.weight_format is {fmt}, a GPU tile layout of older "
+                        f"bitsandbytes; zimage-lite reads the row layout (0): save the model with bitsandbytes >= 0.45")
+        else:
+            quant_type = quant_config.get("bnb_4bit_quant_type") or "nf4"
+            key = next((n for n in extra if ".quant_state." in n), f"{weight}.quant_state.bitsandbytes__{quant_type}")
+            if key not in inner:
+                raise self._missing(weight, key)
+            try:
+                qs = json.loads(bytes(inner.get(key).reshape(-1).tolist()))
+                qtype = BnbType(qs["quant_type"], int(qs["blocksize"]), int(qs.get("nested_blocksize") or 0))
+                shape = tuple(int(d) for d in qs["shape"])
+                if qtype.nested:
+                    self._offsets[weight] = float(qs["nested_offset"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{inner.where(key)}: tensor {key} is not a bitsandbytes quant state "
+                                      f"({type(e).__name__}: {e})") from None
+            state = tuple(f"{weight}.{s}" for s in ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+                          [:4 if qtype.nested else 2])
+        for name in state:
+            if name not in inner:
+                raise self._missing(weight, name)
+        found = (inner.nbytes(weight), *(math.prod(inner.shape(n)) for n in state))
+        want = bnb_sizes(qtype, shape)
+        for name, got, expected in zip((weight, *state), found, want, strict=False):
+            if got != expected:
+                raise CheckpointError(f"{inner.where(name)}: tensor {name} has {got} elements, the bitsandbytes "
+                                      f"{qtype.name} weight {weight} of shape {list(shape)} needs {expected}: the "
+                                      f"file is corrupt")
+        return qtype, shape, state, (weight, *extra)
+
+    def names(self) -> Iterable[str]:
+        return self._names
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inner and name not in self._hidden
+
+    def where(self, name: str) -> Path:
+        return self.inner.where(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._packed[name][1] if name in self._packed else self.inner.shape(name)
+
+    def qtype(self, name: str) -> str:
+        """'int8', 'nf4' (or 'fp4') for a quantized weight, else the stored dtype."""
+        return self._packed[name][0].name if name in self._packed else self.inner.qtype(name)
+
+    def nbytes(self, name: str) -> int:
+        if name not in self._packed:
+            return self.inner.nbytes(name)
+        return sum(self.inner.nbytes(n) for n in self._packed[name][3])
+
+    def get(self, name: str) -> torch.Tensor | QTensor:
+        if name not in self._packed:
+            return self.inner.get(name)
+        qtype, shape, state_names, _ = self._packed[name]
+        state = tuple(self.inner.get(n) for n in state_names)
+        if qtype.nested:  # the offset lives in the JSON quant state; as a tensor it travels with the weight
+            state += (torch.tensor([self._offsets[name]], dtype=torch.float32),)
+        return QTensor(self.inner.get(name).view(torch.uint8), qtype, shape, state)
 
 
 class RenamedSource(TensorSource):

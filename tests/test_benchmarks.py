@@ -1,0 +1,30 @@
+"""The benchmark harness's smoke run (`--preset demo --steps 1`) and the report generated from its rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = {"component", "quant", "device", "width", "height", "steps", "step_seconds", "total_seconds",
+          "peak_rss_bytes", "peak_device_bytes", "load_seconds", "machine"}
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="the harness measures peak RSS with GNU time")
+def test_demo_smoke_run_writes_rows_and_report(tmp_path):
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--preset", "demo", "--steps", "1",
+                    "--cache", str(tmp_path / "cache"), "--json", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1
+    row = rows[0]
+    assert FIELDS <= set(row) and row["impl"] == "zimage-lite" and row["component"] == "dit"
+    assert row["step_seconds"] > 0 and row["peak_rss_bytes"] > 50 * 2**20
+    assert {"cpu", "cores", "gpu", "torch"} <= set(row["machine"])
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
+                            capture_output=True, text=True).stdout
+    assert "## DiT, cpu, 64x64, 1 step(s)" in report and "python benchmarks/run.py --preset demo" in report
