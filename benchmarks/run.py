@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -132,7 +133,7 @@ def _touch(model: torch.nn.Module) -> None:
     with torch.inference_mode():
         for t in [*model.parameters(), *model.buffers()]:
             if t.device.type == "cpu" and t.numel():
-                flat = t.detach().reshape(-1)
+                flat = t.detach().as_subclass(torch.Tensor).reshape(-1)  # raw storage, also of GGUF parameters
                 float(flat[:: max(1, 4096 // t.element_size())].float().sum())
 
 
@@ -185,7 +186,7 @@ def _diffusers(spec: dict, device: torch.device, dtype: torch.dtype):
 
 
 # ---- the harness ------------------------------------------------------------------------------------------------
-def measure(args: argparse.Namespace) -> list[dict]:
+def measure(args: argparse.Namespace) -> Iterator[dict]:
     from zimage_lite.config import PRESETS
 
     cache = Path(args.cache)
@@ -196,11 +197,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
     height = args.height or width
     base = {"device": args.device, "width": width, "height": height, "steps": args.steps, "preset": args.preset,
             "dtype": args.dtype, "model": str(folder), "cap_dim": cfg.dit.cap_feat_dim}
-    rows = []
     for quant in args.quant.split(","):
         weights, qrow = dit_file(folder, quant, cache)
         if qrow and args.quantize:
-            rows.append({**base, **qrow, "steps": 0})
+            yield {**base, **qrow, "steps": 0}
         runs = [("zimage-lite", None)]
         if "diffusers" in args.peers.split(","):
             if quant.upper() == "BF16":
@@ -219,10 +219,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
                    "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
             for key in ("save", "model", "cap_dim"):
                 row.pop(key, None)
-            rows.append(row)
-    if args.quality:
-        _quality(rows, cache)
-    return rows
+            if args.quality:
+                _quality(row, cache)
+            yield row
 
 
 def _output_file(cache: Path, impl: str, quant: str, settings: str | None) -> Path:
@@ -230,20 +229,16 @@ def _output_file(cache: Path, impl: str, quant: str, settings: str | None) -> Pa
     return cache / f"out-{impl}-{quant}-{settings or 'resident'}.pt"
 
 
-def _quality(rows: list[dict], cache: Path) -> None:
-    """Relative error (L2) of one DiT forward for each recipe against our BF16 forward on the same weights."""
+def _quality(row: dict, cache: Path) -> None:
+    """Relative error (L2) of one DiT forward against our BF16 forward on the same weights (measured first)."""
     ref_path = _output_file(cache, "zimage-lite", "BF16", None)
-    if not ref_path.is_file():
-        return
-    ref = torch.load(ref_path)
-    for r in rows:
-        p = _output_file(cache, r.get("impl"), r.get("quant"), r.get("settings"))
-        if r["component"] == "dit" and p.is_file():
-            out = torch.load(p)
-            r["rel_error_vs_bf16"] = float((out - ref).norm() / ref.norm())
+    out_path = _output_file(cache, row["impl"], row["quant"], row["settings"])
+    if ref_path.is_file() and out_path.is_file():
+        ref, out = torch.load(ref_path), torch.load(out_path)
+        row["rel_error_vs_bf16"] = float((out - ref).norm() / ref.norm())
 
 
-def image_quality(args: argparse.Namespace) -> list[dict]:
+def image_quality(args: argparse.Namespace) -> Iterator[dict]:
     """The tiny K-quant fixture (tests/fixtures.py) rendered from each recipe's DiT file vs from its F32 weights."""
     import numpy as np
 
@@ -259,17 +254,15 @@ def image_quality(args: argparse.Namespace) -> list[dict]:
     kwargs = dict(width=128, height=128, steps=8, seed=1)
     ref = np.asarray(zimage_lite.load(cache, device="cpu", dtype="fp32").text_to_image(PROMPTS["en"], **kwargs),
                      dtype=np.float32)
-    rows = []
     for quant in args.quant.split(","):
         out = Path(args.cache) / f"kquant-tiny-{quant}.gguf"
         if not out.is_file():
             convert(cache, quant, component="dit", out=out)
         img = zimage_lite.load(cache, dit=out, device="cpu", dtype="fp32").text_to_image(PROMPTS["en"], **kwargs)
         diff = np.abs(np.asarray(img, dtype=np.float32) - ref)
-        rows.append({"component": "image", "quant": quant, "width": 128, "height": 128, "steps": 8,
-                     "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                     "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"})
-    return rows
+        yield {"component": "image", "quant": quant, "width": 128, "height": 128, "steps": 8,
+               "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+               "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
 
 
 def main() -> int:
@@ -294,14 +287,14 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    rows = image_quality(args) if args.image_quality else measure(args)
-    rows = [{**r, "machine": machine(), "date": time.strftime("%Y-%m-%d")} if "machine" not in r else r for r in rows]
-    for r in rows:
-        print(json.dumps(r))
-    if args.json:
-        path = Path(args.json)
-        old = json.loads(path.read_text()) if path.is_file() else []
-        path.write_text(json.dumps(old + rows, indent=1) + "\n")
+    info = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+    for row in image_quality(args) if args.image_quality else measure(args):
+        row = {**row, **info}
+        print(json.dumps(row), flush=True)
+        if args.json:  # row by row, so a failure later keeps what was measured
+            path = Path(args.json)
+            old = json.loads(path.read_text()) if path.is_file() else []
+            path.write_text(json.dumps(old + [row], indent=1) + "\n")
     return 0
 
 
