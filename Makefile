@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= a lighthouse on a cliff at dusk, oil painting
 
-.PHONY: demo test install install-test lint
+.PHONY: demo test install install-test lint benchmarks-md
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,7 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check zimage_lite quantize tests benchmarks
+
+# BENCHMARKS.md is generated from the measured rows, never typed by hand.
+benchmarks-md:
+	$(BIN)/python benchmarks/report.py benchmarks/results/*.json > BENCHMARKS.md

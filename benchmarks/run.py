@@ -69,7 +69,8 @@ def dit_file(folder: Path, quant: str, cache: Path) -> tuple[Path, dict | None]:
         cmd = [sys.executable, "-m", "zimage_lite", "quantize", str(folder), "--type", quant, "--component", "dit",
                "--out", str(out)]
         row = {"component": "quantize", "impl": "zimage-lite", "quant": quant, **_child(cmd),
-               "file_bytes": out.stat().st_size, "command": " ".join(cmd[1:])}
+               "file_bytes": out.stat().st_size, "tool_command": " ".join(cmd[1:]),
+               "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
     return out, row
 
 
@@ -101,8 +102,11 @@ def worker(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[spec["dtype"]]
-    if device.type == "cuda" and spec.get("vram_fraction"):
-        torch.cuda.set_per_process_memory_fraction(spec["vram_fraction"], device)
+    if device.type == "cuda" and spec.get("vram"):  # emulate a small card: the same cap for us and for peers
+        from zimage_lite.runtime.budget import parse_size
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(spec["vram"], "--vram") / total), device)
     t0 = time.perf_counter()
     if spec["impl"] == "zimage-lite":
         forward, model = _ours(spec, device, dtype)
