@@ -125,7 +125,7 @@ def test_cfg_normalization_and_truncation_match_diffusers(reference, ours):
     assert np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)).max() <= IMAGE_TOL
 
 
-# bf16 vs fp32: one DiT forward differs by bf16 rounding. Measured on this fixture: about 0.6% relative (L2).
+# bf16 vs fp32: one DiT forward differs by bf16 rounding. Measured on this fixture: 1.1% relative (L2).
 BF16_FORWARD_TOL = 0.03
 
 
