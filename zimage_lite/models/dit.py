@@ -2,9 +2,10 @@
 
 Module and parameter names are the official checkpoint keys (zimage_spec.md 4.1), so `strict` loading is the name
 check. The order of operations follows zimage_spec.md 4.3 exactly. Items of a batch (the positive and negative
-prompt under CFG) are kept as a list and run one after another through each block: at batch 1 the reference uses
-no attention mask, and running items separately is equal to the reference's masked batch (zimage_spec.md 4.3),
-while each block is still fetched once per step for all items, which is what matters when blocks are streamed.
+prompt under CFG) may differ in caption length: their tokens run back to back through every projection and FFN
+(one pass over each weight, and one dequantization of it, for all items), while attention stays within each item.
+At batch 1 the reference uses no attention mask, and its masked batch equals items run alone (zimage_spec.md 4.3),
+so this matches it without padding or masks.
 """
 
 from __future__ import annotations
@@ -64,13 +65,18 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.chunk: int | None = None  # query chunk for attention, set by the memory plan
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        s = x.shape[0]  # x: (S, dim), one item
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spans: list[int]) -> torch.Tensor:
+        """x: (S, dim), the tokens of one or more items back to back (`spans`: their lengths). Projections run on
+        all tokens at once; attention runs within each item."""
+        s = x.shape[0]
         q = apply_rope(self.norm_q(self.to_q(x).view(s, self.n_heads, self.head_dim)), *rope)
         k = apply_rope(self.norm_k(self.to_k(x).view(s, self.n_kv_heads, self.head_dim)), *rope)
         v = self.to_v(x).view(s, self.n_kv_heads, self.head_dim)
-        out = attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], chunk=self.chunk)
-        return fp16_guard(self.to_out[0](out[0].transpose(0, 1).reshape(s, -1)))
+        out = torch.cat([
+            attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None],
+                      chunk=self.chunk)[0].transpose(0, 1)
+            for qi, ki, vi in zip(q.split(spans), k.split(spans), v.split(spans), strict=True)])
+        return fp16_guard(self.to_out[0](out.reshape(s, -1)))
 
 
 class FeedForward(nn.Module):
@@ -112,13 +118,19 @@ class TransformerBlock(nn.Module):
             # A list, not Sequential(SiLU, Linear): the block adaLN has no SiLU before it (zimage_spec.md 4.4).
             self.adaLN_modulation = nn.ModuleList([nn.Linear(cfg.adaln_dim, 4 * cfg.dim, bias=True)])
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], spans: list[int],
                 adaln: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (S, dim) tokens of len(spans) items back to back; adaln: (1, adaln_dim) shared by all items, or one
+        row per item."""
         if not self.modulation:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope))
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, spans))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation[0](adaln).chunk(4, dim=-1)
-        x = x + gate_msa.tanh() * self.attention_norm2(self.attention(self.attention_norm1(x) * (1 + scale_msa), rope))
+        mod = self.adaLN_modulation[0](adaln)
+        if mod.shape[0] > 1:  # items at different times: one modulation row per token
+            mod = mod.repeat_interleave(torch.tensor(spans, device=mod.device), dim=0)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)
+        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, spans)
+        x = x + gate_msa.tanh() * self.attention_norm2(h)
         return x + gate_mlp.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
 
 
@@ -219,27 +231,42 @@ class ZImageDiT(nn.Module):
         Returns the model output (B, C, H, W): the negative flow velocity, in the compute dtype.
         """
         cfg = self.cfg
-        adaln = self.t_embedder(t * cfg.t_scale, latents.dtype)
-        items = [self._embed(latents[i], cap_feats[i], adaln[i:i + 1]) for i in range(latents.shape[0])]
+        # One adaLN input for all items when they share the time (CFG's pair always does).
+        shared = bool((t == t[0]).all())
+        adaln = self.t_embedder((t[:1] if shared else t) * cfg.t_scale, latents.dtype)
+        items = [self._embed(latents[i], cap_feats[i], adaln[:1] if shared else adaln[i:i + 1])
+                 for i in range(latents.shape[0])]
+        # The items' tokens run back to back through each block: one pass over (one dequantization of) each
+        # weight for all of them; attention stays within each item, so this equals running them one by one.
+        img_spans, cap_spans = [it.img.shape[0] for it in items], [it.cap.shape[0] for it in items]
+        img, img_rope = _joined([it.img for it in items]), _joined_rope([it.img_rope for it in items])
+        cap, cap_rope = _joined([it.cap for it in items]), _joined_rope([it.cap_rope for it in items])
         blocks = self.block_runner(self.blocks())
         for _ in range(cfg.n_refiner_layers):
-            block = next(blocks)
-            for it in items:
-                it.img = block(it.img, it.img_rope, it.adaln)
+            img = next(blocks)(img, img_rope, img_spans, adaln)
         for _ in range(cfg.n_refiner_layers):
-            block = next(blocks)
-            for it in items:
-                it.cap = block(it.cap, it.cap_rope)
-        # Unified sequence: image tokens first, then caption tokens.
-        seqs = [torch.cat([it.img, it.cap]) for it in items]
-        ropes = [tuple(torch.cat([a, b]) for a, b in zip(it.img_rope, it.cap_rope, strict=True)) for it in items]
+            cap = next(blocks)(cap, cap_rope, cap_spans)
+        # Unified sequence of each item: its image tokens first, then its caption tokens.
+        pairs = list(zip(img.split(img_spans), cap.split(cap_spans), strict=True))
+        x = _joined([torch.cat(pair) for pair in pairs])
+        rope = _joined_rope([tuple(torch.cat([a, b]) for a, b in zip(it.img_rope, it.cap_rope, strict=True))
+                             for it in items])
+        spans = [i + c for i, c in zip(img_spans, cap_spans, strict=True)]
         for block in blocks:
-            seqs = [block(x, rope, it.adaln) for x, rope, it in zip(seqs, ropes, items, strict=True)]
+            x = block(x, rope, spans, adaln)
         final = self.all_final_layer[cfg.embedder_key]
         out = []
         c, h, w = latents.shape[1:]
         p = cfg.patch_size
-        for x, it in zip(seqs, items, strict=True):
-            y = final(x[:it.n_img], it.adaln)
+        for xi, it in zip(x.split(spans), items, strict=True):
+            y = final(xi[:it.n_img], it.adaln)
             out.append(y.view(h // p, w // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, h, w))
         return torch.stack(out)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _joined_rope(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return parts[0] if len(parts) == 1 else (torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts]))
