@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import PRESETS
 from .errors import ZImageLiteError
 
 GiB = 1024**3
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_size(model: str) -> int:
+    """The preset's image size: the demo model's for `demo`, Turbo's 1024 for real weights."""
+    return PRESETS["demo" if model == "demo" else "turbo"].default_size
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import secrets
 
@@ -91,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_output(out, args.force)  # refuse before loading anything
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram)
-    size = 256 if args.model == "demo" else 1024
+    size = _default_size(args.model)
     width, height = args.width or size, args.height or size
     start = time.perf_counter()
     peak = 0
@@ -140,7 +146,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ram = parse_size(args.ram, "--ram") if args.ram else None
     if args.model is None or args.preset is not None:
         preset = args.preset or "turbo"
-        size = 256 if preset == "demo" else 1024
+        size = PRESETS[preset].default_size if preset in PRESETS else 1024
         plan = plan_for(preset, args.quant, args.width or size, args.height or size, args.cfg > 1.0, args.device,
                         vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens)
     else:
@@ -148,7 +154,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                     dtype=args.dtype, vram=vram, ram=ram)
-        size = 256 if args.model == "demo" else 1024
+        size = _default_size(args.model)
         check_size(args.width or size, args.height or size, 8)
         plan = pipe.make_plan(args.width or size, args.height or size, args.cfg, args.prompt_tokens)
     print(format_plan(plan))
