@@ -72,7 +72,7 @@ class Attention(nn.Module):
         q = apply_rope(self.norm_q(self.to_q(x).view(s, self.n_heads, self.head_dim)), *rope)
         k = apply_rope(self.norm_k(self.to_k(x).view(s, self.n_kv_heads, self.head_dim)), *rope)
         v = self.to_v(x).view(s, self.n_kv_heads, self.head_dim)
-        out = torch.cat([
+        out = _joined([
             attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None],
                       chunk=self.chunk)[0].transpose(0, 1)
             for qi, ki, vi in zip(q.split(spans), k.split(spans), v.split(spans), strict=True)])
@@ -265,6 +265,7 @@ class ZImageDiT(nn.Module):
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts back to back; a single part as it is (no copy: batch 1 is the common case)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
