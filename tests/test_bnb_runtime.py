@@ -23,6 +23,7 @@ from quantize.convert import convert
 from zimage_lite.cli import main
 from zimage_lite.errors import CheckpointError, UnsupportedQuantError
 from zimage_lite.models.dit import ZImageDiT
+from zimage_lite.quant import formats
 from zimage_lite.quant.formats import INT8, BnbType, dequantize
 from zimage_lite.quant.qlinear import QLinear, QTensor
 from zimage_lite.runtime.streamer import CudaStreamer
@@ -92,7 +93,11 @@ def _inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tenso
 # ---- kernels
 
 
-def test_int8_equals_bitsandbytes():
+# None: the default chunk (one chunk here); small: several chunks on worker threads, the last one short
+@pytest.mark.parametrize("chunk", [None, 1000], ids=["one-chunk", "chunked"])
+def test_int8_equals_bitsandbytes(chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(formats, "DEQUANT_CHUNK_WEIGHTS", chunk)
     w = torch.randn(96, 200, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 1, 96)[:, None]
     w[5] = 0  # an all-zero row: SCB 0
     q, scb, _ = F.int8_vectorwise_quant(w.half())
@@ -104,7 +109,10 @@ def test_int8_equals_bitsandbytes():
 # whole blocks; a short last block (an odd row length would send bitsandbytes to a torch.compile path: 18 s)
 @pytest.mark.parametrize("shape", [(64, 256), (7, 100)], ids=str)
 @pytest.mark.parametrize("nested", [False, True], ids=["absmax", "nested"])
-def test_nf4_equals_bitsandbytes(shape, nested):
+@pytest.mark.parametrize("chunk", [None, 192], ids=["one-chunk", "chunked"])
+def test_nf4_equals_bitsandbytes(shape, nested, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(formats, "DEQUANT_CHUNK_WEIGHTS", chunk)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) + shape[1]))
     packed, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
     state = (qs.absmax, qs.code) + ((qs.state2.absmax, qs.state2.code, qs.offset.reshape(1)) if nested else ())

@@ -12,6 +12,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from zimage_lite.errors import CheckpointError, UnsupportedQuantError
+from zimage_lite.quant import formats
+from zimage_lite.quant.chunks import run_in_chunks
 from zimage_lite.quant.formats import (
     SUPPORTED_TYPES,
     can_quantize,
@@ -20,6 +22,7 @@ from zimage_lite.quant.formats import (
     quant_bytes,
     quantize,
 )
+from zimage_lite.quant.qlinear import QLinear, QTensor
 
 GGUF_QUANTIZED = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)  # gguf-py quantizes these itself
 K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -72,8 +75,13 @@ def bits(a: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
 
+# None: the default chunk (the test tensors are one chunk); 1536 weights: several chunks on worker threads, the
+# last one short
+@pytest.mark.parametrize("chunk", [None, 1536], ids=["one-chunk", "chunked"])
 @pytest.mark.parametrize("qtype", SUPPORTED_TYPES, ids=lambda q: q.name)
-def test_dequantize_matches_gguf_numpy_bit_for_bit(qtype: Q) -> None:
+def test_dequantize_matches_gguf_numpy_bit_for_bit(qtype: Q, chunk: int | None, monkeypatch) -> None:
+    if chunk:
+        monkeypatch.setattr(formats, "DEQUANT_CHUNK_WEIGHTS", chunk)
     x = torch.from_numpy(portable_weights(8, 1024))
     raw = quantize(x, qtype)
     assert raw.dtype == np.uint8 and raw.shape == (8, quant_bytes(qtype, (1024,)))
@@ -129,6 +137,50 @@ def test_dtypes_in_and_out(qtype: Q) -> None:
     for dtype in (torch.bfloat16, torch.float16):
         y = dequantize(torch.from_numpy(raw), qtype, (4, 512), dtype)
         assert y.dtype == dtype and torch.equal(y, y32.to(dtype))  # computed in fp32, rounded once
+
+
+def test_dequantize_into_a_reused_buffer() -> None:
+    x = torch.from_numpy(portable_weights(8, 512))
+    raw = torch.from_numpy(quantize(x, Q.Q4_K))
+    out = torch.full((5000,), float("nan"), dtype=torch.bfloat16)
+    y = dequantize(raw, Q.Q4_K, (8, 512), torch.bfloat16, out=out)
+    assert y.data_ptr() == out.data_ptr() and torch.equal(y, dequantize(raw, Q.Q4_K, (8, 512), torch.bfloat16))
+    assert out[4096:].isnan().all()  # only the start of the buffer is written
+    for bad in (torch.empty(100, dtype=torch.bfloat16), torch.empty(5000), torch.empty(64, 64, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="need a flat torch.bfloat16 buffer of at least 4096"):
+            dequantize(raw, Q.Q4_K, (8, 512), torch.bfloat16, out=bad)
+
+
+def test_qlinears_share_one_scratch_buffer() -> None:
+    big, small = (torch.from_numpy(portable_weights(*shape)) for shape in ((8, 1024), (8, 512)))
+    layers = [QLinear(QTensor(torch.from_numpy(quantize(w, Q.Q4_K)), Q.Q4_K, tuple(w.shape)), None)
+              for w in (big, small)]
+    x = [gaussian(3, 1024, seed=1), gaussian(3, 512, seed=2)]
+    refs = [torch.nn.functional.linear(xi, dequantize(m.weight, Q.Q4_K, m.shape))
+            for xi, m in zip(x, layers, strict=True)]
+    for i in (0, 1, 0, 1):  # each call overwrites the buffer the other one used
+        assert torch.equal(layers[i](x[i]), refs[i])
+
+
+def test_run_in_chunks_covers_each_range_once() -> None:
+    threads = torch.get_num_threads()
+    seen, inner = [], []
+
+    def job(start: int, stop: int) -> None:
+        seen.append((start, stop))
+        run_in_chunks(4, 2, lambda a, b: inner.append((a, b)))  # from a worker: runs in place, no deadlock
+
+    run_in_chunks(10, 3, job)
+    assert sorted(seen) == [(0, 3), (3, 6), (6, 9), (9, 10)] and sorted(inner) == [(0, 2)] * 4 + [(2, 4)] * 4
+    assert torch.get_num_threads() == threads
+
+    def fail(start: int, stop: int) -> None:
+        if start == 6:
+            raise RuntimeError("chunk 6 failed")
+
+    with pytest.raises(RuntimeError, match="chunk 6 failed"):
+        run_in_chunks(10, 3, fail)
+    assert torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("qtype", (Q.F32, Q.F16, Q.BF16, Q.Q6_K), ids=lambda q: q.name)

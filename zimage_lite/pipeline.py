@@ -24,6 +24,7 @@ from .image import to_pil
 from .models.dit import ZImageDiT
 from .models.qwen3 import Qwen3Encoder
 from .models.vae import AutoencoderDecoder
+from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import parse_size
 from .runtime.memory import peak_bytes, reset_peak
@@ -176,6 +177,7 @@ class ZImagePipeline:
     def _release(self, which: str) -> None:
         if not self.keep_loaded:
             self._models.pop(which, None)
+            release_scratch()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 

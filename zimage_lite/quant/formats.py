@@ -1,9 +1,10 @@
 """GGML block formats in pure torch: one table of dequant kernels keyed by quant type, plus quantize and sizes.
 
 `dequantize` is the hot path: it runs just before every matmul of a packed weight, on the weight's device (CPU or
-CUDA), without Python loops over blocks. Each kernel takes the blocks as uint8 rows (n_blocks, type_size) and returns
-fp32 (n_blocks, block_size) with the same operations, in the same order, as gguf-py's numpy `dequantize_blocks`, so
-the two agree bit for bit. Block layouts: ggml-common.h (summarised in shared/reference/gguf_interop.md section 4.4).
+CUDA), without Python loops over blocks (on CPU, chunks of a million weights run on worker threads: chunks.py).
+Each kernel takes the blocks as uint8 rows (n_blocks, type_size) and returns fp32 (n_blocks, block_size) with the
+same operations, in the same order, as gguf-py's numpy `dequantize_blocks`, so the two agree bit for bit. Block
+layouts: ggml-common.h (summarised in shared/reference/gguf_interop.md section 4.4).
 
 `quantize` writes the bytes GGUFWriter.add_tensor(..., raw_dtype=qtype) takes: gguf-py's numpy quantizers for the
 float and 32-weight types, kquants.py for Q2_K..Q6_K.
@@ -24,12 +25,14 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import CheckpointError, UnsupportedQuantError
+from .chunks import run_in_chunks
 from .kquants import K_QUANT_TYPES, quantize_k
 
 Q = GGMLQuantizationType
 Kernel = Callable[[torch.Tensor], torch.Tensor]  # (n_blocks, type_size) uint8 -> (n_blocks, block_size) fp32
 
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+DEQUANT_CHUNK_WEIGHTS = 1 << 20  # CPU: 4 MB fp32 temporaries per chunk (fastest of 0.25M..4M, see chunks.py)
 
 
 # ---- byte-level helpers (blocks: (n, type_size) uint8)
@@ -235,12 +238,14 @@ def quant_bytes(qtype: GGMLQuantizationType | int, shape: tuple[int, ...], name:
 
 def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType | BnbType | int, shape: tuple[int, ...],
                dtype: torch.dtype = torch.float32, name: str | None = None,
-               state: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+               state: tuple[torch.Tensor, ...] = (), out: torch.Tensor | None = None) -> torch.Tensor:
     """Unpack `raw` (the uint8 bytes as they lie in the file, any shape, on any device) into a `dtype` tensor of the
     logical torch `shape`. Float types are a view when `dtype` matches; block types are computed in fp32.
-    bitsandbytes types take their scales from `state` (see `bnb_sizes`)."""
+    bitsandbytes types take their scales from `state` (see `bnb_sizes`). A packed type is written into `out` when
+    given (a flat buffer of at least that many `dtype` elements on raw's device, reused from call to call: on CPU a
+    fresh 80 MB result costs as much in page faults as the dequantization itself) and the result is a view of it."""
     if isinstance(qtype, BnbType):
-        return _dequantize_bnb(raw, qtype, tuple(shape), state, name).to(dtype)
+        return _dequantize_bnb(raw, qtype, tuple(shape), state, _result(shape, dtype, raw.device, out), name)
     qtype = _check_type(qtype, name, "read")
     shape = tuple(shape)
     expected = quant_bytes(qtype, shape, name)
@@ -252,8 +257,35 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType | BnbType | int, s
         if flat.data_ptr() % FLOAT_TYPES[qtype].itemsize:
             flat = flat.clone()  # the dtype view needs an aligned start
         return flat.view(FLOAT_TYPES[qtype]).view(shape).to(dtype)
-    size = GGML_QUANT_SIZES[qtype][1]
-    return KERNELS[qtype](flat.view(-1, size)).view(shape).to(dtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    blocks, kernel = flat.view(-1, size), KERNELS[qtype]
+    result = _result(shape, dtype, raw.device, out).view(-1, block)
+
+    def fill(start: int, stop: int) -> None:
+        result[start:stop] = kernel(blocks[start:stop])
+
+    _by_chunks(blocks.shape[0], block, raw.device, fill)
+    return result.view(shape)
+
+
+def _result(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None) -> torch.Tensor:
+    """A flat `dtype` tensor for the result: the start of `out`, or a new one."""
+    n = math.prod(shape)
+    if out is None:
+        return torch.empty(n, dtype=dtype, device=device)
+    if out.dtype != dtype or out.device != device or out.dim() != 1 or out.numel() < n:
+        raise ValueError(f"dequantize: out is {out.dtype} {list(out.shape)} on {out.device}; "
+                         f"need a flat {dtype} buffer of at least {n} elements on {device}")
+    return out[:n]
+
+
+def _by_chunks(rows: int, row_weights: int, device: torch.device, fill: Callable[[int, int], None]) -> None:
+    """fill(start, stop) over range(rows), rows of `row_weights` weights each: on CPU in chunks of about
+    DEQUANT_CHUNK_WEIGHTS weights on worker threads (chunks.py); on a GPU in one call, as each op is parallel."""
+    if device.type == "cpu":
+        run_in_chunks(rows, max(1, DEQUANT_CHUNK_WEIGHTS // row_weights), fill)
+    else:
+        fill(0, rows)
 
 
 def quantize(t: torch.Tensor, qtype: GGMLQuantizationType | int, name: str | None = None) -> np.ndarray:
@@ -322,12 +354,19 @@ def _blockwise(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> to
     return values
 
 
-def _bnb_int8(raw: torch.Tensor, shape: tuple[int, ...], scb: torch.Tensor) -> torch.Tensor:
+def _bnb_int8(raw: torch.Tensor, shape: tuple[int, ...], scb: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     # W = q * SCB[row] / 127, in bitsandbytes' operation order
-    return raw.view(torch.int8).reshape(shape[0], -1).float().mul_(scb.view(-1, 1)).mul_(_INV_127)
+    q, scb = raw.view(torch.int8).reshape(shape[0], -1), scb.view(-1, 1)
+    out = result.view(q.shape)
+
+    def fill(start: int, stop: int) -> None:
+        out[start:stop] = q[start:stop].float().mul_(scb[start:stop]).mul_(_INV_127)
+
+    _by_chunks(q.shape[0], q.shape[1], raw.device, fill)
+    return out
 
 
-def _bnb_4bit(raw: torch.Tensor, qtype: BnbType, n: int, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _bnb_4bit(raw: torch.Tensor, qtype: BnbType, state: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
     absmax, code = state[0], state[1]
     if qtype.nested:  # absmax = nested code[q] * nested absmax per block, + offset (bitsandbytes' order)
         nested_absmax, nested_code, offset = state[2:]
@@ -337,12 +376,19 @@ def _bnb_4bit(raw: torch.Tensor, qtype: BnbType, n: int, state: tuple[torch.Tens
     # byte's two values, high nibble first, read as one 8-byte integer so that the gather only copies bits.
     i = torch.arange(256, device=raw.device)
     pairs = torch.stack((code[i >> 4], code[i & 15]), dim=1).float().view(torch.int64).view(-1)
-    values = pairs.index_select(0, raw.reshape(-1).int()).view(torch.float32)[:n]
-    return _blockwise(values, absmax, qtype.blocksize)
+    data, bs, n = raw.reshape(-1), qtype.blocksize, out.numel()  # blocksize is even: a block starts on a byte
+
+    def fill(start: int, stop: int) -> None:  # absmax blocks start..stop
+        first, last = start * bs, min(stop * bs, n)
+        values = pairs.index_select(0, data[first // 2:(last + 1) // 2].int()).view(torch.float32)
+        out[first:last] = _blockwise(values[:last - first], absmax[start:stop], bs)
+
+    _by_chunks(absmax.numel(), bs, raw.device, fill)
+    return out
 
 
 def _dequantize_bnb(raw: torch.Tensor, qtype: BnbType, shape: tuple[int, ...], state: tuple[torch.Tensor, ...],
-                    name: str | None) -> torch.Tensor:
+                    result: torch.Tensor, name: str | None) -> torch.Tensor:
     sizes = bnb_sizes(qtype, shape)
     found = (raw.numel() * raw.element_size(), *(t.numel() for t in state))
     if found != sizes:
@@ -350,5 +396,5 @@ def _dequantize_bnb(raw: torch.Tensor, qtype: BnbType, shape: tuple[int, ...], s
                               f"weight and state sizes {list(sizes)}, found {list(found)}: the file is corrupt")
     raw = raw.view(torch.uint8) if raw.dtype != torch.uint8 else raw  # 4-bit quant_storage may be any dtype
     if qtype.name == "int8":
-        return _bnb_int8(raw, shape, state[0]).view(shape)
-    return _bnb_4bit(raw, qtype, math.prod(shape), state).view(shape)
+        return _bnb_int8(raw, shape, state[0], result).view(shape)
+    return _bnb_4bit(raw, qtype, state, result).view(shape)

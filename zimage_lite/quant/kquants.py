@@ -20,17 +20,16 @@ summation orders). +, -, *, / and round-half-even are exact IEEE on CPU and CUDA
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .chunks import run_in_chunks
 
 QK_K = 256  # elements per super-block
 GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml-quants.c: below this a sub-block counts as all zero
 CHUNK_SUPER_BLOCKS = 2048  # CPU: 0.5M weights per chunk, fp32 temporaries of 2 MB that stay in cache
 CHUNK_SUPER_BLOCKS_GPU = 16384  # CUDA: 4M weights per chunk, fewer kernel launches; ~0.3 GB of temporaries
-MAX_WORKERS = 8  # CPU worker threads, each holding one chunk's temporaries (~40 MB)
 
 Q = GGMLQuantizationType
 
@@ -381,24 +380,13 @@ def quantize_k(t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     on_cpu = blocks.device.type == "cpu"
     step = CHUNK_SUPER_BLOCKS if on_cpu else CHUNK_SUPER_BLOCKS_GPU
 
-    def run(start: int) -> None:
-        chunk = blocks[start:start + step].to(torch.float32)  # fp32 one chunk at a time
-        out[start:start + chunk.shape[0]] = quantizer(chunk).cpu().numpy()
+    def run(start: int, stop: int) -> None:
+        chunk = blocks[start:stop].to(torch.float32)  # fp32 one chunk at a time
+        out[start:stop] = quantizer(chunk).cpu().numpy()
 
-    starts = range(0, blocks.shape[0], step)
-    if not on_cpu:
-        for start in starts:  # the GPU is parallel inside each op already
-            run(start)
+    if on_cpu:
+        run_in_chunks(blocks.shape[0], step, run)
     else:
-        # Chunks in parallel on worker threads, each op single-threaded: the ops are mid-size (2 MB), where OpenMP's
-        # per-op fork and join costs more than it saves (up to 8 ms an op on the 2-core dev VM, against 0.07 ms of
-        # work), and torch releases the GIL inside ops, so the threads do run in parallel.
-        threads = torch.get_num_threads()
-        try:
-            with ThreadPoolExecutor(min(threads, MAX_WORKERS), initializer=torch.set_num_threads,
-                                    initargs=(1,)) as pool:
-                for _ in pool.map(run, starts):
-                    pass
-        finally:
-            torch.set_num_threads(threads)  # set_num_threads also sets the default for new threads: put it back
+        for start in range(0, blocks.shape[0], step):  # the GPU is parallel inside each op already
+            run(start, min(start + step, blocks.shape[0]))
     return out.reshape(*t.shape[:-1], t.shape[-1] // QK_K * type_size)

@@ -8,6 +8,8 @@ weight) and is dequantized just before the matmul, by the torch kernels of `form
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,23 @@ from torch import nn
 from .formats import FLOAT_TYPES, INT8, BnbType, dequantize
 
 QType = GGMLQuantizationType | BnbType
+
+_scratch = threading.local()  # CPU: the reused buffer each QLinear dequantizes into, one per thread
+
+
+def _cpu_scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat CPU buffer of at least n `dtype` elements, kept for the next call: the one dequantize scratch of the
+    memory plan. Grows to the largest weight seen (Z-Image's FFN: 39M weights, 79 MB in bf16)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        _scratch.buf = None  # free the old one before allocating the new
+        buf = _scratch.buf = torch.empty(n, dtype=dtype)
+    return buf
+
+
+def release_scratch() -> None:
+    """Free this thread's dequantize buffer (when a stage's model is freed)."""
+    _scratch.buf = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +111,10 @@ class QLinear(nn.Module):
         return self.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = dequantize(self.weight, self.qtype, self.shape, x.dtype, state=self.state)
+        # On CPU into the reused buffer (the weight is dead once F.linear returns); a GPU's caching allocator
+        # already reuses the memory of the previous weight.
+        out = _cpu_scratch(math.prod(self.shape), x.dtype) if self.weight.device.type == "cpu" else None
+        w = dequantize(self.weight, self.qtype, self.shape, x.dtype, state=self.state, out=out)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
