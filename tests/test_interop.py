@@ -18,6 +18,7 @@ from gguf import GGUFReader
 import zimage_lite
 from quantize import bnb
 from quantize.convert import convert
+from zimage_lite.quant import formats
 from zimage_lite.quant.formats import dequantize
 
 diffusers = pytest.importorskip("diffusers")
@@ -54,7 +55,9 @@ def test_diffusers_loads_our_gguf(kq_model, files, type_name, qkv):
 
 
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K_M"])
-def test_diffusers_image_equals_zimage_lite_from_the_same_gguf(kq_model, files, type_name):
+def test_diffusers_image_equals_zimage_lite_from_the_same_gguf(kq_model, files, type_name, monkeypatch):
+    # chunks of 2048 weights: every Linear dequantizes on worker threads, as the full-size model does
+    monkeypatch.setattr(formats, "DEQUANT_CHUNK_WEIGHTS", 2048)
     dit = _diffusers_dit(files[type_name], kq_model)
     reference = diffusers.ZImagePipeline.from_pretrained(kq_model, transformer=dit, dtype=torch.float32)
     want = reference(PROMPTS["en"], width=64, height=64, num_inference_steps=8, guidance_scale=0.0,

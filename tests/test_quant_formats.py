@@ -174,6 +174,15 @@ def test_run_in_chunks_covers_each_range_once() -> None:
     assert sorted(seen) == [(0, 3), (3, 6), (6, 9), (9, 10)] and sorted(inner) == [(0, 2)] * 4 + [(2, 4)] * 4
     assert torch.get_num_threads() == threads
 
+    def fill(start: int, stop: int) -> None:
+        out[start:stop] = torch.arange(start, stop)
+
+    for mode in (torch.inference_mode(), torch.no_grad()):  # the workers run in the caller's mode
+        with mode:
+            out = torch.empty(10)
+            run_in_chunks(10, 3, fill)
+        assert torch.equal(out, torch.arange(10.0))
+
     def fail(start: int, stop: int) -> None:
         if start == 6:
             raise RuntimeError("chunk 6 failed")

@@ -45,9 +45,14 @@ def run_in_chunks(n: int, step: int, job: Callable[[int, int], None]) -> None:
             job(start, min(start + step, n))
         return
 
+    # grad and inference mode are per thread: the workers take the caller's (writing into an inference tensor
+    # made by the caller is an error outside inference mode)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
     def run(start: int) -> None:
         torch.set_num_threads(1)  # this thread's ops; also the default for threads that start meanwhile
-        job(start, min(start + step, n))
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            job(start, min(start + step, n))
 
     try:
         for _ in _pool(min(threads, MAX_WORKERS)).map(run, starts):
