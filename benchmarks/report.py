@@ -63,6 +63,17 @@ def quantize_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def interleaved_table(rows: list[dict]) -> list[str]:
+    out = ["| impl | forwards | mean s/step | min s/step | ratio of means |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        times = r["step_seconds"]
+        mean = {impl: sum(t) / len(t) for impl, t in times.items()}
+        for impl, t in times.items():
+            ratio = f"{mean[impl] / mean['diffusers']:.3f}" if impl != "diffusers" else ""
+            out.append(f"| {impl} | {len(t)} | {mean[impl]:.2f} | {min(t):.2f} | {ratio} |")
+    return out
+
+
 def image_table(rows: list[dict]) -> list[str]:
     out = ["| DiT recipe | max abs diff (levels of 255) | mean abs diff |", "|---|---:|---:|"]
     for r in rows:
@@ -80,6 +91,12 @@ def render(rows: list[dict]) -> str:
         if component == "dit":
             lines.append(f"## DiT, {first['device']}, {first['width']}x{first['height']}, {first['steps']} step(s), "
                          f"{first['dtype']} compute")
+        elif component == "interleaved":
+            lines += [f"## DiT, {first['device']}, {first['width']}x{first['height']}, BF16: ours and diffusers "
+                      "interleaved", "",
+                      "One process holds diffusers' BF16 DiT and ours built on the very same weight tensors; their "
+                      "forwards alternate. Same memory, same machine drift: the steadiest speed comparison. The "
+                      "separate-process rows above also give each one's own peak memory."]
         elif component == "image":
             lines += ["## Image difference per recipe (tiny random model, not real weights)", "",
                       "The 256-wide test model rendered at 128x128, 8 steps, fp32, from each recipe's DiT file, "
@@ -89,7 +106,8 @@ def render(rows: list[dict]) -> str:
         else:
             lines.append("## Quantizing the full-size DiT")
         lines += ["", f"`{command}`  ", f"{_machine(json.loads(machine))}; {date}", ""]
-        lines += {"dit": dit_table, "image": image_table, "quantize": quantize_table}[component](rs)
+        lines += {"dit": dit_table, "interleaved": interleaved_table, "image": image_table,
+                  "quantize": quantize_table}[component](rs)
         lines.append("")
     return "\n".join(lines)
 

@@ -107,6 +107,8 @@ def worker(spec: dict) -> dict:
 
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(spec["vram"], "--vram") / total), device)
+    if spec["impl"] == "interleaved":
+        return _interleaved(spec, device, dtype)
     t0 = time.perf_counter()
     if spec["impl"] == "zimage-lite":
         forward, model = _ours(spec, device, dtype)
@@ -129,6 +131,36 @@ def worker(spec: dict) -> dict:
         torch.save(out.float().cpu(), spec["save"])
     peak_dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return {"load_seconds": load_seconds, "step_seconds": sum(times) / len(times), "peak_device_bytes": peak_dev}
+
+
+def _interleaved(spec: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Our DiT and diffusers' in one process on the very same weight tensors (ours takes diffusers' parameters by
+    name), forwards alternating: both see the same memory and the same machine drift, so the ratio of their step
+    times is steadier than across processes (a 2-core VM drifts by a few percent from run to run)."""
+    from zimage_lite.config import PRESETS
+    from zimage_lite.models.dit import ZImageDiT
+    from zimage_lite.sampling import get_noise
+
+    theirs, model = _diffusers(spec, device, dtype)
+    with torch.device("meta"):
+        dit = ZImageDiT(PRESETS[spec["preset"]].dit)
+    dit.load_state_dict(model.state_dict(), strict=True, assign=True)  # official names on both sides
+    dit.eval()
+    _touch(model)
+    torch.manual_seed(0)
+    latents = get_noise(0, 16, spec["height"], spec["width"]).to(device, dtype)
+    cap = torch.randn(CAPTION_TOKENS, spec["cap_dim"]).to(device, dtype)
+    forwards = {"zimage-lite": lambda x, t, c: dit(x, t, [c]), "diffusers": theirs}
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    with torch.inference_mode():
+        for i in range(spec["steps"]):
+            for name, forward in forwards.items():
+                t = time.perf_counter()
+                forward(latents, torch.tensor([0.1 + 0.1 * i], device=device), cap)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t)
+    return {"step_seconds": times}
 
 
 def _touch(model: torch.nn.Module) -> None:
@@ -213,6 +245,14 @@ def measure(args: argparse.Namespace) -> Iterator[dict]:
                     runs += [("diffusers", "model"), ("diffusers", "group"), ("diffusers", "sequential")]
             else:
                 runs.append(("diffusers", "gguf"))
+        if args.interleaved and quant.upper() == "BF16":
+            spec = {**base, "impl": "interleaved", "quant": quant, "weights": str(weights), "steps": args.interleaved}
+            print(f"measuring zimage-lite and diffusers {quant}, interleaved ...", file=sys.stderr)
+            row = {**spec, **_child([sys.executable, __file__, "--worker", json.dumps(spec)]),
+                   "component": "interleaved", "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
+            for key in ("model", "cap_dim", "impl"):
+                row.pop(key, None)
+            yield row
         for impl, offload in runs:
             spec = {**base, "impl": impl, "quant": quant, "weights": str(weights), "vram": args.vram,
                     "offload": offload if offload != "gguf" else None,
@@ -282,6 +322,9 @@ def main() -> int:
     p.add_argument("--peers", default="", help="comma-separated peers to measure alongside: diffusers")
     p.add_argument("--quantize", action="store_true", help="also report the time and RAM of writing each GGUF")
     p.add_argument("--quality", action="store_true", help="relative error of each recipe's forward vs BF16")
+    p.add_argument("--interleaved", type=int, default=0, metavar="N",
+                   help="with --peers diffusers: also N forwards each of ours and diffusers' BF16 DiT, alternating "
+                        "in one process on the same weight tensors")
     p.add_argument("--image-quality", action="store_true",
                    help="instead of timing: image difference per recipe on the tiny K-quant test fixture")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))

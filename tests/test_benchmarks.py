@@ -28,3 +28,18 @@ def test_demo_smoke_run_writes_rows_and_report(tmp_path):
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
                             capture_output=True, text=True).stdout
     assert "## DiT, cpu, 64x64, 1 step(s)" in report and "python benchmarks/run.py --preset demo" in report
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="the harness measures peak RSS with GNU time")
+def test_interleaved_run_times_both_on_shared_weights(tmp_path):
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--preset", "demo", "--steps", "1",
+                    "--peers", "diffusers", "--interleaved", "3", "--cache", str(tmp_path / "cache"),
+                    "--json", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())
+    assert [r["component"] for r in rows] == ["interleaved", "dit", "dit"]
+    times = rows[0]["step_seconds"]
+    assert set(times) == {"zimage-lite", "diffusers"} and all(len(t) == 3 and min(t) > 0 for t in times.values())
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
+                            capture_output=True, text=True).stdout
+    assert "interleaved" in report and "| zimage-lite | 3 |" in report and "| diffusers | 3 |" in report

@@ -143,6 +143,15 @@ def test_plan_command_without_files(capsys):
     assert "transfer per step" in out
 
 
+@pytest.mark.parametrize("preset,want", [("turbo", "1024x1024, cfg off"), ("base", "1024x1024, cfg on"),
+                                         ("demo", "256x256, cfg off")])
+def test_plan_command_takes_the_presets_defaults(capsys, preset, want):
+    assert main(["plan", "--preset", preset, "--device", "cpu", "--ram", "64GB"]) == 0
+    assert want in capsys.readouterr().out.splitlines()[0]
+    assert main(["plan", "--preset", "base", "--cfg", "0", "--width", "512", "--device", "cpu", "--ram", "64GB"]) == 0
+    assert "512x1024, cfg off" in capsys.readouterr().out.splitlines()[0]  # what is given wins
+
+
 def test_plan_command_on_a_model(tiny_model, capsys):
     assert main(["plan", "--model", str(tiny_model), "--device", "cpu", "--ram", "2MB", "--dtype", "fp32",
                  "--width", "48", "--height", "64", "--prompt-tokens", "24"]) == 0

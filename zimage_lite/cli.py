@@ -28,10 +28,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_size_args(p: argparse.ArgumentParser) -> None:
+    # defaults from the preset (_fill_defaults): Turbo's for a model folder, the demo's for `demo`
     p.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default 1024; demo 256)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default 1024; demo 256)")
-    p.add_argument("--steps", type=int, default=8, help="DiT forwards (Turbo: 8)")
-    p.add_argument("--cfg", type=float, default=0.0, help="guidance scale; CFG runs when above 1 (Turbo: 0)")
+    p.add_argument("--steps", type=int, default=None, help="DiT forwards (default 8; plan --preset base: 50)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale; CFG runs when above 1 (default 0; plan --preset base: 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_size(model: str) -> int:
-    """The preset's image size: the demo model's for `demo`, Turbo's 1024 for real weights."""
-    return PRESETS["demo" if model == "demo" else "turbo"].default_size
+def _fill_defaults(args: argparse.Namespace, preset: str) -> None:
+    """Size, steps and guidance the user left out, from the preset's defaults."""
+    cfg = PRESETS.get(preset, PRESETS["turbo"])
+    for name, value in (("width", cfg.default_size), ("height", cfg.default_size), ("steps", cfg.default_steps),
+                        ("cfg", cfg.default_cfg)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -90,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .image import check_output, save_png
     from .pipeline import load
 
+    _fill_defaults(args, "demo" if args.model == "demo" else "turbo")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     if args.seed is None:
         print(f"seed: {seed}")
@@ -97,8 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_output(out, args.force)  # refuse before loading anything
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram)
-    size = _default_size(args.model)
-    width, height = args.width or size, args.height or size
+    width, height = args.width, args.height
     start = time.perf_counter()
     peak = 0
     # One bar per stage, opened as the stage starts: the events arrive when a stage (or step) has finished.
@@ -146,17 +152,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ram = parse_size(args.ram, "--ram") if args.ram else None
     if args.model is None or args.preset is not None:
         preset = args.preset or "turbo"
-        size = PRESETS[preset].default_size if preset in PRESETS else 1024
-        plan = plan_for(preset, args.quant, args.width or size, args.height or size, args.cfg > 1.0, args.device,
+        _fill_defaults(args, preset)
+        plan = plan_for(preset, args.quant, args.width, args.height, args.cfg > 1.0, args.device,
                         vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens)
     else:
         from .pipeline import check_size, load
 
         pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                     dtype=args.dtype, vram=vram, ram=ram)
-        size = _default_size(args.model)
-        check_size(args.width or size, args.height or size, 8)
-        plan = pipe.make_plan(args.width or size, args.height or size, args.cfg, args.prompt_tokens)
+        _fill_defaults(args, "demo" if args.model == "demo" else "turbo")
+        check_size(args.width, args.height, 8)
+        plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens)
     print(format_plan(plan))
     return 0
 

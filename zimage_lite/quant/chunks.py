@@ -11,6 +11,7 @@ torch releases the GIL inside ops, so the threads do run in parallel.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,17 +22,19 @@ MAX_WORKERS = 8  # worker threads, each holding one chunk's temporaries
 
 # Pools live as long as the process: a fresh thread starts with an empty malloc arena, so it would page in its
 # temporaries again on every call (Q4_K 10240x3840 to bf16: 50 ms with a pool per call, 30 ms with a kept one).
-_pools: dict[int, ThreadPoolExecutor] = {}
+# Keyed by process too: a forked child inherits the dict but not the threads, and would wait on them forever.
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _worker = threading.local()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), workers)
     with _pools_lock:
-        if workers not in _pools:
-            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="zimage-lite-chunks",
-                                                 initializer=setattr, initargs=(_worker, "busy", True))
-        return _pools[workers]
+        if key not in _pools:
+            _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="zimage-lite-chunks",
+                                             initializer=setattr, initargs=(_worker, "busy", True))
+        return _pools[key]
 
 
 def run_in_chunks(n: int, step: int, job: Callable[[int, int], None]) -> None:
