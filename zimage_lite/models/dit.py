@@ -86,7 +86,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp16_guard(self.w2(fp16_guard(F.silu(self.w1(x)) * self.w3(x))))
+        return fp16_guard(self.w2(fp16_guard(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))))
 
 
 FP16_MAX = 65504.0
@@ -128,9 +128,10 @@ class TransformerBlock(nn.Module):
         if mod.shape[0] > 1:  # items at different times: one modulation row per token
             mod = mod.repeat_interleave(torch.tensor(spans, device=mod.device), dim=0)
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=-1)
-        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, spans)
-        x = x + gate_msa.tanh() * self.attention_norm2(h)
-        return x + gate_mlp.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
+        # the norms' outputs are fresh tensors: scaled and gated in place
+        h = self.attention(self.attention_norm1(x).mul_(1 + scale_msa), rope, spans)
+        x = x + self.attention_norm2(h).mul_(gate_msa.tanh())
+        return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x).mul_(1 + scale_mlp))).mul_(gate_mlp.tanh())
 
 
 class TimestepEmbedder(nn.Module):

@@ -243,7 +243,8 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType | BnbType | int, s
     logical torch `shape`. Float types are a view when `dtype` matches; block types are computed in fp32.
     bitsandbytes types take their scales from `state` (see `bnb_sizes`). A packed type is written into `out` when
     given (a flat buffer of at least that many `dtype` elements on raw's device, reused from call to call: on CPU a
-    fresh 80 MB result costs as much in page faults as the dequantization itself) and the result is a view of it."""
+    fresh 80 MB result costs nearly as much in page faults as the dequantization itself); the result is a view of
+    it."""
     if isinstance(qtype, BnbType):
         return _dequantize_bnb(raw, qtype, tuple(shape), state, _result(shape, dtype, raw.device, out), name)
     qtype = _check_type(qtype, name, "read")
