@@ -95,8 +95,8 @@ def render(rows: list[dict]) -> str:
             lines += [f"## DiT, {first['device']}, {first['width']}x{first['height']}, BF16: ours and diffusers "
                       "interleaved", "",
                       "One process holds diffusers' BF16 DiT and ours built on the very same weight tensors; their "
-                      "forwards alternate. Same memory, same machine drift: the steadiest speed comparison. The "
-                      "separate-process rows above also give each one's own peak memory."]
+                      "forwards alternate. Same memory, same machine drift: the steadiest speed comparison. The table "
+                      "of separate runs gives each one's own peak memory."]
         elif component == "image":
             lines += ["## Image difference per recipe (tiny random model, not real weights)", "",
                       "The 256-wide test model rendered at 128x128, 8 steps, fp32, from each recipe's DiT file, "
