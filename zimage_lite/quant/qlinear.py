@@ -29,7 +29,7 @@ def _cpu_scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     memory plan. Grows to the largest weight seen (Z-Image's FFN: 39M weights, 79 MB in bf16)."""
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.dtype != dtype or buf.numel() < n:
-        _scratch.buf = None  # free the old one before allocating the new
+        buf = _scratch.buf = None  # drop both references: the old buffer is freed before the new one exists
         buf = _scratch.buf = torch.empty(n, dtype=dtype)
     return buf
 
