@@ -74,6 +74,14 @@ def interleaved_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def dequant_table(rows: list[dict]) -> list[str]:
+    out = ["| format | one pass, ms | runtime (chunked, reused buffer), ms | speed-up |", "|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['quant']} | {r['whole_ms']:.0f} | {r['runtime_ms']:.0f} | "
+                   f"{r['whole_ms'] / r['runtime_ms']:.1f}x |")
+    return out
+
+
 def image_table(rows: list[dict]) -> list[str]:
     out = ["| DiT recipe | max abs diff (levels of 255) | mean abs diff |", "|---|---:|---:|"]
     for r in rows:
@@ -97,6 +105,13 @@ def render(rows: list[dict]) -> str:
                       "One process holds diffusers' BF16 DiT and ours built on the very same weight tensors; their "
                       "forwards alternate. Same memory, same machine drift: the steadiest speed comparison. The table "
                       "of separate runs gives each one's own peak memory."]
+        elif component == "dequant":
+            shape = "x".join(map(str, first["shape"]))
+            lines += [f"## Dequantizing one {shape} weight to bf16 on the CPU", "",
+                      "The FFN's w1 of the full-size DiT, random weights. One pass: a format's kernel over the whole "
+                      "tensor, then the cast (how dequantization ran before it worked in chunks). Runtime: what "
+                      f"each QLinear does, chunks of a million weights on {first['threads']} worker threads into a "
+                      "reused buffer. Median of 7 calls."]
         elif component == "image":
             lines += ["## Image difference per recipe (tiny random model, not real weights)", "",
                       "The 256-wide test model rendered at 128x128, 8 steps, fp32, from each recipe's DiT file, "
@@ -106,8 +121,8 @@ def render(rows: list[dict]) -> str:
         else:
             lines.append("## Quantizing the full-size DiT")
         lines += ["", f"`{command}`  ", f"{_machine(json.loads(machine))}; {date}", ""]
-        lines += {"dit": dit_table, "interleaved": interleaved_table, "image": image_table,
-                  "quantize": quantize_table}[component](rs)
+        lines += {"dit": dit_table, "interleaved": interleaved_table, "dequant": dequant_table,
+                  "image": image_table, "quantize": quantize_table}[component](rs)
         lines.append("")
     return "\n".join(lines)
 

@@ -42,6 +42,12 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
 
 
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Add rows to the JSON list in `path` (created if missing)."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    path.write_text(json.dumps(old + rows, indent=1) + "\n")
+
+
 # ---- the weights ------------------------------------------------------------------------------------------------
 def model_folder(preset: str, cache: Path) -> Path:
     """The official-layout folder for `preset`, written once into the cache."""
@@ -339,9 +345,7 @@ def main() -> int:
         row = {**row, **info}
         print(json.dumps(row), flush=True)
         if args.json:  # row by row, so a failure later keeps what was measured
-            path = Path(args.json)
-            old = json.loads(path.read_text()) if path.is_file() else []
-            path.write_text(json.dumps(old + [row], indent=1) + "\n")
+            append_rows(Path(args.json), [row])
     return 0
 
 

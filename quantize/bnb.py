@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zimage_lite.quant.formats import BnbType, bnb_sizes, dequantize
+
 NF4_BLOCK = 64
 # The NF4 code (QLoRA, Dettmers et al. 2023, appendix E): quantiles of N(0, 1) normalised to [-1, 1].
 NF4_CODE = torch.tensor([
@@ -35,7 +37,6 @@ NF4_CODE = torch.tensor([
 ], dtype=torch.float32)
 SKIP_MODULES = ["t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer"]
 ST_DTYPES = {"I8": np.int8, "U8": np.uint8, "F32": np.float32, "BF16": np.uint16}
-TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,12 +67,8 @@ def quantize_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of quantize_nf4 (fp32), for tests and for a runtime that reads these files."""
-    b = packed.reshape(-1)
-    q = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:math.prod(shape)].long()
-    vals = NF4_CODE[q]
-    scale = absmax.repeat_interleave(NF4_BLOCK)[:vals.numel()]
-    return (vals * scale).view(shape)
+    """Inverse of quantize_nf4 (fp32): the runtime's own nf4 kernel, with this file's code table."""
+    return dequantize(packed, BnbType("nf4", NF4_BLOCK), shape, state=(absmax, NF4_CODE))
 
 
 @dataclass(frozen=True)
@@ -111,10 +108,10 @@ def bnb_plan(shapes: dict[str, tuple[int, ...]], linear_weights: set[str], targe
             entries = (StEntry(name, "I8", shape), StEntry(f"{module}.SCB", "F32", shape[:1]),
                        StEntry(f"{module}.weight_format", "U8", ()))
         elif quantized:
-            n = math.prod(shape)
-            entries = (StEntry(name, "U8", ((n + 1) // 2, 1)),
-                       StEntry(f"{name}.absmax", "F32", (-(-n // NF4_BLOCK),)),
-                       StEntry(f"{name}.quant_map", "F32", (16,)),
+            packed, blocks, codes = bnb_sizes(BnbType("nf4", NF4_BLOCK), shape)
+            entries = (StEntry(name, "U8", (packed, 1)),
+                       StEntry(f"{name}.absmax", "F32", (blocks,)),
+                       StEntry(f"{name}.quant_map", "F32", (codes,)),
                        StEntry(f"{name}.quant_state.bitsandbytes__nf4", "U8", (len(_quant_state_json(shape, dtype)),)))
         else:
             # norms, biases and pad tokens in fp32 (diffusers casts them to the load dtype); skipped Linears bf16

@@ -5,7 +5,7 @@ data and tensor infos through gguf-py's GGUFWriter streaming API, gguf_interop.m
 quantized and appended in order. Memory stays at about one fused tensor (qkv: 11520 x 3840 fp32, 177 MB) above the
 interpreter: the source's memory-mapped pages are handed back after every tensor (`release_pages`), since a mapped
 page that was read stays in the process' resident set until the mapping goes away. Measured on the full DiT from
-BF16 shards (benchmarks/quantize_bench.py, 2 cores): Q8_0 in 65 s at 0.78 GB peak RSS, Q4_K_M in 268 s at 0.87 GB;
+BF16 shards (BENCHMARKS.md, `--quantize`, 2 cores): Q8_0 in 69 s at 0.78 GB peak RSS, Q4_K_M in 268 s at 0.86 GB;
 without the page release the peak grows with the checkpoint (2.6 GB for 2 of the 30 layers). The output goes to a
 temporary file beside the target and is renamed at the end (image.write_atomic), so Ctrl-C or an error leaves nothing
 behind.
@@ -19,6 +19,7 @@ import hashlib
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ from zimage_lite.config import read_json
 from zimage_lite.errors import CheckpointError, OptionError, UnsupportedQuantError
 from zimage_lite.image import check_output, write_atomic
 from zimage_lite.quant.formats import quantize
-from zimage_lite.quant.qlinear import QTensor
 from zimage_lite.runtime.memory import peak_bytes
 from zimage_lite.weights.components import FOLDERS, LAYOUT_HINT, UNUSED, identify, open_component
 from zimage_lite.weights.gguf_source import GGUFSource
@@ -188,11 +188,11 @@ def read(source: TensorSource, name: str, shape: tuple[int, ...]) -> torch.Tenso
         t = load_tensor(source, name, torch.Size(shape))
     except OSError as e:
         raise CheckpointError(f"{source.where(name)}: tensor {name} cannot be read ({e})") from None
-    return t.dequantize(torch.float32) if isinstance(t, QTensor) else t
+    return t  # check_readable let float types only through: never a packed QTensor
 
 
-def read_plan(source: TensorSource, tp: TensorPlan, shapes: dict[str, tuple[int, ...]]) -> torch.Tensor:
-    parts = [read(source, p, shapes[p]) for p in tp.parts]
+def read_plan(inp: SourceInput, tp: TensorPlan) -> torch.Tensor:
+    parts = [read(inp.source, p, inp.shapes[p]) for p in tp.parts]
     t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # fused qkv: q, k, v rows in that order
     return t.reshape(tp.shape)
 
@@ -201,7 +201,7 @@ def read_plan(source: TensorSource, tp: TensorPlan, shapes: dict[str, tuple[int,
 
 
 def write_gguf(path: Path, arch: str, plan: list[TensorPlan], metadata: Callable[[gguf.GGUFWriter], None],
-               inp: SourceInput, shapes: dict[str, tuple[int, ...]], bar: tqdm) -> None:
+               inp: SourceInput, bar: tqdm) -> None:
     """Stream `plan` into a GGUF file at `path`: all tensor infos first, then each tensor as it is quantized."""
     writer = gguf.GGUFWriter(path, arch)
     try:
@@ -212,7 +212,7 @@ def write_gguf(path: Path, arch: str, plan: list[TensorPlan], metadata: Callable
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for tp in plan:
-            data = quantize(read_plan(inp.source, tp, shapes), tp.qtype, name=tp.name)
+            data = quantize(read_plan(inp, tp), tp.qtype, name=tp.name)
             writer.write_tensor_data(data)
             del data
             release_pages(inp.root)
@@ -242,10 +242,7 @@ def _provenance(writer: gguf.GGUFWriter, inp: SourceInput, recipe: str) -> None:
 
 
 def convert_dit(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
-    shapes = inp.shapes
-    if not target.is_gguf:
-        return convert_bnb(inp, target, out, force)
-    plan = recipes.dit_plan(shapes, target)
+    plan = recipes.dit_plan(inp.shapes, target)
     recipe = f"{target.name}: ComfyUI-GGUF lcpp lumina2 mix (embedders, final layer, refiners BF16)"
 
     def metadata(w: gguf.GGUFWriter) -> None:
@@ -254,8 +251,7 @@ def convert_dit(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
         w.add_name("Z-Image-Turbo")
         _provenance(w, inp, recipe)
 
-    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "lumina2", plan, metadata, inp, shapes,
-                                                                     bar))
+    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "lumina2", plan, metadata, inp, bar))
 
 
 def convert_text_encoder(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
@@ -291,7 +287,7 @@ def convert_text_encoder(inp: SourceInput, target: Target, out: Path, force: boo
             tokens(w)
         _provenance(w, inp, recipe)
 
-    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "qwen3", plan, metadata, inp, shapes, bar))
+    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "qwen3", plan, metadata, inp, bar))
 
 
 def _write_file(out: Path, force: bool, plan: list[TensorPlan], write: Callable[[Path, tqdm], None]) -> Result:
@@ -310,7 +306,7 @@ def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
 
     shapes = inp.shapes
     linear = recipes.dit_linear_weights(inp.config)
-    dtype = bnb.TORCH_DTYPE_NAMES.get(_storage_dtype(inp, shapes, linear), "float32")
+    dtype = _storage_dtype(inp, linear)
     plan = bnb.bnb_plan(shapes, linear, target.name, dtype)
     config = dict(inp.raw_config) if inp.raw_config else {"_class_name": "ZImageTransformer2DModel",
                                                            **config_to_dict(inp.config)}
@@ -333,17 +329,14 @@ def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
     with tqdm(total=total, desc=out.name, unit="B", unit_scale=True, disable=None) as bar:
         _guard_write(out, total, lambda: write_atomic(out, write, force, folder=True))
     size = sum(f.stat().st_size for f in out.iterdir())
-    hist: dict[str, int] = {}
-    for g in plan:
-        hist[g.kind] = hist.get(g.kind, 0) + 1
-    return Result(out, size, hist, time.perf_counter() - start)
+    return Result(out, size, dict(Counter(g.kind for g in plan)), time.perf_counter() - start)
 
 
-def _storage_dtype(inp: SourceInput, shapes: dict[str, tuple[int, ...]], linear: set[str]) -> torch.dtype:
-    """The weights' storage dtype (recorded in the nf4 quant state, as bitsandbytes does)."""
-    name = next((n for n in shapes if n in linear), None)
+def _storage_dtype(inp: SourceInput, linear: set[str]) -> str:
+    """The weights' storage dtype as torch names it (recorded in the nf4 quant state, as bitsandbytes does)."""
+    name = next((n for n in inp.shapes if n in linear), None)
     kind = inp.source.qtype(name) if name else "F32"
-    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(kind, torch.float32)
+    return {"BF16": "bfloat16", "F16": "float16"}.get(kind, "float32")
 
 
 # ---- entry point -----------------------------------------------------------------------------------------------------
@@ -380,7 +373,7 @@ def convert(src: Path, type_name: str, component: str | None = None, out: Path |
             raise OptionError(f"--out {p}: folder {p.parent} is not writable; nothing was written")
     results = []
     for inp, path in zip(inputs, paths, strict=True):
-        fn = convert_dit if inp.component == "dit" else convert_text_encoder
+        fn = convert_bnb if not target.is_gguf else convert_dit if inp.component == "dit" else convert_text_encoder
         results.append(fn(inp, target, path, force))
     return results
 

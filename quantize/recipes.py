@@ -34,7 +34,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 
 from zimage_lite.config import DiTConfig, TextEncoderConfig
 from zimage_lite.errors import CheckpointError
-from zimage_lite.quant.formats import fallback_type
+from zimage_lite.quant.formats import fallback_type, quant_bytes
 from zimage_lite.weights.names import dit_comfy_name, te_llama_cpp_name
 
 Q = GGMLQuantizationType
@@ -77,8 +77,7 @@ class TensorPlan:
 
     @property
     def nbytes(self) -> int:
-        block, size = GGML_QUANT_SIZES[self.qtype]
-        return math.prod(self.shape) // block * size
+        return quant_bytes(self.qtype, self.shape)
 
     @property
     def byte_shape(self) -> tuple[int, ...]:

@@ -43,3 +43,14 @@ def test_interleaved_run_times_both_on_shared_weights(tmp_path):
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
                             capture_output=True, text=True).stdout
     assert "interleaved" in report and "| zimage-lite | 3 |" in report and "| diffusers | 3 |" in report
+
+
+def test_dequant_benchmark_rows_and_report(tmp_path):
+    out = tmp_path / "dequant.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dequant.py"), "--types", "Q8_0,Q4_K", "--json",
+                    str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())
+    assert [r["quant"] for r in rows] == ["Q8_0", "Q4_K"] and all(r["whole_ms"] > 0 < r["runtime_ms"] for r in rows)
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
+                            capture_output=True, text=True).stdout
+    assert "## Dequantizing one 10240x3840 weight to bf16 on the CPU" in report and "| Q4_K |" in report

@@ -1,4 +1,4 @@
-"""One way to run a block-wise job over a large CPU tensor: consecutive chunks on worker threads.
+"""One way to run a block-wise job over a large tensor: on CPU, consecutive chunks on worker threads.
 
 Quantizing and dequantizing are elementwise per block, so chunks are independent and the result is the same bits
 whatever the chunking. On CPU, chunks in parallel with single-threaded ops beat whole-tensor ops twice over:
@@ -61,3 +61,15 @@ def run_in_chunks(n: int, step: int, job: Callable[[int, int], None]) -> None:
             pass
     finally:
         torch.set_num_threads(threads)  # put the default back
+
+
+def run_on(device: torch.device, n: int, step: int, job: Callable[[int, int], None],
+           device_step: int | None = None) -> None:
+    """job(start, stop) over range(n): on CPU by `run_in_chunks` in chunks of `step`; on a GPU in this thread, in
+    chunks of `device_step` (to bound temporaries) or in one call when None, as each GPU op is parallel already."""
+    if device.type == "cpu":
+        run_in_chunks(n, step, job)
+        return
+    device_step = device_step or max(n, 1)
+    for start in range(0, n, device_step):
+        job(start, min(start + device_step, n))

@@ -25,7 +25,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import CheckpointError, UnsupportedQuantError
-from .chunks import run_in_chunks
+from .chunks import run_on
 from .kquants import K_QUANT_TYPES, quantize_k
 
 Q = GGMLQuantizationType
@@ -281,12 +281,9 @@ def _result(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, ou
 
 
 def _by_chunks(rows: int, row_weights: int, device: torch.device, fill: Callable[[int, int], None]) -> None:
-    """fill(start, stop) over range(rows), rows of `row_weights` weights each: on CPU in chunks of about
-    DEQUANT_CHUNK_WEIGHTS weights on worker threads (chunks.py); on a GPU in one call, as each op is parallel."""
-    if device.type == "cpu":
-        run_in_chunks(rows, max(1, DEQUANT_CHUNK_WEIGHTS // row_weights), fill)
-    else:
-        fill(0, rows)
+    """fill(start, stop) over range(rows), rows of `row_weights` weights each, in chunks of about
+    DEQUANT_CHUNK_WEIGHTS weights on CPU (chunks.py)."""
+    run_on(device, rows, max(1, DEQUANT_CHUNK_WEIGHTS // row_weights), fill)
 
 
 def quantize(t: torch.Tensor, qtype: GGMLQuantizationType | int, name: str | None = None) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .chunks import run_in_chunks
+from .chunks import run_on
 
 QK_K = 256  # elements per super-block
 GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml-quants.c: below this a sub-block counts as all zero
@@ -377,16 +377,10 @@ def quantize_k(t: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     quantizer, type_size = _QUANTIZERS[qtype], GGML_QUANT_SIZES[qtype][1]
     blocks = t.detach().reshape(-1, QK_K)  # super-blocks never straddle rows, so rows can be flattened
     out = np.empty((blocks.shape[0], type_size), dtype=np.uint8)
-    on_cpu = blocks.device.type == "cpu"
-    step = CHUNK_SUPER_BLOCKS if on_cpu else CHUNK_SUPER_BLOCKS_GPU
 
     def run(start: int, stop: int) -> None:
         chunk = blocks[start:stop].to(torch.float32)  # fp32 one chunk at a time
         out[start:stop] = quantizer(chunk).cpu().numpy()
 
-    if on_cpu:
-        run_in_chunks(blocks.shape[0], step, run)
-    else:
-        for start in range(0, blocks.shape[0], step):  # the GPU is parallel inside each op already
-            run(start, min(start + step, blocks.shape[0]))
+    run_on(blocks.device, blocks.shape[0], CHUNK_SUPER_BLOCKS, run, device_step=CHUNK_SUPER_BLOCKS_GPU)
     return out.reshape(*t.shape[:-1], t.shape[-1] // QK_K * type_size)

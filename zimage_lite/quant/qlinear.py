@@ -49,15 +49,9 @@ class QTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.data, self.qtype, self.shape, dtype, state=self.state)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, *self.state))
-
     def rows(self, start: int, stop: int) -> QTensor:
         """Rows start..stop of dim 0: whole blocks, so the packed bytes slice directly (fused qkv → q, k, v)."""
-        inner = 1
-        for d in self.shape[1:-1]:
-            inner *= d
+        inner = math.prod(self.shape[1:-1])
         shape = (stop - start, *self.shape[1:])
         if self.qtype == INT8:  # one scale per row
             flat = self.data.reshape(-1, self.shape[-1])

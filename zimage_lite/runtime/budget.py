@@ -162,12 +162,6 @@ def normalize_format(name: str, option: str) -> str:
                       "Q4_K_M, Q4_K_S, Q4_0, Q3_K_M, Q2_K (or another GGML type), int8 or nf4")
 
 
-def _block_size(fmt: str) -> int:
-    if fmt in BNB:
-        return NF4_BLOCK if fmt == "nf4" else 1
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[fmt]][0]
-
-
 def weight_bytes(rows: int, cols: int, fmt: str) -> int:
     """Bytes of a [rows, cols] weight stored as `fmt` (blocks run along cols, as in ggml-common.h)."""
     if fmt == "int8":

@@ -18,12 +18,6 @@ from .sources import TensorSource
 PACKED = (QLinear, QEmbedding)
 
 
-def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-
-
 def tensor_names(module: nn.Module) -> list[str]:
     """Every weight a module needs: its parameters and the packed weights of its QLinear/QEmbedding layers."""
     return list(module.state_dict(keep_vars=True))
@@ -75,5 +69,5 @@ def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, dev
                 setattr(module.get_submodule(parent) if parent else module, child, packed)
                 continue
             t = t.dequantize(torch.float32)
-        set_tensor(module, name, t.to(device=device, dtype=dtype))
+        owner._parameters[leaf] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
     return module.eval().requires_grad_(False)
