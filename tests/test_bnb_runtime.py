@@ -39,6 +39,11 @@ FORWARD_TOL = {"int8": 0.03, "nf4": 0.30, "nf4-nested": 0.30}  # relative L2 vs 
 IMAGE_TOL = 2.0  # int8 vs F32 render: mean |diff| in 8-bit levels (measured 0.5)
 
 
+def _all_streamed(model):
+    blocks = [b.module for b in model.schedule()]
+    return blocks, [False] * len(blocks)
+
+
 @pytest.fixture(scope="module")
 def folders(kq_model, tmp_path_factory) -> dict[str, Path]:
     """Our tool's int8 and nf4 folders, and the nf4 one with double-quantized absmax (as diffusers writes it with
@@ -165,7 +170,7 @@ def test_dit_forward_within_bound(folders, kq_model, kind):
         assert float((got - want).norm() / want.norm()) < FORWARD_TOL[kind]
         assert rel_err(got, exact(x, t, caps)) < 1e-5
         # the streamer's device slots carry the scale buffers along with the packed bytes
-        model.block_runner = CudaStreamer(model.blocks(), [False] * len(model.blocks()), torch.device("cpu"))
+        model.runner = CudaStreamer(*_all_streamed(model), torch.device("cpu"))
         assert rel_err(model(x, t, caps), got) < 1e-5
 
 

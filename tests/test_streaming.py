@@ -23,6 +23,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 SEAM_TOL = 2.0  # 8-bit levels: tiled vs untiled decode
 
 
+def _all_streamed(model):
+    blocks = [b.module for b in model.schedule()]
+    return blocks, [False] * len(blocks)
+
+
 def _load(cls, opener, path, dtype=torch.float32, device="cpu"):
     cfg, src = opener(path)
     with torch.device("meta"):
@@ -52,10 +57,10 @@ def test_block_slots_give_the_resident_output(tiny_model):
     """The CUDA streamer's slot bookkeeping (pinned host buffers, two alternating device slots), run on the CPU."""
     ref = _load(ZImageDiT, open_dit, tiny_model / "transformer")
     model = _load(ZImageDiT, open_dit, tiny_model / "transformer")
-    blocks = model.blocks()
+    blocks = [b.module for b in model.schedule()]
     resident = [i % 3 == 0 for i in range(len(blocks))]
     streamer = CudaStreamer(blocks, resident, torch.device("cpu"))
-    model.block_runner = streamer
+    model.runner = streamer
     assert streamer.streamed_bytes > 0 and len(streamer.slots) == 2
     x, t, caps = _inputs()
     with torch.no_grad():
@@ -89,7 +94,7 @@ def test_tiled_vae_matches_untiled(tiny_model):
 def test_fp16_guard_keeps_latents_finite(tiny_model):
     """Weights scaled so fp16 activations overflow: the guarded DiT still gives finite values."""
     model = _load(ZImageDiT, open_dit, tiny_model / "transformer", torch.float16)
-    for block in model.blocks():
+    for block in [b.module for b in model.schedule()]:
         block.feed_forward.w3.weight.data *= 3000
     x, t, caps = _inputs()
     with torch.no_grad():
@@ -174,7 +179,7 @@ def test_cuda_streaming_matches_resident(tiny_model):
             child.to("cuda")
     for name, p in list(model._parameters.items()):
         model._parameters[name] = torch.nn.Parameter(p.cuda(), requires_grad=False)
-    model.block_runner = CudaStreamer(model.blocks(), [False] * len(model.blocks()), torch.device("cuda"))
+    model.runner = CudaStreamer(*_all_streamed(model), torch.device("cuda"))
     x, t, caps = _inputs()
     with torch.no_grad():
         want = ref(x.cuda(), t.cuda(), [c.cuda() for c in caps])

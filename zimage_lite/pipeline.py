@@ -145,7 +145,7 @@ class ZImagePipeline:
                      label: str) -> torch.nn.Module:
         """Load a block model under the plan: resident blocks on the device, the others streamed."""
         names = {id(m): n for n, m in model.named_modules()}
-        blocks = model.blocks()
+        blocks = [b.module for b in model.schedule()]
         streamed = set(stage.streamed) if stage else set()
         resident = [names[id(b)] not in streamed for b in blocks]
         if self.device.type == "cpu" and streamed:
@@ -162,7 +162,7 @@ class ZImagePipeline:
             def materialize(block: torch.nn.Module) -> None:
                 load_module(block, subs[id(block)], self.dtype, "cpu", f"{label} block {names[id(block)]}")
 
-            model.block_runner = LazyBlocks(blocks, resident, materialize)
+            model.runner = LazyBlocks(blocks, resident, materialize)
             return model
         load_module(model, src, self.dtype, "cpu", label)
         if self.device.type != "cpu":
@@ -171,7 +171,7 @@ class ZImagePipeline:
                     child.to(self.device)
             for name, p in list(model._parameters.items()):
                 model._parameters[name] = torch.nn.Parameter(p.to(self.device), requires_grad=False)
-            model.block_runner = CudaStreamer(blocks, resident, self.device)
+            model.runner = CudaStreamer(blocks, resident, self.device)
         return model
 
     def _release(self, which: str) -> None:

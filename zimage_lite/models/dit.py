@@ -11,7 +11,6 @@ so this matches it without padding or masks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,17 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FREQUENCY_EMBEDDING_SIZE, SEQ_MULTI_OF, T_EMBED_MID, DiTConfig
-from .layers import RMSNorm, attention
+from .layers import Block, Resident, RMSNorm, Runner, attention, schedule_of
 
 MAX_PERIOD = 10000.0
-
-# Yields each block with its weights ready on the compute device, in the order given (see runtime/streamer.py).
-BlockRunner = Callable[[Iterable[nn.Module]], Iterator[nn.Module]]
-
-
-def resident(blocks: Iterable[nn.Module]) -> Iterator[nn.Module]:
-    """The trivial runner: every block already lives where it computes."""
-    yield from blocks
+BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")  # execution order, zimage_spec.md 4.3
 
 
 def rope_freqs(pos: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
@@ -186,15 +178,15 @@ class ZImageDiT(nn.Module):
         self.x_pad_token = nn.Parameter(torch.empty(1, cfg.dim))
         self.cap_pad_token = nn.Parameter(torch.empty(1, cfg.dim))
         self.layers = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_layers)])
-        self.block_runner: BlockRunner = resident
+        self.runner: Runner = Resident([*self.noise_refiner, *self.context_refiner, *self.layers])
 
-    def blocks(self) -> list[nn.Module]:
-        """The 34 blocks in execution order: what the streamer moves; the rest stays resident."""
-        return [*self.noise_refiner, *self.context_refiner, *self.layers]
+    def schedule(self) -> list[Block]:
+        """The 34 blocks in execution order: what the planner sizes and placement places; the rest stays resident."""
+        return schedule_of(self, BLOCK_LISTS)
 
     def set_attention_chunk(self, chunk: int | None) -> None:
-        for block in self.blocks():
-            block.attention.chunk = chunk
+        for block in self.schedule():
+            block.module.attention.chunk = chunk
 
     def _embed(self, latent: torch.Tensor, cap_feats: torch.Tensor, adaln: torch.Tensor) -> _Item:
         cfg, p = self.cfg, self.cfg.patch_size
@@ -241,18 +233,18 @@ class ZImageDiT(nn.Module):
         img_spans, cap_spans = [it.img.shape[0] for it in items], [it.cap.shape[0] for it in items]
         img, img_rope = _joined([it.img for it in items]), _joined([it.img_rope for it in items])
         cap, cap_rope = _joined([it.cap for it in items]), _joined([it.cap_rope for it in items])
-        blocks = self.block_runner(self.blocks())
-        for _ in range(cfg.n_refiner_layers):
-            img = next(blocks)(img, img_rope, img_spans, adaln)
-        for _ in range(cfg.n_refiner_layers):
-            cap = next(blocks)(cap, cap_rope, cap_spans)
-        # Unified sequence of each item: its image tokens first, then its caption tokens.
-        pairs = list(zip(img.split(img_spans), cap.split(cap_spans), strict=True))
-        x = _joined([torch.cat(pair) for pair in pairs])
-        rope = _joined([torch.cat([it.img_rope, it.cap_rope]) for it in items])
-        spans = [i + c for i, c in zip(img_spans, cap_spans, strict=True)]
-        for block in blocks:
-            x = block(x, rope, spans, adaln)
+        with self.runner.run() as blocks:
+            for _ in range(cfg.n_refiner_layers):
+                img = next(blocks)(img, img_rope, img_spans, adaln)
+            for _ in range(cfg.n_refiner_layers):
+                cap = next(blocks)(cap, cap_rope, cap_spans)
+            # Unified sequence of each item: its image tokens first, then its caption tokens.
+            pairs = list(zip(img.split(img_spans), cap.split(cap_spans), strict=True))
+            x = _joined([torch.cat(pair) for pair in pairs])
+            rope = _joined([torch.cat([it.img_rope, it.cap_rope]) for it in items])
+            spans = [i + c for i, c in zip(img_spans, cap_spans, strict=True)]
+            for block in blocks:
+                x = block(x, rope, spans, adaln)
         final = self.all_final_layer[cfg.embedder_key]
         out = []
         c, h, w = latents.shape[1:]

@@ -2,9 +2,68 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Block:
+    """One entry of a model's block schedule: what the planner sizes and placement keeps or streams."""
+
+    name: str  # module path in the model: "layers.3"
+    module: nn.Module
+    tensors: tuple[str, ...]  # its tensors' names in the model's state dict ("layers.3.attention.to_q.weight")
+
+
+def schedule_of(model: nn.Module, lists: Sequence[str]) -> list[Block]:
+    """The blocks of the ModuleLists named in `lists`, in that order: the model's execution order."""
+    out = []
+    for attr in lists:
+        for i, module in enumerate(getattr(model, attr)):
+            name = f"{attr}.{i}"
+            out.append(Block(name, module, tuple(f"{name}.{k}" for k in module.state_dict(keep_vars=True))))
+    return out
+
+
+class Runner(Protocol):
+    """Hands a model its blocks, ready to compute, in schedule order.
+
+    `with runner.run() as blocks:` yields an iterator over the block modules; leaving the `with` (at the end, on an
+    exception, or after `stop()`) always puts every block back where it lives between passes. `stop()` ends the
+    iteration early: the remaining blocks are skipped safely (step caching, early exit).
+    """
+
+    def run(self) -> AbstractContextManager[Iterator[nn.Module]]: ...
+
+    def stop(self) -> None: ...
+
+
+class Resident:
+    """The trivial runner: every block already lives where it computes."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.modules = list(modules)
+        self._stopped = False
+
+    @contextmanager
+    def run(self) -> Iterator[Iterator[nn.Module]]:
+        self._stopped = False
+        yield self._iterate()
+
+    def _iterate(self) -> Iterator[nn.Module]:
+        for module in self.modules:
+            if self._stopped:
+                return
+            yield module
+
+    def stop(self) -> None:
+        self._stopped = True
 
 
 class RMSNorm(nn.Module):

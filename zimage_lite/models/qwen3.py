@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextEncoderConfig
-from .dit import BlockRunner, resident
-from .layers import RMSNorm, attention
+from .layers import Block, Resident, RMSNorm, Runner, attention, schedule_of
 
 
 def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,10 +74,11 @@ class Qwen3Encoder(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([Qwen3DecoderLayer(cfg) for _ in range(cfg.layers_used)])
-        self.block_runner: BlockRunner = resident
+        self.runner: Runner = Resident(self.layers)
 
-    def blocks(self) -> list[nn.Module]:
-        return list(self.layers)
+    def schedule(self) -> list[Block]:
+        """The decoder layers in execution order: what the planner sizes and placement places."""
+        return schedule_of(self, ("layers",))
 
     def forward(self, ids: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """ids (L,) → caption features (L, hidden) in `dtype` on `device`.
@@ -92,6 +92,7 @@ class Qwen3Encoder(nn.Module):
         freqs = torch.arange(ids.shape[0], dtype=torch.float32, device=device)[:, None] * inv[None]
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        for layer in self.block_runner(self.blocks()):
-            x = layer(x, cos, sin)
+        with self.runner.run() as layers:
+            for layer in layers:
+                x = layer(x, cos, sin)
         return x

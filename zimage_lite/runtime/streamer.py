@@ -14,7 +14,8 @@ A model's blocks (the DiT's 34, the text encoder's 35) are visited in execution 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,8 @@ class CudaStreamer:
     def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], device: torch.device,
                  pin: bool = True) -> None:
         self.device = device
+        self.order = list(blocks)
+        self._stopped = False
         self.cuda = device.type == "cuda"
         self.layout: dict[int, list[_Slot]] = {}
         self.host: dict[int, torch.Tensor] = {}
@@ -107,13 +110,23 @@ class CudaStreamer:
             dst[:host.numel()].copy_(host, non_blocking=True)
             self.copied[slot].record(self.copy_stream)
 
-    def __call__(self, blocks: Iterable[nn.Module]) -> Iterator[nn.Module]:
-        order = list(blocks)
+    def stop(self) -> None:
+        self._stopped = True
+
+    @contextmanager
+    def run(self) -> Iterator[Iterator[nn.Module]]:
+        self._stopped = False
+        yield self._iterate()
+
+    def _iterate(self) -> Iterator[nn.Module]:
+        order = self.order
         streamed = [b for b in order if id(b) in self.host]
         if streamed:
             self._prefetch(streamed[0], 0)
         k = 0
         for block in order:
+            if self._stopped:
+                return
             if id(block) not in self.host:
                 yield block
                 continue
@@ -137,11 +150,23 @@ class LazyBlocks:
 
     def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool],
                  materialize: Callable[[nn.Module], None]) -> None:
+        self.order = list(blocks)
         self.streamed = {id(b) for b, keep in zip(blocks, resident, strict=True) if not keep}
         self.materialize = materialize
+        self._stopped = False
 
-    def __call__(self, blocks: Iterable[nn.Module]) -> Iterator[nn.Module]:
-        for block in blocks:
+    def stop(self) -> None:
+        self._stopped = True
+
+    @contextmanager
+    def run(self) -> Iterator[Iterator[nn.Module]]:
+        self._stopped = False
+        yield self._iterate()
+
+    def _iterate(self) -> Iterator[nn.Module]:
+        for block in self.order:
+            if self._stopped:
+                return
             if id(block) not in self.streamed:
                 yield block
                 continue
