@@ -19,6 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 MAX_WORKERS = 8  # worker threads, each holding one chunk's temporaries
+# On a GPU, a weight is dequantized in chunks of this many weights into one reused output buffer, so the only
+# transient beyond the output is one chunk's temporaries (the planner counts both: runtime/plan.py).
+DEVICE_CHUNK = 1 << 20
+DEVICE_CHUNK_TEMP_BYTES = 24  # temporaries per weight of a chunk while it dequantizes (upper bound, all formats)
 
 # Pools live as long as the process: threads start once, not at every Linear, and keep their warm malloc arenas.
 # Keyed by process too: a forked child inherits the dict but not the threads, and would wait on them forever.
