@@ -112,15 +112,31 @@ def test_fp16_run_agrees_with_fp32(tiny_model):
 
 
 def test_out_of_memory_mid_run_gives_advice(tiny_model, tmp_path, capsys, monkeypatch):
+    """A real allocation failure of the CPU allocator (torch raises a plain RuntimeError there, not
+    OutOfMemoryError) mid-run: one line of advice, exit 2, nothing written."""
     def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
+        return torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: malloc fails at once, nothing is touched
 
+    with pytest.raises(RuntimeError, match="can't allocate memory"):  # precondition: not an OutOfMemoryError
+        oom()
     monkeypatch.setattr(ZImageDiT, "forward", oom)
     out = tmp_path / "o.png"
-    code = main(["run", "x", "--model", str(tiny_model), "--width", "32", "--height", "32", "--out", str(out)])
+    code = main(["run", "x", "--model", str(tiny_model), "--width", "32", "--height", "32", "--device", "cpu",
+                 "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and "out of cpu memory" in err and "peak device memory" in err and "--vram" in err
+    assert code == 2 and "out of cpu memory" in err and "peak device memory" in err and "--ram" in err
+    assert "Traceback" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tiny_model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(ZImageDiT, "forward", broken)
+    pipe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        pipe.text_to_image("x", width=32, height=32, steps=1, seed=0)
 
 
 @pytest.mark.parametrize("flag,value", [("--vram", "4XB"), ("--ram", "-1GB"), ("--ram", "")])

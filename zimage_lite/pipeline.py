@@ -27,7 +27,7 @@ from .models.vae import AutoencoderDecoder
 from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import parse_size
-from .runtime.memory import peak_bytes, reset_peak
+from .runtime.memory import is_out_of_memory, peak_bytes, reset_peak
 from .runtime.streamer import CudaStreamer, LazyBlocks
 from .sampling import combine_cfg, euler_step, get_noise, get_sigmas, guidance_active, model_time
 from .text import PromptTokenizer, Tokens
@@ -210,11 +210,14 @@ class ZImagePipeline:
         try:
             yield from self._stages(tokens, neg_tokens, width, height, steps, seed, cfg, cfg_normalization,
                                     cfg_truncation, params)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
             self._models.clear()
+            option = "--vram" if self.device.type == "cuda" else "--ram"
             raise BudgetError(
                 f"out of {self.device.type} memory under this plan:\n{plan.format_plan(self.plan)}\n"
-                "Set a smaller --vram/--ram so that more blocks stream, use a smaller quant (--dit with a Q4_K_M "
+                f"Set a smaller {option} so that more blocks stream, use a smaller quant (--dit with a Q4_K_M "
                 "or Q3_K_M file) or a lower resolution.") from None
 
     def _stages(self, tokens: Tokens, neg_tokens: Tokens | None, width: int, height: int, steps: int, seed: int,

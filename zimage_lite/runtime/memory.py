@@ -8,6 +8,15 @@ import sys
 import torch
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError
+    (torch raises a plain RuntimeError when malloc fails: "DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
