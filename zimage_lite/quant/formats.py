@@ -25,6 +25,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import CheckpointError, UnsupportedQuantError
+from . import chunks
 from .chunks import run_on
 from .kquants import K_QUANT_TYPES, quantize_k
 
@@ -282,8 +283,9 @@ def _result(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, ou
 
 def _by_chunks(rows: int, row_weights: int, device: torch.device, fill: Callable[[int, int], None]) -> None:
     """fill(start, stop) over range(rows), rows of `row_weights` weights each, in chunks of about
-    DEQUANT_CHUNK_WEIGHTS weights on CPU (chunks.py)."""
-    run_on(device, rows, max(1, DEQUANT_CHUNK_WEIGHTS // row_weights), fill)
+    DEQUANT_CHUNK_WEIGHTS weights on CPU and DEVICE_CHUNK on a GPU (chunks.py)."""
+    run_on(device, rows, max(1, DEQUANT_CHUNK_WEIGHTS // row_weights), fill,
+           device_step=max(1, chunks.DEVICE_CHUNK // row_weights))
 
 
 def quantize(t: torch.Tensor, qtype: GGMLQuantizationType | int, name: str | None = None) -> np.ndarray:
