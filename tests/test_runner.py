@@ -26,9 +26,8 @@ from zimage_lite.models.dit import ZImageDiT
 from zimage_lite.runtime.devices import CpuDevice, SimulatedDevice, SlotStateError
 from zimage_lite.runtime.placement import PlanMismatchWarning, place
 from zimage_lite.runtime.plan import PlanRequest, make_plan, minimum_budget
-from zimage_lite.runtime.streamer import PageableMemoryWarning
+from zimage_lite.runtime.streamer import PageableMemoryWarning, Streamer
 from zimage_lite.weights.components import open_dit
-from zimage_lite.weights.sources import TensorSource
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LAYOUT_TOL = 1e-5  # streamed vs resident on the CPU: the BLAS picks kernels by alignment (measured 1.8e-6)
@@ -41,11 +40,11 @@ def _dit_plan(device: str = "cuda", extra: int = 0, dtype: str = "fp32"):
     return make_plan(replace(req, budget=minimum_budget(req) + extra)).stage("dit")
 
 
-def _placed(tiny_model, stage, device, source: TensorSource | None = None) -> ZImageDiT:
+def _placed(tiny_model, stage, device) -> ZImageDiT:
     cfg, src = open_dit(tiny_model / "transformer")
     with torch.device("meta"):
         model = ZImageDiT(cfg)
-    return place(model, source or src, stage, device, torch.float32, "DiT")
+    return place(model, src, stage, device, torch.float32, "DiT")
 
 
 def _inputs(device="cpu"):
@@ -248,41 +247,19 @@ def test_plan_and_schedule_must_name_the_same_blocks(tiny_model):
         _placed(tiny_model, short, SimulatedDevice())
 
 
-class _Watched(TensorSource):
-    """A source that notes, at each read, which tensors it handed out earlier are still alive."""
-
-    def __init__(self, inner: TensorSource) -> None:
-        self.inner, self.path, self.given, self.alive_at_read = inner, inner.path, [], []
-
-    def names(self):
-        return self.inner.names()
-
-    def shape(self, name):
-        return self.inner.shape(name)
-
-    def qtype(self, name):
-        return self.inner.qtype(name)
-
-    def __contains__(self, name):
-        return name in self.inner
-
-    def get(self, name):
-        self.alive_at_read.append((name, {n for n, r in self.given if r() is not None}))
-        t = self.inner.get(name)
-        self.given.append((name, weakref.ref(t)))
-        return t
-
-
-def test_streamed_blocks_are_read_one_at_a_time(tiny_model):
+def test_streamed_blocks_are_read_one_at_a_time(tiny_model, monkeypatch):
     """Each streamed block goes from the source into its chunk before the next one is read: the component never
     exists whole in host memory."""
-    source = _Watched(open_dit(tiny_model / "transformer")[1])
-    _placed(tiny_model, _dit_plan(), SimulatedDevice(), source)
-    block_of = lambda name: name.split(".")[0] + "." + name.split(".")[1]  # noqa: E731
-    reads = [(n, alive) for n, alive in source.alive_at_read if n.startswith(("layers", "noise", "context"))]
-    assert len(reads) > 6
-    for name, alive in reads:
-        assert {block_of(n) for n in alive if n.startswith(("layers", "noise", "context"))} <= {block_of(name)}
+    pack, held = Streamer._pack, []
+
+    def watched(self, block, sizes):
+        waiting = [b for b in self.order if b is not block and id(b) not in self.host]
+        held.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in waiting))
+        pack(self, block, sizes)
+
+    monkeypatch.setattr(Streamer, "_pack", watched)
+    _placed(tiny_model, _dit_plan(), SimulatedDevice())
+    assert held == [0] * 6  # no block waiting for its turn was loaded early
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------------------------
@@ -352,7 +329,6 @@ def test_cuda_race_amplifier():
     from zimage_lite.quant.formats import quantize
     from zimage_lite.quant.qlinear import QTensor
     from zimage_lite.runtime.devices import CudaDevice
-    from zimage_lite.runtime.streamer import Streamer
 
     g = torch.Generator(device="cuda").manual_seed(0)
     side = 4096  # 9.4 MB packed per block, 75 MB streamed per pass
