@@ -24,13 +24,13 @@ GGML = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, 
 KINDS = (*(t.name for t in GGML), "int8", "nf4", "nf4-nested")
 
 
-def _packed(kind: str, shape: tuple[int, int], seed: int = 0) -> QTensor:
-    """A packed weight of `kind`: GGML types quantized from N(0, 1); bitsandbytes ones from random codes and scales
-    in the layout `bnb_sizes` gives (nf4's last block short when the size asks for it)."""
+def _packed(kind: str, shape: tuple[int, int], seed: int = 0, device: str = "cpu") -> QTensor:
+    """A packed weight of `kind` (on the CPU): GGML types quantized from N(0, 1) on `device`; bitsandbytes ones from
+    random codes and scales in the layout `bnb_sizes` gives (nf4's last block short when the size asks for it)."""
     g = torch.Generator().manual_seed(seed)
     if kind in Q.__members__:
-        qtype = Q[kind]
-        return QTensor(torch.from_numpy(quantize(torch.randn(shape, generator=g), qtype)), qtype, shape)
+        qtype, w = Q[kind], torch.randn(shape, generator=g).to(device)
+        return QTensor(torch.from_numpy(quantize(w, qtype)), qtype, shape)
     if kind == "int8":
         q = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8).view(torch.uint8)
         return QTensor(q, INT8, shape, (torch.rand(shape[0], generator=g) + 0.5,))
@@ -87,9 +87,10 @@ def _peak_bytes(fn) -> int:
 
 # Measured (this test's setup; bf16 and fp16 the same): Q8_0 4.19, Q4_0 6.00, Q4_1 5.00, Q5_0 6.00, Q5_1 5.19,
 # Q2_K 5.50, Q3_K 6.38, Q4_K 5.50, Q5_K 5.50, Q6_K 7.25, int8 4.00, nf4 6.00 (nested too) bytes per weight of a
-# chunk; DEVICE_CHUNK_TEMP_BYTES = 8 bounds them all.
-@pytest.mark.parametrize("kind,shape", [*((k, (512, 4096)) for k in KINDS),  # 2 M weights: two chunks
-                                        ("nf4-nested", (10240, 3840))])  # the DiT's FFN: per-tensor state adds up
+# chunk; DEVICE_CHUNK_TEMP_BYTES = 8 bounds them all. The FFN-sized nested nf4 weight checks that no per-tensor state
+# (its absmax, decoded for the whole weight at once before) adds up beyond one chunk.
+@pytest.mark.parametrize("kind,shape", [*(pytest.param(k, (512, 4096), id=k) for k in KINDS),  # 2 chunks
+                                        pytest.param("nf4-nested", (10240, 3840), id="nf4-nested-ffn")])
 def test_a_chunks_temporaries_stay_within_the_planned_bound(kind, shape, gpu_chunking, monkeypatch):
     w = _packed(kind, shape)
     out = torch.empty(math.prod(shape), dtype=torch.bfloat16)
@@ -136,7 +137,7 @@ def test_cuda_dequant_transient_is_the_buffer_and_one_chunk(kind, monkeypatch):
     """The FFN-sized weight of the DiT (39 M weights): the forward allocates at most one chunk's temporaries and its
     output once the buffer exists; one pass (the old way) allocates several bytes per weight of the whole weight."""
     shape = (10240, 3840)
-    w = _packed(kind, shape)
+    w = _packed(kind, shape, device="cuda")
     layer = QLinear(QTensor(w.data, w.qtype, w.shape, w.state), None).cuda()
     x = torch.randn(256, 3840, device="cuda", dtype=torch.bfloat16)
     output = 256 * 10240 * 2

@@ -23,7 +23,7 @@ from fixtures import TINY, rel_err
 import zimage_lite
 from zimage_lite.errors import OptionError
 from zimage_lite.models.dit import ZImageDiT
-from zimage_lite.runtime.devices import CpuDevice, SimulatedDevice, SlotStateError
+from zimage_lite.runtime.devices import CpuDevice, CudaDevice, SimulatedDevice, SlotStateError
 from zimage_lite.runtime.placement import PlanMismatchWarning, place
 from zimage_lite.runtime.plan import PlanRequest, make_plan, minimum_budget
 from zimage_lite.runtime.streamer import PageableMemoryWarning, Streamer
@@ -263,17 +263,29 @@ def test_streamed_blocks_are_read_one_at_a_time(tiny_model, monkeypatch):
 
 
 # ---- on a GPU -------------------------------------------------------------------------------------------------------
+class _InOrderCuda(CudaDevice):
+    """CUDA with every copy on the compute stream: in order by construction, nothing to overlap or to get wrong."""
+
+    def copy(self, dst, src) -> None:
+        dst.copy_(src)
+
+
 @cuda
 @pytest.mark.parametrize("extra", [0, 3], ids=["all-streamed", "mixed"])
 def test_cuda_streaming_equals_resident(tiny_model, extra):
+    """Side-stream copies give the bits of in-order copies (same slots, same kernels: torch.equal), and the resident
+    model's output up to the BLAS' choice of kernels by pointer alignment (slot views are 64-byte aligned)."""
     stage = _dit_plan(extra=extra * _dit_plan().slot_bytes // 2)
-    resident = _placed(tiny_model, None, torch.device("cuda"))
     model = _placed(tiny_model, stage, torch.device("cuda"))
+    assert isinstance(model.runner.device, CudaDevice) and model.runner.pageable_bytes == 0
     assert model.runner.transfer_bytes == stage.transfer_bytes > 0
     with torch.no_grad():
-        want = resident(*_inputs("cuda"))
+        in_order = _placed(tiny_model, stage, _InOrderCuda(torch.device("cuda")))(*_inputs("cuda"))
+        resident = _placed(tiny_model, None, torch.device("cuda"))(*_inputs("cuda"))
         for _ in range(3):
-            assert torch.equal(model(*_inputs("cuda")), want)
+            got = model(*_inputs("cuda"))
+            assert torch.equal(got, in_order)
+        assert rel_err(got, resident) < LAYOUT_TOL
 
 
 @cuda
@@ -328,7 +340,6 @@ def test_cuda_race_amplifier():
     from zimage_lite.models.layers import Resident
     from zimage_lite.quant.formats import quantize
     from zimage_lite.quant.qlinear import QTensor
-    from zimage_lite.runtime.devices import CudaDevice
 
     g = torch.Generator(device="cuda").manual_seed(0)
     side = 4096  # 9.4 MB packed per block, 75 MB streamed per pass
@@ -357,4 +368,5 @@ def test_cuda_pipeline_streams_under_a_tiny_budget(tiny_model):
     pipe.vram = minimum_budget(request) + request.headroom  # the smallest --vram this run accepts
     streamed = np.asarray(pipe.text_to_image("x", **kwargs))
     assert pipe.plan.stage("dit").streamed  # precondition: the budget really streams
-    assert np.array_equal(streamed, resident)
+    # the DiT's output differs by ~1e-6 (kernels chosen by alignment), which may round a pixel the other way
+    assert np.abs(streamed.astype(int) - resident).max() <= 1
