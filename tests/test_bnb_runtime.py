@@ -26,7 +26,8 @@ from zimage_lite.models.dit import ZImageDiT
 from zimage_lite.quant import formats
 from zimage_lite.quant.formats import INT8, BnbType, dequantize
 from zimage_lite.quant.qlinear import QLinear, QTensor
-from zimage_lite.runtime.streamer import CudaStreamer
+from zimage_lite.runtime.devices import CpuDevice
+from zimage_lite.runtime.streamer import Streamer
 from zimage_lite.weights.components import open_component, open_dit
 from zimage_lite.weights.inspect import describe
 from zimage_lite.weights.load import load_module
@@ -37,11 +38,6 @@ F = bitsandbytes.functional
 ST = "diffusion_pytorch_model.safetensors"
 FORWARD_TOL = {"int8": 0.03, "nf4": 0.30, "nf4-nested": 0.30}  # relative L2 vs F32; measured 0.014, 0.185
 IMAGE_TOL = 2.0  # int8 vs F32 render: mean |diff| in 8-bit levels (measured 0.5)
-
-
-def _all_streamed(model):
-    blocks = [b.module for b in model.schedule()]
-    return blocks, [False] * len(blocks)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +166,8 @@ def test_dit_forward_within_bound(folders, kq_model, kind):
         assert float((got - want).norm() / want.norm()) < FORWARD_TOL[kind]
         assert rel_err(got, exact(x, t, caps)) < 1e-5
         # the streamer's device slots carry the scale buffers along with the packed bytes
-        model.runner = CudaStreamer(*_all_streamed(model), torch.device("cpu"))
+        blocks = [b.module for b in model.schedule()]
+        model.runner = Streamer(blocks, [True] * len(blocks), CpuDevice())
         assert rel_err(model(x, t, caps), got) < 1e-5
 
 

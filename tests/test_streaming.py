@@ -15,17 +15,13 @@ from zimage_lite.cli import main
 from zimage_lite.errors import BudgetError, NumericsError
 from zimage_lite.models.dit import ZImageDiT
 from zimage_lite.models.vae import AutoencoderDecoder
-from zimage_lite.runtime.streamer import CudaStreamer
+from zimage_lite.runtime.devices import CpuDevice
+from zimage_lite.runtime.streamer import Streamer
 from zimage_lite.weights.components import open_dit, open_vae
 from zimage_lite.weights.load import load_module
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SEAM_TOL = 2.0  # 8-bit levels: tiled vs untiled decode
-
-
-def _all_streamed(model):
-    blocks = [b.module for b in model.schedule()]
-    return blocks, [False] * len(blocks)
 
 
 def _load(cls, opener, path, dtype=torch.float32, device="cpu"):
@@ -54,18 +50,19 @@ def test_cpu_streaming_renders_the_resident_image(tiny_model):
 
 
 def test_block_slots_give_the_resident_output(tiny_model):
-    """The CUDA streamer's slot bookkeeping (pinned host buffers, two alternating device slots), run on the CPU."""
+    """The streamer's slot bookkeeping (blocks in host chunks, two alternating device slots), on the CPU device."""
     ref = _load(ZImageDiT, open_dit, tiny_model / "transformer")
     model = _load(ZImageDiT, open_dit, tiny_model / "transformer")
     blocks = [b.module for b in model.schedule()]
-    resident = [i % 3 == 0 for i in range(len(blocks))]
-    streamer = CudaStreamer(blocks, resident, torch.device("cpu"))
+    streamed = [i % 3 != 0 for i in range(len(blocks))]
+    streamer = Streamer(blocks, streamed, CpuDevice())
     model.runner = streamer
-    assert streamer.streamed_bytes > 0 and len(streamer.slots) == 2
+    assert streamer.transfer_bytes > 0 and len(streamer.slots) == 2
     x, t, caps = _inputs()
     with torch.no_grad():
         want = ref(x, t, caps)
-        # Not bit-exact: the BLAS picks kernels by pointer alignment, and slot views align differently (~1e-6).
+        # Not bit-exact: the BLAS picks kernels by pointer alignment, and slot views align differently (measured
+        # 1.8e-6; tolerance 1e-5).
         assert rel_err(model(x, t, caps), want) < 1e-5
         assert rel_err(model(x, t, caps), want) < 1e-5  # a second step reuses the same slots
 
@@ -184,23 +181,6 @@ def test_nan_check_advises(tiny_model):
 
     with pytest.raises(NumericsError, match="bf16"):
         euler_step(torch.zeros(1), torch.tensor([float("nan")]), torch.tensor(1.0), torch.tensor(0.5))
-
-
-@cuda
-def test_cuda_streaming_matches_resident(tiny_model):
-    ref = _load(ZImageDiT, open_dit, tiny_model / "transformer", device="cuda")
-    model = _load(ZImageDiT, open_dit, tiny_model / "transformer")
-    for child in model.children():
-        if not isinstance(child, torch.nn.ModuleList):
-            child.to("cuda")
-    for name, p in list(model._parameters.items()):
-        model._parameters[name] = torch.nn.Parameter(p.cuda(), requires_grad=False)
-    model.runner = CudaStreamer(*_all_streamed(model), torch.device("cuda"))
-    x, t, caps = _inputs()
-    with torch.no_grad():
-        want = ref(x.cuda(), t.cuda(), [c.cuda() for c in caps])
-        got = model(x.cuda(), t.cuda(), [c.cuda() for c in caps])
-    assert torch.equal(got, want)
 
 
 @cuda

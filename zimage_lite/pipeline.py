@@ -28,16 +28,15 @@ from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import parse_size
 from .runtime.memory import is_out_of_memory, peak_bytes, reset_peak
-from .runtime.streamer import CudaStreamer, LazyBlocks
+from .runtime.placement import place
 from .sampling import combine_cfg, euler_step, get_noise, get_sigmas, guidance_active, model_time
 from .text import PromptTokenizer, Tokens
 from .weights.components import ModelFiles, open_dit, open_text_encoder, open_vae, resolve_model, scheduler_config
-from .weights.load import load_module, tensor_names
-from .weights.sources import RenamedSource, TensorSource
+from .weights.load import load_module
+from .weights.sources import TensorSource
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-HOST_ONLY = ("embed_tokens",)  # Qwen3's 0.4 G-param table stays on the host: only the prompt's rows move
 
 
 @dataclass
@@ -135,51 +134,23 @@ class ZImagePipeline:
         if which == "vae":
             model = load_module(model, src, self.vae_dtype, self.device, label)
         else:
-            model = self._load_blocks(model, src, stage, label)
+            model = place(model, src, stage, self.device, self.dtype, label)
             if which == "dit" and stage is not None:
                 model.set_attention_chunk(stage.attention_chunk if stage.attention == "chunked" else None)
         self._models[which] = model
         return model
 
-    def _load_blocks(self, model: torch.nn.Module, src: TensorSource, stage: plan.StagePlan | None,
-                     label: str) -> torch.nn.Module:
-        """Load a block model under the plan: resident blocks on the device, the others streamed."""
-        names = {id(m): n for n, m in model.named_modules()}
-        blocks = [b.module for b in model.schedule()]
-        streamed = set(stage.streamed) if stage else set()
-        resident = [names[id(b)] not in streamed for b in blocks]
-        if self.device.type == "cpu" and streamed:
-            # Streamed blocks stay unloaded and are read from the memory map at each use.
-            all_names = tensor_names(model)
-            subs = {}  # block → a view of the source under the block's own names
-            for b, keep in zip(blocks, resident, strict=True):
-                if not keep:
-                    prefix = names[id(b)] + "."
-                    subs[id(b)] = RenamedSource(src, {n[len(prefix):]: n for n in all_names if n.startswith(prefix)})
-            lazy = tuple(names[id(b)] + "." for b in blocks if id(b) in subs)
-            load_module(model, src, self.dtype, "cpu", label, only=[n for n in all_names if not n.startswith(lazy)])
-
-            def materialize(block: torch.nn.Module) -> None:
-                load_module(block, subs[id(block)], self.dtype, "cpu", f"{label} block {names[id(block)]}")
-
-            model.runner = LazyBlocks(blocks, resident, materialize)
-            return model
-        load_module(model, src, self.dtype, "cpu", label)
-        if self.device.type != "cpu":
-            for name, child in model.named_children():
-                if name not in HOST_ONLY and not isinstance(child, torch.nn.ModuleList):
-                    child.to(self.device)
-            for name, p in list(model._parameters.items()):
-                model._parameters[name] = torch.nn.Parameter(p.to(self.device), requires_grad=False)
-            model.runner = CudaStreamer(blocks, resident, self.device)
-        return model
-
     def _release(self, which: str) -> None:
-        if not self.keep_loaded:
-            self._models.pop(which, None)
-            release_scratch()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        """The end of a stage: free the component (its pinned host chunks first) and the dequantize scratch."""
+        if self.keep_loaded:
+            return
+        model = self._models.pop(which, None)
+        close = getattr(getattr(model, "runner", None), "close", None)
+        if close is not None:
+            close()
+        release_scratch()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
     def encode(self, prompt: str) -> torch.Tensor:

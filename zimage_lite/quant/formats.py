@@ -25,6 +25,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import CheckpointError, UnsupportedQuantError
+from . import chunks
 from .chunks import run_on
 from .kquants import K_QUANT_TYPES, quantize_k
 
@@ -282,8 +283,9 @@ def _result(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, ou
 
 def _by_chunks(rows: int, row_weights: int, device: torch.device, fill: Callable[[int, int], None]) -> None:
     """fill(start, stop) over range(rows), rows of `row_weights` weights each, in chunks of about
-    DEQUANT_CHUNK_WEIGHTS weights on CPU (chunks.py)."""
-    run_on(device, rows, max(1, DEQUANT_CHUNK_WEIGHTS // row_weights), fill)
+    DEQUANT_CHUNK_WEIGHTS weights on CPU and DEVICE_CHUNK on a GPU (chunks.py)."""
+    run_on(device, rows, max(1, DEQUANT_CHUNK_WEIGHTS // row_weights), fill,
+           device_step=max(1, chunks.DEVICE_CHUNK // row_weights))
 
 
 def quantize(t: torch.Tensor, qtype: GGMLQuantizationType | int, name: str | None = None) -> np.ndarray:
@@ -364,12 +366,19 @@ def _bnb_int8(raw: torch.Tensor, shape: tuple[int, ...], scb: torch.Tensor, resu
     return out
 
 
+def _absmax(qtype: BnbType, state: tuple[torch.Tensor, ...], start: int, stop: int) -> torch.Tensor:
+    """fp32 absmax of 4-bit blocks start..stop. Nested: nested code[q] * nested absmax of its run + offset, in
+    bitsandbytes' order, for these blocks only (a chunk's temporaries stay a chunk's)."""
+    absmax = state[0].reshape(-1)[start:stop]
+    if not qtype.nested:
+        return absmax
+    nested_absmax, nested_code, offset = state[2:]
+    run = torch.arange(start, stop, device=absmax.device) // qtype.nested_blocksize
+    return nested_code.float().index_select(0, absmax.int()).mul_(nested_absmax[run]).add_(offset)
+
+
 def _bnb_4bit(raw: torch.Tensor, qtype: BnbType, state: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-    absmax, code = state[0], state[1]
-    if qtype.nested:  # absmax = nested code[q] * nested absmax per block, + offset (bitsandbytes' order)
-        nested_absmax, nested_code, offset = state[2:]
-        absmax = _blockwise(nested_code.float().index_select(0, absmax.reshape(-1).int()), nested_absmax,
-                            qtype.nested_blocksize).add_(offset)
+    code = state[1]
     # One gather per byte instead of one per nibble (3840x3840, one CPU thread: 40 ms instead of 160): a table of each
     # byte's two values, high nibble first, read as one 8-byte integer so that the gather only copies bits.
     i = torch.arange(256, device=raw.device)
@@ -379,9 +388,9 @@ def _bnb_4bit(raw: torch.Tensor, qtype: BnbType, state: tuple[torch.Tensor, ...]
     def fill(start: int, stop: int) -> None:  # absmax blocks start..stop
         first, last = start * bs, min(stop * bs, n)
         values = pairs.index_select(0, data[first // 2:(last + 1) // 2].int()).view(torch.float32)
-        out[first:last] = _blockwise(values[:last - first], absmax[start:stop], bs)
+        out[first:last] = _blockwise(values[:last - first], _absmax(qtype, state, start, stop), bs)
 
-    _by_chunks(absmax.numel(), bs, raw.device, fill)
+    _by_chunks(state[0].numel(), bs, raw.device, fill)
     return out
 
 

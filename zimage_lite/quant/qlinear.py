@@ -21,22 +21,34 @@ from .formats import FLOAT_TYPES, INT8, BnbType, dequantize
 
 QType = GGMLQuantizationType | BnbType
 
-_scratch = threading.local()  # CPU: the reused buffer each QLinear dequantizes into, one per thread
+# The reused buffer each QLinear dequantizes its weight into (the dequantize scratch of the memory plan): on CPU one
+# per thread (the chunk workers of chunks.py fill it together); on a GPU one per device, as its compute stream runs
+# one Linear at a time.
+_cpu = threading.local()
+_on_devices: dict[torch.device, torch.Tensor] = {}
 
 
-def _cpu_scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """A flat CPU buffer of at least n `dtype` elements, kept for the next call: the one dequantize scratch of the
-    memory plan. Grows to the largest weight seen (Z-Image's FFN: 39M weights, 79 MB in bf16)."""
-    buf = getattr(_scratch, "buf", None)
+def _held() -> dict[torch.device, torch.Tensor]:
+    if not hasattr(_cpu, "held"):
+        _cpu.held = {}
+    return _cpu.held
+
+
+def dequant_scratch(device: torch.device, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of at least n `dtype` elements on `device`, kept for the next call. Grows to the largest
+    weight seen (Z-Image's FFN: 39M weights, 79 MB in bf16); the old buffer is freed before a new one exists."""
+    held = _held() if device.type == "cpu" else _on_devices
+    buf = held.get(device)
     if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = _scratch.buf = None  # drop both references: the old buffer is freed before the new one exists
-        buf = _scratch.buf = torch.empty(n, dtype=dtype)
+        buf = held[device] = None  # drop both references first
+        buf = held[device] = torch.empty(n, dtype=dtype, device=device)
     return buf
 
 
 def release_scratch() -> None:
-    """Free this thread's dequantize buffer (when a stage's model is freed)."""
-    _scratch.buf = None
+    """Free this thread's CPU buffer and every device's buffer (when a stage's model is freed)."""
+    _held().clear()
+    _on_devices.clear()
 
 
 @dataclass(frozen=True)
@@ -105,9 +117,9 @@ class QLinear(nn.Module):
         return self.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On CPU into the reused buffer (the weight is dead once F.linear returns); a GPU's caching allocator
-        # already reuses the memory of the previous weight.
-        out = _cpu_scratch(math.prod(self.shape), x.dtype) if self.weight.device.type == "cpu" else None
+        # Into the reused buffer (the weight is dead once F.linear returns): on a GPU in chunks of DEVICE_CHUNK
+        # weights, so the transient is this buffer and one chunk's temporaries (formats.dequantize).
+        out = dequant_scratch(self.weight.device, math.prod(self.shape), x.dtype)
         w = dequantize(self.weight, self.qtype, self.shape, x.dtype, state=self.state, out=out)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

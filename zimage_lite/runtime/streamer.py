@@ -1,19 +1,24 @@
 """Block streaming: run a model whose blocks do not all fit where they compute.
 
-A model's blocks (the DiT's 34, the text encoder's 35) are visited in execution order through a runner,
-`runner(blocks) -> iterator of ready blocks`. The memory plan decides which blocks stay resident; the others:
+A model's blocks (the DiT's 34, the text encoder's 35) are visited in schedule order through a runner
+(`models.layers.Runner`: `with runner.run() as blocks: for block in blocks: ...`). The memory plan decides which
+blocks stay resident; the others:
 
-- `CudaStreamer`: live in host memory, packed into one pinned buffer per block (still quantized, so a Q4_K block
-  is 0.10 GB instead of 0.36 GB), and visit the GPU through two device slots. While block i computes on the
-  current stream, block i+1 is copied into the other slot on a side stream; CUDA events order the two (the
-  compute waits for its copy, a copy waits until the slot's previous block has finished computing). The plan is
-  made once, so the same blocks are copied every step and a resident block is never copied again.
-- `LazyBlocks` (CPU): stay unloaded (on the `meta` device) and are read from the memory-mapped checkpoint just
-  before they run and dropped right after, so at most one streamed block is held at a time.
+- `Streamer` (a GPU, written against `devices.Device`): live in host memory, still packed (a Q4_K block is 0.10 GB
+  instead of 0.36 GB), in large pinned chunks as `memory.pinned_layout` places them, and visit the device through
+  two device slots. While block i computes, block i+1 is copied into the other slot on the copy stream; events order
+  the two (the compute waits for its copy; a copy waits until the compute has finished with its slot's previous
+  block). The plan is made once, so the same blocks are copied every pass and a resident block never moves.
+- `LazyBlocks` (the CPU): stay unloaded (on `meta`) and are read from the memory-mapped checkpoint just before they
+  run and dropped right after, so at most one streamed block is held at a time.
+
+Both restore every block in a `finally` when a pass ends, whether it ran to the end, raised, was left by `break`,
+or was cut short by `stop()`; and the streamer leaves no copy in flight.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,11 +26,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ALIGN = 64  # bytes; every tensor view inside a block buffer starts on this boundary
+from .budget import format_size
+from .devices import Device
+from .memory import aligned, pinned_layout
+
+N_SLOTS = 2  # copy block i+1 while block i computes
+
+
+class PageableMemoryWarning(UserWarning):
+    """Pinning host memory failed; streamed blocks use pageable memory (slower copies that do not overlap)."""
 
 
 @dataclass(frozen=True)
-class _Slot:
+class _Tensor:
+    """Where one parameter or buffer of a streamed block lives inside the block's bytes."""
+
     owner: nn.Module
     leaf: str
     is_buffer: bool
@@ -34,124 +49,217 @@ class _Slot:
     offset: int
     nbytes: int
 
+    def point_into(self, buf: torch.Tensor) -> None:
+        """Make the tensor a view of `buf` (the block's host bytes or a device slot) at its offset."""
+        view = buf[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+        if self.is_buffer:
+            self.owner._buffers[self.leaf] = view
+        else:
+            self.owner._parameters[self.leaf] = nn.Parameter(view, requires_grad=False)
 
-def _tensors(block: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
-    out = []
+    def drop(self) -> None:
+        """Leave only the tensor's shape behind (on `meta`), so nothing references the host bytes any more."""
+        empty = torch.empty(self.shape, dtype=self.dtype, device="meta")
+        if self.is_buffer:
+            self.owner._buffers[self.leaf] = empty
+        else:
+            self.owner._parameters[self.leaf] = nn.Parameter(empty, requires_grad=False)
+
+
+def _layout(block: nn.Module) -> tuple[list[_Tensor], int]:
+    """Every parameter and buffer of `block` (packed weights, their scales, norms, biases) at ALIGN-ed offsets, and
+    the block's bytes."""
+    out, size = [], 0
     for module in block.modules():
-        out += [(module, k, False, v) for k, v in module._parameters.items() if v is not None]
-        out += [(module, k, True, v) for k, v in module._buffers.items() if v is not None]
-    return out
+        for is_buffer, tensors in ((False, module._parameters), (True, module._buffers)):
+            for leaf, t in tensors.items():
+                if t is not None:
+                    nbytes = t.numel() * t.element_size()
+                    out.append(_Tensor(module, leaf, is_buffer, t.dtype, t.shape, size, nbytes))
+                    size += aligned(nbytes)
+    return out, size
 
 
-def _assign(s: _Slot, buf: torch.Tensor) -> None:
-    view = buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
-    if s.is_buffer:
-        s.owner._buffers[s.leaf] = view
-    else:
-        s.owner._parameters[s.leaf] = nn.Parameter(view, requires_grad=False)
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def _pin(nbytes: int, pin: bool) -> torch.Tensor:
-    if pin:
-        try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError:  # pinning can fail when the OS limits locked memory: fall back to pageable memory
-            pass
-    return torch.empty(nbytes, dtype=torch.uint8)
+class Streamer:
+    """Resident blocks on the device; streamed blocks in pinned host chunks, through two device slots.
 
-
-class CudaStreamer:
-    """Resident blocks on the device; streamed blocks in pinned host buffers, through two device slots.
-
-    Works on a CPU "device" too (copies are then synchronous), which is how its bookkeeping is tested without a GPU.
+    `blocks` in schedule order; `streamed[i]` says whether block i streams. Resident blocks must already be on the
+    device. Each streamed block is filled on the host by `load(block)` when given (one block at a time, straight
+    from the source), then copied into its place in the pinned chunks; from then on it points there between passes.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool], device: torch.device,
-                 pin: bool = True) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], streamed: Sequence[bool], device: Device,
+                 load: Callable[[nn.Module], None] | None = None) -> None:
         self.device = device
         self.order = list(blocks)
-        self._stopped = False
-        self.cuda = device.type == "cuda"
-        self.layout: dict[int, list[_Slot]] = {}
-        self.host: dict[int, torch.Tensor] = {}
-        for block, keep in zip(blocks, resident, strict=True):
-            if keep:
-                block.to(device)
-                continue
-            slots, size = [], 0
-            for owner, leaf, is_buffer, t in _tensors(block):
-                nbytes = t.numel() * t.element_size()
-                slots.append(_Slot(owner, leaf, is_buffer, t.dtype, t.shape, size, nbytes))
-                size += -(-nbytes // ALIGN) * ALIGN
-            host = _pin(size, pin and self.cuda)
-            for s, (_, _, _, t) in zip(slots, _tensors(block), strict=True):
-                host[s.offset:s.offset + s.nbytes].copy_(t.detach().reshape(-1).view(torch.uint8))
-                _assign(s, host)  # the block now points into the pinned buffer; the old copy is freed
-            self.layout[id(block)], self.host[id(block)] = slots, host
-        slot_bytes = max((h.numel() for h in self.host.values()), default=0)
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(2 if slot_bytes else 0)]
-        if self.cuda and self.slots:
-            self.copy_stream = torch.cuda.Stream(device)
-            self.copied = [torch.cuda.Event(), torch.cuda.Event()]
-            self.freed = [torch.cuda.Event(), torch.cuda.Event()]
+        self.layout: dict[int, list[_Tensor]] = {}
+        self.host: dict[int, torch.Tensor] = {}  # block -> its bytes: a view of one pinned chunk
+        self.chunks: list[torch.Tensor] = []
+        self.pageable_bytes = 0  # host bytes that could not be pinned (see PageableMemoryWarning)
+        self._stopped = self._running = self._closed = False
+        sizes: list[int] = []
+        for block, stream in zip(self.order, streamed, strict=True):
+            if stream:
+                if load is not None:
+                    load(block)
+                self._pack(block, sizes)
+        if self.pageable_bytes:
+            warnings.warn(PageableMemoryWarning(
+                f"could not pin {format_size(self.pageable_bytes)} of host memory for streamed blocks; using pageable "
+                "memory instead: each copy to the GPU goes through a staging buffer at about half the speed and holds "
+                "the CPU until it is done, so copies hide less behind compute. Raise the locked-memory limit "
+                "(`ulimit -l unlimited`, memlock in /etc/security/limits.conf, or docker --ulimit memlock=-1) or "
+                "free host memory."), stacklevel=2)
+        largest = max((h.numel() for h in self.host.values()), default=0)
+        self.slots = [device.device_buffer(largest) for _ in range(N_SLOTS if largest else 0)]
+        self.copied = [device.event() for _ in self.slots]  # recorded on the copy stream after each fill
+        self.freed = [device.event() for _ in self.slots]  # recorded on the compute stream after each use
+        self._filling = [False for _ in self.slots]  # a copy issued that the compute stream has not waited for
+
+    # ---- packing: the host side ---------------------------------------------------------------------------------
+    def _pack(self, block: nn.Module, sizes: list[int]) -> None:
+        """Copy a loaded block into its place in the chunks (opening a chunk when pinned_layout does); the block
+        then points there and the memory it was loaded into is freed."""
+        layout, size = _layout(block)
+        sizes.append(size)
+        places, chunk_bytes = pinned_layout(sizes)
+        for nbytes in chunk_bytes[len(self.chunks):]:
+            self.chunks.append(self._host_chunk(nbytes))
+        chunk, offset = places[-1]
+        host = self.chunks[chunk][offset:offset + size]
+        for t in layout:
+            host[t.offset:t.offset + t.nbytes].copy_(_bytes_of(getattr(t.owner, t.leaf)))
+            t.point_into(host)
+        self.layout[id(block)], self.host[id(block)] = layout, host
+
+    def _host_chunk(self, nbytes: int) -> torch.Tensor:
+        pin = self.device.pins and not self.pageable_bytes  # once pinning failed, do not retry for every chunk
+        if pin:
+            try:
+                return self.device.host_buffer(nbytes, pin=True)
+            except RuntimeError:
+                pass
+        if self.device.pins:
+            self.pageable_bytes += nbytes
+        return self.device.host_buffer(nbytes, pin=False)
+
+    # ---- figures the placement checks against the plan ----------------------------------------------------------
+    @property
+    def slot_bytes(self) -> int:
+        """Device bytes of all slots together."""
+        return sum(s.numel() for s in self.slots)
 
     @property
-    def streamed_bytes(self) -> int:
+    def transfer_bytes(self) -> int:
         """Bytes copied to the device per pass over the blocks."""
         return sum(h.numel() for h in self.host.values())
 
-    def _prefetch(self, block: nn.Module, slot: int) -> None:
-        host, dst = self.host[id(block)], self.slots[slot]
-        if not self.cuda:
-            dst[:host.numel()].copy_(host)
-            return
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.freed[slot])  # the slot's previous block has finished computing
-            dst[:host.numel()].copy_(host, non_blocking=True)
-            self.copied[slot].record(self.copy_stream)
+    @property
+    def host_bytes(self) -> int:
+        """Host bytes of the chunks (pinned unless `pageable_bytes`)."""
+        return sum(c.numel() for c in self.chunks)
 
+    # ---- a pass ---------------------------------------------------------------------------------------------------
     def stop(self) -> None:
+        """End the current pass after the block that is computing: the rest are skipped."""
         self._stopped = True
 
     @contextmanager
     def run(self) -> Iterator[Iterator[nn.Module]]:
-        self._stopped = False
-        yield self._iterate()
+        if self._closed:
+            raise RuntimeError("this streamer was closed at the end of its stage; place the model again")
+        if self._running:
+            raise RuntimeError("a pass over the blocks is already running")
+        self._stopped, self._running = False, True
+        blocks = self._iterate()
+        try:
+            yield blocks
+        finally:
+            blocks.close()  # runs the pass's own finally: the current block back to the host, copies drained
+            self._running = False
 
     def _iterate(self) -> Iterator[nn.Module]:
-        order = self.order
-        streamed = [b for b in order if id(b) in self.host]
-        if streamed:
-            self._prefetch(streamed[0], 0)
+        streamed = [b for b in self.order if id(b) in self.host]
         k = 0
-        for block in order:
-            if self._stopped:
-                return
-            if id(block) not in self.host:
-                yield block
-                continue
-            slot = k % 2
-            if k + 1 < len(streamed):
-                self._prefetch(streamed[k + 1], 1 - slot)  # overlaps with this block's compute
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
-            for s in self.layout[id(block)]:
-                _assign(s, self.slots[slot])
-            yield block
-            if self.cuda:
-                self.freed[slot].record(torch.cuda.current_stream(self.device))
-            for s in self.layout[id(block)]:
-                _assign(s, self.host[id(block)])
-            k += 1
+        try:
+            if streamed:
+                self._prefetch(streamed[0], 0)
+            for block in self.order:
+                if self._stopped:
+                    return
+                if id(block) not in self.host:
+                    yield block
+                    continue
+                slot = k % N_SLOTS
+                if k + 1 < len(streamed):
+                    self._prefetch(streamed[k + 1], 1 - slot)  # overlaps with this block's compute
+                self._acquire(block, slot)
+                try:
+                    yield block
+                finally:
+                    self._release(block, slot)
+                k += 1
+        finally:
+            self._drain()
+
+    def _prefetch(self, block: nn.Module, slot: int) -> None:
+        host = self.host[id(block)]
+        self.device.wait(self.freed[slot], "copy")  # the slot's previous block has finished computing
+        self.device.copy(self.slots[slot][:host.numel()], host)
+        self.device.record(self.copied[slot], "copy")
+        self._filling[slot] = True
+
+    def _acquire(self, block: nn.Module, slot: int) -> None:
+        self.device.wait(self.copied[slot], "compute")  # the block's bytes have landed
+        self._filling[slot] = False
+        self.device.compute_on(self.slots[slot])
+        for t in self.layout[id(block)]:
+            t.point_into(self.slots[slot])
+
+    def _release(self, block: nn.Module, slot: int) -> None:
+        for t in self.layout[id(block)]:
+            t.point_into(self.host[id(block)])
+        self.device.compute_done(self.slots[slot])
+        self.device.record(self.freed[slot], "compute")
+
+    def _drain(self) -> None:
+        """A pass that ended early may leave a prefetch in flight: the compute stream waits for it (no host sync),
+        and hands the slot back."""
+        for slot, filling in enumerate(self._filling):
+            if filling:
+                self.device.wait(self.copied[slot], "compute")
+                self.device.record(self.freed[slot], "compute")
+                self._filling[slot] = False
+
+    # ---- the end of a stage -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the pinned chunks and the slots: streamed blocks are left on `meta`. The streamer cannot run again."""
+        if self._running:
+            raise RuntimeError("close() during a pass: leave the `with runner.run()` first")
+        self.device.synchronize()
+        for layout in self.layout.values():
+            for t in layout:
+                t.drop()
+        self.host.clear()
+        self.chunks.clear()
+        self.slots.clear()
+        self.copied.clear()
+        self.freed.clear()
+        self._closed = True
+        self.device.release_host_cache()
 
 
 class LazyBlocks:
     """CPU streaming: streamed blocks are materialised from the checkpoint just before use and dropped after."""
 
-    def __init__(self, blocks: Sequence[nn.Module], resident: Sequence[bool],
+    def __init__(self, blocks: Sequence[nn.Module], streamed: Sequence[bool],
                  materialize: Callable[[nn.Module], None]) -> None:
         self.order = list(blocks)
-        self.streamed = {id(b) for b, keep in zip(blocks, resident, strict=True) if not keep}
+        self.streamed = {id(b) for b, s in zip(blocks, streamed, strict=True) if s}
         self.materialize = materialize
         self._stopped = False
 
@@ -161,7 +269,11 @@ class LazyBlocks:
     @contextmanager
     def run(self) -> Iterator[Iterator[nn.Module]]:
         self._stopped = False
-        yield self._iterate()
+        blocks = self._iterate()
+        try:
+            yield blocks
+        finally:
+            blocks.close()
 
     def _iterate(self) -> Iterator[nn.Module]:
         for block in self.order:
@@ -170,6 +282,11 @@ class LazyBlocks:
             if id(block) not in self.streamed:
                 yield block
                 continue
-            self.materialize(block)
-            yield block
-            block.to("meta")  # drop the weights: the next streamed block reuses the memory
+            try:
+                self.materialize(block)
+                yield block
+            finally:
+                block.to("meta")  # drop the weights: the next streamed block reuses the memory
+
+    def close(self) -> None:
+        """Nothing is held between passes."""
