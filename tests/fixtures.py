@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -72,7 +73,9 @@ def optional(name: str) -> tuple[ModuleType | None, pytest.MarkDecorator]:
     mark the ones that do.
     """
     try:
-        module = importlib.import_module(name)
+        with warnings.catch_warnings():  # as importorskip: a library's import-time deprecations are not ours
+            warnings.simplefilter("ignore")
+            module = importlib.import_module(name)
     except ImportError:
         module = None
     return module, pytest.mark.skipif(module is None, reason=f"needs {name}, which is not installed")
