@@ -20,7 +20,7 @@ import zimage_lite
 from zimage_lite.cli import main
 from zimage_lite.models.qwen3 import Qwen3Encoder
 from zimage_lite.quant.formats import quantize
-from zimage_lite.quant.qlinear import QEmbedding, QLinear, QTensor
+from zimage_lite.quant.qlinear import QEmbedding, QLinear, QTensor, release_scratch
 from zimage_lite.weights.components import open_text_encoder
 from zimage_lite.weights.gguf_source import GGUFSource
 from zimage_lite.weights.load import load_module
@@ -100,7 +100,7 @@ def test_packed_encoder_equals_float_layers_of_the_same_bytes(te_gguf):
     assert isinstance(packed.embed_tokens, QEmbedding) and isinstance(floats.embed_tokens, torch.nn.Embedding)
     ids = torch.cat([torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(0)),
                      torch.tensor([151644, 151645, 151644])])  # random rows, the chat template's specials, a repeat
-    with torch.inference_mode():  # as the pipeline runs (QLinear's CPU scratch may be an inference tensor by now)
+    with torch.no_grad():
         assert torch.equal(packed(ids, "cpu", torch.float32), floats(ids, "cpu", torch.float32))
 
 
@@ -123,3 +123,15 @@ def test_qembedding_rows_equal_the_dequantized_table(qtype):
     whole = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, qtype), np.float32))  # gguf-py's, the table
     assert got.shape == (2, 3, 256) and got.dtype == torch.float32
     assert torch.equal(got, whole[ids])
+
+
+def test_packed_layers_run_in_and_out_of_inference_mode():
+    """The CPU dequantize scratch outlives a call: one made under the pipeline's inference_mode must not break a
+    later run under no_grad (it did: "Inplace update to inference tensor outside InferenceMode")."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    layer, x = QLinear(QTensor(torch.from_numpy(quantize(w, Q.Q4_K)), Q.Q4_K, (64, 256)), None), torch.randn(3, 256)
+    release_scratch()
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)

@@ -28,7 +28,9 @@ def _cpu_scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     """A flat CPU buffer of at least n `dtype` elements, kept for the next call: the one dequantize scratch of the
     memory plan. Grows to the largest weight seen (Z-Image's FFN: 39M weights, 79 MB in bf16)."""
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
+    # a buffer made under inference_mode (the pipeline's) cannot be written outside it (a model run under no_grad)
+    stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+    if buf is None or stale or buf.dtype != dtype or buf.numel() < n:
         buf = _scratch.buf = None  # drop both references: the old buffer is freed before the new one exists
         buf = _scratch.buf = torch.empty(n, dtype=dtype)
     return buf

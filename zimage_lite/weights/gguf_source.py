@@ -6,8 +6,9 @@ unpacked is formats.py). Shapes are torch order, the reverse of GGUF's ne order 
 4.2). A text encoder GGUF written by llama.cpp also carries its tokenizer (`tokenizer.ggml.*`), which
 `tokenizer_json` turns back into the tokenizers-library JSON that text.py reads.
 
-The header is parsed once, into an index (type, shapes, offset of each tensor); `close()` drops the reader and the
-map, and the next read maps the file again and slices it by that index, without parsing anything.
+The header is parsed once, into an index (each tensor's type, shape and offset; the metadata values, long arrays by
+offset); `close()` drops the reader and the map, and the next read maps the file again and slices it by that index,
+without parsing anything.
 """
 
 from __future__ import annotations
@@ -104,17 +105,20 @@ class _Reader(GGUFReader):
             raise ValueError(f"metadata array cut short at byte {len(self.data)}")
         return end
 
-    def array(self, key: str) -> list[Any]:
-        offs, n, item = self.lazy[key]
-        if item != GGUFValueType.STRING:
-            dtype = np.dtype(self.gguf_scalar_to_np[item]).newbyteorder("<" if _byte_order(self) == "little" else ">")
-            return np.frombuffer(self.data, dtype, n, offs).tolist()
-        buf, order, out = memoryview(self.data), _byte_order(self), []
-        for _ in range(n):
-            size = int.from_bytes(buf[offs:offs + 8], order)
-            out.append(str(buf[offs + 8:offs + 8 + size], "utf-8"))
-            offs += 8 + size
-        return out
+
+
+def _read_array(data: np.ndarray, entry: tuple[int, int, GGUFValueType], order: str) -> list[Any]:
+    """A long metadata array that `_Reader` indexed, decoded from the file's bytes."""
+    offs, n, item = entry
+    if item != GGUFValueType.STRING:
+        dtype = np.dtype(GGUFReader.gguf_scalar_to_np[item]).newbyteorder("<" if order == "little" else ">")
+        return np.frombuffer(data, dtype, n, offs).tolist()
+    buf, out = memoryview(data), []
+    for _ in range(n):
+        size = int.from_bytes(buf[offs:offs + 8], order)
+        out.append(str(buf[offs + 8:offs + 8 + size], "utf-8"))
+        offs += 8 + size
+    return out
 
 
 def _byte_order(reader: GGUFReader) -> str:
@@ -152,11 +156,18 @@ class GGUFSource(TensorSource):
         if self._stamp[0] < HEADER_BYTES:
             raise CheckpointError(f"{self.path}: truncated GGUF file: {self._stamp[0]} bytes, shorter than the "
                                   f"header")
-        self._reader: _Reader | None = self._parse()
-        self._map: np.memmap | None = self._reader.data
+        reader = self._parse()
+        self._reader: _Reader | None = reader
+        self._map: np.memmap | None = reader.data
         self._tensors = {t.name: _Entry(t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
                                         int(t.data_offset), int(t.n_bytes), t.data.dtype, t.data.shape)
-                         for t in self._reader.tensors}
+                         for t in reader.tensors}
+        # metadata decoded now (a few dozen small values; fields are views of the map), long arrays by offset
+        self._fields = {key: field.contents() for key, field in reader.fields.items()}
+        self._long = {key: f"[{len(field.data)} x {field.types[-1].name if len(field.types) > 1 else '?'}]"
+                      for key, field in reader.fields.items()
+                      if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > LONG_ARRAY}
+        self._lazy, self._order = dict(reader.lazy), _byte_order(reader)
 
     def _parse(self) -> _Reader:
         try:
@@ -171,7 +182,7 @@ class GGUFSource(TensorSource):
 
     @property
     def reader(self) -> GGUFReader:
-        """gguf-py's reader (metadata fields, raw tensors), parsed again if the source was closed."""
+        """gguf-py's own reader (raw fields and tensors), parsed again if the source was closed."""
         if self._reader is None:
             check_unchanged(self.path, self._stamp)
             self._reader = self._parse()
@@ -216,23 +227,15 @@ class GGUFSource(TensorSource):
     # -- metadata -----------------------------------------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:
         """One metadata value, decoded (strings as str, arrays as lists)."""
-        if key in self.reader.lazy:
-            return self.reader.array(key)
-        field = self.reader.get_field(key)
-        return default if field is None else field.contents()
+        if key in self._lazy:
+            return _read_array(self._data(), self._lazy[key], self._order)
+        return self._fields.get(key, default)
 
     def metadata(self) -> dict[str, Any]:
         """All metadata keys; long arrays (the tokenizer's vocab and merges) as '[N x TYPE]'."""
-        out: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
-            if key.startswith("GGUF."):
-                continue  # the container's own version and counts
-            if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > LONG_ARRAY:
-                sub = field.types[-1].name if len(field.types) > 1 else "?"
-                out[key] = f"[{len(field.data)} x {sub}]"
-            else:
-                out[key] = field.contents()
-        for key, (_, n, item) in self.reader.lazy.items():
+        out = {key: self._long.get(key, value) for key, value in self._fields.items()
+               if not key.startswith("GGUF.")}  # GGUF.*: the container's own version and counts
+        for key, (_, n, item) in self._lazy.items():
             out[key] = f"[{n} x {item.name}]"
         return out
 
