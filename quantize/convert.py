@@ -374,7 +374,10 @@ def convert(src: Path, type_name: str, component: str | None = None, out: Path |
     results = []
     for inp, path in zip(inputs, paths, strict=True):
         fn = convert_bnb if not target.is_gguf else convert_dit if inp.component == "dit" else convert_text_encoder
-        results.append(fn(inp, target, path, force))
+        try:
+            results.append(fn(inp, target, path, force))
+        finally:
+            inp.source.close()  # unmap the input: the opens stay cached (components.identify), the maps need not
     return results
 
 

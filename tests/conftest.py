@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from fixtures import KQUANT, make_checkpoint  # noqa: E402
+from fixtures import KQ_TEXT, KQUANT, make_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,12 @@ def tiny_model(tmp_path_factory) -> Path:
 def kq_model(tmp_path_factory) -> Path:
     """The 256-wide tiny checkpoint whose main weights K-quants can tile, written once per test session."""
     return make_checkpoint(tmp_path_factory.mktemp("kq") / "Z-Image-KQ", KQUANT)
+
+
+@pytest.fixture(scope="session")
+def kq_text_model(tmp_path_factory) -> Path:
+    """The tiny checkpoint with a 256-wide text encoder, whose every weight a K-quant can tile."""
+    return make_checkpoint(tmp_path_factory.mktemp("kqte") / "Z-Image-KQ-Text", KQ_TEXT)
 
 
 @pytest.fixture(autouse=True)

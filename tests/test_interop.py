@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import KQUANT, PROMPTS, rel_err
+from fixtures import KQUANT, PROMPTS, optional, rel_err
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 
@@ -21,8 +21,8 @@ from quantize.convert import convert
 from zimage_lite.quant import formats
 from zimage_lite.quant.formats import dequantize
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+diffusers, needs_diffusers = optional("diffusers")
+transformers, needs_transformers = optional("transformers")
 
 IMAGE_TOL = 1.5
 
@@ -39,6 +39,7 @@ def _diffusers_dit(path: Path, kq_model: Path):
         config=str(kq_model / "transformer"), dtype=torch.float32)
 
 
+@needs_diffusers
 @pytest.mark.parametrize("type_name,qkv", [("Q8_0", Q.Q8_0), ("Q4_K_M", Q.Q5_K)])
 def test_diffusers_loads_our_gguf(kq_model, files, type_name, qkv):
     model = _diffusers_dit(files[type_name], kq_model)
@@ -54,6 +55,8 @@ def test_diffusers_loads_our_gguf(kq_model, files, type_name, qkv):
     assert rel_err(theirs, ours) < 2e-3  # equal up to fp16 rounding: diffusers' kernels keep the fp16 scales
 
 
+@needs_diffusers
+@needs_transformers  # diffusers' ZImagePipeline loads the text encoder with transformers
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K_M"])
 def test_diffusers_image_equals_zimage_lite_from_the_same_gguf(kq_model, files, type_name, monkeypatch):
     # chunks of 2048 weights: every Linear dequantizes on worker threads, as the full-size model does
@@ -80,6 +83,7 @@ def _allow_bnb_on_cpu(monkeypatch):
         monkeypatch.setattr(cls, "validate_environment", lambda *a, **k: None)
 
 
+@needs_diffusers
 @pytest.mark.parametrize("type_name", ["int8", "nf4"])
 def test_diffusers_loads_our_bitsandbytes_folder(kq_model, files, monkeypatch, type_name):
     bitsandbytes = pytest.importorskip("bitsandbytes")
@@ -108,6 +112,7 @@ def test_diffusers_loads_our_bitsandbytes_folder(kq_model, files, monkeypatch, t
         assert float((a - b).norm() / b.norm()) < 0.05  # LLM.int8 also rounds the activations to int8
 
 
+@needs_transformers
 def test_transformers_reads_our_text_encoder_gguf(tiny_model, tmp_path):
     [res] = convert(tiny_model, "Q8_0", component="text-encoder", out=tmp_path)
     # transformers takes head_dim from its Qwen3 default (128), not from qwen3.attention.key_length: pass the config

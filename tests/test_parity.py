@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fixtures import PROMPTS, rel_err
+from fixtures import PROMPTS, optional, rel_err
 
 import zimage_lite
 from zimage_lite.models.dit import ZImageDiT
@@ -20,8 +20,11 @@ from zimage_lite.text import PromptTokenizer
 from zimage_lite.weights.components import open_dit, open_text_encoder, open_vae
 from zimage_lite.weights.load import load_module
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+diffusers, needs_diffusers = optional("diffusers")
+transformers, needs_transformers = optional("transformers")
+# diffusers' ZImagePipeline (the `reference` fixture) loads its text encoder with transformers
+needs_pipeline = pytest.mark.skipif(diffusers is None or transformers is None,
+                                    reason="needs diffusers and transformers (diffusers' ZImagePipeline)")
 
 IMAGE_TOL = 1.5  # 8-bit levels, max over all pixels
 TENSOR_TOL = 1e-4  # relative
@@ -44,6 +47,7 @@ def ours(tiny_model):
     return zimage_lite.load(tiny_model, device="cpu", dtype="fp32", keep_loaded=True)
 
 
+@needs_transformers
 @pytest.mark.parametrize("lang", ["en", "cjk"])
 def test_text_encoder_matches_transformers(tiny_model, lang):
     tok = PromptTokenizer(tiny_model / "tokenizer" / "tokenizer.json")
@@ -60,6 +64,7 @@ def test_text_encoder_matches_transformers(tiny_model, lang):
     assert rel_err(got, want) < TENSOR_TOL
 
 
+@needs_diffusers
 @pytest.mark.parametrize("hw,cap_len", [((16, 16), 45), ((12, 18), 64), ((10, 6), 7)])
 def test_dit_forward_matches_diffusers(tiny_model, hw, cap_len):
     ref = diffusers.ZImageTransformer2DModel.from_pretrained(tiny_model / "transformer", dtype=torch.float32)
@@ -74,6 +79,7 @@ def test_dit_forward_matches_diffusers(tiny_model, hw, cap_len):
     assert rel_err(got, want) < TENSOR_TOL
 
 
+@needs_diffusers
 def test_vae_decode_matches_diffusers(tiny_model):
     ref = diffusers.AutoencoderKL.from_pretrained(tiny_model / "vae", dtype=torch.float32)
     ours = _load(AutoencoderDecoder, open_vae, tiny_model / "vae")
@@ -84,6 +90,7 @@ def test_vae_decode_matches_diffusers(tiny_model):
     assert rel_err(got, want) < TENSOR_TOL
 
 
+@needs_pipeline
 @pytest.mark.parametrize("steps", [1, 8, 9, 20])
 def test_schedule_matches_diffusers(reference, steps):
     """Exact for Turbo's 8 steps; elsewhere within one float32 ulp (we shift in float64 as the official code does,
@@ -104,6 +111,7 @@ CASES = [  # (prompt, width, height, cfg, negative)
 ]
 
 
+@needs_pipeline
 @pytest.mark.parametrize("lang,width,height,cfg,negative", CASES)
 def test_image_matches_diffusers(reference, ours, lang, width, height, cfg, negative):
     g = torch.Generator("cpu").manual_seed(7)
@@ -116,6 +124,7 @@ def test_image_matches_diffusers(reference, ours, lang, width, height, cfg, nega
     assert np.abs(a - b).max() <= IMAGE_TOL
 
 
+@needs_pipeline
 def test_cfg_normalization_and_truncation_match_diffusers(reference, ours):
     kwargs = dict(width=64, height=64, cfg_normalization=1.0, cfg_truncation=0.4)
     g = torch.Generator("cpu").manual_seed(3)

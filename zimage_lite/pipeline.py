@@ -88,17 +88,27 @@ class ZImagePipeline:
         self.vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         self.tokenizer = PromptTokenizer(files.tokenizer, MAX_TEXT_TOKENS)
         self.scheduler = scheduler_config(files)
+        # (config, source) per component, opened once: the index stays, the maps go at each stage's end
         self._sources: dict[str, tuple[Any, TensorSource]] = {}
         self._models: dict[str, torch.nn.Module] = {}
         self.dit_config: DiTConfig = self._open("dit")[0]
 
     # -- components -------------------------------------------------------------------------------------------
     def _open(self, which: str) -> tuple[Any, TensorSource]:
-        """(config, source) of a component; headers are read once per pipeline."""
+        """(config, source) of a component; headers are read once per pipeline. The source maps its files when a
+        tensor is read, and `_close_source` unmaps them."""
         if which not in self._sources:
             opener = {"text_encoder": open_text_encoder, "dit": open_dit, "vae": open_vae}[which]
             self._sources[which] = opener(getattr(self.files, which))
         return self._sources[which]
+
+    def _close_source(self, which: str) -> None:
+        """Unmap a component's files when its stage ends: every page the stage read through the map would stay
+        resident (the text encoder's through all DiT steps). Config and index stay; the next read maps again.
+        Called with keep_loaded too: a kept model's weights hold the pages they view by themselves, and the open
+        (cached in components.identify, shared) must not hold them past the pipeline."""
+        if which in self._sources:
+            self._sources[which][1].close()
 
     def stored_type(self, which: str) -> str:
         """The most common stored type of a component's block weights ('Q4_K', 'BF16', ...)."""
@@ -141,7 +151,9 @@ class ZImagePipeline:
         return model
 
     def _release(self, which: str) -> None:
-        """The end of a stage: free the component (its pinned host chunks first) and the dequantize scratch."""
+        """The end of a stage: unmap its files; free the component (its pinned host chunks first) and the
+        dequantize scratch unless models are kept loaded."""
+        self._close_source(which)
         if self.keep_loaded:
             return
         model = self._models.pop(which, None)
@@ -219,6 +231,7 @@ class ZImagePipeline:
                 pred = dit(x, t, [feats])
             latents = euler_step(latents, pred, sigmas[i].to(self.device), sigmas[i + 1].to(self.device))
             yield Event("step", i + 1, steps, time.perf_counter() - t0, peak_bytes(self.device), latents)
+        del dit  # this frame lives on through the VAE stage: its reference would keep the DiT (and its map)
         self._release("dit")
 
         t0 = time.perf_counter()

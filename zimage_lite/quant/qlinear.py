@@ -39,7 +39,9 @@ def dequant_scratch(device: torch.device, n: int, dtype: torch.dtype) -> torch.T
     weight seen (Z-Image's FFN: 39M weights, 79 MB in bf16); the old buffer is freed before a new one exists."""
     held = _held() if device.type == "cpu" else _on_devices
     buf = held.get(device)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
+    # a buffer made under inference_mode (the pipeline's) cannot be written outside it (a model run under no_grad)
+    stale = buf is not None and buf.is_inference() and not torch.is_inference_mode_enabled()
+    if buf is None or stale or buf.dtype != dtype or buf.numel() < n:
         buf = held[device] = None  # drop both references first
         buf = held[device] = torch.empty(n, dtype=dtype, device=device)
     return buf

@@ -7,7 +7,9 @@ layout, is read from the tensor names (names.py), never from file names. A singl
 config is read off the tensor shapes, the rest taken from the turbo preset. A folder whose config.json carries a
 bitsandbytes `quantization_config` (as `zimage-lite quantize --type int8|nf4` and diffusers write it) opens through
 sources.BnbSource: official names, int8/nf4 weights packed. Every component is opened (headers only) and checked
-while the model is resolved, so a wrong, cut or unreadable file fails before any work.
+while the model is resolved, so a wrong, cut or unreadable file fails before any work. Opens are cached with their
+index (names, shapes, types, config) but no memory map: a source maps its files when a tensor is read and unmaps
+them at `close()`, which the pipeline calls when a stage ends (TensorSource.close).
 """
 
 from __future__ import annotations
@@ -201,6 +203,13 @@ def official_names(kind: str, config: Any) -> list[str]:
 @functools.lru_cache(maxsize=16)
 def _identify(path: Path, signature: tuple) -> Component:
     stored = open_stored(path)
+    try:
+        return _describe(path, stored)
+    finally:
+        stored.close()  # the cache keeps the index, not the maps: a stage maps what it reads, and unmaps it
+
+
+def _describe(path: Path, stored: TensorSource) -> Component:
     names = [n for n in stored.names() if not UNUSED.search(n)]
     kind = detect_component(names)
     if kind is None:
@@ -300,7 +309,10 @@ def _gguf_tokenizer(path: Path) -> Path | None:
     out = cache_dir() / "tokenizers" / f"{path.stem}-{key}.json"
     if out.is_file():
         return out
-    text = stored.tokenizer_json()
+    try:
+        text = stored.tokenizer_json()
+    finally:
+        stored.close()  # the metadata was read through a map
     if text is None:
         return None
     try:

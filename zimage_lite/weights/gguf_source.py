@@ -5,6 +5,10 @@ torch tensors on the mapped bytes, quantized ones as a `QTensor` over the packed
 unpacked is formats.py). Shapes are torch order, the reverse of GGUF's ne order (shared/reference/gguf_interop.md
 4.2). A text encoder GGUF written by llama.cpp also carries its tokenizer (`tokenizer.ggml.*`), which
 `tokenizer_json` turns back into the tokenizers-library JSON that text.py reads.
+
+The header is parsed once, into an index (each tensor's type, shape and offset; the metadata values, long arrays by
+offset); `close()` drops the reader and the map, and the next read maps the file again and slices it by that index,
+without parsing anything.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from ..errors import CheckpointError
 from ..quant.formats import FLOAT_TYPES
 from ..quant.qlinear import QTensor
-from .sources import TensorSource
+from .sources import TensorSource, check_unchanged, file_stamp
 
 GGUF_MAGIC = b"GGUF"
 HEADER_BYTES = 24  # magic, version, tensor count, kv count
@@ -100,23 +105,38 @@ class _Reader(GGUFReader):
             raise ValueError(f"metadata array cut short at byte {len(self.data)}")
         return end
 
-    def array(self, key: str) -> list[Any]:
-        offs, n, item = self.lazy[key]
-        if item != GGUFValueType.STRING:
-            dtype = np.dtype(self.gguf_scalar_to_np[item]).newbyteorder("<" if _byte_order(self) == "little" else ">")
-            return np.frombuffer(self.data, dtype, n, offs).tolist()
-        buf, order, out = memoryview(self.data), _byte_order(self), []
-        for _ in range(n):
-            size = int.from_bytes(buf[offs:offs + 8], order)
-            out.append(str(buf[offs + 8:offs + 8 + size], "utf-8"))
-            offs += 8 + size
-        return out
+
+
+def _read_array(data: np.ndarray, entry: tuple[int, int, GGUFValueType], order: str) -> list[Any]:
+    """A long metadata array that `_Reader` indexed, decoded from the file's bytes."""
+    offs, n, item = entry
+    if item != GGUFValueType.STRING:
+        dtype = np.dtype(GGUFReader.gguf_scalar_to_np[item]).newbyteorder("<" if order == "little" else ">")
+        return np.frombuffer(data, dtype, n, offs).tolist()
+    buf, out = memoryview(data), []
+    for _ in range(n):
+        size = int.from_bytes(buf[offs:offs + 8], order)
+        out.append(str(buf[offs + 8:offs + 8 + size], "utf-8"))
+        offs += 8 + size
+    return out
 
 
 def _byte_order(reader: GGUFReader) -> str:
     """The file's byte order: the host's ('I') or the other one ('S')."""
     other = "big" if sys.byteorder == "little" else "little"
     return sys.byteorder if reader.byte_order == "I" else other
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor lies in the file, and the numpy view gguf-py gives it (item type and shape)."""
+
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order
+    offset: int  # absolute byte offset of the data
+    nbytes: int
+    item: np.dtype  # uint8 for quantized and BF16 data; the float/int type otherwise (byte order included)
+    view_shape: tuple[int, ...]
 
 
 class GGUFSource(TensorSource):
@@ -128,15 +148,30 @@ class GGUFSource(TensorSource):
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: file not found")
-        size = self.path.stat().st_size
+        self._stamp = file_stamp(self.path)
         with open(self.path, "rb") as f:
             head = f.read(4)
         if head != GGUF_MAGIC:
             raise CheckpointError(f"{self.path}: not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")
-        if size < HEADER_BYTES:
-            raise CheckpointError(f"{self.path}: truncated GGUF file: {size} bytes, shorter than the header")
+        if self._stamp[0] < HEADER_BYTES:
+            raise CheckpointError(f"{self.path}: truncated GGUF file: {self._stamp[0]} bytes, shorter than the "
+                                  f"header")
+        reader = self._parse()
+        self._reader: _Reader | None = reader
+        self._map: np.memmap | None = reader.data
+        self._tensors = {t.name: _Entry(t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
+                                        int(t.data_offset), int(t.n_bytes), t.data.dtype, t.data.shape)
+                         for t in reader.tensors}
+        # metadata decoded now (a few dozen small values; fields are views of the map), long arrays by offset
+        self._fields = {key: field.contents() for key, field in reader.fields.items()}
+        self._long = {key: f"[{len(field.data)} x {field.types[-1].name if len(field.types) > 1 else '?'}]"
+                      for key, field in reader.fields.items()
+                      if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > LONG_ARRAY}
+        self._lazy, self._order = dict(reader.lazy), _byte_order(reader)
+
+    def _parse(self) -> _Reader:
         try:
-            self.reader = _Reader(self.path)
+            return _Reader(self.path)
         except _DataCutShort as e:
             raise CheckpointError(f"{self.path}: truncated GGUF file: tensor {e.tensor} needs bytes up to {e.end}, "
                                   f"the file has {e.size} (an interrupted download?); download or convert it "
@@ -144,7 +179,25 @@ class GGUFSource(TensorSource):
         except Exception as e:  # gguf-py raises ValueError, IndexError, KeyError... on cut or garbled headers
             raise CheckpointError(f"{self.path}: truncated or corrupt GGUF file, its header cannot be parsed "
                                   f"({type(e).__name__}: {e}); download or convert it again") from None
-        self._tensors = {t.name: t for t in self.reader.tensors}
+
+    @property
+    def reader(self) -> GGUFReader:
+        """gguf-py's own reader (raw fields and tensors), parsed again if the source was closed."""
+        if self._reader is None:
+            check_unchanged(self.path, self._stamp)
+            self._reader = self._parse()
+            self._map = self._reader.data
+        return self._reader
+
+    def _data(self) -> np.memmap:
+        if self._map is None:
+            check_unchanged(self.path, self._stamp)
+            self._map = np.memmap(self.path, mode="r")
+        return self._map
+
+    def close(self) -> None:
+        # the reader's fields and tensors are views of its map: both go, the index stays
+        self._reader = self._map = None
 
     def names(self) -> Iterable[str]:
         return self._tensors.keys()
@@ -153,44 +206,36 @@ class GGUFSource(TensorSource):
         return name in self._tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+        return self._tensors[name].shape
 
     def qtype(self, name: str) -> str:
-        return self._tensors[name].tensor_type.name
+        return self._tensors[name].qtype.name
 
     def nbytes(self, name: str) -> int:
-        return int(self._tensors[name].n_bytes)
+        return self._tensors[name].nbytes
 
     def get(self, name: str) -> torch.Tensor | QTensor:
         t = self._tensors[name]
-        shape = self.shape(name)
-        if t.tensor_type == GGMLQuantizationType.BF16:
+        data = self._data()[t.offset:t.offset + t.nbytes].view(t.item).reshape(t.view_shape)
+        if t.qtype == GGMLQuantizationType.BF16:
             # gguf-py hands BF16 out as raw bytes, (..., 2 * cols) uint8: reinterpret, still on the map
-            return _as_torch(t.data).view(torch.bfloat16).reshape(shape)
-        if t.tensor_type in FLOAT_TYPES or t.data.dtype != np.uint8:
-            return _as_torch(t.data).reshape(shape)
-        return QTensor(_as_torch(t.data), t.tensor_type, shape)
+            return _as_torch(data).view(torch.bfloat16).reshape(t.shape)
+        if t.qtype in FLOAT_TYPES or t.item != np.uint8:
+            return _as_torch(data).reshape(t.shape)
+        return QTensor(_as_torch(data), t.qtype, t.shape)
 
     # -- metadata -----------------------------------------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:
         """One metadata value, decoded (strings as str, arrays as lists)."""
-        if key in self.reader.lazy:
-            return self.reader.array(key)
-        field = self.reader.get_field(key)
-        return default if field is None else field.contents()
+        if key in self._lazy:
+            return _read_array(self._data(), self._lazy[key], self._order)
+        return self._fields.get(key, default)
 
     def metadata(self) -> dict[str, Any]:
         """All metadata keys; long arrays (the tokenizer's vocab and merges) as '[N x TYPE]'."""
-        out: dict[str, Any] = {}
-        for key, field in self.reader.fields.items():
-            if key.startswith("GGUF."):
-                continue  # the container's own version and counts
-            if field.types and field.types[0] == GGUFValueType.ARRAY and len(field.data) > LONG_ARRAY:
-                sub = field.types[-1].name if len(field.types) > 1 else "?"
-                out[key] = f"[{len(field.data)} x {sub}]"
-            else:
-                out[key] = field.contents()
-        for key, (_, n, item) in self.reader.lazy.items():
+        out = {key: self._long.get(key, value) for key, value in self._fields.items()
+               if not key.startswith("GGUF.")}  # GGUF.*: the container's own version and counts
+        for key, (_, n, item) in self._lazy.items():
             out[key] = f"[{n} x {item.name}]"
         return out
 

@@ -2,6 +2,9 @@
 
 A source answers `names()`, `shape(name)` and `get(name)`. Safetensors files are opened with `safe_open` (the
 header only; tensors are read on request); a sharded folder is found through its `*.safetensors.index.json`.
+`close()` drops a source's memory maps and handles at the end of a stage, keeping its index (names, shapes, types):
+a map keeps every page read through it resident until it goes, so a stage that ends must unmap, or the text
+encoder's pages stay in RSS through the DiT's steps. The next read maps the file again (a syscall, no header parse).
 A bitsandbytes folder (diffusers' pre-quantized layout) is seen through `BnbSource`, which folds each quantized
 weight and its scale tensors into one packed `QTensor`.
 """
@@ -52,6 +55,27 @@ class TensorSource:
     def where(self, name: str) -> Path:
         return self.path
 
+    def close(self) -> None:
+        """Drop memory maps and file handles; the index stays and the next `get` reopens. Tensors already read keep
+        their own pages alive (a packed weight is a view of the map) until they are freed."""
+
+
+def file_stamp(path: Path) -> tuple[int, int]:
+    """Size and modification time: what must be unchanged for an index read earlier to describe the file."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def check_unchanged(path: Path, stamp: tuple[int, int]) -> None:
+    """Before mapping a file again: its header was read when it was first opened."""
+    try:
+        now = file_stamp(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: the file cannot be opened again ({e}); load the model again") from None
+    if now != stamp:
+        raise CheckpointError(f"{path}: the file changed on disk since it was opened (size or time differs); load "
+                              f"the model again")
+
 
 # safetensors dtypes (the names are the GGML-style type names `qtype` answers) and their item sizes
 ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -63,22 +87,35 @@ class SafetensorsSource(TensorSource):
 
     def __init__(self, files: list[Path], path: Path | None = None) -> None:
         self.path = path or files[0]
-        self._handles = {}
+        self._handles: dict[Path, Any] = {}  # open safe_open handles (each maps its file); empty once closed
+        self._stamps: dict[Path, tuple[int, int]] = {}
         self._where: dict[str, Path] = {}
+        self._info: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype), read once at open
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: file not found")
+            self._stamps[f] = file_stamp(f)
             try:
-                handle = safe_open(str(f), framework="pt")
-                keys = list(handle.keys())
+                handle = self._handle(f)
+                for k in handle.keys():
+                    piece = handle.get_slice(k)
+                    self._where[k], self._info[k] = f, (tuple(piece.get_shape()), piece.get_dtype())
+            except CheckpointError:
+                raise
             except Exception as e:
                 # safe_open checks the header's data offsets against the file size ("incomplete metadata, file
                 # not fully covered"), so a data section cut short fails here too, before any tensor is read.
                 raise CheckpointError(f"{f}: truncated or corrupt safetensors file, it cannot be opened ({e}); "
                                       f"download or convert it again") from None
-            self._handles[f] = handle
-            for k in keys:
-                self._where[k] = f
+
+    def _handle(self, f: Path) -> Any:
+        if f not in self._handles:
+            check_unchanged(f, self._stamps[f])  # a reopen: the index read at first must still describe the file
+            self._handles[f] = safe_open(str(f), framework="pt")
+        return self._handles[f]
+
+    def close(self) -> None:
+        self._handles.clear()
 
     @classmethod
     def from_folder(cls, folder: Path) -> SafetensorsSource:
@@ -111,16 +148,17 @@ class SafetensorsSource(TensorSource):
         return self._where[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return self._info[name][0]
 
     def qtype(self, name: str) -> str:
-        dtype = self._handles[self._where[name]].get_slice(name).get_dtype()
+        dtype = self._info[name][1]
         return dtype if dtype in ITEM_BYTES else "?"
 
     def get(self, name: str) -> torch.Tensor:
         f = self._where[name]
+        handle = self._handle(f)
         try:
-            return self._handles[f].get_tensor(name)
+            return handle.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{f}: tensor {name} cannot be read ({e})") from None
 
@@ -217,6 +255,9 @@ class BnbSource(TensorSource):
     def names(self) -> Iterable[str]:
         return self._names
 
+    def close(self) -> None:
+        self.inner.close()
+
     def __contains__(self, name: str) -> bool:
         return name in self.inner and name not in self._hidden
 
@@ -260,6 +301,9 @@ class RenamedSource(TensorSource):
 
     def names(self) -> Iterable[str]:
         return self.mapping.keys()
+
+    def close(self) -> None:
+        self.inner.close()
 
     def __contains__(self, name: str) -> bool:
         return name in self.mapping

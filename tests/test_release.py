@@ -1,0 +1,120 @@
+"""A stage's files are unmapped when the stage ends: the peak is the largest stage, not the sum of the stages.
+
+A memory map keeps every page the stage touched resident (counted in RSS) for as long as the map lives; a quantized
+model's weights are views of the map. So besides freeing the model, a stage must drop the sources' maps. Read off
+/proc/self/maps (Linux): which of the model's files the process maps after each stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import PROMPTS
+
+import zimage_lite
+from quantize.convert import convert
+from zimage_lite.errors import CheckpointError
+from zimage_lite.weights.components import identify
+from zimage_lite.weights.gguf_source import GGUFSource
+from zimage_lite.weights.sources import SafetensorsSource
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+
+
+def mapped(path: Path) -> list[str]:
+    """The files under `path` (a file or a folder, symlinks resolved) that this process maps."""
+    files = {str(p.resolve()) for p in ([path] if path.is_file() else path.iterdir())}
+    with open("/proc/self/maps") as f:
+        return sorted({line.split(maxsplit=5)[-1].strip() for line in f} & files)
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("release")
+    [dit] = convert(tiny_model, "Q8_0", out=out / "dit.gguf")
+    [te] = convert(tiny_model, "Q8_0", component="text-encoder", out=out / "te.gguf")
+    return {"dit": dit.path, "text_encoder": te.path}
+
+
+@pytest.mark.parametrize("layout", ["folders", "gguf"])
+def test_each_stage_unmaps_its_files(tiny_model, ggufs, layout):
+    files = {"dit": tiny_model / "transformer", "text_encoder": tiny_model / "text_encoder", "vae": tiny_model / "vae"}
+    if layout == "gguf":  # packed weights are views of the map: the model itself holds it while the stage runs
+        files |= ggufs
+    pipe = zimage_lite.load(tiny_model, dit=files["dit"], text_encoder=files["text_encoder"], device="cpu",
+                            dtype="fp32")
+    assert [mapped(p) for p in files.values()] == [[], [], []]  # opening reads headers, and maps nothing after
+    seen = {}
+    for event in pipe.generate(PROMPTS["en"], width=32, height=32, steps=2, seed=1):
+        seen.setdefault(event.stage, {k: mapped(p) for k, p in files.items()})
+    assert seen["encoded"] == {"dit": [], "text_encoder": [], "vae": []}
+    assert seen["step"]["dit"] and not seen["step"]["text_encoder"]  # the DiT's file is mapped while it runs
+    assert seen["decoded"] == {"dit": [], "text_encoder": [], "vae": []}
+
+
+def test_sources_reopen_after_a_stage(tiny_model, ggufs):
+    """The next image reopens the maps (headers are not read again) and is the same image."""
+    pipe = zimage_lite.load(tiny_model, dit=ggufs["dit"], text_encoder=ggufs["text_encoder"], device="cpu",
+                            dtype="fp32")
+    first, second = (np.asarray(pipe.text_to_image("a fox", width=32, height=32, steps=2, seed=5)) for _ in "ab")
+    assert np.array_equal(first, second) and first.std() > 5
+
+
+def test_kept_models_keep_their_maps(tiny_model, ggufs):
+    pipe = zimage_lite.load(tiny_model, dit=ggufs["dit"], device="cpu", dtype="fp32", keep_loaded=True)
+    pipe.text_to_image("a fox", width=32, height=32, steps=1, seed=5)
+    assert mapped(ggufs["dit"])  # the kept DiT's packed weights still read the file
+
+
+def test_identify_keeps_no_map(tiny_model, ggufs, tmp_path):
+    (tmp_path / "dit").mkdir()
+    for src in (ggufs["dit"], *(tiny_model / "transformer").iterdir()):  # fresh paths: not in identify's cache
+        shutil.copy(src, tmp_path / "dit" / src.name)
+    for path in (tmp_path / "dit" / ggufs["dit"].name, tmp_path / "dit"):
+        assert identify(path).kind == "dit" and mapped(path) == []
+
+
+def _check_close_and_reopen(src, name: str, path: Path) -> None:
+    want = src.get(name).clone() if isinstance(src.get(name), torch.Tensor) else src.get(name).data.clone()
+    assert mapped(path)
+    src.close()
+    assert mapped(path) == [] and src.shape(name) and src.qtype(name)  # the index outlives the map
+    got = src.get(name)
+    got = got if isinstance(got, torch.Tensor) else got.data
+    assert torch.equal(got, want) and mapped(path)
+
+
+def test_gguf_source_closes_and_reopens(ggufs):
+    src = GGUFSource(ggufs["dit"])
+    _check_close_and_reopen(src, "layers.0.attention.qkv.weight", ggufs["dit"])
+    src.close()
+    assert src.meta("general.architecture") == "lumina2" and mapped(ggufs["dit"]) == []  # metadata from the index
+
+
+def test_safetensors_source_closes_and_reopens(tiny_model):
+    src = SafetensorsSource.from_folder(tiny_model / "transformer")
+    _check_close_and_reopen(src, "layers.0.attention.to_q.weight", tiny_model / "transformer")
+
+
+@pytest.mark.parametrize("kind", ["gguf", "safetensors"])
+def test_a_file_changed_while_closed_is_named(tiny_model, ggufs, tmp_path, kind):
+    if kind == "gguf":
+        path = Path(tmp_path / "dit.gguf")
+        path.write_bytes(ggufs["dit"].read_bytes())
+        src, name = GGUFSource(path), "layers.0.attention.qkv.weight"
+    else:
+        path = Path(tmp_path / "vae.safetensors")
+        [vae] = (tiny_model / "vae").glob("*.safetensors")
+        path.write_bytes(vae.read_bytes())
+        src, name = SafetensorsSource([path]), "decoder.conv_in.weight"
+    src.close()
+    with open(path, "ab") as f:
+        f.write(b"\0" * 64)  # another download or conversion in its place
+    os.utime(path, ns=(1, 1))
+    with pytest.raises(CheckpointError, match=rf"{path.name}: the file changed on disk since it was opened"):
+        src.get(name)
