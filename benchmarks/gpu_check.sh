@@ -20,5 +20,8 @@ if [ ${#smoke[@]} -eq 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ ${#smoke[@]} -eq 0 ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; fi
+if [ ${#smoke[@]} -eq 0 ]; then  # the weights need ~30 GB under /tmp
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+    df -h /tmp || true
+fi
 "$python" benchmarks/gpu_check.py "${smoke[@]}" --out "$out" 2>&1 | tee "$out/gpu_check.log"

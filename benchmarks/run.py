@@ -136,7 +136,10 @@ def worker(spec: dict) -> dict:
     dtype = DTYPES[spec["dtype"]]
     cap = spec.get("cap") or spec.get("vram")
     if device.type == "cuda" and cap:  # emulate a small card: the same cap for us and for peers
-        from zimage_lite.runtime.budget import parse_size
+        try:  # the one module for size units since issue 9; before it, the budget module
+            from zimage_lite.runtime.units import parse_size
+        except ImportError:
+            from zimage_lite.runtime.budget import parse_size
 
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(cap, "--vram") / total), device)
@@ -187,18 +190,27 @@ def memory_figures(device: torch.device) -> dict:
 def _pipeline(spec: dict, device: torch.device) -> dict:
     """Our pipeline, prompt to image, through the public API only (`load`, `generate`, `plan`): per event its
     seconds, the wall time since the previous event (which includes loading the stage's weights), device peaks
-    (`generate` resets them as each stage starts) and the host peak since the previous event; and the plan, every
-    numeric field of each stage as the planner has them, so host-memory fields added to the plan come along."""
+    (`generate` resets them as each stage starts) and the host peak since the previous event; the RSS before any
+    weight is read; and the plan, every numeric field of each stage as the planner has them (host memory too)."""
     import dataclasses
 
     import zimage_lite
-    from zimage_lite.runtime.memory import reset_peak
-    from zimage_lite.runtime.plan import format_plan
+    from zimage_lite.runtime.memory import peak_bytes, reset_peak
+
+    try:  # its own module since issue 9
+        from zimage_lite.runtime.plan_format import format_plan
+    except ImportError:
+        from zimage_lite.runtime.plan import format_plan
 
     host = torch.device("cpu")
     t0 = time.perf_counter()
-    pipe = zimage_lite.load(spec["model"], dit=Path(spec["weights"]), text_encoder=_path(spec.get("text_encoder")),
-                            device=spec["device"], dtype=spec["dtype"], vram=spec.get("vram"), ram=spec.get("ram"))
+    te = Path(spec["text_encoder"]) if spec.get("text_encoder") else None
+    pipe = zimage_lite.load(spec["model"], dit=Path(spec["weights"]), text_encoder=te, device=spec["device"],
+                            dtype=spec["dtype"], vram=spec.get("vram"), ram=spec.get("ram"))
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # the CUDA context's host memory belongs to the baseline, not to a stage
+    reset_peak(host)
+    baseline = peak_bytes(host)  # RSS before any weight is read: the interpreter, torch, the CUDA context
     events, last = [], time.perf_counter()
     open_seconds = last - t0
     for e in pipe.generate(PROMPT, width=spec["width"], height=spec["height"], steps=spec["steps"], seed=0):
@@ -212,12 +224,8 @@ def _pipeline(spec: dict, device: torch.device) -> dict:
                      "peak_bytes": s.peak_bytes, "n_streamed": len(s.streamed), "n_resident": len(s.resident)}
             for s in pipe.plan.stages}
     return {"open_seconds": open_seconds, "total_generate_seconds": time.perf_counter() - t0 - open_seconds,
-            "events": events, "plan": plan, "plan_text": format_plan(pipe.plan),
+            "events": events, "plan": plan, "plan_text": format_plan(pipe.plan), "baseline_rss_bytes": baseline,
             "host_peak_bytes": max(e["host_peak_bytes"] for e in events)}
-
-
-def _path(p: str | None) -> Path | None:
-    return Path(p) if p else None
 
 
 def _interleaved(spec: dict, device: torch.device, dtype: torch.dtype) -> dict:
