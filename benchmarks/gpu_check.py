@@ -33,10 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import GIB, dit_figures, host_against_plan, stage_figures  # noqa: E402
+from benchmarks.report import dit_figures, host_against_plan, stage_figures  # noqa: E402
 from benchmarks.run import append_rows, child, machine, model_folder, run_process  # noqa: E402
 from zimage_lite.weights.sources import TensorSource  # noqa: E402
 
+GIB = 2**30
 QUANT = "Q4_K_M"  # the 4 GB recipe of the README: DiT and text encoder
 CAP = "4GiB"  # the card: what the caching allocator may take (set_per_process_memory_fraction)
 VRAM = "4GB"  # our --vram, as the owner of a 4 GB card types it

@@ -28,7 +28,8 @@ EVENT_PLAN = {"encoded": "text_encoder", "step": "dit", "decoded": "vae"}
 PEAKS = ("peak_device_bytes", "peak_reserved_bytes", "host_peak_bytes", "pinned_bytes", "pinned_peak_bytes")
 
 
-def _gib(n: float | None) -> str:
+def _cell(n: float | None) -> str:
+    """A GiB table cell; empty where nothing was measured."""
     return "" if not n else f"{n / GIB:.2f}"
 
 
@@ -87,7 +88,7 @@ def dit_table(rows: list[dict]) -> list[str]:
         err = f"{r['rel_error_vs_bf16']:.4f}" if "rel_error_vs_bf16" in r else ""
         settings = "GGUF loader" if r["settings"] == "gguf" else r["settings"]
         out.append(f"| {r['impl']} | {r['quant']} | {settings} | {r['step_seconds']:.2f} | {ratio} | "
-                   f"{_gib(r['peak_rss_bytes'])} | {rss} | {own} | {_gib(r.get('peak_device_bytes'))} | "
+                   f"{_cell(r['peak_rss_bytes'])} | {rss} | {own} | {_cell(r.get('peak_device_bytes'))} | "
                    f"{r['load_seconds']:.1f} | {err} |")
     return out
 
@@ -95,7 +96,7 @@ def dit_table(rows: list[dict]) -> list[str]:
 def quantize_table(rows: list[dict]) -> list[str]:
     out = ["| recipe | seconds | peak RSS GiB | file GB |", "|---|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['quant']} | {r['total_seconds']:.0f} | {_gib(r['peak_rss_bytes'])} | "
+        out.append(f"| {r['quant']} | {r['total_seconds']:.0f} | {_cell(r['peak_rss_bytes'])} | "
                    f"{r['file_bytes'] / 1e9:.2f} |")
     return out
 
@@ -170,8 +171,8 @@ def gpu_run_table(rows: list[dict]) -> list[str]:
         d = ok[r["settings"]]
         ratio = f"{d['step_seconds'] / capped:.2f}" if capped else ""
         out.append(f"| {r['impl']} | {_settings(r)} | {d['step_seconds']:.3f} | {d['first_seconds']:.3f} | {ratio} | "
-                   f"{_gib(d['peak_device_bytes'])} | {_gib(d['peak_reserved_bytes'])} | "
-                   f"{_gib(r['host_peak_bytes'])} | {d['load_seconds']:.1f} |")
+                   f"{_cell(d['peak_device_bytes'])} | {_cell(d['peak_reserved_bytes'])} | "
+                   f"{_cell(r['host_peak_bytes'])} | {d['load_seconds']:.1f} |")
     out += ["", "Our runs per stage against the plan (planned host: what the plan says the stage holds in RAM; above "
             "baseline: the stage's peak RSS minus the RSS before any weight was read (interpreter, torch, CUDA "
             "context); pinned: bytes torch's pinned host allocator held at the stage's end; wall: the stage's "
@@ -184,11 +185,11 @@ def gpu_run_table(rows: list[dict]) -> list[str]:
             continue
         for stage, f in stage_figures(r["events"]).items():
             plan = r["plan"].get(EVENT_PLAN.get(stage, stage), {})
-            out.append(f"| {r['settings']} | {stage} | {_gib(plan.get('peak_bytes'))} | "
-                       f"{_gib(f['peak_device_bytes'])} | {_gib(f['peak_reserved_bytes'])} | "
-                       f"{_gib(plan.get('host_bytes'))} | {_gib(plan.get('pinned_bytes'))} | "
-                       f"{_gib(f['host_peak_bytes'])} | {_gib(f['host_peak_bytes'] - r['baseline_rss_bytes'])} | "
-                       f"{_gib(f['pinned_bytes'])} | {f['wall_seconds']:.1f} |")
+            out.append(f"| {r['settings']} | {stage} | {_cell(plan.get('peak_bytes'))} | "
+                       f"{_cell(f['peak_device_bytes'])} | {_cell(f['peak_reserved_bytes'])} | "
+                       f"{_cell(plan.get('host_bytes'))} | {_cell(plan.get('pinned_bytes'))} | "
+                       f"{_cell(f['host_peak_bytes'])} | {_cell(f['host_peak_bytes'] - r['baseline_rss_bytes'])} | "
+                       f"{_cell(f['pinned_bytes'])} | {f['wall_seconds']:.1f} |")
     for r in rows:
         if "plan_text" in r and r["settings"] == "capped":
             out += ["", "The capped run's plan, as `zimage-lite plan` prints it:", "", "```", r["plan_text"], "```"]
