@@ -12,7 +12,9 @@ Parts, each failing soft (its error becomes a row and the others still run), wit
   (`set_per_process_memory_fraction`) with `--vram 4GB`, ours fully resident, and diffusers' ZImageTransformer2DModel
   on the same GGUF with block-level group offloading (side stream) under the same cap: s/step, device peaks
   (allocated, reserved) and host peaks per stage, pinned host bytes, and the plan's figures beside them;
-- targets: pass/fail of the issue's targets (TARGETS below), then a summary.
+- targets: pass/fail of the issue's targets (PEAK_LIMIT, STEP_RATIO, FASTER below) and whether the host memory the
+  plan states holds, then a summary. The exit code is 1 when a part failed (a CUDA test failing included), not
+  when a target is missed: the rows say which.
 """
 
 from __future__ import annotations
@@ -109,8 +111,13 @@ def cuda_tests(mode: Mode, out: Path, timeout: float) -> dict:
     failed = [f"{c.get('classname')}::{c.get('name')}" for s in suites for c in s.iter("testcase")
               if c.find("failure") is not None or c.find("error") is not None]
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {"component": "gpu_tests", "pytest_command": " ".join(cmd[1:]), "exit_code": code, "passed": passed,
-            **counts, "failed_tests": failed, "seconds": time.perf_counter() - start}
+    row = {"component": "gpu_tests", "pytest_command": " ".join(cmd[1:]), "exit_code": code, "passed": passed,
+           **counts, "failed_tests": failed, "seconds": time.perf_counter() - start}
+    if failed:
+        row["error"] = f"{len(failed)} CUDA test(s) failed"
+    elif torch.cuda.is_available() and not passed:
+        row["error"] = "no CUDA test ran: mark each with @pytest.mark.cuda"
+    return row
 
 
 def quantize_on(folder: Path, component: str, device: str, out: Path) -> float:

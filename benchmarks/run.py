@@ -9,6 +9,8 @@ the real checkpoint, no download; the transformer is stored in BF16 rather than 
 and the build time: the runtime casts to the compute dtype either way) and reuses it. Every measurement runs in a
 fresh child process, so peak RSS (VmHWM, which counts memory-mapped file pages that were touched) is that run's.
 Quantized files are written by our own `zimage-lite quantize`. Peers run in the same invocation, on the same weights.
+The GPU acceptance check (benchmarks/gpu_check.py) runs its measurements through the same --worker children; its
+"pipeline" worker runs our whole pipeline, prompt to image, through the public API.
 """
 
 from __future__ import annotations
