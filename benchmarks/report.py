@@ -162,8 +162,8 @@ def gpu_run_table(rows: list[dict]) -> list[str]:
     out = ["DiT stage: ours from its step events (load: placing the DiT), diffusers' over its whole process (load: "
            "from_single_file and enabling group offload); s/step leaves out the first step; host peak: the whole run's "
            "peak RSS.", "",
-           "| impl | settings | s/step | first step s | ÷ ours capped | DiT peak allocated GiB | DiT peak reserved GiB "
-           "| host peak GiB | load s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| impl | settings | s/step | first step s | s/step ÷ ours capped | DiT peak allocated GiB | "
+           "DiT peak reserved GiB | host peak GiB | load s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['impl']} | {r['settings']} | failed: {r['error'][:200]} | | | | | | |")
