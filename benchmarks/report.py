@@ -19,14 +19,52 @@ bytes (`--preset turbo`), so speed and memory are those of the real model; image
 The ratio column is ours ÷ the peer measured in the same run on the same weights (below 1: we are faster/smaller).
 Load time includes paging the weights in from disk; a step is then compute only.
 
-GPU tables appear here once a GPU run is made, e.g. `python benchmarks/run.py --preset turbo --device cuda
---quant BF16,Q4_K_M --width 1024 --height 1024 --steps 8 --vram 4GB --peers diffusers
---json benchmarks/results/gpu.json` (diffusers resident, and with model, sequential and group offloading).
+GPU tables appear here once `benchmarks/gpu_check.sh` has run on a GPU machine (its rows copied to
+benchmarks/results/): the CUDA tests, the full-size Q4_K_M DiT at 1024x1024 under a 4 GiB cap against fully
+resident and against diffusers' group offloading, memory per stage against the plan, and the targets met or not.
 """
+# A pipeline run's events and the plan's stages they belong to
+EVENT_PLAN = {"encoded": "text_encoder", "step": "dit", "decoded": "vae"}
+PEAKS = ("peak_device_bytes", "peak_reserved_bytes", "host_peak_bytes", "pinned_bytes", "pinned_peak_bytes")
 
 
-def _gib(n: float | None) -> str:
+def _cell(n: float | None) -> str:
+    """A GiB table cell; empty where nothing was measured."""
     return "" if not n else f"{n / GIB:.2f}"
+
+
+def steady(times: list[float]) -> float:
+    """Seconds per step without the first, which carries one-time costs (kernel choice, first touch of memory)."""
+    rest = times[1:] or times
+    return sum(rest) / len(rest)
+
+
+def stage_figures(events: list[dict]) -> dict[str, dict]:
+    """Per stage of a pipeline run (event stage: encoded, step, decoded): the largest of each peak over its events,
+    its seconds and wall seconds (which include loading the stage's weights) summed, and the steady s/step."""
+    out: dict[str, dict] = {}
+    for e in events:
+        s = out.setdefault(e["stage"], {"seconds": 0.0, "wall_seconds": 0.0, "times": []})
+        s["seconds"] += e["seconds"]
+        s["wall_seconds"] += e["wall_seconds"]
+        s["times"].append(e["seconds"])
+        for k in PEAKS:
+            s[k] = max(s.get(k, 0), e.get(k) or 0)
+    for s in out.values():
+        times = s.pop("times")
+        s["step_seconds"], s["first_seconds"] = steady(times), times[0]
+    return out
+
+
+def host_against_plan(r: dict) -> dict[str, float]:
+    """Per stage of a pipeline run whose plan counts host memory: its host peak above the RSS the run had before
+    reading any weight, over the planned host bytes."""
+    out = {}
+    for stage, f in stage_figures(r["events"]).items():
+        planned = r["plan"].get(EVENT_PLAN.get(stage, stage), {}).get("host_bytes")
+        if planned:
+            out[stage] = (f["host_peak_bytes"] - r["baseline_rss_bytes"]) / planned
+    return out
 
 
 def _machine(m: dict) -> str:
@@ -50,7 +88,7 @@ def dit_table(rows: list[dict]) -> list[str]:
         err = f"{r['rel_error_vs_bf16']:.4f}" if "rel_error_vs_bf16" in r else ""
         settings = "GGUF loader" if r["settings"] == "gguf" else r["settings"]
         out.append(f"| {r['impl']} | {r['quant']} | {settings} | {r['step_seconds']:.2f} | {ratio} | "
-                   f"{_gib(r['peak_rss_bytes'])} | {rss} | {own} | {_gib(r.get('peak_device_bytes'))} | "
+                   f"{_cell(r['peak_rss_bytes'])} | {rss} | {own} | {_cell(r.get('peak_device_bytes'))} | "
                    f"{r['load_seconds']:.1f} | {err} |")
     return out
 
@@ -58,7 +96,7 @@ def dit_table(rows: list[dict]) -> list[str]:
 def quantize_table(rows: list[dict]) -> list[str]:
     out = ["| recipe | seconds | peak RSS GiB | file GB |", "|---|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['quant']} | {r['total_seconds']:.0f} | {_gib(r['peak_rss_bytes'])} | "
+        out.append(f"| {r['quant']} | {r['total_seconds']:.0f} | {_cell(r['peak_rss_bytes'])} | "
                    f"{r['file_bytes'] / 1e9:.2f} |")
     return out
 
@@ -87,6 +125,100 @@ def image_table(rows: list[dict]) -> list[str]:
     for r in rows:
         out.append(f"| {r['quant']} | {r['max_abs_diff']:.0f} | {r['mean_abs_diff']:.2f} |")
     return out
+
+
+# ---- GPU check (benchmarks/gpu_check.py) -------------------------------------------------------------------------
+def gpu_tests_table(rows: list[dict]) -> list[str]:
+    out = ["| passed | failed | errors | skipped | seconds | failing tests |", "|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        out.append(f"| {r['passed']} | {r['failures']} | {r['errors']} | {r['skipped']} | {r['seconds']:.0f} | "
+                   f"{', '.join(r['failed_tests'])} |")
+    return out
+
+
+def gpu_weights_table(rows: list[dict]) -> list[str]:
+    out = ["| built | seconds | GB |", "|---|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['preset']} checkpoint, random weights | {r['checkpoint_seconds']:.0f} | |")
+        for c in ("dit", "text_encoder"):
+            out.append(f"| {c} {r['quant']} (quantized on {r['quantize_device']}) | {r[c + '_seconds']:.0f} | "
+                       f"{r[c + '_bytes'] / 1e9:.2f} |")
+    return out
+
+
+def dit_figures(r: dict) -> dict:
+    """A run's DiT figures: ours from its step events, diffusers' over its whole process (load included)."""
+    if r["impl"] == "zimage-lite":
+        f = stage_figures(r["events"])["step"]
+        return {**f, "load_seconds": f["wall_seconds"] - f["seconds"]}  # placing the DiT, before its first step
+    return {"step_seconds": steady(r["step_times"]), "first_seconds": r["step_times"][0],
+            **{k: r.get(k) for k in (*PEAKS, "load_seconds")}}
+
+
+def gpu_run_table(rows: list[dict]) -> list[str]:
+    """The DiT stage of each run side by side, then our runs stage by stage against the plan."""
+    ok = {r["settings"]: dit_figures(r) for r in rows if "error" not in r}
+    capped = ok.get("capped", {}).get("step_seconds")
+    out = ["DiT stage: ours from its step events (load: placing the DiT), diffusers' over its whole process (load: "
+           "from_single_file and enabling group offload); s/step leaves out the first step; host peak: the whole run's "
+           "peak RSS.", "",
+           "| impl | settings | s/step | first step s | s/step ÷ ours capped | DiT peak allocated GiB | "
+           "DiT peak reserved GiB | host peak GiB | load s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['impl']} | {r['settings']} | failed: {r['error'][:200]} | | | | | | |")
+            continue
+        d = ok[r["settings"]]
+        ratio = f"{d['step_seconds'] / capped:.2f}" if capped else ""
+        out.append(f"| {r['impl']} | {_settings(r)} | {d['step_seconds']:.3f} | {d['first_seconds']:.3f} | {ratio} | "
+                   f"{_cell(d['peak_device_bytes'])} | {_cell(d['peak_reserved_bytes'])} | "
+                   f"{_cell(r['host_peak_bytes'])} | {d['load_seconds']:.1f} |")
+    out += ["", "Our runs per stage against the plan (planned host: what the plan says the stage holds in RAM; above "
+            "baseline: the stage's peak RSS minus the RSS before any weight was read (interpreter, torch, CUDA "
+            "context); pinned: bytes torch's pinned host allocator held at the stage's end; wall: the stage's "
+            "seconds with loading its weights):", "",
+            "| run | stage | planned device GiB | allocated GiB | reserved GiB | planned host GiB | "
+            "planned pinned GiB | host peak GiB | above baseline GiB | pinned GiB | wall s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r or r["impl"] != "zimage-lite":
+            continue
+        for stage, f in stage_figures(r["events"]).items():
+            plan = r["plan"].get(EVENT_PLAN.get(stage, stage), {})
+            out.append(f"| {r['settings']} | {stage} | {_cell(plan.get('peak_bytes'))} | "
+                       f"{_cell(f['peak_device_bytes'])} | {_cell(f['peak_reserved_bytes'])} | "
+                       f"{_cell(plan.get('host_bytes'))} | {_cell(plan.get('pinned_bytes'))} | "
+                       f"{_cell(f['host_peak_bytes'])} | {_cell(f['host_peak_bytes'] - r['baseline_rss_bytes'])} | "
+                       f"{_cell(f['pinned_bytes'])} | {f['wall_seconds']:.1f} |")
+    for r in rows:
+        if "plan_text" in r and r["settings"] == "capped":
+            out += ["", "The capped run's plan, as `zimage-lite plan` prints it:", "", "```", r["plan_text"], "```"]
+    return out
+
+
+def _settings(r: dict) -> str:
+    parts = [f"{'--' if k != 'cap' else ''}{k} {r[k]}" for k in ("cap", "vram", "ram") if r.get(k)]
+    if r.get("offload") == "group":
+        parts.append("group offload, block level" + (", side stream" if r["device"] == "cuda" else ""))
+    return ", ".join(parts) or "resident"
+
+
+def gpu_targets_table(rows: list[dict]) -> list[str]:
+    out = ["| target | measured | limit | met |", "|---|---:|---:|---|"]
+    for r in rows:
+        for t in r["targets"]:
+            value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
+            met = {True: "yes", False: "**no**", None: ""}[t["met"]]
+            out.append(f"| {t['target']} | {value} | {t['limit']:.2f} | {met} |")
+    return out
+
+
+def gpu_error_table(rows: list[dict]) -> list[str]:
+    return ["| part | error |", "|---|---|", *(f"| {r['part']} | {r['error'][:300]} |" for r in rows)]
+
+
+GPU_TITLES = {"gpu_tests": "CUDA tests (`pytest -m cuda`)", "gpu_weights": "the weights, built on the machine",
+              "gpu_targets": "targets", "gpu_error": "parts that failed"}
 
 
 def render(rows: list[dict]) -> str:
@@ -118,11 +250,18 @@ def render(rows: list[dict]) -> str:
                       "against its unquantized weights. Random weights amplify quantization error differently "
                       "from trained ones: this checks that every recipe runs end to end and orders them; it does "
                       "not predict visual quality on the real model."]
+        elif component == "gpu_run":
+            lines.append(f"## GPU check: DiT {first['quant']}, {first['device']}, {first['width']}x{first['height']}, "
+                         f"{first['steps']} steps, {first['dtype']} compute")
+        elif component in GPU_TITLES:
+            lines.append(f"## GPU check: {GPU_TITLES[component]}")
         else:
             lines.append("## Quantizing the full-size DiT")
         lines += ["", f"`{command}`  ", f"{_machine(json.loads(machine))}; {date}", ""]
         lines += {"dit": dit_table, "interleaved": interleaved_table, "dequant": dequant_table,
-                  "image": image_table, "quantize": quantize_table}[component](rs)
+                  "image": image_table, "quantize": quantize_table, "gpu_tests": gpu_tests_table,
+                  "gpu_weights": gpu_weights_table, "gpu_run": gpu_run_table, "gpu_targets": gpu_targets_table,
+                  "gpu_error": gpu_error_table}[component](rs)
         lines.append("")
     return "\n".join(lines)
 

@@ -9,6 +9,8 @@ the real checkpoint, no download; the transformer is stored in BF16 rather than 
 and the build time: the runtime casts to the compute dtype either way) and reuses it. Every measurement runs in a
 fresh child process, so peak RSS (VmHWM, which counts memory-mapped file pages that were touched) is that run's.
 Quantized files are written by our own `zimage-lite quantize`. Peers run in the same invocation, on the same weights.
+The GPU acceptance check (benchmarks/gpu_check.py) runs its measurements through the same --worker children; its
+"pipeline" worker runs our whole pipeline, prompt to image, through the public API.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -26,8 +29,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's zimage_lite, also when run as a script or a --worker child
 DEFAULT_CACHE = ROOT / ".bench_cache"
 CAPTION_TOKENS = 100  # a typical prompt with the chat template
+# The pipeline runs' prompt: with the random checkpoints' small tokenizer it is 100 tokens with the chat template,
+# as long as the caption the DiT-only runs feed (CAPTION_TOKENS)
+PROMPT = ("a lighthouse on a cliff at dusk, oil painting, dramatic clouds, warm light, highly detailed, 35mm "
+          "photograph, golden hour, waves crashing on the rocks below")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 GNU_TIME = "/usr/bin/time"
 
 
@@ -74,47 +83,72 @@ def dit_file(folder: Path, quant: str, cache: Path) -> tuple[Path, dict | None]:
     if not out.is_file():
         cmd = [sys.executable, "-m", "zimage_lite", "quantize", str(folder), "--type", quant, "--component", "dit",
                "--out", str(out)]
-        row = {"component": "quantize", "impl": "zimage-lite", "quant": quant, **_child(cmd),
+        row = {"component": "quantize", "impl": "zimage-lite", "quant": quant, **child(cmd),
                "file_bytes": out.stat().st_size, "tool_command": " ".join(cmd[1:]),
                "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
     return out, row
 
 
 # ---- child processes --------------------------------------------------------------------------------------------
-def _child(cmd: list[str]) -> dict:
-    """Run cmd under GNU time; its wall time and peak RSS, plus the JSON it printed last.
+def run_process(cmd: list[str], timeout: float | None = None, cwd: Path | None = None) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of cmd, run in its own process group so that a timeout ends it together with
+    anything it started (a RuntimeError then)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... did not finish within {timeout:.0f} s") from None
+    return proc.returncode, stdout, stderr
 
-    GNU time, not our own wait4: a child forked from this (large) process would inherit our high-water mark.
+
+def child(cmd: list[str], timeout: float | None = None) -> dict:
+    """Run cmd, under GNU time where there is one; its wall time and peak RSS, plus the JSON it printed last.
+
+    GNU time, not our own wait4: a child forked from this (large) process would inherit our high-water mark. Without
+    GNU time (a bare GPU machine) the peak RSS is the one a --worker child reports of itself (VmHWM), the same figure.
     """
     start = time.perf_counter()
-    if not os.path.exists(GNU_TIME):
-        raise SystemExit(f"{GNU_TIME} not found: install GNU time (Debian package `time`)")
-    proc = subprocess.run([GNU_TIME, "-f", "maxrss_kb=%M", *cmd], capture_output=True, text=True)
-    lines = proc.stderr.splitlines()
+    timed = os.path.exists(GNU_TIME)
+    code, stdout, stderr = run_process([GNU_TIME, "-f", "maxrss_kb=%M", *cmd] if timed else cmd, timeout)
+    lines = stderr.splitlines()
     sys.stderr.write("\n".join(ln for ln in lines[-20:] if not ln.startswith("maxrss_kb=")) + "\n")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    rss = next(int(ln.split("=")[1]) for ln in reversed(lines) if ln.startswith("maxrss_kb="))
-    result = {"total_seconds": time.perf_counter() - start, "peak_rss_bytes": rss * 1024}
-    out = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}: {lines[-1] if lines else ''}")
+    result: dict = {"total_seconds": time.perf_counter() - start}
+    out = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if out:
         result.update(json.loads(out[-1]))
+    if timed:
+        rss = next(int(ln.split("=")[1]) for ln in reversed(lines) if ln.startswith("maxrss_kb="))
+        result["peak_rss_bytes"] = rss * 1024
+    elif "host_peak_bytes" in result:
+        result["peak_rss_bytes"] = result["host_peak_bytes"]
     return result
 
 
 def worker(spec: dict) -> dict:
-    """In the child: load one DiT (ours or a peer's), run `steps` forwards, report times and memory."""
+    """In the child: load one DiT (ours or a peer's), run `steps` forwards, report times and memory; or, with
+    impl "pipeline", our whole pipeline through its public API (`_pipeline`)."""
     from zimage_lite.sampling import get_noise
 
     device = torch.device(spec["device"])
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[spec["dtype"]]
-    if device.type == "cuda" and spec.get("vram"):  # emulate a small card: the same cap for us and for peers
-        from zimage_lite.runtime.budget import parse_size
+    dtype = DTYPES[spec["dtype"]]
+    cap = spec.get("cap") or spec.get("vram")
+    if device.type == "cuda" and cap:  # emulate a small card: the same cap for us and for peers
+        try:  # the one module for size units since issue 9; before it, the budget module
+            from zimage_lite.runtime.units import parse_size
+        except ImportError:
+            from zimage_lite.runtime.budget import parse_size
 
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(spec["vram"], "--vram") / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(cap, "--vram") / total), device)
     if spec["impl"] == "interleaved":
         return _interleaved(spec, device, dtype)
+    if spec["impl"] == "pipeline":
+        return _pipeline(spec, device)
     t0 = time.perf_counter()
     if spec["impl"] == "zimage-lite":
         forward, model = _ours(spec, device, dtype)
@@ -135,8 +169,65 @@ def worker(spec: dict) -> dict:
             times.append(time.perf_counter() - t)
     if spec.get("save"):
         torch.save(out.float().cpu(), spec["save"])
-    peak_dev = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return {"load_seconds": load_seconds, "step_seconds": sum(times) / len(times), "peak_device_bytes": peak_dev}
+    return {"load_seconds": load_seconds, "step_seconds": sum(times) / len(times), "step_times": times,
+            **memory_figures(device)}
+
+
+def memory_figures(device: torch.device) -> dict:
+    """Peaks since the process started (or since the device's last reset): allocated and reserved device bytes,
+    pinned host bytes held by torch's host allocator (0 where this torch cannot say), and the peak RSS."""
+    from zimage_lite.runtime.memory import peak_bytes
+
+    out = {"peak_device_bytes": 0, "peak_reserved_bytes": 0, "pinned_bytes": 0, "pinned_peak_bytes": 0,
+           "host_peak_bytes": peak_bytes(torch.device("cpu"))}
+    if device.type == "cuda":
+        out["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        stats = getattr(torch.cuda, "host_memory_stats", dict)()  # torch >= 2.7
+        out["pinned_bytes"] = stats.get("allocated_bytes.current", 0)
+        out["pinned_peak_bytes"] = stats.get("allocated_bytes.peak", 0)
+    return out
+
+
+def _pipeline(spec: dict, device: torch.device) -> dict:
+    """Our pipeline, prompt to image, through the public API only (`load`, `generate`, `plan`): per event its
+    seconds, the wall time since the previous event (which includes loading the stage's weights), device peaks
+    (`generate` resets them as each stage starts) and the host peak since the previous event; the RSS before any
+    weight is read; and the plan, every numeric field of each stage as the planner has them (host memory too)."""
+    import dataclasses
+
+    import zimage_lite
+    from zimage_lite.runtime.memory import peak_bytes, reset_peak
+
+    try:  # its own module since issue 9
+        from zimage_lite.runtime.plan_format import format_plan
+    except ImportError:
+        from zimage_lite.runtime.plan import format_plan
+
+    host = torch.device("cpu")
+    t0 = time.perf_counter()
+    te = Path(spec["text_encoder"]) if spec.get("text_encoder") else None
+    pipe = zimage_lite.load(spec["model"], dit=Path(spec["weights"]), text_encoder=te, device=spec["device"],
+                            dtype=spec["dtype"], vram=spec.get("vram"), ram=spec.get("ram"))
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # the CUDA context's host memory belongs to the baseline, not to a stage
+    reset_peak(host)
+    baseline = peak_bytes(host)  # RSS before any weight is read: the interpreter, torch, the CUDA context
+    events, last = [], time.perf_counter()
+    open_seconds = last - t0
+    for e in pipe.generate(PROMPT, width=spec["width"], height=spec["height"], steps=spec["steps"], seed=0):
+        now = time.perf_counter()
+        events.append({"stage": e.stage, "step": e.step, "seconds": e.seconds, "wall_seconds": now - last,
+                       "tokens": e.info.get("tokens"), **memory_figures(device)})
+        reset_peak(host)  # the next event's host peak starts here
+        last = time.perf_counter()
+    plan = {s.name: {**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)
+                        if type(getattr(s, f.name)) is int},
+                     "peak_bytes": s.peak_bytes, "n_streamed": len(s.streamed), "n_resident": len(s.resident)}
+            for s in pipe.plan.stages}
+    return {"open_seconds": open_seconds, "total_generate_seconds": time.perf_counter() - t0 - open_seconds,
+            "events": events, "plan": plan, "plan_text": format_plan(pipe.plan), "baseline_rss_bytes": baseline,
+            "host_peak_bytes": max(e["host_peak_bytes"] for e in events)}
 
 
 def _interleaved(spec: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -211,8 +302,9 @@ def _diffusers(spec: dict, device: torch.device, dtype: torch.dtype):
     if offload == "model":
         model.to(device)  # a single model: model offloading keeps it whole on the device while it runs
     elif offload == "group":
+        # a side stream prefetches the next block on CUDA; the CPU smoke run (benchmarks/gpu_check.py) has none
         model.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
-                                   use_stream=True)
+                                   use_stream=device.type == "cuda")
     elif offload == "sequential":
         from accelerate import cpu_offload
 
@@ -254,7 +346,7 @@ def measure(args: argparse.Namespace) -> Iterator[dict]:
         if args.interleaved and quant.upper() == "BF16":
             spec = {**base, "impl": "interleaved", "quant": quant, "weights": str(weights), "steps": args.interleaved}
             print(f"measuring zimage-lite and diffusers {quant}, interleaved ...", file=sys.stderr)
-            row = {**spec, **_child([sys.executable, __file__, "--worker", json.dumps(spec)]),
+            row = {**spec, **child([sys.executable, __file__, "--worker", json.dumps(spec)]),
                    "component": "interleaved", "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
             for key in ("model", "cap_dim", "impl"):
                 row.pop(key, None)
@@ -265,7 +357,7 @@ def measure(args: argparse.Namespace) -> Iterator[dict]:
                     "save": str(_output_file(cache, impl, quant, offload)) if args.quality else None}
             cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
             print(f"measuring {impl} {quant} {offload or ''} ...", file=sys.stderr)
-            row = {**spec, "component": "dit", **_child(cmd), "settings": offload or "resident",
+            row = {**spec, "component": "dit", **child(cmd), "settings": offload or "resident",
                    "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
             for key in ("save", "model", "cap_dim"):
                 row.pop(key, None)

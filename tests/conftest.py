@@ -36,3 +36,15 @@ def kq_text_model(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # The demo model is generated into the user's cache; tests use their own.
     monkeypatch.setenv("ZIMAGE_LITE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip where torch sees no GPU; `pytest -m cuda` selects them (benchmarks/gpu_check.sh)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
