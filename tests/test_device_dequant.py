@@ -19,7 +19,7 @@ from zimage_lite.quant import chunks, formats
 from zimage_lite.quant.formats import INT8, BnbType, bnb_sizes, dequantize, quantize
 from zimage_lite.quant.qlinear import QLinear, QTensor, dequant_scratch, release_scratch
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.cuda  # skipped without a GPU (conftest); benchmarks/gpu_check.sh selects these
 GGML = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 KINDS = (*(t.name for t in GGML), "int8", "nf4", "nf4-nested")
 

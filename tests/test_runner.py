@@ -29,7 +29,7 @@ from zimage_lite.runtime.plan import PlanRequest, make_plan, minimum_budget
 from zimage_lite.runtime.streamer import PageableMemoryWarning, Streamer
 from zimage_lite.weights.components import open_dit
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.cuda  # skipped without a GPU (conftest); benchmarks/gpu_check.sh selects these
 LAYOUT_TOL = 1e-5  # streamed vs resident on the CPU: the BLAS picks kernels by alignment (measured 1.8e-6)
 
 

@@ -20,7 +20,7 @@ from zimage_lite.runtime.streamer import Streamer
 from zimage_lite.weights.components import open_dit, open_vae
 from zimage_lite.weights.load import load_module
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.cuda  # skipped without a GPU (conftest); benchmarks/gpu_check.sh selects these
 SEAM_TOL = 2.0  # 8-bit levels: tiled vs untiled decode
 
 
