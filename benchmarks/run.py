@@ -109,7 +109,7 @@ def worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[spec["dtype"]]
     if device.type == "cuda" and spec.get("vram"):  # emulate a small card: the same cap for us and for peers
-        from zimage_lite.runtime.budget import parse_size
+        from zimage_lite.runtime.units import parse_size
 
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(spec["vram"], "--vram") / total), device)

@@ -1,6 +1,7 @@
 """The conversion tool: official (or ComfyUI / GGUF BF16) checkpoints → GGUF, int8 and nf4 files.
 
-`recipes` holds the per-tensor type rules and predicted sizes, `convert` the streaming writer, `bnb` the
+`recipes` the predicted sizes and vocabulary metadata (the per-tensor type rules live in zimage_lite/quant/recipes.py),
+`convert` the streaming writer, `bnb` the
 bitsandbytes layouts, `cli` the `zimage-lite quantize` options.
 """
 
