@@ -241,7 +241,6 @@ def _vae_stage(req: PlanRequest) -> StagePlan:
                  f"latent and image {format_size(fixed - weights)}")
 
 
-
 def _vae(req: PlanRequest, beside: int = 0) -> StagePlan:
     """The VAE stage with `beside` bytes of other components kept loaded, and what it stages through the host on
     cuda: its largest weight as read (F32 at most) and cast, and the decoded image (uint8 tensor and PIL copy)."""
