@@ -241,9 +241,14 @@ def test_cuda_stages_state_their_host_memory():
     assert dit.pinned_bytes == len(dit.streamed) * 128 * MIB
     # placement reads one tensor at a time: the largest is a BF16 refiner's w1, read as it is (no cast in bf16)
     assert dit.staging_bytes == 10240 * 3840 * 2 and dit.host_weight_bytes == 0
-    # the BF16 embedding table stays a view of the memory map in bf16, and is a cast copy in fp16
+    # the embedding table stays on the host as stored, a view of the file, in every compute dtype...
     assert text.host_weight_bytes == 0
-    assert cuda_plan("Q4_K_M", 1024, "4GB", dtype="fp16").stage("text_encoder").host_weight_bytes == 151936 * 2560 * 2
+    assert cuda_plan("Q4_K_M", 1024, "4GB", dtype="fp16").stage("text_encoder").host_weight_bytes == 0
+    # ...unless it is quantized in a way it cannot stay packed in (a bitsandbytes table is dequantized: a copy)
+    table = dict(recipe_table(TURBO.text_encoder, "BF16"))
+    table["embed_tokens.weight"] = (table["embed_tokens.weight"][0], "int8")
+    request = PlanRequest(config=TURBO, budget=24 * GB, dtype="fp16", text_tensors=table)
+    assert make_plan(request).stage("text_encoder").host_weight_bytes == 151936 * 2560 * 2
     for s in plan.stages:
         assert s.host_bytes == s.pinned_bytes + s.host_weight_bytes + s.staging_bytes > 0
     assert plan.host_peak_bytes == max(s.host_bytes for s in plan.stages)
@@ -255,8 +260,8 @@ def test_cpu_host_memory_is_the_stage_peak():
     plan = plan_for("turbo", "Q4_K_M", 512, 512, False, "cpu", None, parse_size("4GB", "--ram"), dtype="fp32")
     for s in plan.stages:
         assert s.host_bytes == s.peak_bytes and s.pinned_bytes == 0
-    # fp32 on a CPU without bf16: the BF16 embedding table is cast, a copy the text stage holds in RAM
-    assert plan.stage("text_encoder").weight_bytes == 151936 * 2560 * 4
+    # fp32 on a CPU without bf16: the BF16 embedding table is still not cast (its rows are, as they are looked up)
+    assert plan.stage("text_encoder").weight_bytes == 0
 
 
 # ---- keep_loaded ---------------------------------------------------------------------------------------------------

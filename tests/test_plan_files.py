@@ -76,6 +76,25 @@ def test_float_files_are_labelled_by_their_block_weights(tiny_model):
     assert pipe.weight_format("dit") == "F32" and pipe.weight_format("text_encoder") == "BF16"
 
 
+def test_the_host_only_embedding_table_stays_as_stored(tiny_model):
+    """What the planner counts for Qwen3's embedding table (nothing: a view of the file) is what loading holds: the
+    table keeps its stored dtype, and the looked-up rows are cast, to the same values as a cast table gives."""
+    from zimage_lite.models.qwen3 import Qwen3Encoder
+    from zimage_lite.weights.components import open_text_encoder
+    from zimage_lite.weights.load import load_module
+
+    cfg, source = open_text_encoder(tiny_model / "text_encoder")
+    with torch.device("meta"):
+        model = Qwen3Encoder(cfg)
+    load_module(model, source, torch.float32, "cpu", "text encoder")
+    assert model.embed_tokens.weight.dtype == torch.bfloat16 == source.get("embed_tokens.weight").dtype
+    assert model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the blocks are cast as before
+    ids = torch.tensor([3, 1, 4, 1, 5])
+    features = model(ids, "cpu", torch.float32)
+    model.embed_tokens.weight.data = model.embed_tokens.weight.data.float()  # the table cast, as before
+    assert torch.equal(model(ids, "cpu", torch.float32), features)
+
+
 # ---- devices -------------------------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -7,8 +7,9 @@ per-tensor rules of quant/recipes.py). The blocks are the model's own schedule (
 model's state dict minus the blocks'.
 
 What the runtime holds of a tensor follows weights/load.py: a quantized Linear weight (or GGML-quantized embedding
-table) stays packed and is dequantized just before its matmul; every other tensor (float weights, norms, biases,
-quantized norms) is cast to the compute dtype as it loads. Inside a buffer each tensor starts on memory.ALIGN.
+table) stays packed and is dequantized just before its matmul; a host-only float tensor (model.HOST_ONLY) stays as
+stored; every other tensor (float weights, norms, biases, quantized norms) is cast to the compute dtype as it loads.
+Inside a buffer each tensor starts on memory.ALIGN.
 """
 
 from __future__ import annotations
@@ -176,8 +177,8 @@ class ComponentBytes:
 
     blocks: tuple[BlockBytes, ...]  # schedule order
     other: int  # non-block tensors placed with the model (on the device), each aligned
-    host_only: int  # host-only tensors' cast copies (none when they stay views of the memory map: packed or
-    # already in the compute dtype, where only the rows looked up are ever read)
+    host_only: int  # host-only tensors' copies: none for floats and packed tables, which stay views of the file
+    # (only the rows looked up are ever read); a quantized table that cannot stay packed is dequantized
     largest_packed: int  # weights of the largest packed Linear: what one dequantization writes
     largest_read: int  # the largest tensor as read from the file plus its cast copy: placement's host staging
 
@@ -203,7 +204,9 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
     blocks = tuple(BlockBytes(name, sum(held(t) for t in tensors), sum(stored_bytes(*table[t]) for t in tensors))
                    for name, tensors in lay.blocks)
     rest = [n for n in lay.shapes if n not in lay.block_tensors]
-    host_copy = [n for n in rest if n in lay.host_only and not packed(n) and table[n][1] != plain]
+    # a host-only float tensor stays as stored, a view of the file (weights/load.py); a quantized one that cannot stay
+    # packed is dequantized into a copy
+    host_copy = [n for n in rest if n in lay.host_only and not packed(n) and table[n][1] not in FLOATS]
     # placement reads one tensor at a time through the host: its pages of the memory map and, when it is cast, the
     # copy (host-only tensors are not staged: they stay where they are)
     reads = [stored_bytes(*table[n]) + (0 if packed(n) or table[n][1] == plain else held(n))
