@@ -11,8 +11,9 @@ import sys
 from quantize.recipes import predicted_sizes
 from zimage_lite.config import DiTConfig
 from zimage_lite.errors import BudgetError
-from zimage_lite.runtime.budget import GIB, dit_tensors
 from zimage_lite.runtime.plan import plan_for
+from zimage_lite.runtime.sizes import recipe_table, stored_bytes
+from zimage_lite.runtime.units import GIB, gb, gib
 
 RECIPES = ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "int8", "nf4"]
 GPU_TIERS = [4, 6, 8, 12, 16, 24]  # GiB cards
@@ -38,15 +39,12 @@ def _peak(quant: str, size: int, device: str, budget: int, text_quant: str) -> s
                         budget if device == "cpu" else None, "bf16", text_quant)
     except BudgetError:
         return "does not fit"
-    return f"{plan.peak_bytes / GIB:.2f}"
+    return gib(plan.peak_bytes, unit=False)
 
 
 def _bnb_bytes(quant: str) -> int:
     """A bitsandbytes DiT folder: block Linears in int8/nf4 with their scales, everything else BF16."""
-    c = DiTConfig()
-    blocks = {"noise_refiner": c.n_refiner_layers, "context_refiner": c.n_refiner_layers, "layers": c.n_layers,
-              "other": 1}
-    return sum(dit_tensors(c, quant, kind).nbytes() * n for kind, n in blocks.items())
+    return sum(stored_bytes(shape, fmt) for shape, fmt in recipe_table(DiTConfig(), quant).values())
 
 
 def table() -> str:
@@ -60,8 +58,8 @@ def table() -> str:
         big = " / ".join(_peak(q, s, "cuda", 128 * GIB, tq) for s in (512, 1024))
         gpu = _resident_tier(q, "cuda", GPU_TIERS, tq)
         cpu = _resident_tier(q, "cpu", CPU_TIERS, tq)
-        dit_gb = f"{(dit[q] if q in dit else _bnb_bytes(q)) / 1e9:.2f}"
-        rows.append(f"| {q} | {dit_gb} | {te.get(tq, 0) / 1e9:.2f}{'' if tq == q else ' (Q8_0)'} | {small} | {big} | "
+        dit_gb, te_gb = gb(dit[q] if q in dit else _bnb_bytes(q), unit=False), gb(te.get(tq, 0), unit=False)
+        rows.append(f"| {q} | {dit_gb} | {te_gb}{'' if tq == q else ' (Q8_0)'} | {small} | {big} | "
                     f"{f'{gpu} GB GPU' if gpu else 'streams on 24 GB'} | "
                     f"{f'{cpu} GB RAM' if cpu else 'streams on 32 GB'} |")
     return "\n".join(rows)

@@ -138,10 +138,7 @@ def worker(spec: dict) -> dict:
     dtype = DTYPES[spec["dtype"]]
     cap = spec.get("cap") or spec.get("vram")
     if device.type == "cuda" and cap:  # emulate a small card: the same cap for us and for peers
-        try:  # the one module for size units since issue 9; before it, the budget module
-            from zimage_lite.runtime.units import parse_size
-        except ImportError:
-            from zimage_lite.runtime.budget import parse_size
+        from zimage_lite.runtime.units import parse_size
 
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(cap, "--vram") / total), device)

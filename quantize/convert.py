@@ -33,7 +33,18 @@ from zimage_lite.config import read_json
 from zimage_lite.errors import CheckpointError, OptionError, UnsupportedQuantError
 from zimage_lite.image import check_output, write_atomic
 from zimage_lite.quant.formats import quantize
+from zimage_lite.quant.recipes import (
+    TARGETS,
+    Target,
+    TensorPlan,
+    dit_linear_weights,
+    dit_plan,
+    dit_shapes,
+    te_plan,
+    te_shapes,
+)
 from zimage_lite.runtime.memory import peak_bytes
+from zimage_lite.runtime.units import gb, gib
 from zimage_lite.weights.components import FOLDERS, LAYOUT_HINT, UNUSED, identify, open_component
 from zimage_lite.weights.gguf_source import GGUFSource
 from zimage_lite.weights.load import load_tensor
@@ -41,9 +52,7 @@ from zimage_lite.weights.names import translate
 from zimage_lite.weights.sources import RenamedSource, TensorSource
 
 from . import bnb, recipes
-from .recipes import TARGETS, Target, TensorPlan
 
-GB = 1e9
 READABLE = {"F32", "F16", "BF16"}
 FILE_NAMES = {"dit": "z_image_turbo-{t}.gguf", "text_encoder": "Qwen3-4B-{t}.gguf"}
 BNB_FOLDER = "z_image_turbo-{t}"
@@ -102,7 +111,7 @@ def _open(root: Path, component: str, tokenizer: Path) -> SourceInput:
     official names: the runtime's own source leaves out what it never runs (the text encoder's last layer and
     final norm), which a llama.cpp-family file must hold."""
     comp = open_component(root, component)
-    expected = recipes.dit_shapes(comp.config) if component == "dit" else recipes.te_shapes(comp.config)
+    expected = dit_shapes(comp.config) if component == "dit" else te_shapes(comp.config)
     names = [n for n in comp.stored.names() if not UNUSED.search(n)]
     _, mapping = translate(component, list(expected), names, str(root))
     raw = read_json(root / "config.json") if root.is_dir() and (root / "config.json").is_file() else None
@@ -228,7 +237,7 @@ def _guard_write(path: Path, needed: int, write: Callable[[], None]) -> None:
         write()
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise OptionError(f"--out {path}: disk full while writing (the file needs {needed / GB:.2f} GB); "
+            raise OptionError(f"--out {path}: disk full while writing (the file needs {gb(needed)}); "
                               "nothing was written") from None
         raise OptionError(f"--out {path}: cannot write ({e.strerror or e}); nothing was written") from None
 
@@ -242,7 +251,7 @@ def _provenance(writer: gguf.GGUFWriter, inp: SourceInput, recipe: str) -> None:
 
 
 def convert_dit(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
-    plan = recipes.dit_plan(inp.shapes, target)
+    plan = dit_plan(inp.shapes, target)
     recipe = f"{target.name}: ComfyUI-GGUF lcpp lumina2 mix (embedders, final layer, refiners BF16)"
 
     def metadata(w: gguf.GGUFWriter) -> None:
@@ -256,7 +265,7 @@ def convert_dit(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
 
 def convert_text_encoder(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
     cfg, shapes = inp.config, inp.shapes
-    plan = recipes.te_plan(shapes, target, cfg)
+    plan = te_plan(shapes, target, cfg)
     recipe = f"{target.name}: llama.cpp llama_tensor_get_type mix for qwen3"
     if inp.tokenizer:
         tokens = recipes.tokenizer_metadata(inp.tokenizer, cfg.vocab_size, inp.raw_config)
@@ -305,7 +314,7 @@ def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
     from zimage_lite.config import config_to_dict
 
     shapes = inp.shapes
-    linear = recipes.dit_linear_weights(inp.config)
+    linear = dit_linear_weights(inp.config)
     dtype = _storage_dtype(inp, linear)
     plan = bnb.bnb_plan(shapes, linear, target.name, dtype)
     config = dict(inp.raw_config) if inp.raw_config else {"_class_name": "ZImageTransformer2DModel",
@@ -383,5 +392,5 @@ def convert(src: Path, type_name: str, component: str | None = None, out: Path |
 
 def summary(r: Result) -> str:
     hist = ", ".join(f"{k} {v}" for k, v in sorted(r.histogram.items()))
-    peak = peak_bytes(torch.device("cpu")) / 1024**3
-    return f"{r.path}  ({r.nbytes / GB:.2f} GB; {hist}; {r.seconds:.1f} s, peak memory {peak:.2f} GiB)"
+    peak = peak_bytes(torch.device("cpu"))
+    return f"{r.path}  ({gb(r.nbytes)}; {hist}; {r.seconds:.1f} s, peak memory {gib(peak)})"

@@ -14,6 +14,7 @@ Only what compares with bitsandbytes itself (its kernels, its double-quantized f
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from zimage_lite.quant import formats
 from zimage_lite.quant.formats import INT8, BnbType, dequantize
 from zimage_lite.quant.qlinear import QLinear, QTensor
 from zimage_lite.runtime.devices import CpuDevice
+from zimage_lite.runtime.plan import minimum_budget
 from zimage_lite.runtime.streamer import Streamer
 from zimage_lite.weights.components import open_component, open_dit
 from zimage_lite.weights.inspect import describe
@@ -199,8 +201,10 @@ def test_renders_from_dit_folder_and_model_folder(folders, kq_model, tmp_path):
     resident = zimage_lite.load(kq_model, dit=folders["nf4"], device="cpu", dtype="fp32")
     image = resident.text_to_image("a fox", **kwargs)
     assert image.info["quant"] == "nf4" and np.asarray(image).std() > 5
-    # --ram so small that every block is read again from the folder at each step
-    streamed = zimage_lite.load(kq_model, dit=folders["nf4"], device="cpu", dtype="fp32", ram="5MB")
+    # --ram so small that every block is read again from the folder at each step: the smallest the planner accepts
+    request = resident.make_plan(32, 32, 0.0, resident.tokenizer.encode("a fox").ids.shape[0]).request
+    least = minimum_budget(replace(request, budget=1))
+    streamed = zimage_lite.load(kq_model, dit=folders["nf4"], device="cpu", dtype="fp32", ram=least)
     assert np.array_equal(np.asarray(streamed.text_to_image("a fox", **kwargs)), np.asarray(image))
     assert streamed.plan.stage("dit").resident == ()
     # a model folder whose transformer/ is the int8 folder

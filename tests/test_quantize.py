@@ -23,9 +23,9 @@ import zimage_lite
 from quantize import bnb, recipes
 from quantize.cli import TYPES
 from quantize.convert import convert
-from quantize.recipes import TARGETS, dit_plan, dit_shapes, te_plan, te_shapes
 from zimage_lite.cli import main
 from zimage_lite.config import DiTConfig, TextEncoderConfig
+from zimage_lite.quant.recipes import TARGETS, dit_plan, dit_shapes, dit_tensor_type, te_plan, te_shapes
 from zimage_lite.weights.names import dit_comfy_name
 
 GGUF_TYPES = [n for n, t in TARGETS.items() if t.is_gguf]
@@ -121,10 +121,10 @@ def test_dit_mix_per_target(full_dit, name, qkv, w2, rest):
 
 def test_rows_that_do_not_fit_fall_back():
     q4km = TARGETS["Q4_K_M"]
-    assert recipes.dit_tensor_type("layers.0.attention.qkv.weight", (192, 64), q4km) == Q.Q5_1  # Q5_K -> Q5_1
-    assert recipes.dit_tensor_type("layers.0.attention.out.weight", (64, 64), q4km) == Q.Q5_0  # Q4_K -> Q5_0
-    assert recipes.dit_tensor_type("layers.0.feed_forward.w2.weight", (64, 170), q4km) == Q.F16  # 170 fits no block
-    assert recipes.dit_tensor_type("layers.0.attention.q_norm.weight", (32,), q4km) == Q.F32
+    assert dit_tensor_type("layers.0.attention.qkv.weight", (192, 64), q4km) == Q.Q5_1  # Q5_K -> Q5_1
+    assert dit_tensor_type("layers.0.attention.out.weight", (64, 64), q4km) == Q.Q5_0  # Q4_K -> Q5_0
+    assert dit_tensor_type("layers.0.feed_forward.w2.weight", (64, 170), q4km) == Q.F16  # 170 fits no block
+    assert dit_tensor_type("layers.0.attention.q_norm.weight", (32,), q4km) == Q.F32
 
 
 def _more_bits_layers(n: int) -> set[int]:

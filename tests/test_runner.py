@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import types
 import warnings
 import weakref
 from dataclasses import replace
@@ -221,16 +220,15 @@ def test_placement_agrees_with_its_plan(tiny_model):
         warnings.simplefilter("error")
         model = _placed(tiny_model, _dit_plan(), SimulatedDevice())
     stage = _dit_plan()
-    assert (model.runner.slot_bytes, model.runner.transfer_bytes) == (stage.slot_bytes, stage.transfer_bytes)
+    assert (model.runner.slot_bytes, model.runner.transfer_bytes, model.runner.host_bytes) == (
+        stage.slot_bytes, stage.transfer_bytes, stage.pinned_bytes)
 
 
 @pytest.mark.parametrize("field,what", [("slot_bytes", "streaming slots"), ("transfer_bytes", "bytes copied"),
-                                        ("host_bytes", "pinned host memory")])
+                                        ("pinned_bytes", "pinned host memory")])
 def test_placement_says_when_it_differs_from_the_plan(tiny_model, field, what):
     stage = _dit_plan()
-    # host_bytes is not a StagePlan field everywhere yet: a stand-in plan carries it
-    planned = types.SimpleNamespace(**{**stage.__dict__, "host_bytes": 64 * 2**20})
-    setattr(planned, field, getattr(planned, field) + 64)
+    planned = replace(stage, **{field: getattr(stage, field) + 64})
     want = getattr(planned, field)
     with pytest.warns(PlanMismatchWarning, match=rf"DiT \(dit stage\).*{what} .* \({want} B\) planned") as seen:
         _placed(tiny_model, planned, SimulatedDevice())

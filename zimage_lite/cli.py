@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import PRESETS
 from .errors import ZImageLiteError
-
-GiB = 1024**3
+from .runtime.units import gib
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -36,9 +36,42 @@ def _add_size_args(p: argparse.ArgumentParser) -> None:
                    help="guidance scale; CFG runs when above 1 (default 0; plan --preset base: 4)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser whose arguments may come from a module imported only when that subcommand is parsed or
+    shows its help (`fill`): `zimage-lite run` and `plan` never import the quantize tool."""
+
+    def __init__(self, *args: Any, fill: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fill = fill
+
+    def _filled(self) -> None:
+        if self._fill is not None:
+            fill, self._fill = self._fill, None
+            fill(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._filled()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._filled()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._filled()
+        return super().format_help()
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    from quantize.cli import add_arguments
+
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zimage-lite", description="Z-Image-Turbo on small hardware.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="generate an image from a prompt")
     run.add_argument("prompt")
@@ -65,10 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="caption length to plan for, chat template included (default: the 512 maximum)")
     plan.set_defaults(func=cmd_plan)
 
-    from quantize.cli import add_arguments as add_quantize_arguments
-
-    quant = sub.add_parser("quantize", help="write GGUF (Q8_0, Q4_K_M, ...), int8 or nf4 files from a checkpoint")
-    add_quantize_arguments(quant)
+    quant = sub.add_parser("quantize", help="write GGUF (Q8_0, Q4_K_M, ...), int8 or nf4 files from a checkpoint",
+                           fill=_add_quantize_args)
     quant.set_defaults(func=cmd_quantize)
 
     info = sub.add_parser("info", help="what a file or folder holds: component, layout, quant types, size, "
@@ -119,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def close(ev) -> None:
         bar.close()
-        tqdm.write(f"{name}: {seconds:.1f} s, peak {ev.peak_bytes / GiB:.2f} GiB")
+        tqdm.write(f"{name}: {seconds:.1f} s, peak {gib(ev.peak_bytes)}")
 
     bar = next_bar()
     try:
@@ -140,13 +171,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     total = time.perf_counter() - start
-    print(f"{out}  ({width}x{height}, {total:.1f} s, peak memory {peak / GiB:.2f} GiB on {pipe.device.type})")
+    print(f"{out}  ({width}x{height}, {total:.1f} s, peak memory {gib(peak)} on {pipe.device.type})")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .runtime.budget import parse_size
-    from .runtime.plan import format_plan, plan_for
+    from .runtime.plan import plan_for
+    from .runtime.plan_format import format_plan
+    from .runtime.units import parse_size
 
     vram = parse_size(args.vram, "--vram") if args.vram else None
     ram = parse_size(args.ram, "--ram") if args.ram else None

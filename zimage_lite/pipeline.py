@@ -26,12 +26,15 @@ from .models.qwen3 import Qwen3Encoder
 from .models.vae import AutoencoderDecoder
 from .quant.qlinear import release_scratch
 from .runtime import plan
-from .runtime.budget import parse_size
 from .runtime.memory import is_out_of_memory, peak_bytes, reset_peak
 from .runtime.placement import place
+from .runtime.plan_format import format_plan
+from .runtime.sizes import TensorTable, recipe_label, source_table
+from .runtime.units import parse_size
 from .sampling import combine_cfg, euler_step, get_noise, get_sigmas, guidance_active, model_time
 from .text import PromptTokenizer, Tokens
 from .weights.components import ModelFiles, open_dit, open_text_encoder, open_vae, resolve_model, scheduler_config
+from .weights.gguf_source import GGUFSource
 from .weights.load import load_module
 from .weights.sources import TensorSource
 
@@ -66,7 +69,7 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype != "auto" and dtype not in DTYPES:
         raise OptionError(f"--dtype {dtype}: expected auto, bf16, fp16 or fp32")
-    return DTYPES[plan.resolve_dtype(dtype, device.type)]
+    return DTYPES[plan.resolve_dtype(dtype, str(device))]
 
 
 def check_size(width: int, height: int, scale: int) -> None:
@@ -110,27 +113,28 @@ class ZImagePipeline:
         if which in self._sources:
             self._sources[which][1].close()
 
-    def stored_type(self, which: str) -> str:
-        """The most common stored type of a component's block weights ('Q4_K', 'BF16', ...)."""
-        _, src = self._open(which)
-        types = [src.qtype(n) for n in src.names() if n.startswith("layers.0.") and n.endswith("weight")]
-        return max(set(types), key=types.count) if types else "F32"
+    def tensor_table(self, which: str) -> TensorTable:
+        """A component's typed tensor table (official name -> (shape, stored type)), from its file headers: what
+        the planner sizes, tensor by tensor."""
+        return source_table(self._open(which)[1])
 
     def weight_format(self, which: str) -> str:
-        """The format the planner counts a component's blocks in: the stored type when quantized, else the
-        compute dtype (float weights are cast to it as they load)."""
-        stored = self.stored_type(which)
-        if stored in ("F32", "F16", "BF16"):
-            return {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[DTYPE_NAMES[self.dtype]]
-        return stored
+        """What a component's file is, in one word: the recipe its GGUF metadata names (Q4_K_M, Q8_0, ...), else
+        the type most of its block weights are stored in (Q4_K, BF16, int8, nf4). Labels the plan and the PNG."""
+        cfg, src = self._open(which)
+        stored = getattr(src, "inner", src)
+        file_type = stored.meta("general.file_type") if isinstance(stored, GGUFSource) else None
+        return recipe_label(cfg, self.tensor_table(which), file_type)
 
     def make_plan(self, width: int, height: int, cfg: float, caption_tokens: int = MAX_TEXT_TOKENS) -> plan.Plan:
-        """The memory plan for one image: which blocks stay resident, attention chunking, VAE tiling."""
+        """The memory plan for one image, from the tensors the files really hold: which blocks stay resident,
+        attention chunking, VAE tiling, host memory; with keep_loaded, every stage beside the other components."""
         config = ModelConfig(dit=self.dit_config, text_encoder=self._open("text_encoder")[0],
                              vae=self._open("vae")[0])
-        return plan.plan_for(config, self.weight_format("dit"), width, height, cfg > 1.0, self.device.type,
+        return plan.plan_for(config, self.weight_format("dit"), width, height, cfg > 1.0, str(self.device),
                              self.vram, self.ram, DTYPE_NAMES[self.dtype], self.weight_format("text_encoder"),
-                             caption_tokens=caption_tokens)
+                             caption_tokens=caption_tokens, dit_tensors=self.tensor_table("dit"),
+                             text_tensors=self.tensor_table("text_encoder"), keep_loaded=self.keep_loaded)
 
     def _load(self, which: str) -> torch.nn.Module:
         if which in self._models:
@@ -184,7 +188,7 @@ class ZImagePipeline:
         seed = secrets.randbelow(2**63) if seed is None else seed
         params = {"prompt": prompt, "negative_prompt": negative if cfg > 1.0 else "", "seed": seed, "steps": steps,
                   "cfg": cfg, "width": width, "height": height, "model": self.files.name,
-                  "quant": self.stored_type("dit")}
+                  "quant": self.weight_format("dit")}
 
         tokens = self.tokenizer.encode(prompt)
         neg_tokens = self.tokenizer.encode(negative) if cfg > 1.0 else None
@@ -199,7 +203,7 @@ class ZImagePipeline:
             self._models.clear()
             option = "--vram" if self.device.type == "cuda" else "--ram"
             raise BudgetError(
-                f"out of {self.device.type} memory under this plan:\n{plan.format_plan(self.plan)}\n"
+                f"out of {self.device.type} memory under this plan:\n{format_plan(self.plan)}\n"
                 f"Set a smaller {option} so that more blocks stream, use a smaller quant (--dit with a Q4_K_M "
                 "or Q3_K_M file) or a lower resolution.") from None
 

@@ -69,6 +69,10 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Encoder(nn.Module):
+    # Modules that stay on the host on every device: the 0.4 G-param embedding table, of which only the prompt's
+    # rows are read (placement keeps them there; the planner counts them as host memory).
+    HOST_ONLY = ("embed_tokens",)
+
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -25,12 +25,10 @@ from ..errors import OptionError
 from ..models.layers import Block
 from ..weights.load import load_module, tensor_names
 from ..weights.sources import RenamedSource, TensorSource
-from .budget import format_size
 from .devices import Device, device_for
 from .plan import StagePlan
 from .streamer import LazyBlocks, Streamer
-
-HOST_ONLY = ("embed_tokens",)  # Qwen3's 0.4 G-param table stays on the host: only the prompt's rows move
+from .units import format_size
 
 
 class PlanMismatchWarning(UserWarning):
@@ -83,10 +81,8 @@ def check_against_plan(runner: Streamer, stage: StagePlan, label: str) -> list[s
     """Compare what placement allocated with what the plan counted; warn (PlanMismatchWarning) naming the stage
     and both figures when they differ. Returns the differences."""
     figures = [("streaming slots", runner.slot_bytes, stage.slot_bytes),
-               ("bytes copied per pass", runner.transfer_bytes, stage.transfer_bytes)]
-    host = getattr(stage, "host_bytes", None)
-    if host is not None:
-        figures.append(("pinned host memory", runner.host_bytes, host))
+               ("bytes copied per pass", runner.transfer_bytes, stage.transfer_bytes),
+        ("pinned host memory", runner.host_bytes, stage.pinned_bytes)]
     diffs = [f"{what} {format_size(got)} ({got} B) placed, {format_size(want)} ({want} B) planned"
              for what, got, want in figures if got != want]
     if diffs:
@@ -110,10 +106,12 @@ def _place_on_cpu(model: nn.Module, source: TensorSource, schedule: list[Block],
 
 def _load_outside_blocks(model: nn.Module, source: TensorSource, schedule: list[Block], device: torch.device,
                          dtype: torch.dtype, label: str) -> None:
-    """The non-block weights (embedders, final layer, norms) onto `device`; HOST_ONLY modules onto the host."""
+    """The non-block weights (embedders, final layer, norms) onto `device`; the model's HOST_ONLY modules (Qwen3's
+    0.4 G-param embedding table: only the prompt's rows move) onto the host."""
     in_blocks = {n for b in schedule for n in b.tensors}
     names = [n for n in tensor_names(model) if n not in in_blocks]
-    host = [n for n in names if n.split(".", 1)[0] in HOST_ONLY]
+    host_only = getattr(model, "HOST_ONLY", ())
+    host = [n for n in names if n.split(".", 1)[0] in host_only]
     load_module(model, source, dtype, "cpu", label, only=host)
     load_module(model, source, dtype, device, label, only=[n for n in names if n not in host])
 

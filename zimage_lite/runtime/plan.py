@@ -1,46 +1,51 @@
-"""The memory planner: which blocks stay on the device, which stream, and the peak of each stage, from configs alone.
+"""The memory planner: which blocks stay on the device, which stream, and the peak of each stage, before anything
+loads.
 
-Pure arithmetic; no weights are read. Sources: zimage_spec.md §8 (parameter counts, activation formulas, measured VAE
-peaks), gguf_interop.md §3.1 and llama.cpp `llama-quant.cpp` (which tensor a K-quant mix gives which type),
-lowvram_peers.md §10/§12 (two slots, resident set, one plan for every step).
+Pure arithmetic on the files' tensor tables (official name -> shape, stored type; or a preset's recipe) and the
+models' own block schedules (sizes.py); no weight is read. Sources: zimage_spec.md §8 (activation formulas, measured
+VAE peaks), lowvram_peers.md §10/§12 (two slots, resident set, one plan for every step).
 
-Stages run one after another, so the run's peak is the largest stage peak. A stage peak is
-non-block weights + resident blocks + streaming slots + dequantize scratch + activations. On cuda blocks live on the
-card packed (quantized) and stream from the host through two slots (copy block i+1 while block i computes). On cpu
-the weights stay in the memory map (file pages the OS may drop), so the plan bounds how many blocks are held
-dequantized in the compute dtype; the streamed ones are dequantized into one reused buffer each time they run.
+Stages run one after another, so the run's peak is the largest stage peak (with `keep_loaded`, every stage also holds
+the other components' weights). A stage's device peak is non-block weights + resident blocks + streaming slots +
+dequantize scratch + activations. On cuda blocks live on the card packed (quantized) and stream from pinned host
+chunks through two slots (copy block i+1 while block i computes). On cpu the weights stay in the memory map (file
+pages the OS may drop), so the plan bounds how many blocks are held in the compute dtype; the streamed ones are read
+from the map each time they run. Each stage also states the host memory it holds: on cpu its peak; on cuda the pinned
+chunks of the streamed blocks, the host-only tensors and what placement stages through the host (file pages of the
+memory map are not counted: the OS may drop them).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig
 from ..errors import BudgetError, OptionError
-from .budget import (
+from ..quant.chunks import DEVICE_CHUNK, DEVICE_CHUNK_TEMP_BYTES, MAX_WORKERS
+from ..quant.formats import DEQUANT_CHUNK_WEIGHTS
+from .budget import device_kind, resolve_dtype, usable_budget
+from .residency import ALONE, Beside, BlockCost, BlockStage, NoFit, floor, place
+from .sizes import (
+    DTYPE_BYTES,
     FLOATS,
-    GIB,
-    MIB,
     QUANT_LADDER,
-    Tensors,
-    cpu_has_bf16,
-    dit_tensors,
-    format_option_size,
+    ComponentBytes,
+    TensorTable,
+    bits_per_weight,
+    component_bytes,
     format_rank,
-    format_size,
     normalize_format,
-    qwen_layer_tensors,
-    usable_budget,
+    recipe_table,
     vae_decoder_params,
+    vae_largest_weight,
 )
+from .units import MIB, format_option_size, format_size
 
 F32 = 4
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-STREAM_SLOTS = {"cuda": 2, "cpu": 1}  # cuda: copy the next block while one computes; cpu: one block read at a time
 VAE_TILES = (128, 96, 64, 48, 32)  # latent cells per tile side, largest first (128 = 1024 px)
 VAE_OVERLAP_DIVISOR = 4  # overlap = tile/4, diffusers' tile_overlap_factor 0.25 (64-cell tile: 16 cells overlap)
-MIN_ATTENTION_CHUNK = 64  # query rows per chunk below which chunked attention stops paying its loop overhead
 
 # Measured VAE decode peaks (diffusers AutoencoderKL, CPU peak RSS, zimage_spec.md §8.2): {element bytes: ((side px,
 # MiB), ...)}. Divided by pixels and by the widest full-resolution channel count (256 in the FLUX AE), the largest
@@ -60,16 +65,26 @@ class PlanRequest:
 
     config: ModelConfig
     budget: int
-    quant: str = "Q4_K_M"  # DiT weight format
-    text_quant: str = "BF16"
+    quant: str = "Q4_K_M"  # DiT: the recipe planned when `dit_tensors` is None, else the file's label
+    text_quant: str = "BF16"  # text encoder: likewise with `text_tensors`
     width: int = 1024
     height: int = 1024
     cfg: bool = False
-    device: str = "cuda"  # "cuda" plans VRAM, "cpu" plans RAM
+    device: str = "cuda"  # "cuda" or "cuda:N" plans VRAM, "cpu" plans RAM
     dtype: str = "bf16"  # compute dtype: bf16 | fp16 | fp32
     caption_tokens: int = MAX_TEXT_TOKENS  # the worst case unless the prompt is known
     headroom: int = 0  # bytes taken off the user's figure before `budget` (CUDA context); shown in messages
     model_name: str = "custom"
+    # The files' typed tensor tables (official name -> (shape, stored type): sizes.source_table); None plans the
+    # files `zimage-lite quantize` writes for `quant` / `text_quant` (sizes.recipe_table).
+    dit_tensors: TensorTable | None = field(default=None, repr=False, hash=False)
+    text_tensors: TensorTable | None = field(default=None, repr=False, hash=False)
+    keep_loaded: bool = False  # every component stays loaded between images: each stage holds the others' weights
+
+    @property
+    def kind(self) -> str:
+        """The device type: `cuda` for `cuda:1` too."""
+        return device_kind(self.device)
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ class StagePlan:
     resident_bytes: int  # resident blocks: packed when quantized, else in the compute dtype
     slot_bytes: int  # all streaming slots together: n_slots x the largest streamed block, 0 if none streams
     n_slots: int
-    scratch_bytes: int  # one Linear weight dequantized to the compute dtype just before F.linear (cuda)
+    scratch_bytes: int  # dequantizing the largest packed Linear: its output buffer + the chunks' temporaries
     activation_bytes: int  # activation peak at this resolution, attention scores included
     transfer_bytes: int  # streamed bytes per run of the blocks (per DiT step, per prompt for the text encoder)
     attention: str | None = None  # "sdpa" | "chunked"
@@ -92,10 +107,22 @@ class StagePlan:
     tiled: bool = False
     tile: int | None = None  # latent cells per tile side
     tile_overlap: int | None = None
+    host_bytes: int = 0  # peak host RAM the stage holds: on cpu the stage peak, on cuda the parts below
+    pinned_bytes: int = 0  # cuda: pinned host chunks of the streamed blocks, as memory.pinned_layout packs them
+    host_weight_bytes: int = 0  # cuda: host-only tensors (Qwen3's embedding table) when cast copies, not map views
+    staging_bytes: int = 0  # cuda: read through the host while placing (one tensor and its cast copy; VAE: + image)
+    kept_bytes: int = 0  # keep_loaded: the other components' weights, resident blocks and slots on the device
+    kept_host_bytes: int = 0  # keep_loaded, cuda: the other components' pinned chunks and host-only tensors
 
     @property
     def peak_bytes(self) -> int:
-        return self.weight_bytes + self.resident_bytes + self.slot_bytes + self.scratch_bytes + self.activation_bytes
+        return (self.weight_bytes + self.resident_bytes + self.slot_bytes + self.scratch_bytes + self.activation_bytes
+                + self.kept_bytes)
+
+    @property
+    def loaded_bytes(self) -> int:
+        """What stays on the device while the component is loaded: weights, resident blocks, slots."""
+        return self.weight_bytes + self.resident_bytes + self.slot_bytes
 
 
 @dataclass(frozen=True)
@@ -111,131 +138,76 @@ class Plan:
         return max(s.peak_bytes for s in self.stages)
 
     @property
+    def host_peak_bytes(self) -> int:
+        return max(s.host_bytes for s in self.stages)
+
+    @property
     def transfer_per_step(self) -> int:
         """Bytes copied host->device (cuda) or read from the memory map (cpu) per DiT step; CFG's batch of
         two goes through each block together, so it is the same with CFG."""
         return self.stage("dit").transfer_bytes
 
 
-@dataclass(frozen=True)
-class _Block:
-    name: str
-    device: int  # bytes while held on the device
-    moved: int  # bytes copied or dequantized each time it streams
+def _tables(req: PlanRequest) -> tuple[TensorTable, TensorTable]:
+    """The DiT's and the text encoder's tensor tables: the files', or the recipes' for a preset."""
+    c = req.config
+    dit = req.dit_tensors if req.dit_tensors is not None else recipe_table(c.dit, req.quant)
+    text = req.text_tensors if req.text_tensors is not None else recipe_table(c.text_encoder, req.text_quant)
+    return dit, text
 
 
-class _NoFit(Exception):
-    """A stage that cannot fit even at its smallest setting; `parts` is its smallest need, itemised."""
-
-    def __init__(self, stage: str, parts: str):
-        super().__init__(stage)
-        self.stage, self.parts = stage, parts
-
-
-def _held(tensors: Tensors, req: PlanRequest) -> tuple[int, int]:
-    """(bytes while on the device, bytes as stored) of a block or of the non-block tensors."""
-    elem = DTYPE_BYTES[req.dtype]
-    # Float checkpoints are cast once to the compute dtype; quantized ones stay packed (on the GPU, or on the CPU in
-    # the memory map) and each Linear is dequantized just before its matmul.
-    return tensors.nbytes(floats_as={2: "BF16", 4: "F32"}[elem]), tensors.nbytes()
+def _scratch(sizes: ComponentBytes, req: PlanRequest) -> int:
+    """Dequantizing the largest packed Linear: its weights in the compute dtype (the output buffer, reused from Linear
+    to Linear) + the temporaries of the chunks in flight (quant/chunks.py): one chunk of DEVICE_CHUNK weights on a GPU,
+    up to MAX_WORKERS chunks of DEQUANT_CHUNK_WEIGHTS on the CPU's worker threads. Both run the same kernels, so
+    DEVICE_CHUNK_TEMP_BYTES bounds a weight's temporaries on either."""
+    n = sizes.largest_packed
+    in_flight = DEVICE_CHUNK if req.kind == "cuda" else MAX_WORKERS * DEQUANT_CHUNK_WEIGHTS
+    return n * DTYPE_BYTES[req.dtype] + min(n, in_flight) * DEVICE_CHUNK_TEMP_BYTES
 
 
-def _scratch(groups: list[Tensors], req: PlanRequest) -> int:
-    """Largest quantized Linear dequantized to the compute dtype: the one transient of packed weights."""
-    return max((r * c for t in groups for _, r, c, f in t.linear if f not in FLOATS), default=0) * (
-        DTYPE_BYTES[req.dtype])
-
-
-def _order_for_residency(blocks: list[_Block], k: int) -> tuple[set[str], list[_Block]]:
-    """The k blocks to keep: the largest (small slots, least traffic); among equal blocks the streamed ones are spread
-    evenly, so each copy hides behind the compute of the resident blocks before it."""
-    by_size = sorted(blocks, key=lambda b: -b.device)
-    keep = {b.name for b in by_size[:k]}
-    if 0 < k < len(blocks):
-        edge = by_size[k - 1].device  # the size group cut by the boundary
-        group = [b for b in blocks if b.device == edge]
-        n_stream = sum(1 for b in group if b.name not in keep)
-        keep -= {b.name for b in group}
-        spread = {int((i + 0.5) * len(group) / n_stream) for i in range(n_stream)}
-        keep |= {b.name for i, b in enumerate(group) if i not in spread}
-    return keep, [b for b in blocks if b.name not in keep]
-
-
-def _block_stage(name: str, blocks: list[_Block], weights: int, scratch: int, act: int, scores, req: PlanRequest,
-                 seq: int) -> StagePlan:
-    """Attention first (SDPA unless its scores cannot fit), then as many resident blocks as the rest allows."""
-    n_slots = STREAM_SLOTS[req.device]
-    options = []  # (kept names, resident bytes, slot bytes) for k = 0..n resident blocks
-    for k in range(len(blocks) + 1):
-        keep, streamed = _order_for_residency(blocks, k)
-        slots = n_slots * max((b.device for b in streamed), default=0)
-        options.append((keep, sum(b.device for b in blocks if b.name in keep), slots))
-    # Not always k = 0: one large block kept resident can need less than two slots of its size.
-    best = min(options, key=lambda o: o[1] + o[2])
-    least = best[1] + best[2]
-    chunks = [None] + [c for c in (2**p for p in range(20, 5, -1)) if MIN_ATTENTION_CHUNK <= c < seq and scores(c)]
-    for chunk in chunks:
-        fixed = weights + scratch + act + scores(chunk)
-        if fixed + least <= req.budget:
-            break
-    else:
-        slot_words = "two streaming slots" if n_slots == 2 else "one streamed block"
-        parts = [f"{len(best[0])} resident blocks {format_size(best[1])}" if best[0] else "",
-                 f"{slot_words} {format_size(best[2])}" if best[2] else "",
-                 f"activations {format_size(act + scores(chunk))}"
-                 + (f" with attention in chunks of {chunk}" if chunk else ""),
-                 f"non-block weights {format_size(weights)}" if weights else "",
-                 f"dequantize scratch {format_size(scratch)}" if scratch else ""]
-        raise _NoFit(name, " + ".join(p for p in parts if p))
-    # The most resident blocks that fit; with the attention settled, more budget never keeps fewer.
-    keep, resident, slots = next(o for o in reversed(options) if fixed + o[1] + o[2] <= req.budget)
-    names = tuple(b.name for b in blocks)
-    return StagePlan(
-        name=name, blocks=names, resident=tuple(n for n in names if n in keep),
-        streamed=tuple(n for n in names if n not in keep), weight_bytes=weights, resident_bytes=resident,
-        slot_bytes=slots, n_slots=n_slots if slots else 0, scratch_bytes=scratch,
-        activation_bytes=act + scores(chunk), transfer_bytes=sum(b.moved for b in blocks if b.name not in keep),
-        attention="sdpa" if chunk is None else "chunked", attention_chunk=chunk)
-
-
-def _scores_fn(req: PlanRequest, batch: int, heads: int, seq: int):
+def _scores_fn(req: PlanRequest, batch: int, heads: int, seq: int) -> Callable[[int | None], int]:
     """Attention scores, fp32. CUDA SDPA (flash / memory-efficient) never materialises them; torch's CPU SDPA may
     fall back to the math path, which holds heads x rows x S, so cpu plans count that (chunked: rows = chunk)."""
-    if req.device == "cuda":
+    if req.kind == "cuda":
         return lambda chunk: 0
     return lambda chunk: batch * heads * (chunk or seq) * seq * F32
 
 
-def _text_stage(req: PlanRequest) -> StagePlan:
+def _block_stage(name: str, sizes: ComponentBytes, act: int, heads: int, seq: int, req: PlanRequest) -> BlockStage:
+    """A block stage's needs. On cuda a streamed block is copied as it is held (packed or cast); on cpu it is read
+    from the memory map as stored, and the host-only tensors are device memory like the rest."""
+    cuda = req.kind == "cuda"
+    return BlockStage(name, [BlockCost(b.name, b.held, b.held if cuda else b.stored) for b in sizes.blocks],
+                      sizes.other + (0 if cuda else sizes.host_only), _scratch(sizes, req), act,
+                      _scores_fn(req, 2 if req.cfg else 1, heads, seq), seq)
+
+
+def _stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
+    r = place(st, req.kind, req.budget, beside)
+    cuda = req.kind == "cuda"
+    return StagePlan(
+        name=st.name, blocks=tuple(b.name for b in st.blocks), resident=r.resident, streamed=r.streamed,
+        weight_bytes=st.weights, resident_bytes=r.resident_bytes, slot_bytes=r.slot_bytes, n_slots=r.n_slots,
+        scratch_bytes=st.scratch, activation_bytes=r.activation_bytes, transfer_bytes=r.transfer_bytes,
+        attention="sdpa" if r.chunk is None else "chunked", attention_chunk=r.chunk, pinned_bytes=r.pinned_bytes,
+        host_weight_bytes=sizes.host_only if cuda else 0, staging_bytes=sizes.largest_read if cuda else 0)
+
+
+def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.text_encoder, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
-    blocks, groups = [], []
-    for i in range(c.layers_used):  # the last layer's output is never read (hidden_states[-2])
-        tensors = qwen_layer_tensors(c, req.text_quant, i)
-        device, stored = _held(tensors, req)
-        blocks.append(_Block(f"layers.{i}", device, device if req.device == "cuda" else stored))
-        groups.append(tensors)
+    sizes = component_bytes(c, _tables(req)[1], req.dtype, f"the {req.text_quant} text encoder")
     seq, q, kv = req.caption_tokens, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     mlp = seq * (2 * c.hidden_size + 3 * c.intermediate_size) * elem  # residual, normed, gate, up, act(gate)*up
     attn = seq * (2 * c.hidden_size + 2 * q + 2 * kv) * elem  # residual, normed, q, k, v, attention output
     # The embedding table stays on the host; only the prompt's rows come over (and the features go back).
     act = batch * (max(mlp, attn) + seq * c.hidden_size * elem)
-    return _block_stage("text_encoder", blocks, 0, _scratch(groups, req), act,
-                        _scores_fn(req, batch, c.num_attention_heads, seq), req, seq)
+    return _block_stage("text_encoder", sizes, act, c.num_attention_heads, seq, req), sizes
 
 
-def _dit_stage(req: PlanRequest) -> StagePlan:
+def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.dit, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
-    order = ([("noise_refiner", i) for i in range(c.n_refiner_layers)]
-             + [("context_refiner", i) for i in range(c.n_refiner_layers)]
-             + [("layers", i) for i in range(c.n_layers)])  # execution order, zimage_spec.md §4.3
-    blocks, groups = [], []
-    for kind, i in order:
-        tensors = dit_tensors(c, req.quant, kind)
-        device, stored = _held(tensors, req)
-        blocks.append(_Block(f"{kind}.{i}", device, device if req.device == "cuda" else stored))
-        groups.append(tensors)
-    other = dit_tensors(c, req.quant, "other")
-    weights, _ = _held(other, req)
+    sizes = component_bytes(c, _tables(req)[0], req.dtype, f"the {req.quant} DiT")
     # Tokens (zimage_spec.md §4.3): image N = (H/16)(W/16) padded to 32; caption Lp <= 512 padded to 32; S = Np + Lp.
     cell = req.config.vae.scale * c.patch_size
     n_img = math.ceil((req.height // cell) * (req.width // cell) / SEQ_MULTI_OF) * SEQ_MULTI_OF
@@ -246,8 +218,7 @@ def _dit_stage(req: PlanRequest) -> StagePlan:
     rope = seq * (c.head_dim // 2) * 2 * F32  # complex64 table, shared by the CFG pair
     latent = 3 * c.in_channels * (req.height // req.config.vae.scale) * (req.width // req.config.vae.scale) * F32
     act = batch * (max(ffn, attn) + n_cap * c.cap_feat_dim * elem) + rope + latent
-    return _block_stage("dit", blocks, weights, _scratch(groups + [other], req), act,
-                        _scores_fn(req, batch, c.n_heads, seq), req, seq)
+    return _block_stage("dit", sizes, act, c.n_heads, seq, req), sizes
 
 
 def _vae_stage(req: PlanRequest) -> StagePlan:
@@ -266,38 +237,98 @@ def _vae_stage(req: PlanRequest) -> StagePlan:
                              transfer_bytes=0, tiled=tiled, tile=tile,
                              tile_overlap=tile // VAE_OVERLAP_DIVISOR if tiled else None)
     decode = f"{tile}-cell tile" if tile else "untiled"
-    raise _NoFit("vae", f"decoder weights {format_size(weights)} + {decode} activations {format_size(act)} + "
+    raise NoFit("vae", f"decoder weights {format_size(weights)} + {decode} activations {format_size(act)} + "
                  f"latent and image {format_size(fixed - weights)}")
 
 
+def _vae(req: PlanRequest, beside: int = 0) -> StagePlan:
+    """The VAE stage with `beside` bytes of other components kept loaded, and what it stages through the host on
+    cuda: its largest weight as read (F32 at most) and cast, and the decoded image (uint8 tensor and PIL copy)."""
+    try:
+        stage = _vae_stage(replace(req, budget=req.budget - beside))
+    except NoFit as e:
+        kept = f" + other components kept loaded {format_size(beside)}" if beside else ""
+        raise NoFit(e.stage, e.parts + kept) from None
+    staging = vae_largest_weight(req.config.vae) * 2 * F32 + 2 * 3 * req.width * req.height
+    return replace(stage, staging_bytes=staging if req.kind == "cuda" else 0)
+
+
+def _least(fits: Callable[[int], bool]) -> int:
+    """The smallest budget for which `fits` holds (it is monotone in the budget)."""
+    low, high = 1, 1
+    while not fits(high):
+        low, high = high, high * 2
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if not fits(mid) else (low, mid)
+    return high
+
+
+def _vae_floor(req: PlanRequest) -> tuple[int, int]:
+    """(VAE weights, least transient of its stage: smallest tile with the latent and the image)."""
+    weights = _vae_stage(replace(req, budget=2**62)).weight_bytes
+
+    def fits(budget: int) -> bool:
+        try:
+            _vae_stage(replace(req, budget=budget))
+        except NoFit:
+            return False
+        return True
+
+    return weights, _least(fits) - weights
+
+
 def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
-    return _text_stage(req), _dit_stage(req), _vae_stage(req)
+    (text_in, text_sizes), (dit_in, dit_sizes) = _text_stage(req), _dit_stage(req)
+    if not req.keep_loaded:
+        return _finish((_stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req), _vae(req)), req)
+    # keep_loaded: after the first image all three stay loaded, so each stage runs beside the others' weights. The DiT
+    # is placed first (it runs every step), then the text encoder, then the VAE, each beside what the placed ones
+    # keep and the least the others need (their smallest weights, and room for their smallest transient).
+    text_kept, text_transient = floor(text_in, req.kind)
+    vae_weights, vae_transient = _vae_floor(req)
+    dit = _stage_plan(dit_in, dit_sizes, req, Beside(text_kept + vae_weights, max(text_transient, vae_transient)))
+    dit_transient = dit.scratch_bytes + dit.activation_bytes
+    text = _stage_plan(text_in, text_sizes, req,
+                       Beside(dit.loaded_bytes + vae_weights, max(dit_transient, vae_transient)))
+    return _finish((text, dit, _vae(req, dit.loaded_bytes + text.loaded_bytes)), req)
+
+
+def _finish(stages: tuple[StagePlan, ...], req: PlanRequest) -> tuple[StagePlan, ...]:
+    """Each stage with what the others keep beside it (keep_loaded) and its host memory."""
+    kept = [s.loaded_bytes if req.keep_loaded else 0 for s in stages]
+    kept_host = [s.pinned_bytes + s.host_weight_bytes if req.keep_loaded else 0 for s in stages]
+    out = []
+    for s, own, own_host in zip(stages, kept, kept_host, strict=True):
+        s = replace(s, kept_bytes=sum(kept) - own, kept_host_bytes=sum(kept_host) - own_host)
+        host = (s.peak_bytes if req.kind == "cpu"
+                else s.pinned_bytes + s.host_weight_bytes + s.staging_bytes + s.kept_host_bytes)
+        out.append(replace(s, host_bytes=host))
+    return tuple(out)
 
 
 def minimum_budget(req: PlanRequest) -> int:
     """The smallest `budget` for which `make_plan(req)` succeeds (everything streamed, smallest tiles and chunks)."""
     req = _checked(req)
-    low, high = 1, 1
-    while not _fits(replace(req, budget=high)):
-        low, high = high, high * 2
-    while low < high:  # need(budget) is monotone, so bisect on it
-        mid = (low + high) // 2
-        low, high = (mid + 1, high) if not _fits(replace(req, budget=mid)) else (low, mid)
-    return high
+    return _least(lambda budget: _fits(replace(req, budget=budget)))
 
 
 def _fits(req: PlanRequest) -> bool:
     try:
         _stages(req)
-    except _NoFit:
+    except NoFit:
         return False
     return True
 
 
 def _checked(req: PlanRequest) -> PlanRequest:
-    """`req` with canonical format names, or OptionError for a value no plan can use."""
-    req = replace(req, quant=normalize_format(req.quant, "--quant"),
-                  text_quant=normalize_format(req.text_quant, "--text-quant"))
+    """`req` with canonical format names, or OptionError for a value no plan can use. A format names a recipe only
+    where no tensor table is given; with one it is the file's label."""
+    if req.dit_tensors is None:
+        req = replace(req, quant=normalize_format(req.quant, "--quant"))
+    if req.text_tensors is None:
+        req = replace(req, text_quant=normalize_format(req.text_quant, "--text-quant"))
+    device_kind(req.device)
     cell = req.config.vae.scale * req.config.dit.patch_size
     for option, value in (("--width", req.width), ("--height", req.height)):
         if value <= 0 or value % cell:
@@ -314,27 +345,30 @@ def make_plan(req: PlanRequest) -> Plan:
     req = _checked(req)
     try:
         return Plan(req, _stages(req))
-    except _NoFit:
+    except NoFit:
         raise BudgetError(_too_small(req)) from None
 
 
 def _too_small(req: PlanRequest) -> str:
     """Why no plan fits, the smallest budget that does, and the other settings that fit this budget."""
-    option = "--vram" if req.device == "cuda" else "--ram"
+    option = "--vram" if req.kind == "cuda" else "--ram"
     need = minimum_budget(req)
     try:  # just below the minimum, the first stage to fail is the one that sets it
         _stages(replace(req, budget=need - 1))
-    except _NoFit as e:
+    except NoFit as e:
         binding = e
     tries = [f"{option} {format_option_size(need + req.headroom, round_up=True)}"]
-    smaller = [q for q in QUANT_LADDER if format_rank(q) < format_rank(req.quant)]
-    quant = next((q for q in smaller if _fits(replace(req, quant=q))), None)
+    dit_table = _tables(req)[0]
+    smaller = [q for q in QUANT_LADDER if format_rank(q, req.config.dit) < bits_per_weight(req.config.dit, dit_table)]
+    quant = next((q for q in smaller if _fits(replace(req, quant=q, dit_tensors=None))), None)
     if quant:
-        tries.append(f"--quant {quant}")
+        tries.append(f"a {quant} DiT file" if req.dit_tensors is not None else f"--quant {quant}")
     if binding.stage == "text_encoder" and req.text_quant in FLOATS:
-        text = next((q for q in QUANT_LADDER if _fits(replace(req, text_quant=q))), None)
+        text = next((q for q in QUANT_LADDER if _fits(replace(req, text_quant=q, text_tensors=None))), None)
         if text:
             tries.append(f"a {text} text encoder")
+    if req.keep_loaded and _fits(replace(req, keep_loaded=False)):
+        tries.append("keep_loaded=False (each component loaded for its stage only)")
     cell = req.config.vae.scale * req.config.dit.patch_size
     for quarters in (3, 2, 1):  # 3/4, 1/2, 1/4 of each side, on the model's size grid
         w, h = (max(cell, side * quarters // 4 // cell * cell) for side in (req.width, req.height))
@@ -348,22 +382,13 @@ def _too_small(req: PlanRequest) -> str:
             f"{format_size(need + req.headroom)} ({binding.stage}: {binding.parts}{headroom}). Try {alternatives}.")
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """`auto` -> bf16 where the hardware has it, fp16 on CUDA cards without bf16, fp32 on CPUs without native bf16."""
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    if device == "cuda":
-        return "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
 def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height: int, cfg: bool, device: str,
              vram: int | None, ram: int | None, dtype: str = "auto", text_quant: str | None = None,
-             caption_tokens: int = MAX_TEXT_TOKENS) -> Plan:
+             caption_tokens: int = MAX_TEXT_TOKENS, dit_tensors: TensorTable | None = None,
+             text_tensors: TensorTable | None = None, keep_loaded: bool = False) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
-    `ram` is what the run may use. Missing budgets come from the device; `ram` is ignored on cuda."""
+    `ram` is what the run may use. Missing budgets come from the device (`cuda:1`: device 1); `ram` is ignored on
+    cuda. With tensor tables, `quant` / `text_quant` are the files' labels (PlanRequest)."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise OptionError(f"--preset {preset_or_config!r}: use one of {', '.join(PRESETS)}")
@@ -374,71 +399,9 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in STREAM_SLOTS:
-        raise OptionError(f"--device {device!r}: use auto, cpu or cuda")
     budget, headroom = usable_budget(device, vram, ram)
     return make_plan(PlanRequest(
         config=config, budget=budget, quant=quant, text_quant=text_quant or "BF16", width=width, height=height,
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,
-        headroom=headroom, model_name=name))
-
-
-def _ranges(names: tuple[str, ...]) -> str:
-    """`layers.0, layers.1, layers.2, layers.5` -> `layers.0-2,5`; prefixes kept in execution order."""
-    groups: dict[str, list[int]] = {}
-    for name in names:
-        prefix, index = name.rsplit(".", 1)
-        groups.setdefault(prefix, []).append(int(index))
-    parts = []
-    for prefix, indices in groups.items():
-        runs, start = [], indices[0]
-        for a, b in zip(indices, indices[1:] + [None], strict=True):
-            if b != a + 1:
-                runs.append(f"{start}-{a}" if a > start else f"{a}")
-                start = b
-        parts.append(f"{prefix}.{','.join(runs)}")
-    return " ".join(parts) or "none"
-
-
-def _gib(n: int) -> str:
-    """X.XX GiB, with the exact size after it when that rounds to nothing (the demo model)."""
-    return f"{n / GIB:.2f} GiB" + (f" ({format_size(n)})" if 0 < n < GIB // 100 else "")
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan for people: one section per stage, each with its peak, then the run's peak and DiT traffic."""
-    r = plan.request
-    given = f"{'--vram' if r.device == 'cuda' else '--ram'} {format_option_size(r.budget + r.headroom)}"
-    budget = (f"{given} ({_gib(r.budget + r.headroom)}) - {_gib(r.headroom)} CUDA context headroom = "
-              f"{_gib(r.budget)} for tensors" if r.headroom else f"{given} = {_gib(r.budget)} for tensors")
-    lines = [(f"plan: {r.model_name}, DiT {r.quant}, text encoder {r.text_quant}, {r.width}x{r.height}, "
-              f"cfg {'on' if r.cfg else 'off'}, caption <= {r.caption_tokens} tokens, {r.device} {r.dtype}"),
-             f"budget: {budget}"]
-    moved = "copied to the GPU" if r.device == "cuda" else "read from the memory map"
-    for s in plan.stages:
-        lines.append("")
-        if s.blocks:
-            kept = "in RAM" if r.device == "cpu" else "on the GPU"
-            lines.append(f"{s.name}: {len(s.blocks)} blocks, {len(s.resident)} resident ({kept}), "
-                         f"{len(s.streamed)} streamed")
-            lines.append(f"  resident: {_ranges(s.resident)}")
-            lines.append(f"  streamed: {_ranges(s.streamed)}")
-            slots = (f"{s.n_slots} slot{'s' if s.n_slots > 1 else ''} of {_gib(s.slot_bytes // s.n_slots)}"
-                     if s.n_slots else "none")
-            lines.append(f"  weights: resident blocks {_gib(s.resident_bytes)}, streaming {slots}"
-                         + (f", non-block {_gib(s.weight_bytes)}" if s.weight_bytes else "")
-                         + (f", dequantize scratch {_gib(s.scratch_bytes)}" if s.scratch_bytes else ""))
-            chunk = f" in chunks of {s.attention_chunk} queries" if s.attention_chunk else ""
-            lines.append(f"  activations: {_gib(s.activation_bytes)}, attention {s.attention}{chunk}")
-        else:
-            decode = (f"tiled, {s.tile}-cell tiles ({s.tile * r.config.vae.scale} px), overlap {s.tile_overlap}"
-                      if s.tiled else "untiled")
-            lines.append(f"{s.name}: decode {decode}")
-            lines.append(f"  weights: {_gib(s.weight_bytes)}, activations {_gib(s.activation_bytes)}")
-        lines.append(f"  stage peak: {_gib(s.peak_bytes)}")
-        if s.name == "text_encoder":
-            lines.append(f"  transfer per prompt: {_gib(s.transfer_bytes)} ({moved})")
-    top = max(plan.stages, key=lambda s: s.peak_bytes)
-    lines += ["", f"peak device memory: {_gib(plan.peak_bytes)} ({top.name})",
-              f"transfer per step: {_gib(plan.transfer_per_step)} ({moved} per DiT step; the same with CFG)"]
-    return "\n".join(lines)
+        headroom=headroom, model_name=name, dit_tensors=dit_tensors, text_tensors=text_tensors,
+        keep_loaded=keep_loaded))

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .budget import format_size
 from .devices import Device
 from .memory import aligned, pinned_layout
+from .units import format_size
 
 N_SLOTS = 2  # copy block i+1 while block i computes
 

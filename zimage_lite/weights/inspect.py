@@ -17,6 +17,7 @@ from typing import Any
 from gguf import LlamaFileType
 
 from ..errors import CheckpointError, ZImageLiteError
+from ..runtime.units import format_si
 from .components import FOLDERS, LABELS, Component, identify, open_component, single_files
 from .gguf_source import GGUFSource
 from .names import DIT_PREFIXES, TE_PREFIXES, VAE_PREFIXES, strip_prefix
@@ -201,13 +202,6 @@ def describe(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "sections": sections, "tokenizer": tok or "none found"}
 
 
-def _size(n: float, unit: str = "B") -> str:
-    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.2f} {prefix}{unit}"
-    return f"{n:.0f} {unit}"
-
-
 def format_info(desc: dict[str, Any]) -> str:
     """The terminal rendering of `describe`'s result."""
     lines = []
@@ -220,11 +214,11 @@ def format_info(desc: dict[str, Any]) -> str:
         layout = f", {LAYOUTS.get(s['layout'], s['layout'])} layout" if s.get("layout") else ""
         prefix = f", prefix {s['prefix']}" if s.get("prefix") else ""
         lines.append(f"  component    {kind}{layout}{prefix}")
-        lines.append(f"  format       {s['format']}, {s['tensors']} tensors, {_size(s['params'], '').strip()} params, "
-                     f"{_size(s['bytes'])}")
+        lines.append(f"  format       {s['format']}, {s['tensors']} tensors, {format_si(s['params'], '')} params, "
+                     f"{format_si(s['bytes'])}")
         if s.get("summary"):
             lines.append(f"  config       {s['summary']}")
-        hist = ", ".join(f"{t} {h['count']} ({_size(h['bytes'])})" for t, h in s["qtypes"].items())
+        hist = ", ".join(f"{t} {h['count']} ({format_si(h['bytes'])})" for t, h in s["qtypes"].items())
         lines.append(f"  quant types  {hist}")
         for key, value in (s.get("metadata") or {}).items():
             lines.append(f"  metadata     {key} = {value}")

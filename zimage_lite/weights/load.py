@@ -52,6 +52,9 @@ def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, dev
     state = module.state_dict(keep_vars=True)
     names = list(state) if only is None else only
     check_names(names, source, component)
+    # The modules a model keeps on the host (HOST_ONLY: Qwen3's embedding table) keep their stored float dtype: the
+    # forward casts only the rows it looks up, so the table stays a view of the file, not a copy (1.6 GB in fp32).
+    as_stored = tuple(f"{m}." for m in getattr(module, "HOST_ONLY", ()))
     for name in names:
         current = state[name]
         owner_name, _, leaf = name.rpartition(".")
@@ -69,5 +72,8 @@ def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, dev
                 setattr(module.get_submodule(parent) if parent else module, child, packed)
                 continue
             t = t.dequantize(torch.float32)
+        elif name.startswith(as_stored):
+            owner._parameters[leaf] = nn.Parameter(t.to(device=device), requires_grad=False)
+            continue
         owner._parameters[leaf] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
     return module.eval().requires_grad_(False)
