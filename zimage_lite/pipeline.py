@@ -26,6 +26,7 @@ from .models.qwen3 import Qwen3Encoder
 from .models.vae import AutoencoderDecoder
 from .quant.qlinear import release_scratch
 from .runtime import plan
+from .runtime.budget import usable_budget
 from .runtime.memory import is_out_of_memory, peak_bytes, reset_peak
 from .runtime.placement import place
 from .runtime.plan_format import format_plan
@@ -87,6 +88,9 @@ class ZImagePipeline:
         self.files, self.device, self.dtype, self.keep_loaded = files, device, dtype, keep_loaded
         self.vram, self.ram = vram, ram
         self.plan: plan.Plan | None = None
+        # (bytes, headroom) for tensors, fixed at the first plan: measured again later, free memory would no longer
+        # count what kept models (keep_loaded) already hold, and each image would plan for less
+        self._budget: tuple[int, int] | None = None
         # The VAE never runs in plain fp16 (it overflows); fp32 unless bf16 compute was chosen.
         self.vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         self.tokenizer = PromptTokenizer(files.tokenizer, MAX_TEXT_TOKENS)
@@ -131,10 +135,24 @@ class ZImagePipeline:
         attention chunking, VAE tiling, host memory; with keep_loaded, every stage beside the other components."""
         config = ModelConfig(dit=self.dit_config, text_encoder=self._open("text_encoder")[0],
                              vae=self._open("vae")[0])
+        if self._budget is None:
+            self._budget = usable_budget(str(self.device), self.vram, self.ram)
         return plan.plan_for(config, self.weight_format("dit"), width, height, cfg > 1.0, str(self.device),
                              self.vram, self.ram, DTYPE_NAMES[self.dtype], self.weight_format("text_encoder"),
                              caption_tokens=caption_tokens, dit_tensors=self.tensor_table("dit"),
-                             text_tensors=self.tensor_table("text_encoder"), keep_loaded=self.keep_loaded)
+                             text_tensors=self.tensor_table("text_encoder"), keep_loaded=self.keep_loaded,
+                             budget=self._budget, model_name=self.files.name)
+
+    def _drop_stale(self, new: plan.Plan) -> None:
+        """Kept models placed under a plan whose stage differs from the new one (another size moves blocks between
+        resident and streamed, or changes attention chunking) are freed, to be placed again."""
+        def placed(p: plan.Plan, which: str) -> tuple:
+            stage = p.stage(which)
+            return stage.resident, stage.streamed, stage.attention, stage.attention_chunk
+
+        for which in list(self._models):
+            if self.plan is None or placed(self.plan, which) != placed(new, which):
+                self._free(which)
 
     def _load(self, which: str) -> torch.nn.Module:
         if which in self._models:
@@ -158,8 +176,10 @@ class ZImagePipeline:
         """The end of a stage: unmap its files; free the component (its pinned host chunks first) and the
         dequantize scratch unless models are kept loaded."""
         self._close_source(which)
-        if self.keep_loaded:
-            return
+        if not self.keep_loaded:
+            self._free(which)
+
+    def _free(self, which: str) -> None:
         model = self._models.pop(which, None)
         close = getattr(getattr(model, "runner", None), "close", None)
         if close is not None:
@@ -193,14 +213,17 @@ class ZImagePipeline:
         tokens = self.tokenizer.encode(prompt)
         neg_tokens = self.tokenizer.encode(negative) if cfg > 1.0 else None
         longest = max(tokens.ids.shape[0], neg_tokens.ids.shape[0] if neg_tokens else 0)
-        self.plan = self.make_plan(width, height, cfg, caption_tokens=longest)
+        new_plan = self.make_plan(width, height, cfg, caption_tokens=longest)
+        self._drop_stale(new_plan)
+        self.plan = new_plan
         try:
             yield from self._stages(tokens, neg_tokens, width, height, steps, seed, cfg, cfg_normalization,
                                     cfg_truncation, params)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
                 raise
-            self._models.clear()
+            for which in list(self._models):
+                self._free(which)
             option = "--vram" if self.device.type == "cuda" else "--ram"
             raise BudgetError(
                 f"out of {self.device.type} memory under this plan:\n{format_plan(self.plan)}\n"

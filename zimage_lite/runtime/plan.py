@@ -385,21 +385,23 @@ def _too_small(req: PlanRequest) -> str:
 def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height: int, cfg: bool, device: str,
              vram: int | None, ram: int | None, dtype: str = "auto", text_quant: str | None = None,
              caption_tokens: int = MAX_TEXT_TOKENS, dit_tensors: TensorTable | None = None,
-             text_tensors: TensorTable | None = None, keep_loaded: bool = False) -> Plan:
+             text_tensors: TensorTable | None = None, keep_loaded: bool = False,
+             budget: tuple[int, int] | None = None, model_name: str | None = None) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
     `ram` is what the run may use. Missing budgets come from the device (`cuda:1`: device 1); `ram` is ignored on
-    cuda. With tensor tables, `quant` / `text_quant` are the files' labels (PlanRequest)."""
+    cuda. `budget` = (bytes, headroom) as `usable_budget` gave them earlier, instead of asking again. With tensor
+    tables, `quant` / `text_quant` are the files' labels (PlanRequest)."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise OptionError(f"--preset {preset_or_config!r}: use one of {', '.join(PRESETS)}")
         config, name = PRESETS[preset_or_config], preset_or_config
     else:
-        config, name = preset_or_config, "custom"
+        config, name = preset_or_config, model_name or "custom"
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    budget, headroom = usable_budget(device, vram, ram)
+    budget, headroom = budget or usable_budget(device, vram, ram)
     return make_plan(PlanRequest(
         config=config, budget=budget, quant=quant, text_quant=text_quant or "BF16", width=width, height=height,
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,

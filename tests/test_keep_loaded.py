@@ -1,0 +1,36 @@
+"""keep_loaded: the models stay between images, so later images must not re-plan from the memory they occupy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import zimage_lite
+from zimage_lite.runtime import budget
+
+
+def test_kept_models_do_not_shrink_the_next_plan(tiny_model, monkeypatch):
+    """Free RAM drops once the kept models occupy it; the budget measured before the first image still holds."""
+    free = [64 * 2**20]
+    monkeypatch.setattr(budget, "device_budget", lambda device: free[0])
+    pipe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", keep_loaded=True)
+    kwargs = dict(width=48, height=64, steps=1, seed=1)
+    first = np.asarray(pipe.text_to_image("a fox", **kwargs))
+    plan, dit = pipe.plan, pipe._models["dit"]
+    assert plan.stage("dit").streamed == ()  # precondition: 64 MiB keeps every block resident
+    free[0] = 2 * 2**20  # what a fresh measurement would now see: too little to keep any block
+    second = np.asarray(pipe.text_to_image("a fox", **kwargs))
+    assert pipe.plan.request.budget == plan.request.budget and pipe.plan.stage("dit") == plan.stage("dit")
+    assert pipe._models["dit"] is dit  # the kept model is reused, not placed again
+    assert np.array_equal(first, second)
+
+
+def test_a_plan_that_moves_blocks_places_the_kept_model_again(tiny_model):
+    pipe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", keep_loaded=True, ram="7MB")
+    pipe.text_to_image("a fox", width=32, height=32, steps=1, seed=1)
+    small, dit = pipe.plan.stage("dit"), pipe._models["dit"]
+    big = np.asarray(pipe.text_to_image("a fox", width=128, height=128, steps=1, seed=1))
+    moved = pipe.plan.stage("dit")
+    assert (small.streamed, small.attention_chunk) != (moved.streamed, moved.attention_chunk)  # precondition
+    assert pipe._models["dit"] is not dit
+    fresh = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", ram="7MB")
+    assert np.array_equal(big, np.asarray(fresh.text_to_image("a fox", width=128, height=128, steps=1, seed=1)))
