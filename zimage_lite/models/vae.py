@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
-from .vae_tiles import group_stats, map_tiles, norm_silu, resnet_tiled
+from .vae_tiles import F32, VAEMemory, Walk, group_stats, map_tiles, norm_silu, resnet_tiled, window
 
 GN_EPS = 1e-6
 
@@ -154,3 +154,54 @@ def decode_tiled(decoder: Decoder, z: torch.Tensor, tile: int, store: torch.devi
     stats = group_stats(x, decoder.conv_norm_out)
     return map_tiles(lambda t: decoder.conv_out(norm_silu(t, decoder.conv_norm_out, stats)), x, px,
                      decoder.conv_out.out_channels, device)
+
+
+def decode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, device: str = "cpu") -> VAEMemory:
+    """Peak bytes `AutoencoderDecoder.decode` allocates for an h x w-cell latent, `tile` as decode takes it, in a
+    compute dtype of `elem` bytes on `device` ("cpu" or "cuda"): every map, temporary and the fp32 image it
+    returns; not the weights nor the latent passed in. Follows the code step by step (vae_tiles.Walk)."""
+    widths = list(reversed(cfg.block_out_channels))
+    tiled = tile is not None and (h > tile or w > tile)
+    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu")
+    d, n = walk.device, h * w
+    d.alloc(cfg.latent_channels * n * (F32 + (elem if elem != F32 else 0)))  # z, unscaled; in the compute dtype
+    # conv_in and the mid block run whole, at latent resolution, on the device (tiled or not)
+    x = walk.conv(cfg.latent_channels, widths[0], n)
+    x = walk.then(x, walk.mid(widths[0], n, cfg.mid_block_add_attention))
+    if tiled and walk.separate:
+        x = walk.then(x, walk.store.alloc(x))  # .to(host)
+    c, px = widths[0], tile
+    for level, width in enumerate(widths):
+        for _ in range(cfg.layers_per_block + 1):
+            if not tiled:
+                x = walk.then(x, walk.resnet(c, width, n))
+            elif width > c:
+                x = walk.then(x, walk.resnet_tiled(c, width, h, w, px), walk.store)
+            else:
+                walk.resnet_tiled(c, width, h, w, px)  # written into x's own memory
+            c = width
+        if level < len(widths) - 1:
+            if tiled:
+                win = window(h, px) * window(w, px)
+                up = walk.map_tiles(c, c, 4 * n, win, 4 * min(px, h) * min(px, w),
+                                    lambda c=c, win=win: walk.upsample(c, win))
+                x = walk.then(x, up, walk.store)
+                px *= 2
+            else:
+                x = walk.then(x, walk.upsample(c, n))
+            h, w, n = 2 * h, 2 * w, 4 * n
+    out = cfg.out_channels
+    if tiled:
+        win = window(h, px) * window(w, px)
+
+        def head() -> int:
+            normed = walk.norm_silu(c, win)
+            return walk.then(normed, walk.conv(c, out, win))
+
+        walk.stats(c, n)
+        x = walk.then(x, walk.map_tiles(c, out, n, win, min(px, h) * min(px, w), head), walk.store)
+    else:
+        x = walk.then(x, walk.head(c, out, n))
+    if elem != F32:
+        walk.then(x, walk.store.alloc(out * n * F32), walk.store)  # .float()
+    return VAEMemory(d.peak, walk.store.peak if walk.separate else 0)

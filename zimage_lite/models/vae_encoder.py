@@ -10,6 +10,8 @@ whole at latent resolution.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,7 @@ from torch import nn
 from ..config import VAEConfig
 from ..errors import ShapeError
 from .vae import GN_EPS, MidBlock, ResnetBlock
-from .vae_tiles import map_tiles, resnet_tiled
+from .vae_tiles import F32, VAEMemory, Walk, map_tiles, resnet_tiled, window
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped before use, as diffusers does
 
@@ -109,6 +111,13 @@ class AutoencoderEncoder(nn.Module):
         return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
 
 
+@functools.lru_cache(maxsize=8)
+def encoder_params(cfg: VAEConfig) -> int:
+    """Parameters of the encoder (counted on `meta`: no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoencoderEncoder(cfg).parameters())
+
+
 def encode_tiled(encoder: Encoder, image: torch.Tensor, tile: int, device: torch.device) -> torch.Tensor:
     """The posterior's moments, with the down path in tiles of `tile` latent cells computed on `device` and its
     full maps kept where `image` lives (host memory). Exact, as `decode_tiled` is; the tile side halves with each
@@ -124,3 +133,55 @@ def encode_tiled(encoder: Encoder, image: torch.Tensor, tile: int, device: torch
             x = map_tiles(down, x, px, down.conv.out_channels, device, scale=0.5, lo=0, hi=1)
             px //= 2
     return encoder.head(encoder.mid_block(x.to(device)))
+
+
+def encode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, device: str = "cpu") -> VAEMemory:
+    """Peak bytes `AutoencoderEncoder.encode` allocates for an image of h x w latent cells (8h x 8w pixels), `tile`
+    as encode takes it, in a compute dtype of `elem` bytes on `device` ("cpu" or "cuda"): every map, temporary and
+    the latents it returns (sampled or not); not the weights nor the image passed in. Follows the code step by step
+    (vae_tiles.Walk)."""
+    chans, scale = cfg.block_out_channels, cfg.scale
+    tiled = tile is not None and (h > tile or w > tile)
+    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu")
+    hh, ww = h * scale, w * scale
+    image = cfg.out_channels * hh * ww * elem
+    # the image in the compute dtype where the pass reads it (host memory when tiled): a copy unless it already is
+    if elem != F32 or (device != "cpu" and not tiled):
+        (walk.store if tiled else walk.device).alloc(image)
+    px = tile * scale if tiled else None
+    if tiled:
+        x = walk.map_tiles(cfg.out_channels, chans[0], hh * ww, window(hh, px) * window(ww, px), px * px,
+                           lambda: walk.conv(cfg.out_channels, chans[0], window(hh, px) * window(ww, px),
+                                             contiguous=walk.separate))
+    else:
+        x = walk.conv(cfg.out_channels, chans[0], hh * ww)
+    c = chans[0]
+    for level, width in enumerate(chans):
+        for _ in range(cfg.layers_per_block):
+            if not tiled:
+                x = walk.then(x, walk.resnet(c, width, hh * ww))
+            elif width > c:
+                x = walk.then(x, walk.resnet_tiled(c, width, hh, ww, px), walk.store)
+            else:
+                walk.resnet_tiled(c, width, hh, ww, px)  # written into x's own memory
+            c = width
+        if level < len(chans) - 1:
+            if tiled:
+                wy, wx = window(hh, px, 0, 1), window(ww, px, 0, 1)
+                down = walk.map_tiles(c, c, hh * ww // 4, wy * wx, min(px, hh) * min(px, ww) // 4,
+                                      lambda c=c, wy=wy, wx=wx: walk.downsample(c, wy, wx))
+                x = walk.then(x, down, walk.store)
+                px //= 2
+            else:
+                x = walk.then(x, walk.downsample(c, hh, ww))
+            hh, ww = hh // 2, ww // 2
+    n = h * w
+    if tiled:  # the last map stays referenced until the pass ends; on a GPU the mid block reads a copy
+        x = walk.device.alloc(x) if walk.separate else 0
+    x = walk.then(x, walk.mid(c, n, cfg.mid_block_add_attention))
+    x = walk.then(x, walk.head(c, 2 * cfg.latent_channels, n))
+    # moments in fp32, then the latents: a sample's clamp, exp, noise and sums, and the scaling, at most six at once
+    latent = cfg.latent_channels * n * F32
+    walk.device.during((2 * latent if elem != F32 else 0) + 6 * latent)
+    walk.device.alloc(latent)
+    return VAEMemory(walk.device.peak, walk.store.peak if walk.separate else 0)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 F32 = 4
+ONEDNN_MIN_NUMEL = 20480  # fp32 convolution inputs (batch 1) at or below this size run on torch's own kernel
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def norm_silu(t: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, to
     mean, rstd = (s.to(t.device).repeat_interleave(c // norm.num_groups, dim=1) for s in stats)  # (B, C)
     a = rstd * norm.weight.float()
     b = norm.bias.float() - mean * a
-    y = torch.addcmul(b[:, :, None, None], t.float(), a[:, :, None, None])
+    y = torch.addcmul(b[:, :, None, None], t, a[:, :, None, None])  # fp32 by type promotion, without a copy of t
     return F.silu(y, inplace=True).to(t.dtype)
 
 
@@ -122,10 +123,36 @@ def resnet_tiled(r: nn.Module, x: torch.Tensor, tile: int, device: torch.device)
             out[t.core()] = (r.conv_shortcut(skip) + piece).to(out.device)
         else:
             out[t.core()] = (skip + piece).to(out.device)  # x + h, as the untiled block adds them
+        del piece, skip  # before the next tile's temporaries exist
     return out
 
 
 # --- what they hold -------------------------------------------------------------------------------------------
+
+
+def _pad16(c: int) -> int:
+    return -(-c // 16) * 16
+
+
+def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, contiguous: bool = True) -> int:
+    """Bytes a convolution allocates besides its output on the CPU, as measured with torch 2.13 (an upper bound of
+    every case measured, 3 to 512 channels) and used for CUDA too, where cuDNN's workspace is of the same order or
+    less. torch picks the kernel (ConvParams::use_mkldnn): oneDNN for bf16, and for fp32 inputs above
+    ONEDNN_MIN_NUMEL elements, except 1x1 convolutions on one thread; else its own kernel, which unfolds the input.
+    oneDNN reorders input and output into blocks of 16 channels (narrower maps padded up) and the weights, and a
+    bf16 1x1 convolution also makes an fp32 copy of its input (and of its output when that is padded). A strided
+    input is made contiguous first."""
+    onednn = (_pad16(cin) * n_in + _pad16(cout) * n_out + cin * cout * k * k) * elem
+    if k == 1 and elem == 2:
+        onednn += (_pad16(cin) * n_in + (_pad16(cout) * n_out if cout % 16 else 0)) * F32
+    unfolded = cin * k * k * n_out * elem
+    if elem != F32:
+        t = onednn
+    elif cin * n_in <= ONEDNN_MIN_NUMEL:
+        t = unfolded
+    else:
+        t = max(onednn, unfolded) if k == 1 else onednn  # 1x1: the thread count decides; either
+    return t + (0 if contiguous else cin * n_in * elem)
 
 
 class Peak:
@@ -135,9 +162,10 @@ class Peak:
         self.live = 0
         self.peak = 0
 
-    def alloc(self, n: int) -> None:
+    def alloc(self, n: int) -> int:
         self.live += n
         self.peak = max(self.peak, self.live)
+        return n
 
     def free(self, n: int) -> None:
         self.live -= n
@@ -145,3 +173,128 @@ class Peak:
     def during(self, n: int) -> None:
         """n bytes that exist only inside one step."""
         self.peak = max(self.peak, self.live + n)
+
+
+class Walk:
+    """The live bytes of a VAE pass, step by step in the order the layers (vae.py, vae_encoder.py) and the tiled
+    passes above allocate and free them. `device` is the compute device's memory; `store` holds the full maps of a
+    tiled pass (the same memory on the CPU, host memory when computing on a GPU).
+
+    Untiled steps run on the device with their input x live (the caller holds it and frees it after) and return the
+    bytes of the output they allocated. Sizes: c channels, n pixels, `elem` bytes per element of the compute dtype.
+    """
+
+    def __init__(self, elem: int, groups: int, separate: bool = False) -> None:
+        self.e, self.groups, self.separate = elem, groups, separate
+        self.device = Peak()
+        self.store = Peak() if separate else self.device
+
+    def then(self, old: int, new: int, pool: Peak | None = None) -> int:
+        """`x = step(x)`: the old map goes once the new one exists."""
+        (pool or self.device).free(old)
+        return new
+
+    def conv(self, cin: int, cout: int, n_in: int, n_out: int | None = None, k: int = 3,
+             contiguous: bool = True) -> int:
+        n_out = n_in if n_out is None else n_out
+        out = cout * n_out * self.e
+        self.device.during(out + conv_temp(cin, cout, n_in, n_out, k, self.e, contiguous))
+        return self.device.alloc(out)
+
+    def resnet(self, cin: int, cout: int, n: int) -> int:
+        d, e = self.device, self.e
+        normed = d.alloc(cin * n * e)  # norm1, SiLU in place
+        h = self.then(normed, self.conv(cin, cout, n))
+        h = self.then(h, d.alloc(cout * n * e))  # norm2
+        h = self.then(h, self.conv(cout, cout, n))
+        if cin != cout:
+            d.free(self.conv(cin, cout, n, k=1))  # the shortcut, added into h in place
+        return h
+
+    def attention(self, c: int, n: int) -> int:
+        # GroupNorm, q, k, v, the attention output (torch's CPU flash kernel and CUDA's never hold the scores),
+        # to_out, its transposed copy; then x + that
+        self.device.during(6 * c * n * self.e)
+        return self.device.alloc(c * n * self.e)
+
+    def mid(self, c: int, n: int, attention: bool) -> int:
+        x = self.resnet(c, c, n)
+        if attention:
+            x = self.then(x, self.attention(c, n))
+        return self.then(x, self.resnet(c, c, n))
+
+    def upsample(self, c: int, n: int) -> int:
+        up = self.device.alloc(4 * c * n * self.e)  # nearest x2
+        return self.then(up, self.conv(c, c, 4 * n))
+
+    def downsample(self, c: int, h: int, w: int) -> int:
+        padded = self.device.alloc(c * (h + 1) * (w + 1) * self.e)  # one zero row and column
+        return self.then(padded, self.conv(c, c, (h + 1) * (w + 1), h * w // 4))
+
+    def head(self, cin: int, cout: int, n: int) -> int:
+        """GroupNorm, SiLU in place, conv."""
+        normed = self.device.alloc(cin * n * self.e)
+        return self.then(normed, self.conv(cin, cout, n))
+
+    # --- tiled steps: maps in `store`, one tile's temporaries on the device ------------------------------------
+
+    def stats(self, c: int, n: int) -> None:
+        """`group_stats`: in bf16, one group's fp32 copy at a time."""
+        if self.e != F32:
+            self.store.during(c // self.groups * n * F32)
+
+    def norm_silu(self, c: int, n: int) -> int:
+        self.device.during(8 * c * F32)  # per-channel mean, 1/std, scale, shift and their temporaries
+        y = self.device.alloc(c * n * F32)
+        return y if self.e == F32 else self.then(y, self.device.alloc(c * n * self.e))
+
+    def tile(self, cin: int, win: int, fn: Callable[[], int]) -> int:
+        """One tile: its window copied to the device (when that is another memory), then `fn`'s output."""
+        window = self.device.alloc(cin * win * self.e) if self.separate else 0
+        return self.then(window, fn())
+
+    def map_tiles(self, cin: int, cout: int, n_out: int, win: int, core_out: int, fn: Callable[[], int]) -> int:
+        """A new map of cout x n_out in the store, written tile by tile: the largest tile's steps (`fn` on a
+        window of `win` pixels, `core_out` of its output kept) happen once, as every tile's do."""
+        out = self.store.alloc(cout * n_out * self.e)
+        piece = self.tile(cin, win, fn)
+        if self.separate:
+            self.store.during(cout * core_out * self.e)  # the kept part, back in host memory
+        self.device.free(piece)
+        return out
+
+    def resnet_tiled(self, cin: int, cout: int, h: int, w: int, tile: int) -> int:
+        """`resnet_tiled` on an h x w map; returns the bytes of the new map it allocated (0 when written into x)."""
+        n, win, core = h * w, window(h, tile) * window(w, tile), min(tile, h) * min(tile, w)
+        stats = self.device.alloc(4 * self.groups * F32)  # both norms' (mean, 1/std) stay for the block
+        self.stats(cin, n)
+
+        def first() -> int:
+            normed = self.norm_silu(cin, win)
+            return self.then(normed, self.conv(cin, cout, win))
+
+        hmap = self.map_tiles(cin, cout, n, win, core, first)
+        self.stats(cout, n)
+        out = self.store.alloc(cout * n * self.e) if cout > cin else 0
+
+        def second() -> int:
+            normed = self.norm_silu(cout, win)
+            piece = self.then(normed, self.conv(cout, cout, win))
+            skip = self.device.alloc(cin * core * self.e) if self.separate else 0
+            if cin != cout:  # the shortcut on the tile's core, a strided view of x on the CPU
+                skip = self.then(skip, self.conv(cin, cout, core, k=1, contiguous=self.separate))
+            total = self.then(skip, self.device.alloc(cout * core * self.e))
+            if self.separate:
+                self.store.during(cout * core * self.e)
+            self.device.free(total)
+            return piece
+
+        self.device.free(self.tile(cout, win, second))
+        self.store.free(hmap)
+        self.device.free(stats)
+        return out
+
+
+def window(size: int, tile: int, lo: int = 1, hi: int = 1) -> int:
+    """The largest window side `tile_grid` reads along an axis of `size` pixels."""
+    return min(min(tile, size) + lo + hi, size)

@@ -18,10 +18,12 @@ from dataclasses import dataclass, replace
 
 from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig
 from ..errors import BudgetError, OptionError
+from ..models.vae import decode_memory
+from ..models.vae_encoder import encode_memory, encoder_params
+from ..models.vae_tiles import VAEMemory
 from .budget import (
     FLOATS,
     GIB,
-    MIB,
     QUANT_LADDER,
     Tensors,
     cpu_has_bf16,
@@ -38,20 +40,8 @@ from .budget import (
 F32 = 4
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 STREAM_SLOTS = {"cuda": 2, "cpu": 1}  # cuda: copy the next block while one computes; cpu: one block read at a time
-VAE_TILES = (128, 96, 64, 48, 32)  # latent cells per tile side, largest first (128 = 1024 px)
-VAE_OVERLAP_DIVISOR = 4  # overlap = tile/4, diffusers' tile_overlap_factor 0.25 (64-cell tile: 16 cells overlap)
 MIN_ATTENTION_CHUNK = 64  # query rows per chunk below which chunked attention stops paying its loop overhead
-
-# Measured VAE decode peaks (diffusers AutoencoderKL, CPU peak RSS, zimage_spec.md §8.2): {element bytes: ((side px,
-# MiB), ...)}. Divided by pixels and by the widest full-resolution channel count (256 in the FLUX AE), the largest
-# ratio gives a conservative per-pixel cost through the origin that also scales to other VAE widths.
-_VAE_MEASURED = {2: ((512, 376), (1024, 1929), (2048, 8057)), 4: ((512, 863), (1024, 3744))}
-_VAE_MEASURED_WIDTH = 256
-
-
-def _vae_bytes_per_pixel(widest: int, elem: int) -> float:
-    points = _VAE_MEASURED[elem]
-    return max(mib * MIB / (side * side) for side, mib in points) / _VAE_MEASURED_WIDTH * widest
+MIN_VAE_TILE = 8  # latent cells (64 px): demo model at 1024², one thread: 8 cells 1.3x the untiled time, 4 cells 2x
 
 
 @dataclass(frozen=True)
@@ -70,6 +60,7 @@ class PlanRequest:
     caption_tokens: int = MAX_TEXT_TOKENS  # the worst case unless the prompt is known
     headroom: int = 0  # bytes taken off the user's figure before `budget` (CUDA context); shown in messages
     model_name: str = "custom"
+    encode: bool = False  # also plan the VAE encoder's stage (an input image to encode)
 
 
 @dataclass(frozen=True)
@@ -91,7 +82,7 @@ class StagePlan:
     attention_chunk: int | None = None  # query rows per chunk when chunked
     tiled: bool = False
     tile: int | None = None  # latent cells per tile side
-    tile_overlap: int | None = None
+    tile_host_bytes: int = 0  # cuda, tiled: the full feature maps the VAE keeps in host memory (VAEMemory.host)
 
     @property
     def peak_bytes(self) -> int:
@@ -250,28 +241,66 @@ def _dit_stage(req: PlanRequest) -> StagePlan:
                         _scores_fn(req, batch, c.n_heads, seq), req, seq)
 
 
-def _vae_stage(req: PlanRequest) -> StagePlan:
+def _vae_tiles(h: int, w: int) -> list[int | None]:
+    """VAE tile sides to try, largest first: None (the whole latent), then the sides that split an h x w-cell latent
+    into 2, 3, ... tiles per side evenly (the fewest tiles for their size), down to MIN_VAE_TILE."""
+    side, out = max(h, w), [None]
+    for k in range(2, side + 1):
+        tile = -(-side // k)
+        if tile < MIN_VAE_TILE:
+            break
+        if tile != out[-1]:
+            out.append(tile)
+    return out
+
+
+def _vae_pass(req: PlanRequest, name: str, weights: int, fixed: int, memory) -> StagePlan:
+    """A VAE stage with the largest tile (fewest tiles: the fastest) whose peak fits; `memory(tile)` is what the pass
+    allocates (vae.decode_memory / vae_encoder.encode_memory), `fixed` what the stage holds besides."""
     c = req.config.vae
-    elem = 4 if req.dtype == "fp16" else DTYPE_BYTES[req.dtype]  # never plain fp16: it overflows to black images
-    weights = vae_decoder_params(c) * elem
-    per_px = _vae_bytes_per_pixel(max(c.block_out_channels[:2]), elem)
     h, w = req.height // c.scale, req.width // c.scale
-    fixed = weights + 3 * req.height * req.width * F32 + c.latent_channels * h * w * F32  # + image, latent
-    options = [(False, None, h * w)] + [(True, t, min(t, h) * min(t, w)) for t in VAE_TILES if t < max(h, w)]
-    for tiled, tile, cells in options:
-        act = math.ceil(per_px * cells * c.scale**2)
-        if fixed + act <= req.budget:
-            return StagePlan(name="vae", blocks=(), resident=(), streamed=(), weight_bytes=weights,
-                             resident_bytes=0, slot_bytes=0, n_slots=0, scratch_bytes=0, activation_bytes=act,
-                             transfer_bytes=0, tiled=tiled, tile=tile,
-                             tile_overlap=tile // VAE_OVERLAP_DIVISOR if tiled else None)
-    decode = f"{tile}-cell tile" if tile else "untiled"
-    raise _NoFit("vae", f"decoder weights {format_size(weights)} + {decode} activations {format_size(act)} + "
-                 f"latent and image {format_size(fixed - weights)}")
+    for tile in _vae_tiles(h, w):
+        mem = memory(tile)
+        if weights + fixed + mem.device <= req.budget:
+            return StagePlan(name=name, blocks=(), resident=(), streamed=(), weight_bytes=weights,
+                             resident_bytes=0, slot_bytes=0, n_slots=0, scratch_bytes=0,
+                             activation_bytes=fixed + mem.device, transfer_bytes=0, tiled=tile is not None,
+                             tile=tile, tile_host_bytes=mem.host)
+    how = f"{tile}-cell tiles" if tile else "untiled"
+    raise _NoFit(name, f"weights {format_size(weights)} + {how} activations {format_size(mem.device)} + "
+                 f"{'latent and image' if name == 'vae' else 'image'} {format_size(fixed)}")
+
+
+def _vae_elem(req: PlanRequest) -> int:
+    return 4 if req.dtype == "fp16" else DTYPE_BYTES[req.dtype]  # never plain fp16: it overflows to black images
+
+
+def _vae_stage(req: PlanRequest) -> StagePlan:
+    """Decoding: the sampler's latent (fp32) stays while the decoder runs; the image it returns is converted to 8 bits
+    with two temporaries of its size (image.to_pil), after the decoder's own peak."""
+    c, elem = req.config.vae, _vae_elem(req)
+    h, w = req.height // c.scale, req.width // c.scale
+    image = c.out_channels * req.height * req.width * F32
+    return _vae_pass(req, "vae", vae_decoder_params(c) * elem, c.latent_channels * h * w * F32,
+                     lambda tile: _at_least(decode_memory(c, h, w, tile, elem, req.device), 3 * image))
+
+
+def _vae_encode_stage(req: PlanRequest) -> StagePlan:
+    """Encoding an input image of the requested size (fp32 in [-1, 1], held in RAM) into latents."""
+    c, elem = req.config.vae, _vae_elem(req)
+    image = c.out_channels * req.height * req.width * F32 if req.device == "cpu" else 0
+    return _vae_pass(req, "vae_encode", encoder_params(c) * elem, image,
+                     lambda tile: encode_memory(c, req.height // c.scale, req.width // c.scale, tile, elem,
+                                                req.device))
+
+
+def _at_least(mem: VAEMemory, device: int) -> VAEMemory:
+    return replace(mem, device=max(mem.device, device))
 
 
 def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
-    return _text_stage(req), _dit_stage(req), _vae_stage(req)
+    encode = (_vae_encode_stage(req),) if req.encode else ()
+    return *encode, _text_stage(req), _dit_stage(req), _vae_stage(req)
 
 
 def minimum_budget(req: PlanRequest) -> int:
@@ -431,10 +460,12 @@ def format_plan(plan: Plan) -> str:
             chunk = f" in chunks of {s.attention_chunk} queries" if s.attention_chunk else ""
             lines.append(f"  activations: {_gib(s.activation_bytes)}, attention {s.attention}{chunk}")
         else:
-            decode = (f"tiled, {s.tile}-cell tiles ({s.tile * r.config.vae.scale} px), overlap {s.tile_overlap}"
-                      if s.tiled else "untiled")
-            lines.append(f"{s.name}: decode {decode}")
-            lines.append(f"  weights: {_gib(s.weight_bytes)}, activations {_gib(s.activation_bytes)}")
+            h, w = r.height // r.config.vae.scale, r.width // r.config.vae.scale
+            how = (f"tiled, {s.tile}-cell tiles ({s.tile * r.config.vae.scale} px), {-(-w // s.tile)}x"
+                   f"{-(-h // s.tile)}" if s.tiled else "untiled")
+            lines.append(f"{s.name}: {'encode' if s.name == 'vae_encode' else 'decode'} {how}")
+            lines.append(f"  weights: {_gib(s.weight_bytes)}, activations {_gib(s.activation_bytes)}"
+                         + (f", full maps in RAM {_gib(s.tile_host_bytes)}" if s.tile_host_bytes else ""))
         lines.append(f"  stage peak: {_gib(s.peak_bytes)}")
         if s.name == "text_encoder":
             lines.append(f"  transfer per prompt: {_gib(s.transfer_bytes)} ({moved})")
