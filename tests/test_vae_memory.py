@@ -16,9 +16,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from zimage_lite.config import DEMO
 from zimage_lite.models.vae import AutoencoderDecoder, decode_memory
-from zimage_lite.models.vae_encoder import AutoencoderEncoder, encode_memory, encoder_params
+from zimage_lite.models.vae_encoder import AutoencoderEncoder, encode_memory
 from zimage_lite.runtime.budget import vae_decoder_params
 from zimage_lite.runtime.plan import PlanRequest, format_plan, make_plan
+from zimage_lite.runtime.vae_plan import params
 
 VAE = DEMO.vae  # the demo model's VAE: four levels, 8 to 32 channels
 # counted / allocated, measured on these cases: decode 1.00 .. 1.12, encode 1.00 .. 1.40 (the count pads the
@@ -112,8 +113,30 @@ def test_encode_stage_is_planned_only_when_asked():
     stage = plan.stage("vae_encode")
     assert plan.stages[0] is stage and not stage.tiled
     image = 3 * 256 * 256 * 4
-    assert stage.weight_bytes == encoder_params(VAE) * 4
+    assert stage.weight_bytes == params(AutoencoderEncoder, VAE) * 4
     assert stage.peak_bytes == stage.weight_bytes + image + encode_memory(VAE, 32, 32, None, 4).device
     assert "vae_encode: encode untiled" in format_plan(plan)
     small = make_plan(dataclasses.replace(_request(64 * 2**20, encode=True), budget=stage.peak_bytes - 1))
     assert small.stage("vae_encode").tiled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tile", [None, 8])
+def test_cuda_decode_allocates_what_the_count_says(tile):
+    """On a GPU the tiled decode keeps its maps in host memory: the device holds the mid block and one tile's work,
+    within the count (convolution workspaces counted as oneDNN's: unverified on cuDNN before this test)."""
+    torch.manual_seed(0)
+    dec = AutoencoderDecoder(VAE).cuda().eval().requires_grad_(False)
+    latent = torch.randn(1, 16, 40, 24)
+    with torch.inference_mode():
+        whole = dec.decode(latent.cuda())
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        got = dec.decode(latent.cuda(), tile=tile)
+        torch.cuda.synchronize()
+        allocated = torch.cuda.max_memory_allocated() - base
+    counted = decode_memory(VAE, 40, 24, tile, 4, "cuda")
+    assert allocated <= counted.device
+    assert (counted.host > 0) == (tile is not None)
+    assert float((got.cuda() - whole).abs().max() / whole.abs().max()) <= 8e-6  # tiled: rounding only

@@ -10,8 +10,6 @@ whole at latent resolution.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,13 +107,6 @@ class AutoencoderEncoder(nn.Module):
             std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
             z = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
         return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
-
-
-@functools.lru_cache(maxsize=8)
-def encoder_params(cfg: VAEConfig) -> int:
-    """Parameters of the encoder (counted on `meta`: no memory)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoencoderEncoder(cfg).parameters())
 
 
 def encode_tiled(encoder: Encoder, image: torch.Tensor, tile: int, device: torch.device) -> torch.Tensor:

@@ -280,13 +280,13 @@ class Walk:
         def second() -> int:
             normed = self.norm_silu(cout, win)
             piece = self.then(normed, self.conv(cout, cout, win))
-            skip = self.device.alloc(cin * core * self.e) if self.separate else 0
-            if cin != cout:  # the shortcut on the tile's core, a strided view of x on the CPU
-                skip = self.then(skip, self.conv(cin, cout, core, k=1, contiguous=self.separate))
-            total = self.then(skip, self.device.alloc(cout * core * self.e))
+            skip = self.device.alloc(cin * core * self.e) if self.separate else 0  # x's core (a view on the CPU)
+            # the shortcut, on a strided view of x on the CPU; then the sum
+            short = self.conv(cin, cout, core, k=1, contiguous=self.separate) if cin != cout else 0
+            total = self.device.alloc(cout * core * self.e)
             if self.separate:
                 self.store.during(cout * core * self.e)
-            self.device.free(total)
+            self.device.free(total + short + skip)
             return piece
 
         self.device.free(self.tile(cout, win, second))

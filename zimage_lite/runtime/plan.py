@@ -1,8 +1,8 @@
 """The memory planner: which blocks stay on the device, which stream, and the peak of each stage, from configs alone.
 
-Pure arithmetic; no weights are read. Sources: zimage_spec.md §8 (parameter counts, activation formulas, measured VAE
-peaks), gguf_interop.md §3.1 and llama.cpp `llama-quant.cpp` (which tensor a K-quant mix gives which type),
-lowvram_peers.md §10/§12 (two slots, resident set, one plan for every step).
+Pure arithmetic; no weights are read. Sources: zimage_spec.md §8 (parameter counts, activation formulas), the VAE's
+own counts of what it allocates (vae_plan.py), gguf_interop.md §3.1 and llama.cpp `llama-quant.cpp` (which tensor a
+K-quant mix gives which type), lowvram_peers.md §10/§12 (two slots, resident set, one plan for every step).
 
 Stages run one after another, so the run's peak is the largest stage peak. A stage peak is
 non-block weights + resident blocks + streaming slots + dequantize scratch + activations. On cuda blocks live on the
@@ -18,9 +18,6 @@ from dataclasses import dataclass, replace
 
 from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig
 from ..errors import BudgetError, OptionError
-from ..models.vae import decode_memory
-from ..models.vae_encoder import encode_memory, encoder_params
-from ..models.vae_tiles import VAEMemory
 from .budget import (
     FLOATS,
     GIB,
@@ -34,14 +31,13 @@ from .budget import (
     normalize_format,
     qwen_layer_tensors,
     usable_budget,
-    vae_decoder_params,
 )
+from .vae_plan import vae_passes
 
 F32 = 4
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 STREAM_SLOTS = {"cuda": 2, "cpu": 1}  # cuda: copy the next block while one computes; cpu: one block read at a time
 MIN_ATTENTION_CHUNK = 64  # query rows per chunk below which chunked attention stops paying its loop overhead
-MIN_VAE_TILE = 8  # latent cells (64 px): demo model at 1024², one thread: 8 cells 1.3x the untiled time, 4 cells 2x
 
 
 @dataclass(frozen=True)
@@ -241,65 +237,22 @@ def _dit_stage(req: PlanRequest) -> StagePlan:
                         _scores_fn(req, batch, c.n_heads, seq), req, seq)
 
 
-def _vae_tiles(h: int, w: int) -> list[int | None]:
-    """VAE tile sides to try, largest first: None (the whole latent), then the sides that split an h x w-cell latent
-    into 2, 3, ... tiles per side evenly (the fewest tiles for their size), down to MIN_VAE_TILE."""
-    side, out = max(h, w), [None]
-    for k in range(2, side + 1):
-        tile = -(-side // k)
-        if tile < MIN_VAE_TILE:
-            break
-        if tile != out[-1]:
-            out.append(tile)
-    return out
-
-
-def _vae_pass(req: PlanRequest, name: str, weights: int, fixed: int, memory) -> StagePlan:
-    """A VAE stage with the largest tile (fewest tiles: the fastest) whose peak fits; `memory(tile)` is what the pass
-    allocates (vae.decode_memory / vae_encoder.encode_memory), `fixed` what the stage holds besides."""
-    c = req.config.vae
-    h, w = req.height // c.scale, req.width // c.scale
-    for tile in _vae_tiles(h, w):
-        mem = memory(tile)
-        if weights + fixed + mem.device <= req.budget:
-            return StagePlan(name=name, blocks=(), resident=(), streamed=(), weight_bytes=weights,
+def _vae_stage(req: PlanRequest, encode: bool = False) -> StagePlan:
+    """Decoding (or encoding an input image) with the largest VAE tiles that fit: the fewest tiles, the fastest."""
+    name = "vae_encode" if encode else "vae"
+    for p in vae_passes(req.config.vae, req.width, req.height, req.dtype, req.device, encode):
+        if p.weights + p.beside + p.activations <= req.budget:
+            return StagePlan(name=name, blocks=(), resident=(), streamed=(), weight_bytes=p.weights,
                              resident_bytes=0, slot_bytes=0, n_slots=0, scratch_bytes=0,
-                             activation_bytes=fixed + mem.device, transfer_bytes=0, tiled=tile is not None,
-                             tile=tile, tile_host_bytes=mem.host)
-    how = f"{tile}-cell tiles" if tile else "untiled"
-    raise _NoFit(name, f"weights {format_size(weights)} + {how} activations {format_size(mem.device)} + "
-                 f"{'latent and image' if name == 'vae' else 'image'} {format_size(fixed)}")
-
-
-def _vae_elem(req: PlanRequest) -> int:
-    return 4 if req.dtype == "fp16" else DTYPE_BYTES[req.dtype]  # never plain fp16: it overflows to black images
-
-
-def _vae_stage(req: PlanRequest) -> StagePlan:
-    """Decoding: the sampler's latent (fp32) stays while the decoder runs; the image it returns is converted to 8 bits
-    with two temporaries of its size (image.to_pil), after the decoder's own peak."""
-    c, elem = req.config.vae, _vae_elem(req)
-    h, w = req.height // c.scale, req.width // c.scale
-    image = c.out_channels * req.height * req.width * F32
-    return _vae_pass(req, "vae", vae_decoder_params(c) * elem, c.latent_channels * h * w * F32,
-                     lambda tile: _at_least(decode_memory(c, h, w, tile, elem, req.device), 3 * image))
-
-
-def _vae_encode_stage(req: PlanRequest) -> StagePlan:
-    """Encoding an input image of the requested size (fp32 in [-1, 1], held in RAM) into latents."""
-    c, elem = req.config.vae, _vae_elem(req)
-    image = c.out_channels * req.height * req.width * F32 if req.device == "cpu" else 0
-    return _vae_pass(req, "vae_encode", encoder_params(c) * elem, image,
-                     lambda tile: encode_memory(c, req.height // c.scale, req.width // c.scale, tile, elem,
-                                                req.device))
-
-
-def _at_least(mem: VAEMemory, device: int) -> VAEMemory:
-    return replace(mem, device=max(mem.device, device))
+                             activation_bytes=p.beside + p.activations, transfer_bytes=0, tiled=p.tile is not None,
+                             tile=p.tile, tile_host_bytes=p.host)
+    how = f"{p.tile}-cell tiles" if p.tile else "untiled"
+    raise _NoFit(name, f"weights {format_size(p.weights)} + {how} activations {format_size(p.activations)} + "
+                 f"{'image' if encode else 'latent'} {format_size(p.beside)}")
 
 
 def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
-    encode = (_vae_encode_stage(req),) if req.encode else ()
+    encode = (_vae_stage(req, encode=True),) if req.encode else ()
     return *encode, _text_stage(req), _dit_stage(req), _vae_stage(req)
 
 
