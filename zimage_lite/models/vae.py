@@ -1,8 +1,9 @@
 """The FLUX.1 autoencoder's decoder, with parameter names of diffusers' AutoencoderKL (`decoder.*`).
 
-Structure as zimage_spec.md 6. Tiled decoding (for budgets where a whole image's activations do not fit) lives
-in `decode_tiled`: layer by layer over tiles with a one-pixel halo and whole-image GroupNorm statistics, so it
-computes the same image as the untiled decode instead of cross-fading tiles that each normalised differently.
+Structure as zimage_spec.md 6; the layers the encoder shares (vae_encoder.py) live here too. Tiled decoding (for
+budgets where a whole image's activations do not fit) is `decode_tiled`: layer by layer over tiles with a one-pixel
+halo and whole-image GroupNorm statistics (vae_tiles.py), so it computes the same image as the untiled decode
+instead of cross-fading tiles that each normalised differently. `decode_memory` is what either way allocates.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from .vae_tiles import F32, VAEMemory, Walk, group_stats, map_tiles, norm_silu, resnet_tiled, window
 
 GN_EPS = 1e-6
 
@@ -26,9 +28,11 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
+        # Chained, with SiLU in place on each norm's fresh output: every temporary is freed as soon as it is read,
+        # so a block holds at most x, one normed map and one convolution output (vae_memory counts exactly that).
+        h = self.norm2(self.conv1(F.silu(self.norm1(x), inplace=True)))
+        h = self.conv2(F.silu(h, inplace=True))
+        return h.add_(self.conv_shortcut(x) if self.conv_shortcut is not None else x)  # = skip + h, bit for bit
 
 
 class AttnBlock(nn.Module):
@@ -104,7 +108,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
 
 
 class AutoencoderDecoder(nn.Module):
@@ -126,80 +130,78 @@ class AutoencoderDecoder(nn.Module):
         z = z.to(dtype)
         if tile is None or (z.shape[2] <= tile and z.shape[3] <= tile):
             return self.decoder(z).float()
-        return decode_tiled(self.decoder, z, tile, torch.device("cpu"))
-
-
-def _group_stats(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm mean and 1/std over the whole feature map (B, groups), in fp32, one group at a time."""
-    b, c = x.shape[:2]
-    xs = x.view(b, norm.num_groups, c // norm.num_groups, -1)
-    stats = [torch.var_mean(xs[:, g].reshape(b, -1).float(), dim=-1, unbiased=False) for g in range(norm.num_groups)]
-    var = torch.stack([v for v, _ in stats], dim=1)
-    mean = torch.stack([m for _, m in stats], dim=1)
-    return mean, (var + norm.eps).rsqrt()
-
-
-def _group_apply(t: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    b, c, h, w = t.shape
-    mean, rstd = (s.to(t.device)[:, :, None, None, None] for s in stats)
-    y = ((t.float().view(b, norm.num_groups, c // norm.num_groups, h, w) - mean) * rstd).view(b, c, h, w)
-    return (y * norm.weight.float()[:, None, None] + norm.bias.float()[:, None, None]).to(t.dtype)
-
-
-def _map_tiles(fn, inputs: list[torch.Tensor], tile: int, scale: int, out_channels: int,
-               device: torch.device) -> torch.Tensor:
-    """out = fn(*inputs) computed tile by tile on `device`, each tile read with a 1-pixel halo.
-
-    A 3x3 convolution needs one neighbouring pixel on each side, so the halo makes every kept output pixel exact;
-    the halo's own outputs (where the convolution saw zero padding) are cropped away. `scale` is the output's
-    size per input pixel (2 for an upsampling step). Inputs and output stay where `inputs` live (host memory).
-    """
-    x = inputs[0]
-    b, _, h, w = x.shape
-    out = torch.empty(b, out_channels, h * scale, w * scale, dtype=x.dtype, device=x.device)
-    for y0 in range(0, h, tile):
-        for x0 in range(0, w, tile):
-            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-            ya, xa, yb, xb = max(y0 - 1, 0), max(x0 - 1, 0), min(y1 + 1, h), min(x1 + 1, w)
-            piece = fn(*(t[:, :, ya:yb, xa:xb].to(device) for t in inputs))
-            oy, ox = (y0 - ya) * scale, (x0 - xa) * scale
-            out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
-                piece[:, :, oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale].to(out.device)
-    return out
-
-
-def _resnet_tiled(r: ResnetBlock, x: torch.Tensor, tile: int, device: torch.device) -> torch.Tensor:
-    s1 = _group_stats(x, r.norm1)
-    h = _map_tiles(lambda t: r.conv1(F.silu(_group_apply(t, r.norm1, s1))), [x], tile, 1, r.conv1.out_channels,
-                   device)
-    s2 = _group_stats(h, r.norm2)
-
-    def second(ht: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        skip = r.conv_shortcut(xt) if r.conv_shortcut is not None else xt
-        return skip + r.conv2(F.silu(_group_apply(ht, r.norm2, s2)))
-
-    return _map_tiles(second, [h, x], tile, 1, r.conv2.out_channels, device)
+        return decode_tiled(self.decoder, z, tile, torch.device("cpu")).float()
 
 
 def decode_tiled(decoder: Decoder, z: torch.Tensor, tile: int, store: torch.device) -> torch.Tensor:
     """Decode z with the up path in tiles of `tile` latent cells, keeping full feature maps in `store` memory.
 
-    Exact, unlike independent overlapping tiles: every GroupNorm uses the statistics of the whole feature map and
-    the mid-block attention sees every position (it runs at latent resolution, which is small), so the tiles only
-    bound the size of the temporaries on the compute device. Seams cannot appear.
+    Exact (vae_tiles.py): every GroupNorm uses the statistics of the whole feature map and the mid-block attention
+    sees every position (it runs whole, at latent resolution, which is small), so seams cannot appear. The tile side
+    doubles with each upsampling: every level has the same tiles.
     """
     device = z.device
     x = decoder.mid_block(decoder.conv_in(z)).to(store)
-    px = tile  # tile side in the current feature map's pixels: the same number of tiles at every level
+    px = tile  # tile side in the current feature map's pixels
     for block in decoder.up_blocks:
         for r in block.resnets:
-            x = _resnet_tiled(r, x, px, device)
+            x = resnet_tiled(r, x, px, device)
         if block.upsamplers is not None:
-            up = block.upsamplers[0]
-            x = _map_tiles(lambda t, up=up: up.conv(F.interpolate(t, scale_factor=2.0, mode="nearest")), [x], px,
-                           2, up.conv.out_channels, device)
+            conv = block.upsamplers[0].conv
+            x = map_tiles(lambda t, conv=conv: conv(F.interpolate(t, scale_factor=2.0, mode="nearest")), x, px,
+                          conv.out_channels, device, scale=2.0)
             px *= 2
-    stats = _group_stats(x, decoder.conv_norm_out)
-    out = _map_tiles(lambda t: decoder.conv_out(F.silu(_group_apply(t, decoder.conv_norm_out, stats))), [x], px, 1,
+    stats = group_stats(x, decoder.conv_norm_out)
+    return map_tiles(lambda t: decoder.conv_out(norm_silu(t, decoder.conv_norm_out, stats)), x, px,
                      decoder.conv_out.out_channels, device)
-    return out.float()
+
+
+def decode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, device: str = "cpu") -> VAEMemory:
+    """Peak bytes `AutoencoderDecoder.decode` allocates for an h x w-cell latent, `tile` as decode takes it, in a
+    compute dtype of `elem` bytes on `device` ("cpu" or "cuda"): every map, temporary and the fp32 image it
+    returns; not the weights nor the latent passed in. Follows the code step by step (vae_tiles.Walk)."""
+    widths = list(reversed(cfg.block_out_channels))
+    tiled = tile is not None and (h > tile or w > tile)
+    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu")
+    d, n = walk.device, h * w
+    d.alloc(cfg.latent_channels * n * (F32 + (elem if elem != F32 else 0)))  # z, unscaled; in the compute dtype
+    # conv_in and the mid block run whole, at latent resolution, on the device (tiled or not)
+    x = walk.conv(cfg.latent_channels, widths[0], n)
+    x = walk.then(x, walk.mid(widths[0], n, cfg.mid_block_add_attention))
+    if tiled and walk.separate:
+        x = walk.then(x, walk.store.alloc(x))  # .to(host)
+    c, px = widths[0], tile
+    for level, width in enumerate(widths):
+        for _ in range(cfg.layers_per_block + 1):
+            if not tiled:
+                x = walk.then(x, walk.resnet(c, width, n))
+            elif width > c:
+                x = walk.then(x, walk.resnet_tiled(c, width, h, w, px), walk.store)
+            else:
+                walk.resnet_tiled(c, width, h, w, px)  # written into x's own memory
+            c = width
+        if level < len(widths) - 1:
+            if tiled:
+                win = window(h, px) * window(w, px)
+                up = walk.map_tiles(c, c, 4 * n, win, 4 * min(px, h) * min(px, w),
+                                    lambda c=c, win=win: walk.upsample(c, win))
+                x = walk.then(x, up, walk.store)
+                px *= 2
+            else:
+                x = walk.then(x, walk.upsample(c, n))
+            h, w, n = 2 * h, 2 * w, 4 * n
+    out = cfg.out_channels
+    if tiled:
+        win = window(h, px) * window(w, px)
+
+        def head() -> int:
+            normed = walk.norm_silu(c, win)
+            return walk.then(normed, walk.conv(c, out, win))
+
+        walk.stats(c, n)
+        x = walk.then(x, walk.map_tiles(c, out, n, win, min(px, h) * min(px, w), head), walk.store)
+    else:
+        x = walk.then(x, walk.head(c, out, n))
+    if elem != F32:
+        walk.then(x, walk.store.alloc(out * n * F32), walk.store)  # .float()
+    return VAEMemory(d.peak, walk.store.peak if walk.separate else 0)

@@ -2,8 +2,8 @@
 loads.
 
 Pure arithmetic on the files' tensor tables (official name -> shape, stored type; or a preset's recipe) and the
-models' own block schedules (sizes.py); no weight is read. Sources: zimage_spec.md §8 (activation formulas, measured
-VAE peaks), lowvram_peers.md §10/§12 (two slots, resident set, one plan for every step).
+models' own block schedules (sizes.py) and counts of what the VAE allocates (vae_plan.py); no weight is read. Sources:
+zimage_spec.md §8 (activation formulas), lowvram_peers.md §10/§12 (two slots, resident set, one plan for every step).
 
 Stages run one after another, so the run's peak is the largest stage peak (with `keep_loaded`, every stage also holds
 the other components' weights). A stage's device peak is non-block weights + resident blocks + streaming slots +
@@ -38,25 +38,12 @@ from .sizes import (
     format_rank,
     normalize_format,
     recipe_table,
-    vae_decoder_params,
     vae_largest_weight,
 )
-from .units import MIB, format_option_size, format_size
+from .units import format_option_size, format_size
+from .vae_plan import vae_passes
 
 F32 = 4
-VAE_TILES = (128, 96, 64, 48, 32)  # latent cells per tile side, largest first (128 = 1024 px)
-VAE_OVERLAP_DIVISOR = 4  # overlap = tile/4, diffusers' tile_overlap_factor 0.25 (64-cell tile: 16 cells overlap)
-
-# Measured VAE decode peaks (diffusers AutoencoderKL, CPU peak RSS, zimage_spec.md §8.2): {element bytes: ((side px,
-# MiB), ...)}. Divided by pixels and by the widest full-resolution channel count (256 in the FLUX AE), the largest
-# ratio gives a conservative per-pixel cost through the origin that also scales to other VAE widths.
-_VAE_MEASURED = {2: ((512, 376), (1024, 1929), (2048, 8057)), 4: ((512, 863), (1024, 3744))}
-_VAE_MEASURED_WIDTH = 256
-
-
-def _vae_bytes_per_pixel(widest: int, elem: int) -> float:
-    points = _VAE_MEASURED[elem]
-    return max(mib * MIB / (side * side) for side, mib in points) / _VAE_MEASURED_WIDTH * widest
 
 
 @dataclass(frozen=True)
@@ -85,6 +72,7 @@ class PlanRequest:
     def kind(self) -> str:
         """The device type: `cuda` for `cuda:1` too."""
         return device_kind(self.device)
+    encode: bool = False  # also plan the VAE encoder's stage (an input image to encode)
 
 
 @dataclass(frozen=True)
@@ -106,13 +94,13 @@ class StagePlan:
     attention_chunk: int | None = None  # query rows per chunk when chunked
     tiled: bool = False
     tile: int | None = None  # latent cells per tile side
-    tile_overlap: int | None = None
     host_bytes: int = 0  # peak host RAM the stage holds: on cpu the stage peak, on cuda the parts below
     pinned_bytes: int = 0  # cuda: pinned host chunks of the streamed blocks, as memory.pinned_layout packs them
     host_weight_bytes: int = 0  # cuda: host-only tensors (Qwen3's embedding table) when cast copies, not map views
     staging_bytes: int = 0  # cuda: read through the host while placing (one tensor and its cast copy; VAE: + image)
     kept_bytes: int = 0  # keep_loaded: the other components' weights, resident blocks and slots on the device
     kept_host_bytes: int = 0  # keep_loaded, cuda: the other components' pinned chunks and host-only tensors
+    tile_host_bytes: int = 0  # cuda, tiled VAE: the full feature maps it keeps in host memory
 
     @property
     def peak_bytes(self) -> int:
@@ -221,31 +209,25 @@ def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     return _block_stage("dit", sizes, act, c.n_heads, seq, req), sizes
 
 
-def _vae_stage(req: PlanRequest) -> StagePlan:
-    c = req.config.vae
-    elem = 4 if req.dtype == "fp16" else DTYPE_BYTES[req.dtype]  # never plain fp16: it overflows to black images
-    weights = vae_decoder_params(c) * elem
-    per_px = _vae_bytes_per_pixel(max(c.block_out_channels[:2]), elem)
-    h, w = req.height // c.scale, req.width // c.scale
-    fixed = weights + 3 * req.height * req.width * F32 + c.latent_channels * h * w * F32  # + image, latent
-    options = [(False, None, h * w)] + [(True, t, min(t, h) * min(t, w)) for t in VAE_TILES if t < max(h, w)]
-    for tiled, tile, cells in options:
-        act = math.ceil(per_px * cells * c.scale**2)
-        if fixed + act <= req.budget:
-            return StagePlan(name="vae", blocks=(), resident=(), streamed=(), weight_bytes=weights,
-                             resident_bytes=0, slot_bytes=0, n_slots=0, scratch_bytes=0, activation_bytes=act,
-                             transfer_bytes=0, tiled=tiled, tile=tile,
-                             tile_overlap=tile // VAE_OVERLAP_DIVISOR if tiled else None)
-    decode = f"{tile}-cell tile" if tile else "untiled"
-    raise NoFit("vae", f"decoder weights {format_size(weights)} + {decode} activations {format_size(act)} + "
-                 f"latent and image {format_size(fixed - weights)}")
+def _vae_stage(req: PlanRequest, encode: bool = False) -> StagePlan:
+    """Decoding (or encoding an input image) with the largest VAE tiles that fit: the fewest tiles, the fastest."""
+    name = "vae_encode" if encode else "vae"
+    for p in vae_passes(req.config.vae, req.width, req.height, req.dtype, req.device, encode):
+        if p.weights + p.beside + p.activations <= req.budget:
+            return StagePlan(name=name, blocks=(), resident=(), streamed=(), weight_bytes=p.weights,
+                             resident_bytes=0, slot_bytes=0, n_slots=0, scratch_bytes=0,
+                             activation_bytes=p.beside + p.activations, transfer_bytes=0, tiled=p.tile is not None,
+                             tile=p.tile, tile_host_bytes=p.host)
+    how = f"{p.tile}-cell tiles" if p.tile else "untiled"
+    raise NoFit(name, f"weights {format_size(p.weights)} + {how} activations {format_size(p.activations)} + "
+                 f"{'image' if encode else 'latent'} {format_size(p.beside)}")
 
 
-def _vae(req: PlanRequest, beside: int = 0) -> StagePlan:
+def _vae(req: PlanRequest, beside: int = 0, encode: bool = False) -> StagePlan:
     """The VAE stage with `beside` bytes of other components kept loaded, and what it stages through the host on
     cuda: its largest weight as read (F32 at most) and cast, and the decoded image (uint8 tensor and PIL copy)."""
     try:
-        stage = _vae_stage(replace(req, budget=req.budget - beside))
+        stage = _vae_stage(replace(req, budget=req.budget - beside), encode)
     except NoFit as e:
         kept = f" + other components kept loaded {format_size(beside)}" if beside else ""
         raise NoFit(e.stage, e.parts + kept) from None
@@ -280,8 +262,10 @@ def _vae_floor(req: PlanRequest) -> tuple[int, int]:
 
 def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
     (text_in, text_sizes), (dit_in, dit_sizes) = _text_stage(req), _dit_stage(req)
+    encode = (_vae(req, encode=True),) if req.encode else ()
     if not req.keep_loaded:
-        return _finish((_stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req), _vae(req)), req)
+        return _finish((*encode, _stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req),
+                        _vae(req)), req)
     # keep_loaded: after the first image all three stay loaded, so each stage runs beside the others' weights. The DiT
     # is placed first (it runs every step), then the text encoder, then the VAE, each beside what the placed ones
     # keep and the least the others need (their smallest weights, and room for their smallest transient).
@@ -291,7 +275,7 @@ def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
     dit_transient = dit.scratch_bytes + dit.activation_bytes
     text = _stage_plan(text_in, text_sizes, req,
                        Beside(dit.loaded_bytes + vae_weights, max(dit_transient, vae_transient)))
-    return _finish((text, dit, _vae(req, dit.loaded_bytes + text.loaded_bytes)), req)
+    return _finish((*encode, text, dit, _vae(req, dit.loaded_bytes + text.loaded_bytes)), req)
 
 
 def _finish(stages: tuple[StagePlan, ...], req: PlanRequest) -> tuple[StagePlan, ...]:
@@ -301,8 +285,8 @@ def _finish(stages: tuple[StagePlan, ...], req: PlanRequest) -> tuple[StagePlan,
     out = []
     for s, own, own_host in zip(stages, kept, kept_host, strict=True):
         s = replace(s, kept_bytes=sum(kept) - own, kept_host_bytes=sum(kept_host) - own_host)
-        host = (s.peak_bytes if req.kind == "cpu"
-                else s.pinned_bytes + s.host_weight_bytes + s.staging_bytes + s.kept_host_bytes)
+        host = (s.peak_bytes if req.kind == "cpu" else s.pinned_bytes + s.host_weight_bytes + s.staging_bytes
+                + s.tile_host_bytes + s.kept_host_bytes)
         out.append(replace(s, host_bytes=host))
     return tuple(out)
 

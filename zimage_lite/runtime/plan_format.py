@@ -72,10 +72,12 @@ def format_plan(plan: Plan) -> str:
             chunk = f" in chunks of {s.attention_chunk} queries" if s.attention_chunk else ""
             lines.append(f"  activations: {gib(s.activation_bytes)}, attention {s.attention}{chunk}")
         else:
-            decode = (f"tiled, {s.tile}-cell tiles ({s.tile * r.config.vae.scale} px), overlap {s.tile_overlap}"
-                      if s.tiled else "untiled")
-            lines.append(f"{s.name}: decode {decode}")
-            lines.append(f"  weights: {gib(s.weight_bytes)}, activations {gib(s.activation_bytes)}")
+            h, w = r.height // r.config.vae.scale, r.width // r.config.vae.scale
+            how = (f"tiled, {s.tile}-cell tiles ({s.tile * r.config.vae.scale} px), {-(-w // s.tile)}x"
+                   f"{-(-h // s.tile)}" if s.tiled else "untiled")
+            lines.append(f"{s.name}: {'encode' if s.name == 'vae_encode' else 'decode'} {how}")
+            lines.append(f"  weights: {gib(s.weight_bytes)}, activations {gib(s.activation_bytes)}"
+                         + (f", full maps in host memory {gib(s.tile_host_bytes)}" if s.tile_host_bytes else ""))
         if s.kept_bytes:
             lines.append(f"  kept loaded beside it: {gib(s.kept_bytes)} of the other components {where}")
         lines.append(f"  stage peak: {gib(s.peak_bytes)} {where}")

@@ -222,24 +222,3 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
 def vae_largest_weight(c: VAEConfig) -> int:
     """Weights of the VAE decoder's largest tensor: a 3x3 convolution at its widest level."""
     return max(c.block_out_channels) ** 2 * 9
-
-
-def vae_decoder_params(c: VAEConfig) -> int:
-    """Parameters of the FLUX AE decoder (zimage_spec.md §6): conv_in, mid block, up blocks, norm and conv_out."""
-    def conv(cin: int, cout: int, k: int = 3) -> int:
-        return cin * cout * k * k + cout
-
-    def resnet(cin: int, cout: int) -> int:  # two GroupNorms, two 3x3 convs, a 1x1 shortcut when widths differ
-        return 2 * cin + conv(cin, cout) + 2 * cout + conv(cout, cout) + (conv(cin, cout, 1) if cin != cout else 0)
-
-    widths = list(reversed(c.block_out_channels))
-    top = widths[0]
-    n = conv(c.latent_channels, top) + 2 * resnet(top, top)
-    if c.mid_block_add_attention:
-        n += 2 * top + 4 * (top * top + top)  # GroupNorm + Linear q, k, v, out with bias
-    prev = top
-    for level, width in enumerate(widths):
-        n += sum(resnet(prev if j == 0 else width, width) for j in range(c.layers_per_block + 1))
-        n += conv(width, width) if level < len(widths) - 1 else 0  # upsampler
-        prev = width
-    return n + 2 * widths[-1] + conv(widths[-1], c.out_channels)

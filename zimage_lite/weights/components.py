@@ -190,14 +190,16 @@ DERIVE = {"dit": _dit_config, "text_encoder": _text_encoder_config, "vae": _vae_
 
 
 def official_names(kind: str, config: Any) -> list[str]:
-    """The tensors the runtime's model for `config` reads (built on `meta`: no memory)."""
+    """The tensors the runtime's models for `config` read (built on `meta`: no memory); for the VAE, the decoder's
+    and the encoder's (names.translate maps the encoder only where the file has one)."""
     from ..models.dit import ZImageDiT
     from ..models.qwen3 import Qwen3Encoder
     from ..models.vae import AutoencoderDecoder
+    from ..models.vae_encoder import AutoencoderEncoder
 
-    cls = {"dit": ZImageDiT, "text_encoder": Qwen3Encoder, "vae": AutoencoderDecoder}[kind]
+    classes = {"dit": [ZImageDiT], "text_encoder": [Qwen3Encoder], "vae": [AutoencoderDecoder, AutoencoderEncoder]}
     with torch.device("meta"):
-        return [n for n, _ in cls(config).named_parameters()]
+        return [n for cls in classes[kind] for n, _ in cls(config).named_parameters()]
 
 
 @functools.lru_cache(maxsize=16)

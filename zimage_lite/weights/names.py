@@ -4,8 +4,9 @@ Layouts (shared/reference/gguf_interop.md 1, 2.4, 8):
 - DiT: official/diffusers (split to_q/to_k/to_v) and ComfyUI/"original" (fused `qkv`, `q_norm`, `out`, `x_embedder`,
   `final_layer`), the latter also with the `model.diffusion_model.` prefix that stable-diffusion.cpp writes.
 - Text encoder: Hugging Face Qwen3 (with or without `model.`) and llama.cpp (`blk.N.attn_q`, `token_embd`, ...).
-- VAE: diffusers AutoencoderKL (`decoder.up_blocks.0...`) and the original FLUX `ae.safetensors`
-  (`decoder.up.3.block.0...`, up blocks numbered the other way round, 1x1-conv attention projections).
+- VAE: diffusers AutoencoderKL (`decoder.up_blocks.0...`, `encoder.down_blocks.0...`) and the original FLUX
+  `ae.safetensors` (`decoder.up.3.block.0...`, up blocks numbered the other way round, `encoder.down.0.block.0...`,
+  1x1-conv attention projections). The encoder is optional: a file without one still decodes.
 
 A translation maps each official name to (name in the file, part): part is None for a plain rename, or (i, n) for
 rows i/n of a fused tensor (the ComfyUI qkv holds q, k and v as three row ranges).
@@ -44,8 +45,9 @@ LLAMA_CPP_LAYER = {
 LLAMA_CPP_GLOBAL = {"token_embd": "embed_tokens", "output_norm": "norm"}
 TE_PREFIXES = ("model.", "text_encoders.llm.model.", "text_encoders.qwen3_4b.transformer.model.")
 
-# --- VAE (original FLUX ae ⇄ diffusers), decoder only ------------------------------------------------------------
+# --- VAE (original FLUX ae ⇄ diffusers), decoder and encoder -------------------------------------------------------
 VAE_PREFIXES = ("first_stage_model.", "vae.")
+VAE_ENCODER = "encoder."  # optional: a decoder-only file decodes; the encoder's tensors are mapped when present
 FLUX_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
@@ -70,21 +72,30 @@ def dit_comfy_name(official: str) -> tuple[str, Part]:
 
 
 def vae_flux_name(official: str, n_up: int) -> str:
-    """diffusers VAE decoder name → original FLUX ae name."""
-    name = official.replace("decoder.mid_block.resnets.0.", "decoder.mid.block_1.")
-    name = name.replace("decoder.mid_block.resnets.1.", "decoder.mid.block_2.")
-    m = re.match(r"decoder\.mid_block\.attentions\.0\.(\w+(?:\.0)?)\.(weight|bias)$", name)
+    """diffusers VAE name (decoder or encoder) → original FLUX ae name."""
+    m = re.match(r"(decoder|encoder)\.mid_block\.(resnets|attentions)\.(\d)\.(.+)$", official)
     if m:
+        part, kind, i, rest = m.groups()
+        if kind == "resnets":
+            return f"{part}.mid.block_{int(i) + 1}.{rest}"
         inverse = {v: k for k, v in FLUX_VAE_ATTN.items()}
-        return f"decoder.mid.attn_1.{inverse[m.group(1)]}.{m.group(2)}"
-    m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)$", name)
+        stem, leaf = rest.rsplit(".", 1)
+        return f"{part}.mid.attn_1.{inverse[stem]}.{leaf}"
+    m = re.match(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)$", official)
     if m:
         idx = n_up - 1 - int(m.group(1))
         rest = m.group(4).replace("conv_shortcut.", "nin_shortcut.")
         if m.group(2) == "upsamplers":
             return f"decoder.up.{idx}.upsample.{rest}"
         return f"decoder.up.{idx}.block.{m.group(3)}.{rest}"
-    return name.replace("decoder.conv_norm_out.", "decoder.norm_out.")
+    # encoder down blocks keep their order (the decoder's up blocks are numbered from the latent side in FLUX)
+    m = re.match(r"encoder\.down_blocks\.(\d+)\.(resnets|downsamplers)\.(\d+)\.(.*)$", official)
+    if m:
+        rest = m.group(4).replace("conv_shortcut.", "nin_shortcut.")
+        if m.group(2) == "downsamplers":
+            return f"encoder.down.{m.group(1)}.downsample.{rest}"
+        return f"encoder.down.{m.group(1)}.block.{m.group(3)}.{rest}"
+    return re.sub(r"^(decoder|encoder)\.conv_norm_out\.", r"\1.norm_out.", official)
 
 
 def te_llama_cpp_name(official: str) -> str:
@@ -142,6 +153,8 @@ def translate(component: str, expected: Iterable[str], names: Iterable[str], pat
         hint = "model.layers.0.self_attn.q_proj.weight (transformers) or blk.0.attn_q.weight (llama.cpp)"
     elif component == "vae":
         prefix, bare = strip_prefix(names, VAE_PREFIXES)
+        if not any(n.startswith(VAE_ENCODER) for n in bare):
+            expected = [n for n in expected if not n.startswith(VAE_ENCODER)]
         if any(n.startswith("decoder.up.") for n in bare):
             return "flux", _translate(expected, bare, prefix, lambda n: (vae_flux_name(n, n_up), None), "VAE",
                                       "FLUX ae", path)
