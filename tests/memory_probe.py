@@ -1,0 +1,50 @@
+"""Run the demo model under the smallest --ram (or --vram) the planner accepts, twice, and print per stage the
+peak memory measured above the run's own starting point against the plan's stage peak, as JSON lines.
+
+A fresh process (tests/test_memory_plan.py runs this file) so that no other test's allocations sit in the heap.
+The first run pays one-time costs that are no tensor of the plan (oneDNN primitives and kernels built per shape,
+thread pools, the allocator's arenas); the second run is what the plan counts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import sys
+from dataclasses import replace
+
+import torch
+
+import zimage_lite
+from zimage_lite.runtime.memory import peak_bytes, reset_peak
+from zimage_lite.runtime.plan import minimum_budget
+
+STAGES = {"encoded": "text_encoder", "step": "dit", "decoded": "vae"}
+
+
+def main(size: int, dtype: str, device: str) -> None:
+    dev = torch.device(device)
+    probe = zimage_lite.load("demo", device=device, dtype=dtype, ram="64GB", vram="64GB")
+    least = minimum_budget(replace(probe.make_plan(size, size, 0.0, 40).request, budget=1))
+    budget = least + probe.make_plan(size, size, 0.0, 40).request.headroom  # --vram counts the CUDA context too
+    pipe = zimage_lite.load("demo", device=device, dtype=dtype, ram=budget, vram=budget)
+    for run in range(2):
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        else:  # give the heap the previous run freed back to the OS, so that reusing it cannot hide a stage's need
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        reset_peak(dev)
+        base = peak_bytes(dev)
+        for event in pipe.generate("a lighthouse on a cliff at dusk", width=size, height=size, steps=2, seed=1):
+            stage = pipe.plan.stage(STAGES[event.stage])
+            row = {"run": run, "stage": stage.name, "planned": stage.peak_bytes, "budget": least,
+                   "measured": event.peak_bytes - base}
+            if dev.type == "cuda":
+                row["reserved"] = torch.cuda.max_memory_reserved(dev)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
