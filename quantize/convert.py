@@ -29,6 +29,7 @@ import gguf
 import torch
 from tqdm import tqdm
 
+from zimage_lite.components import REGISTRY
 from zimage_lite.config import read_json
 from zimage_lite.errors import CheckpointError, OptionError, UnsupportedQuantError
 from zimage_lite.image import check_output, write_atomic
@@ -45,7 +46,7 @@ from zimage_lite.quant.recipes import (
 )
 from zimage_lite.runtime.memory import peak_bytes
 from zimage_lite.runtime.units import gb, gib
-from zimage_lite.weights.components import FOLDERS, LAYOUT_HINT, UNUSED, identify, open_component
+from zimage_lite.weights.components import LAYOUT_HINT, UNUSED, identify, open_component
 from zimage_lite.weights.gguf_source import GGUFSource
 from zimage_lite.weights.load import load_tensor
 from zimage_lite.weights.names import translate
@@ -125,12 +126,12 @@ def open_inputs(src: Path, component: str | None) -> list[SourceInput]:
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
     wanted = COMPONENTS[component] if component else None
-    if src.is_dir() and any((src / FOLDERS[c]).is_dir() for c in ("dit", "text_encoder")):
+    if src.is_dir() and any((src / REGISTRY[c].folder).is_dir() for c in ("dit", "text_encoder")):
         out = []
         for c in ["dit", "text_encoder"] if wanted == "all" else [wanted or "dit"]:
-            if not (src / FOLDERS[c]).is_dir():
-                raise CheckpointError(f"{src}: no {FOLDERS[c]}/ folder; {LAYOUT_HINT}")
-            out.append(_open(src / FOLDERS[c], c, src / "tokenizer" / "tokenizer.json"))
+            if not (src / REGISTRY[c].folder).is_dir():
+                raise CheckpointError(f"{src}: no {REGISTRY[c].folder}/ folder; {LAYOUT_HINT}")
+            out.append(_open(src / REGISTRY[c].folder, c, src / "tokenizer" / "tokenizer.json"))
         return out
     comp = identify(src)
     if comp.kind is None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 import zimage_lite
 from zimage_lite.runtime import budget
+from zimage_lite.runtime.plan import minimum_budget
 
 
 def test_kept_models_do_not_shrink_the_next_plan(tiny_model, monkeypatch):
@@ -25,12 +28,15 @@ def test_kept_models_do_not_shrink_the_next_plan(tiny_model, monkeypatch):
 
 
 def test_a_plan_that_moves_blocks_places_the_kept_model_again(tiny_model):
-    pipe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", keep_loaded=True, ram="7MB")
+    probe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", keep_loaded=True, ram="64GB")
+    tokens = probe.tokenizer.encode("a fox").ids.shape[0]
+    ram = minimum_budget(replace(probe.make_plan(128, 128, 0.0, tokens).request, budget=1))  # 128x128 streams
+    pipe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", keep_loaded=True, ram=ram)
     pipe.text_to_image("a fox", width=32, height=32, steps=1, seed=1)
     small, dit = pipe.plan.stage("dit"), pipe._models["dit"]
     big = np.asarray(pipe.text_to_image("a fox", width=128, height=128, steps=1, seed=1))
     moved = pipe.plan.stage("dit")
     assert (small.streamed, small.attention_chunk) != (moved.streamed, moved.attention_chunk)  # precondition
     assert pipe._models["dit"] is not dit
-    fresh = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", ram="7MB")
+    fresh = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", ram=ram)
     assert np.array_equal(big, np.asarray(fresh.text_to_image("a fox", width=128, height=128, steps=1, seed=1)))

@@ -18,12 +18,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .components import REGISTRY
 from .config import MAX_TEXT_TOKENS, DiTConfig, ModelConfig
 from .errors import BudgetError, OptionError
 from .image import to_pil
-from .models.dit import ZImageDiT
-from .models.qwen3 import Qwen3Encoder
-from .models.vae import AutoencoderDecoder
 from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import usable_budget
@@ -34,7 +32,7 @@ from .runtime.sizes import TensorTable, recipe_label, source_table
 from .runtime.units import parse_size
 from .sampling import combine_cfg, euler_step, get_noise, get_sigmas, guidance_active, model_time
 from .text import PromptTokenizer, Tokens
-from .weights.components import ModelFiles, open_dit, open_text_encoder, open_vae, resolve_model, scheduler_config
+from .weights.components import ModelFiles, open_component, resolve_model, scheduler_config
 from .weights.gguf_source import GGUFSource
 from .weights.load import load_module
 from .weights.sources import TensorSource
@@ -105,8 +103,8 @@ class ZImagePipeline:
         """(config, source) of a component; headers are read once per pipeline. The source maps its files when a
         tensor is read, and `_close_source` unmaps them."""
         if which not in self._sources:
-            opener = {"text_encoder": open_text_encoder, "dit": open_dit, "vae": open_vae}[which]
-            self._sources[which] = opener(getattr(self.files, which))
+            comp = open_component(getattr(self.files, which), which)
+            self._sources[which] = comp.config, comp.source
         return self._sources[which]
 
     def _close_source(self, which: str) -> None:
@@ -158,8 +156,7 @@ class ZImagePipeline:
         if which in self._models:
             return self._models[which]
         cfg, src = self._open(which)
-        label = {"text_encoder": "text encoder", "dit": "DiT", "vae": "VAE"}[which]
-        cls = {"text_encoder": Qwen3Encoder, "dit": ZImageDiT, "vae": AutoencoderDecoder}[which]
+        label, cls = REGISTRY[which].label, REGISTRY[which].model
         with torch.device("meta"):
             model = cls(cfg)
         stage = self.plan.stage(which) if self.plan else None

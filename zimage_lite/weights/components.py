@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..components import COMPONENTS, REGISTRY, TOKENIZER_FOLDER
 from ..config import PRESETS, DiTConfig, SchedulerConfig, TextEncoderConfig, VAEConfig, read_json
 from ..errors import CheckpointError, UnsupportedQuantError
 from ..quant.formats import SUPPORTED_TYPES
@@ -32,11 +33,6 @@ from .gguf_source import GGUFSource
 from .names import detect_component, translate
 from .sources import BnbSource, RenamedSource, SafetensorsSource, TensorSource
 
-COMPONENTS = ("dit", "text_encoder", "vae")
-FOLDERS = {"dit": "transformer", "text_encoder": "text_encoder", "tokenizer": "tokenizer", "vae": "vae"}
-LABELS = {"dit": "DiT", "text_encoder": "text encoder", "vae": "VAE"}
-OPTIONS = {"dit": "--dit", "text_encoder": "--text-encoder", "vae": "--vae"}
-CONFIGS = {"dit": DiTConfig, "text_encoder": TextEncoderConfig, "vae": VAEConfig}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".gguf")
 LAYOUT_HINT = ("a model folder holds transformer/, text_encoder/, tokenizer/ and vae/ "
                "(the Tongyi-MAI/Z-Image-Turbo layout), or one single file per component")
@@ -192,14 +188,8 @@ DERIVE = {"dit": _dit_config, "text_encoder": _text_encoder_config, "vae": _vae_
 def official_names(kind: str, config: Any) -> list[str]:
     """The tensors the runtime's models for `config` read (built on `meta`: no memory); for the VAE, the decoder's
     and the encoder's (names.translate maps the encoder only where the file has one)."""
-    from ..models.dit import ZImageDiT
-    from ..models.qwen3 import Qwen3Encoder
-    from ..models.vae import AutoencoderDecoder
-    from ..models.vae_encoder import AutoencoderEncoder
-
-    classes = {"dit": [ZImageDiT], "text_encoder": [Qwen3Encoder], "vae": [AutoencoderDecoder, AutoencoderEncoder]}
     with torch.device("meta"):
-        return [n for cls in classes[kind] for n, _ in cls(config).named_parameters()]
+        return [n for cls in REGISTRY[kind].models for n, _ in cls(config).named_parameters()]
 
 
 @functools.lru_cache(maxsize=16)
@@ -217,7 +207,7 @@ def _describe(path: Path, stored: TensorSource) -> Component:
     if kind is None:
         return Component(path, None, None, None, None, stored)
     if path.is_dir():
-        config = CONFIGS[kind].from_dict(read_json(path / "config.json"))
+        config = REGISTRY[kind].config.from_dict(read_json(path / "config.json"))
     else:
         config = DERIVE[kind](stored, names, path)
     n_up = len(config.block_out_channels) if kind == "vae" else 4
@@ -240,9 +230,9 @@ def open_component(path: Path, kind: str, option: str | None = None) -> Componen
     if comp.kind is None:
         names = [n for n in comp.stored.names() if not UNUSED.search(n)]
         translate(kind, [], names, f"{path}{via}")  # raises, listing the names each layout has
-        raise CheckpointError(f"{path}{via}: not a Z-Image {LABELS[kind]} in any known layout")
+        raise CheckpointError(f"{path}{via}: not a Z-Image {REGISTRY[kind].label} in any known layout")
     if comp.kind != kind:
-        raise CheckpointError(f"{path} holds a {LABELS[comp.kind]}, not a {LABELS[kind]}{via}")
+        raise CheckpointError(f"{path} holds a {REGISTRY[comp.kind].label}, not a {REGISTRY[kind].label}{via}")
     for name, (stored_name, _) in comp.source.mapping.items():
         qtype = comp.source.qtype(name)
         if qtype not in READABLE:
@@ -290,11 +280,11 @@ def _found_in(root: Path) -> dict[str, list[Path]]:
         found[comp.kind].append(root)
         return found
     for kind in COMPONENTS:
-        if (root / FOLDERS[kind]).is_dir():
-            found[kind].append(root / FOLDERS[kind])
+        if (root / REGISTRY[kind].folder).is_dir():
+            found[kind].append(root / REGISTRY[kind].folder)
     for f in single_files(root):
         kind = identify(f).kind  # files of no known component (a LoRA, say) are left alone
-        if kind is not None and not (root / FOLDERS[kind]).is_dir():
+        if kind is not None and not (root / REGISTRY[kind].folder).is_dir():
             found[kind].append(f)
     return found
 
@@ -334,7 +324,7 @@ def _tokenizer(home: Path, text_encoder: Path, override: Path | None) -> Path:
         if not tok.is_file():
             raise CheckpointError(f"{tok}: tokenizer file not found")
         return tok
-    for cand in (home / FOLDERS["tokenizer"] / "tokenizer.json", home / "tokenizer.json"):
+    for cand in (home / TOKENIZER_FOLDER / "tokenizer.json", home / "tokenizer.json"):
         if cand.is_file():
             return cand
     from_gguf = _gguf_tokenizer(text_encoder) if text_encoder.is_file() else None
@@ -365,23 +355,24 @@ def resolve_model(model: str | Path, dit: Path | None = None, text_encoder: Path
     found = _found_in(root)
     paths: dict[str, Path] = {}
     for kind in COMPONENTS:
+        c = REGISTRY[kind]
         if overrides[kind] is not None:
             paths[kind] = Path(overrides[kind])
             if not paths[kind].exists():
-                raise CheckpointError(f"{paths[kind]}: file not found ({OPTIONS[kind]})")
-            open_component(paths[kind], kind, OPTIONS[kind])
+                raise CheckpointError(f"{paths[kind]}: file not found ({c.option})")
+            open_component(paths[kind], kind, c.option)
             continue
         candidates = found[kind]
         if not candidates:
             if single:
-                raise CheckpointError(f"--model {root} holds only one component: pass the {LABELS[kind]} with "
-                                      f"{OPTIONS[kind]} FILE")
-            raise CheckpointError(f"{root}: no {FOLDERS[kind]}/ folder and no single {LABELS[kind]} file "
+                raise CheckpointError(f"--model {root} holds only one component: pass the {c.label} with "
+                                      f"{c.option} FILE")
+            raise CheckpointError(f"{root}: no {c.folder}/ folder and no single {c.label} file "
                                   f"({', '.join(SINGLE_FILE_SUFFIXES)}) in it; {LAYOUT_HINT}, or pass "
-                                  f"{OPTIONS[kind]} FILE")
+                                  f"{c.option} FILE")
         if len(candidates) > 1:
-            raise CheckpointError(f"{root}: {', '.join(c.name for c in candidates)} all hold a {LABELS[kind]}; "
-                                  f"keep one, or choose with {OPTIONS[kind]}")
+            raise CheckpointError(f"{root}: {', '.join(x.name for x in candidates)} all hold a {c.label}; "
+                                  f"keep one, or choose with {c.option}")
         paths[kind] = candidates[0]
         open_component(paths[kind], kind)
     tok = _tokenizer(home, paths["text_encoder"], tokenizer)

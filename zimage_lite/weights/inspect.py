@@ -16,9 +16,10 @@ from typing import Any
 
 from gguf import LlamaFileType
 
+from ..components import REGISTRY
 from ..errors import CheckpointError, ZImageLiteError
 from ..runtime.units import format_si
-from .components import FOLDERS, LABELS, Component, identify, open_component, single_files
+from .components import Component, identify, open_component, single_files
 from .gguf_source import GGUFSource
 from .names import DIT_PREFIXES, TE_PREFIXES, VAE_PREFIXES, strip_prefix
 from .sources import BnbSource
@@ -193,7 +194,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not found")
     if path.is_file() or (path / "config.json").is_file():
         return {"path": str(path), "sections": [describe_component(path)]}
-    parts = [path / FOLDERS[k] for k in ("dit", "text_encoder", "vae") if (path / FOLDERS[k]).is_dir()]
+    parts = [path / c.folder for c in REGISTRY.values() if (path / c.folder).is_dir()]
     sections = [describe_component(p) for p in parts + single_files(path)]
     tok = next((str(t) for t in (path / "tokenizer" / "tokenizer.json", path / "tokenizer.json") if t.is_file()),
                None)
@@ -210,7 +211,8 @@ def format_info(desc: dict[str, Any]) -> str:
         if s.get("error"):
             lines.append(f"  error        {s['error']}")
             continue
-        kind = LABELS.get(s["component"], "unknown (no Z-Image DiT, text encoder or VAE names)")
+        known = REGISTRY.get(s["component"])
+        kind = known.label if known else "unknown (no Z-Image DiT, text encoder or VAE names)"
         layout = f", {LAYOUTS.get(s['layout'], s['layout'])} layout" if s.get("layout") else ""
         prefix = f", prefix {s['prefix']}" if s.get("prefix") else ""
         lines.append(f"  component    {kind}{layout}{prefix}")
