@@ -79,3 +79,19 @@ def optional(name: str) -> tuple[ModuleType | None, pytest.MarkDecorator]:
     except ImportError:
         module = None
     return module, pytest.mark.skipif(module is None, reason=f"needs {name}, which is not installed")
+
+
+def allocated_peak(fn) -> int:
+    """Peak bytes live through torch's CPU allocator while fn runs, above what was live before it (torch.profiler's
+    memory events, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -12,8 +12,8 @@ import weakref
 
 import pytest
 import torch
+from fixtures import allocated_peak
 from gguf import GGMLQuantizationType as Q
-from torch.profiler import ProfilerActivity, profile
 
 from zimage_lite.quant import chunks, formats
 from zimage_lite.quant.formats import INT8, BnbType, bnb_sizes, dequantize, quantize
@@ -72,19 +72,6 @@ def test_device_chunks_equal_one_pass(kind, gpu_chunking, monkeypatch):
     assert chunked.data_ptr() == out.data_ptr()  # written into the given buffer
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of the bytes allocated while fn runs (torch.profiler's memory events, in order)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 # Measured (this test's setup; bf16 and fp16 the same): Q8_0 4.19, Q4_0 6.00, Q4_1 5.00, Q5_0 6.00, Q5_1 5.19,
 # Q2_K 5.50, Q3_K 6.38, Q4_K 5.50, Q5_K 5.50, Q6_K 7.25, int8 4.00, nf4 6.00 (nested too) bytes per weight of a
 # chunk; DEVICE_CHUNK_TEMP_BYTES = 8 bounds them all. The FFN-sized nested nf4 weight checks that no per-tensor state
@@ -95,10 +82,10 @@ def test_a_chunks_temporaries_stay_within_the_planned_bound(kind, shape, gpu_chu
     w = _packed(kind, shape)
     out = torch.empty(math.prod(shape), dtype=torch.bfloat16)
     bound = chunks.DEVICE_CHUNK * chunks.DEVICE_CHUNK_TEMP_BYTES
-    chunked = _peak_bytes(lambda: dequantize(w.data, w.qtype, shape, torch.bfloat16, state=w.state, out=out))
+    chunked = allocated_peak(lambda: dequantize(w.data, w.qtype, shape, torch.bfloat16, state=w.state, out=out))
     assert len(gpu_chunking) >= 2 and chunked <= bound
     monkeypatch.setattr(chunks, "DEVICE_CHUNK", 10**9)
-    whole = _peak_bytes(lambda: dequantize(w.data, w.qtype, shape, torch.bfloat16, state=w.state, out=out))
+    whole = allocated_peak(lambda: dequantize(w.data, w.qtype, shape, torch.bfloat16, state=w.state, out=out))
     assert whole > bound  # precondition: one pass over the same weight breaks the bound (what the GPU did before)
 
 

@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
+from fixtures import allocated_peak
 
 from zimage_lite.config import DEMO
 from zimage_lite.models.vae import AutoencoderDecoder, decode_memory
@@ -25,19 +25,6 @@ VAE = DEMO.vae  # the demo model's VAE: four levels, 8 to 32 channels
 # counted / allocated, measured on these cases: decode 1.00 .. 1.12, encode 1.00 .. 1.40 (the count pads the
 # 3-channel image convolution to 16 channels, as oneDNN does for wide maps)
 MAX_OVERCOUNT = 1.5
-
-
-def allocated_peak(fn) -> int:
-    """Peak bytes live through torch's CPU allocator while fn runs, above what was live before it."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.fixture(scope="module")
