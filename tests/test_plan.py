@@ -15,7 +15,7 @@ from zimage_lite.quant.chunks import DEVICE_CHUNK, DEVICE_CHUNK_TEMP_BYTES, MAX_
 from zimage_lite.quant.formats import DEQUANT_CHUNK_WEIGHTS
 from zimage_lite.runtime import budget as budget_module
 from zimage_lite.runtime.budget import CUDA_HEADROOM
-from zimage_lite.runtime.memory import PINNED_CHUNK
+from zimage_lite.runtime.memory import PINNED_CHUNK, pinned_layout
 from zimage_lite.runtime.plan import PlanRequest, make_plan, minimum_budget, plan_for
 from zimage_lite.runtime.plan_format import format_plan
 from zimage_lite.runtime.sizes import layout, recipe_label, recipe_table, stored_bytes
@@ -235,10 +235,13 @@ def test_cpu_chunks_attention_when_math_scores_do_not_fit():
 def test_cuda_stages_state_their_host_memory():
     plan = cuda_plan("Q4_K_M", 1024, "4GB")
     dit, text = plan.stage("dit"), plan.stage("text_encoder")
-    # a streamed Q4_K_M layer (118 MB) is over PINNED_CHUNK, so each gets a chunk of its own: the next power of two
+    # the streamed Q4_K_M layers (118 MB each) share 1 GiB chunks, 9 to a chunk: 18 layers in 2 GiB (1.01x their
+    # bytes, where a power-of-two chunk per layer would take 128 MiB each, 1.14x)
     held = Q4_K_M_LAYER_PACKED + 2 * LAYER_VECTORS
-    assert PINNED_CHUNK < held <= 128 * MIB
-    assert dit.pinned_bytes == len(dit.streamed) * 128 * MIB
+    assert len(dit.streamed) == 18 and PINNED_CHUNK < held <= 128 * MIB
+    assert dit.pinned_bytes == 2 * GIB and dit.pinned_bytes < 1.02 * len(dit.streamed) * held
+    # the BF16 text encoder's streamed layers (201 MB): five to a 1 GiB chunk (0.94 full), not one to 256 MiB (0.75)
+    assert text.pinned_bytes <= 1.1 * len(text.streamed) * text.slot_bytes / text.n_slots
     # placement reads one tensor at a time: the largest is a BF16 refiner's w1, read as it is (no cast in bf16)
     assert dit.staging_bytes == 10240 * 3840 * 2 and dit.host_weight_bytes == 0
     # the embedding table stays on the host as stored, a view of the file, in every compute dtype...
@@ -369,3 +372,18 @@ def test_format_sizes():
     assert gb(4.98e9) == "4.98 GB" and format_si(6.15e9, "") == "6.15 G" and format_si(17) == "17 B"
     assert format_option_size(int(1.61 * GB), round_up=True) == "1.7GB"
     assert parse_size(format_option_size(1_612_345_678, round_up=True), "--vram") >= 1_612_345_678
+
+
+@pytest.mark.parametrize("sizes", [[118 * MB] * 18, [201 * MB] * 20, [30 * MB, 200 * MB, 30 * MB, 90 * MB] * 3,
+                                   [MB] * 5])
+def test_pinned_layout_packs_one_block_at_a_time(sizes):
+    """Placement packs each block as it reads it: the first k blocks lie where the whole layout puts them."""
+    places, chunks = pinned_layout(sizes)
+    for k in range(1, len(sizes) + 1):
+        got_places, got_chunks = pinned_layout(sizes[:k], count=len(sizes))
+        assert got_places == places[:k] and got_chunks == chunks[:len(got_chunks)]
+    for (chunk, offset), size in zip(places, sizes, strict=True):  # inside its chunk, no two blocks overlap
+        assert offset + size <= chunks[chunk]
+    ends = sorted((c, o, o + s) for (c, o), s in zip(places, sizes, strict=True))
+    assert all(a[0] != b[0] or a[2] <= b[1] for a, b in zip(ends, ends[1:]))
+    assert all(c & (c - 1) == 0 for c in chunks)  # powers of two: what the host allocator would round to anyway

@@ -102,6 +102,7 @@ class Streamer:
         self.pageable_bytes = 0  # host bytes that could not be pinned (see PageableMemoryWarning)
         self._stopped = self._running = self._closed = False
         sizes: list[int] = []
+        self._count = sum(bool(x) for x in streamed)  # pinned_layout sizes the chunks for this many blocks
         for block, stream in zip(self.order, streamed, strict=True):
             if stream:
                 if load is not None:
@@ -126,7 +127,7 @@ class Streamer:
         then points there and the memory it was loaded into is freed."""
         layout, size = _layout(block)
         sizes.append(size)
-        places, chunk_bytes = pinned_layout(sizes)
+        places, chunk_bytes = pinned_layout(sizes, self._count)
         for nbytes in chunk_bytes[len(self.chunks):]:
             self.chunks.append(self._host_chunk(nbytes))
         chunk, offset = places[-1]
