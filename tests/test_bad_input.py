@@ -136,6 +136,19 @@ def test_bad_device(tiny_model, tmp_path, capsys):
     assert code == 2 and "--device cuda" in err and "no CUDA GPU" in err
 
 
+@pytest.mark.parametrize("device", ["cudax", "cuda:x", "gpu", "cpu:1"])
+def test_unknown_device_is_named(tiny_model, tmp_path, capsys, device):
+    code, err = run(capsys, "x", "--model", str(tiny_model), "--device", device, "--out", str(tmp_path / "o.png"))
+    assert code == 2 and device in err and "cuda:N" in err and "Traceback" not in err
+
+
+def test_missing_gpu_index_is_named(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, err = run(capsys, "x", "--model", str(tiny_model), "--device", "cuda:7", "--out", str(tmp_path / "o.png"))
+    assert code == 2 and "--device cuda:7" in err and "cuda:0 to cuda:0" in err
+
+
 def test_config_json_broken(ckpt, tmp_path, capsys):
     (ckpt / "transformer" / "config.json").write_text(json.dumps({"dim": 64})[:-1])
     code, err = run(capsys, "x", "--model", str(ckpt), "--out", str(tmp_path / "o.png"))

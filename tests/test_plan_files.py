@@ -155,7 +155,8 @@ def test_bad_devices_are_refused(device):
 # ---- layering ------------------------------------------------------------------------------------------------------
 
 def test_plan_and_run_never_import_the_quantize_tool(tmp_path):
-    """The runtime stands alone: `zimage-lite plan` (preset and files) and a demo run leave `quantize` unimported."""
+    """The runtime stands alone: `zimage-lite plan` (preset and files) and a demo run leave the `quantize` tool and
+    the test-only reference libraries (diffusers, transformers) unimported."""
     code = textwrap.dedent(f"""
         import sys
         from zimage_lite.cli import main
@@ -163,7 +164,7 @@ def test_plan_and_run_never_import_the_quantize_tool(tmp_path):
         assert main(["plan", "--model", "demo", "--device", "cpu", "--ram", "1GB"]) == 0
         assert main(["run", "x", "--model", "demo", "--steps", "1", "--width", "64", "--height", "64",
                      "--device", "cpu", "--out", {str(tmp_path / "x.png")!r}]) == 0
-        loaded = sorted(m for m in sys.modules if m == "quantize" or m.startswith("quantize."))
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("quantize", "diffusers", "transformers"))
         assert not loaded, loaded
     """)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

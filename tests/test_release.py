@@ -57,6 +57,19 @@ def test_each_stage_unmaps_its_files(tiny_model, ggufs, layout):
     assert seen["decoded"] == {"dit": [], "text_encoder": [], "vae": []}
 
 
+def test_a_run_stopped_early_lets_go_of_its_stage(tiny_model, ggufs):
+    """A caller that stops reading events mid-denoise (a cancel button, an early `break`) closes the generator: the
+    DiT it was running is freed and its file unmapped, as at the end of its stage."""
+    pipe = zimage_lite.load(tiny_model, dit=ggufs["dit"], device="cpu", dtype="fp32")
+    run = pipe.generate(PROMPTS["en"], width=32, height=32, steps=4, seed=1)
+    for event in run:
+        if event.stage == "step":
+            assert "dit" in pipe._models and mapped(ggufs["dit"])  # precondition: mid-stage, it is held
+            break
+    run.close()
+    assert pipe._models == {} and mapped(ggufs["dit"]) == []
+
+
 def test_sources_reopen_after_a_stage(tiny_model, ggufs):
     """The next image reopens the maps (headers are not read again) and is the same image."""
     pipe = zimage_lite.load(tiny_model, dit=ggufs["dit"], text_encoder=ggufs["text_encoder"], device="cpu",

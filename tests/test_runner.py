@@ -361,9 +361,10 @@ def test_cuda_pipeline_streams_under_a_tiny_budget(tiny_model):
     """Through the pipeline: a --vram that streams DiT blocks renders what the resident run renders."""
     kwargs = dict(width=48, height=64, steps=2, seed=3)
     resident = np.asarray(zimage_lite.load(tiny_model, device="cuda", dtype="fp32").text_to_image("x", **kwargs))
-    pipe = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram="80GB")
-    request = pipe.make_plan(48, 64, 0.0, caption_tokens=pipe.tokenizer.encode("x").ids.shape[0]).request
-    pipe.vram = minimum_budget(request) + request.headroom  # the smallest --vram this run accepts
+    probe = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram="80GB")
+    request = probe.make_plan(48, 64, 0.0, caption_tokens=probe.tokenizer.encode("x").ids.shape[0]).request
+    least = minimum_budget(request) + request.headroom  # the smallest --vram this run accepts
+    pipe = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram=least)
     streamed = np.asarray(pipe.text_to_image("x", **kwargs))
     assert pipe.plan.stage("dit").streamed  # precondition: the budget really streams
     # the DiT's output differs by ~1e-6 (kernels chosen by alignment), which may round a pixel the other way

@@ -107,7 +107,7 @@ def test_encode_stage_is_planned_only_when_asked():
     assert small.stage("vae_encode").tiled
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda  # skipped without a GPU (conftest); benchmarks/gpu_check.sh selects it
 @pytest.mark.parametrize("tile", [None, 8])
 def test_cuda_decode_allocates_what_the_count_says(tile):
     """On a GPU the tiled decode keeps its maps in host memory: the device holds the mid block and one tile's work,

@@ -24,7 +24,7 @@ from .errors import BudgetError, OptionError
 from .image import to_pil
 from .quant.qlinear import release_scratch
 from .runtime import plan
-from .runtime.budget import usable_budget
+from .runtime.budget import device_kind, usable_budget
 from .runtime.memory import is_out_of_memory, peak_bytes, reset_peak
 from .runtime.placement import place
 from .runtime.plan_format import format_plan
@@ -56,12 +56,16 @@ class Event:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch device; OptionError for a device this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA GPU is visible to torch (use --device cpu or auto)")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise OptionError(f"--device {device}: expected auto, cpu or cuda")
+    if device_kind(device) == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {device}: no CUDA GPU is visible to torch (use --device cpu or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise OptionError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)
 
 
@@ -173,6 +177,7 @@ class ZImagePipeline:
         """The end of a stage: unmap its files; free the component (its pinned host chunks first) and the
         dequantize scratch unless models are kept loaded."""
         self._close_source(which)
+        release_scratch()  # sized for this stage's largest weight: the next stage plans its own
         if not self.keep_loaded:
             self._free(which)
 
@@ -223,9 +228,13 @@ class ZImagePipeline:
                 self._free(which)
             option = "--vram" if self.device.type == "cuda" else "--ram"
             raise BudgetError(
-                f"out of {self.device.type} memory under this plan:\n{format_plan(self.plan)}\n"
-                f"Set a smaller {option} so that more blocks stream, use a smaller quant (--dit with a Q4_K_M "
-                "or Q3_K_M file) or a lower resolution.") from None
+                f"out of {self.device.type} memory: set a smaller {option} so that more blocks stream, use a smaller "
+                f"quant (--dit with a Q4_K_M or Q3_K_M file) or a lower resolution. The plan it ran under:\n"
+                f"{format_plan(self.plan)}") from None
+        finally:
+            # a run stopped early (break, close(), an error) lets go of what its stage held, as a finished stage does
+            for which in list(self._sources):
+                self._release(which)
 
     def _stages(self, tokens: Tokens, neg_tokens: Tokens | None, width: int, height: int, steps: int, seed: int,
                 cfg: float, cfg_normalization: float, cfg_truncation: float,

@@ -19,6 +19,7 @@ on a side stream, and events to order that stream against the compute stream (`r
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -78,6 +79,7 @@ class CudaDevice(Device):
     """A CUDA GPU: copies on a side stream, ordered against the current (compute) stream by CUDA events."""
 
     pins = True
+    _warned = False  # release_host_cache's warning, once per process
 
     def __init__(self, device: torch.device) -> None:
         self.torch_device = device
@@ -106,10 +108,16 @@ class CudaDevice(Device):
         torch.cuda.synchronize(self.torch_device)
 
     def release_host_cache(self) -> None:
-        # torch >= 2.6 names it torch.accelerator.empty_host_cache; older versions keep cached pinned memory
+        # torch's host allocator keeps freed pinned memory cached; recent torch releases it with
+        # torch.accelerator.empty_host_cache. Without it the chunks stay pinned (and counted in RSS) until exit: say so.
         empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
         if empty is not None:
             empty()
+        elif not CudaDevice._warned:
+            CudaDevice._warned = True
+            warnings.warn(f"torch {torch.__version__} cannot release cached pinned host memory "
+                          "(no torch.accelerator.empty_host_cache): streamed blocks stay pinned until the process "
+                          "exits; upgrade torch to free them after each stage", stacklevel=2)
 
 
 def device_for(device: torch.device) -> Device:
