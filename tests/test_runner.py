@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from fixtures import TINY, rel_err
+from fixtures import KQUANT, TINY, rel_err
 
 import zimage_lite
 from zimage_lite.errors import OptionError
@@ -25,6 +25,7 @@ from zimage_lite.models.dit import ZImageDiT
 from zimage_lite.runtime.devices import CpuDevice, CudaDevice, SimulatedDevice, SlotStateError
 from zimage_lite.runtime.placement import PlanMismatchWarning, place
 from zimage_lite.runtime.plan import PlanRequest, make_plan, minimum_budget
+from zimage_lite.runtime.sizes import source_table
 from zimage_lite.runtime.streamer import PageableMemoryWarning, Streamer
 from zimage_lite.weights.components import open_dit
 
@@ -213,6 +214,25 @@ def test_pipeline_closes_the_runner_when_a_stage_ends(tiny_model):
     pipe._release("dit")
     gc.collect()
     assert "dit" not in pipe._models and sim.live_host_bytes == 0
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K_M", "int8", "nf4"])
+def test_placement_agrees_with_the_plan_of_a_quantized_file(kq_model, tmp_path, fmt):
+    """Packed weights: the plan sizes each one as placement holds it (bitsandbytes scales as their own buffers)."""
+    from quantize.convert import convert
+
+    [written] = convert(kq_model, fmt, out=tmp_path / ("dit.gguf" if fmt == "Q4_K_M" else "dit"))
+    cfg, src = open_dit(written.path)
+    req = PlanRequest(config=replace(KQUANT, dit=cfg), budget=1, quant=fmt, width=48, height=64, device="cuda",
+                      dtype="bf16", caption_tokens=20, dit_tensors=source_table(src))
+    stage = make_plan(replace(req, budget=minimum_budget(req))).stage("dit")
+    assert stage.streamed  # precondition: blocks stream, so slots, traffic and pinned chunks are all checked
+    with torch.device("meta"):
+        model = ZImageDiT(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a PlanMismatchWarning fails the test
+        place(model, src, stage, SimulatedDevice(), torch.bfloat16, "DiT")
+    assert (model.runner.slot_bytes, model.runner.transfer_bytes) == (stage.slot_bytes, stage.transfer_bytes)
 
 
 def test_placement_agrees_with_its_plan(tiny_model):

@@ -70,6 +70,19 @@ def stored_bytes(shape: tuple[int, ...], fmt: str) -> int:
     return n // block * type_size
 
 
+def packed_bytes(shape: tuple[int, ...], fmt: str) -> int:
+    """Bytes a packed weight holds once placed, each of its buffers aligned (quant/qlinear.py QLinear): the packed
+    bytes, and for bitsandbytes its scales as separate buffers (int8: an fp32 scale per row; nf4/fp4: an fp32
+    absmax per 64 weights and the 16-entry fp32 code table, as our quantize tool and diffusers write them without
+    double quantization)."""
+    n = math.prod(shape)
+    if fmt == "int8":
+        return aligned(n) + aligned(shape[0] * 4)
+    if fmt in _BNB_TYPES:
+        return aligned(-(-n // 2)) + aligned(-(-n // NF4_BLOCK) * 4) + aligned(16 * 4)
+    return aligned(stored_bytes(shape, fmt))
+
+
 # ---- what a component is made of, from its model built on meta --------------------------------------------------
 
 @dataclass(frozen=True)
@@ -199,7 +212,9 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
 
     def held(name: str) -> int:
         shape, fmt = table[name]
-        return aligned(stored_bytes(shape, fmt) if packed(name) else math.prod(lay.shapes[name]) * elem)
+        if packed(name):
+            return packed_bytes(shape, fmt)
+        return aligned(math.prod(lay.shapes[name]) * elem)
 
     blocks = tuple(BlockBytes(name, sum(held(t) for t in tensors), sum(stored_bytes(*table[t]) for t in tensors))
                    for name, tensors in lay.blocks)
