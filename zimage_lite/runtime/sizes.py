@@ -103,10 +103,9 @@ def layout(cfg: ComponentConfig) -> Layout:
     import torch
     from torch import nn
 
-    from ..models.dit import ZImageDiT
-    from ..models.qwen3 import Qwen3Encoder
+    from ..components import REGISTRY
 
-    cls = ZImageDiT if isinstance(cfg, DiTConfig) else Qwen3Encoder
+    cls = next(c.model for c in REGISTRY.values() if isinstance(cfg, c.config))
     with torch.device("meta"):
         model = cls(cfg)
     modules = dict(model.named_modules())

@@ -28,9 +28,10 @@ from torch import nn
 
 from .devices import Device
 from .memory import aligned, pinned_layout
+from .residency import STREAM_SLOTS
 from .units import format_size
 
-N_SLOTS = 2  # copy block i+1 while block i computes
+N_SLOTS = STREAM_SLOTS["cuda"]  # copy block i+1 while block i computes
 
 
 class PageableMemoryWarning(UserWarning):
