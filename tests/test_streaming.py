@@ -209,7 +209,9 @@ def test_nan_check_advises(tiny_model):
 
 
 @cuda
-def test_cuda_pipeline_under_a_budget(tiny_model):
+def test_cuda_image_matches_the_cpu_image(tiny_model):
+    """The same seed renders the same image on a GPU and on the CPU (noise comes from a seeded CPU generator). The
+    budget keeps everything resident: test_runner.py's CUDA tests are the ones that stream."""
     kwargs = dict(width=48, height=64, steps=2, seed=3)
     a = np.asarray(zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram="600MB").text_to_image("x",
                                                                                                            **kwargs))
