@@ -140,6 +140,7 @@ def test_bad_device(tiny_model, tmp_path, capsys):
 def test_unknown_device_is_named(tiny_model, tmp_path, capsys, device):
     code, err = run(capsys, "x", "--model", str(tiny_model), "--device", device, "--out", str(tmp_path / "o.png"))
     assert code == 2 and device in err and "cuda:N" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_gpu_index_is_named(tiny_model, tmp_path, capsys, monkeypatch):
@@ -147,6 +148,7 @@ def test_missing_gpu_index_is_named(tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     code, err = run(capsys, "x", "--model", str(tiny_model), "--device", "cuda:7", "--out", str(tmp_path / "o.png"))
     assert code == 2 and "--device cuda:7" in err and "cuda:0 to cuda:0" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_config_json_broken(ckpt, tmp_path, capsys):

@@ -20,7 +20,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dit", type=Path, help="DiT weights file, overriding the model folder's transformer/")
     p.add_argument("--text-encoder", type=Path, help="text encoder weights file, overriding text_encoder/")
     p.add_argument("--vae", type=Path, help="VAE weights file, overriding vae/")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="compute dtype; auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)")
     p.add_argument("--vram", help="GPU memory budget, e.g. 4GB, 3.5GiB (default: what the GPU reports)")
