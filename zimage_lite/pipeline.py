@@ -99,6 +99,7 @@ class ZImagePipeline:
         self.scheduler = scheduler_config(files)
         # (config, source) per component, opened once: the index stays, the maps go at each stage's end
         self._sources: dict[str, tuple[Any, TensorSource]] = {}
+        self._tables: dict[str, TensorTable] = {}  # per component, from the headers: the files do not change
         self._models: dict[str, torch.nn.Module] = {}
         self.dit_config: DiTConfig = self._open("dit")[0]
 
@@ -122,7 +123,9 @@ class ZImagePipeline:
     def tensor_table(self, which: str) -> TensorTable:
         """A component's typed tensor table (official name -> (shape, stored type)), from its file headers: what
         the planner sizes, tensor by tensor."""
-        return source_table(self._open(which)[1])
+        if which not in self._tables:
+            self._tables[which] = source_table(self._open(which)[1])
+        return self._tables[which]
 
     def weight_format(self, which: str) -> str:
         """What a component's file is, in one word: the recipe its GGUF metadata names (Q4_K_M, Q8_0, ...), else

@@ -45,7 +45,8 @@ class Runner(Protocol):
 
 
 class Resident:
-    """The trivial runner: every block already lives where it computes."""
+    """The trivial runner: every block already lives where it computes. Runners that move blocks override
+    `_iterate` (its `finally` puts a block back); `run` closes the iteration however the pass ends."""
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         self.modules = list(modules)
@@ -54,7 +55,11 @@ class Resident:
     @contextmanager
     def run(self) -> Iterator[Iterator[nn.Module]]:
         self._stopped = False
-        yield self._iterate()
+        blocks = self._iterate()
+        try:
+            yield blocks
+        finally:
+            blocks.close()  # runs the iteration's own finally at once, not when it is garbage-collected
 
     def _iterate(self) -> Iterator[nn.Module]:
         for module in self.modules:

@@ -136,9 +136,11 @@ def recipe_table(cfg: ComponentConfig, fmt: str) -> TensorTable:
     target = TARGETS.get(fmt) if fmt not in BNB else TARGETS["BF16"]
     target = target or Target(fmt, gguf.GGMLQuantizationType[fmt], None)
     if isinstance(cfg, DiTConfig):
-        shapes, plan = dit_shapes(cfg), dit_plan(dit_shapes(cfg), target)
+        shapes = dit_shapes(cfg)
+        plan = dit_plan(shapes, target)
     else:
-        shapes, plan = te_shapes(cfg), te_plan(te_shapes(cfg), target, cfg)
+        shapes = te_shapes(cfg)
+        plan = te_plan(shapes, target, cfg)
     table = {part: (shapes[part], t.qtype.name) for t in plan for part in t.parts}
     if fmt in BNB and isinstance(cfg, DiTConfig):
         quantized = layout(cfg).linears & layout(cfg).block_tensors

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.layers import Resident
 from .devices import Device
 from .memory import aligned, pinned_layout
 from .residency import STREAM_SLOTS
@@ -255,30 +256,17 @@ class Streamer:
         self.device.release_host_cache()
 
 
-class LazyBlocks:
+class LazyBlocks(Resident):
     """CPU streaming: streamed blocks are materialised from the checkpoint just before use and dropped after."""
 
     def __init__(self, blocks: Sequence[nn.Module], streamed: Sequence[bool],
                  materialize: Callable[[nn.Module], None]) -> None:
-        self.order = list(blocks)
+        super().__init__(blocks)
         self.streamed = {id(b) for b, s in zip(blocks, streamed, strict=True) if s}
         self.materialize = materialize
-        self._stopped = False
-
-    def stop(self) -> None:
-        self._stopped = True
-
-    @contextmanager
-    def run(self) -> Iterator[Iterator[nn.Module]]:
-        self._stopped = False
-        blocks = self._iterate()
-        try:
-            yield blocks
-        finally:
-            blocks.close()
 
     def _iterate(self) -> Iterator[nn.Module]:
-        for block in self.order:
+        for block in self.modules:
             if self._stopped:
                 return
             if id(block) not in self.streamed:
