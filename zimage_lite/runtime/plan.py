@@ -17,6 +17,7 @@ memory map are not counted: the OS may drop them).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -246,6 +247,7 @@ def _least(fits: Callable[[int], bool]) -> int:
     return high
 
 
+@functools.lru_cache(maxsize=32)
 def _vae_floor(req: PlanRequest) -> tuple[int, int]:
     """(VAE weights, least transient of its stage: smallest tile with the latent and the image)."""
     weights = _vae_stage(replace(req, budget=2**62)).weight_bytes
@@ -270,7 +272,7 @@ def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
     # is placed first (it runs every step), then the text encoder, then the VAE, each beside what the placed ones
     # keep and the least the others need (their smallest weights, and room for their smallest transient).
     text_kept, text_transient = floor(text_in, req.kind)
-    vae_weights, vae_transient = _vae_floor(req)
+    vae_weights, vae_transient = _vae_floor(replace(req, budget=0))  # the same for every budget: cached
     dit = _stage_plan(dit_in, dit_sizes, req, Beside(text_kept + vae_weights, max(text_transient, vae_transient)))
     dit_transient = dit.scratch_bytes + dit.activation_bytes
     text = _stage_plan(text_in, text_sizes, req,
