@@ -251,6 +251,10 @@ def render(rows: list[dict]) -> str:
                       "against its unquantized weights. Random weights amplify quantization error differently "
                       "from trained ones: this checks that every recipe runs end to end and orders them; it does "
                       "not predict visual quality on the real model."]
+        elif component == "pipeline":
+            lines.append(f"## Whole pipeline per stage against the plan: {first['preset']}, DiT and text encoder "
+                         f"{first['quant']}, {first['device']}, {first['width']}x{first['height']}, {first['steps']} "
+                         f"steps, {first['dtype']} compute")
         elif component == "gpu_run":
             lines.append(f"## GPU check: DiT {first['quant']}, {first['device']}, {first['width']}x{first['height']}, "
                          f"{first['steps']} steps, {first['dtype']} compute")
@@ -261,7 +265,8 @@ def render(rows: list[dict]) -> str:
         lines += ["", f"`{command}`  ", f"{_machine(json.loads(machine))}; {date}", ""]
         lines += {"dit": dit_table, "interleaved": interleaved_table, "dequant": dequant_table,
                   "image": image_table, "quantize": quantize_table, "gpu_tests": gpu_tests_table,
-                  "gpu_weights": gpu_weights_table, "gpu_run": gpu_run_table, "gpu_targets": gpu_targets_table,
+                  "gpu_weights": gpu_weights_table, "gpu_run": gpu_run_table, "pipeline": gpu_run_table,
+                  "gpu_targets": gpu_targets_table,
                   "gpu_error": gpu_error_table}[component](rs)
         lines.append("")
     return "\n".join(lines)

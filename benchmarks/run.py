@@ -74,15 +74,15 @@ def model_folder(preset: str, cache: Path) -> Path:
     return folder
 
 
-def dit_file(folder: Path, quant: str, cache: Path) -> tuple[Path, dict | None]:
-    """The DiT weights for `quant`: the folder itself for BF16, else our GGUF (written and measured once)."""
+def weights_file(folder: Path, quant: str, cache: Path, component: str = "dit") -> tuple[Path, dict | None]:
+    """A component's weights for `quant`: the folder itself for BF16, else our GGUF (written and measured once)."""
     if quant.upper() == "BF16":
-        return folder / "transformer", None
-    out = cache / f"{folder.name}-dit-{quant}.gguf"
+        return folder / ("transformer" if component == "dit" else component.replace("-", "_")), None
+    out = cache / f"{folder.name}-{component}-{quant}.gguf"
     row = None
     if not out.is_file():
-        cmd = [sys.executable, "-m", "zimage_lite", "quantize", str(folder), "--type", quant, "--component", "dit",
-               "--out", str(out)]
+        cmd = [sys.executable, "-m", "zimage_lite", "quantize", str(folder), "--type", quant, "--component",
+               component, "--out", str(out)]
         row = {"component": "quantize", "impl": "zimage-lite", "quant": quant, **child(cmd),
                "file_bytes": out.stat().st_size, "tool_command": " ".join(cmd[1:]),
                "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
@@ -329,7 +329,7 @@ def measure(args: argparse.Namespace) -> Iterator[dict]:
     base = {"device": args.device, "width": width, "height": height, "steps": args.steps, "preset": args.preset,
             "dtype": args.dtype, "model": str(folder), "cap_dim": cfg.dit.cap_feat_dim}
     for quant in args.quant.split(","):
-        weights, qrow = dit_file(folder, quant, cache)
+        weights, qrow = weights_file(folder, quant, cache)
         if qrow and args.quantize:
             yield {**base, **qrow, "steps": 0}
         runs = [("zimage-lite", None)]

@@ -31,6 +31,21 @@ def test_demo_smoke_run_writes_rows_and_report(tmp_path):
     assert "## DiT, cpu, 64x64, 1 step(s)" in report and "python benchmarks/run.py --preset demo" in report
 
 
+def test_pipeline_memory_rows_put_each_stage_beside_its_plan(tmp_path):
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline_memory.py"), "--preset", "demo", "--width",
+                    "64", "--steps", "1", "--dtype", "fp32", "--cache", str(tmp_path / "cache"), "--json", str(out)],
+                   check=True, capture_output=True)
+    [row] = json.loads(out.read_text())
+    assert row["component"] == "pipeline" and Path(row["weights"]).suffix == Path(row["text_encoder"]).suffix == ".gguf"
+    assert [e["stage"] for e in row["events"]] == ["encoded", "step", "decoded"]
+    assert set(row["plan"]) == {"text_encoder", "dit", "vae"} and row["baseline_rss_bytes"] > 0
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
+                            capture_output=True, text=True).stdout
+    assert "## Whole pipeline per stage against the plan: demo, DiT and text encoder Q4_K_M, cpu, 64x64" in report
+    assert len([ln for ln in report.splitlines() if ln.startswith("| default budget |")]) == 3  # one per stage
+
+
 @pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="the harness measures peak RSS with GNU time")
 def test_interleaved_run_times_both_on_shared_weights(tmp_path):
     out = tmp_path / "out.json"
