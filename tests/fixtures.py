@@ -95,3 +95,33 @@ def allocated_peak(fn) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the folders (dangling links too) with its size and mtime: what a refused run must leave as it
+    found it."""
+    state = {}
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            st = p.lstat()
+            state[str(p)] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+def refused(capsys, argv: list[str], *names: str, watch: tuple[Path, ...] = (), code: int = 2) -> str:
+    """Run the CLI in-process on bad input and hold the promise: exit `code`, an `error:` line on stderr that names
+    every one of `names` (the file, tensor or option, and what to do), no traceback, and the `watch` folders exactly
+    as they were (no new file, no partial file, nothing changed). Returns stderr for further checks."""
+    from zimage_lite.cli import main
+
+    before = snapshot(*watch)
+    capsys.readouterr()
+    got = main(argv)
+    err = capsys.readouterr().err
+    assert got == code, f"exit {got}, expected {code}; stderr: {err}"
+    assert err.startswith("error: "), err
+    assert "Traceback" not in err
+    for name in names:
+        assert name in err, f"{name!r} not in: {err}"
+    assert snapshot(*watch) == before, "the refused run changed the watched folders"
+    return err
