@@ -1,22 +1,14 @@
-"""Bad input: each case gives a message naming what is wrong, and leaves no output file behind."""
+"""Bad input: each case gives a message naming what is wrong, and leaves no output file behind. (Bad files, configs,
+components and weights: test_bad_files.py.)"""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from fixtures import make_checkpoint
-from safetensors.torch import load_file, save_file
 
 from zimage_lite.cli import main
-
-
-@pytest.fixture
-def ckpt(tmp_path: Path) -> Path:
-    return make_checkpoint(tmp_path / "model", shards=2)
 
 
 def run(capsys, *args: str) -> tuple[int, str]:
@@ -28,35 +20,8 @@ def _outputs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.suffix in (".png", ".part") or ".part" in p.name)
 
 
-def test_missing_component_folder(ckpt, tmp_path, capsys):
-    shutil.move(ckpt / "vae", ckpt / "VAE")
-    code, err = run(capsys, "x", "--model", str(ckpt), "--out", str(tmp_path / "o.png"))
-    assert code == 2 and "no vae/ folder" in err and str(ckpt) in err
-    assert _outputs(tmp_path) == []
 
 
-def test_missing_shard(ckpt, tmp_path, capsys):
-    (ckpt / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
-    code, err = run(capsys, "x", "--model", str(ckpt), "--out", str(tmp_path / "o.png"))
-    assert code == 2 and "diffusion_pytorch_model-00002-of-00002.safetensors" in err and "missing" in err
-    assert _outputs(tmp_path) == []
-
-
-def test_wrong_tensor_shape(ckpt, tmp_path, capsys):
-    shard = ckpt / "transformer" / "diffusion_pytorch_model-00001-of-00002.safetensors"
-    state = load_file(shard)
-    name = next(n for n in state if n.endswith("attention.to_q.weight"))
-    state[name] = torch.zeros(32, 64)
-    save_file(state, shard)
-    code, err = run(capsys, "x", "--model", str(ckpt), "--out", str(tmp_path / "o.png"))
-    assert code == 2 and name in err and "[32, 64]" in err and "[64, 64]" in err
-    assert _outputs(tmp_path) == []
-
-
-def test_unknown_index_json(ckpt, tmp_path, capsys):
-    (ckpt / "text_encoder" / "model.safetensors.index.json").write_text("{not json")
-    code, err = run(capsys, "x", "--model", str(ckpt), "--out", str(tmp_path / "o.png"))
-    assert code == 2 and "model.safetensors.index.json" in err
 
 
 @pytest.mark.parametrize("flag,value,hint", [("--width", "100", "96 or 112"), ("--height", "8", "16"),
@@ -88,17 +53,6 @@ def test_existing_output_needs_force(tiny_model, tmp_path, capsys):
                   "--force")
     assert code == 0 and out.read_bytes()[:4] == b"\x89PNG"
 
-
-def test_nan_latents_stop_without_writing(ckpt, tmp_path, capsys):
-    shard = ckpt / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors"
-    state = load_file(shard)
-    name = next(n for n in state if n.endswith("feed_forward.w2.weight"))
-    state[name] = torch.full_like(state[name], float("nan"))
-    save_file(state, shard)
-    code, err = run(capsys, "x", "--model", str(ckpt), "--width", "32", "--height", "32",
-                    "--out", str(tmp_path / "o.png"))
-    assert code == 2 and "NaN" in err
-    assert _outputs(tmp_path) == []
 
 
 def test_ctrl_c_leaves_no_file(tiny_model, tmp_path, capsys, monkeypatch):
@@ -149,9 +103,3 @@ def test_missing_gpu_index_is_named(tiny_model, tmp_path, capsys, monkeypatch):
     code, err = run(capsys, "x", "--model", str(tiny_model), "--device", "cuda:7", "--out", str(tmp_path / "o.png"))
     assert code == 2 and "--device cuda:7" in err and "cuda:0 to cuda:0" in err
     assert list(tmp_path.iterdir()) == []
-
-
-def test_config_json_broken(ckpt, tmp_path, capsys):
-    (ckpt / "transformer" / "config.json").write_text(json.dumps({"dim": 64})[:-1])
-    code, err = run(capsys, "x", "--model", str(ckpt), "--out", str(tmp_path / "o.png"))
-    assert code == 2 and "transformer/config.json" in err

@@ -12,7 +12,7 @@ from fixtures import rel_err
 
 import zimage_lite
 from zimage_lite.cli import main
-from zimage_lite.errors import BudgetError, NumericsError
+from zimage_lite.errors import BudgetError
 from zimage_lite.models import dit as dit_module
 from zimage_lite.models.dit import ZImageDiT
 from zimage_lite.models.vae import AutoencoderDecoder
@@ -199,13 +199,6 @@ def test_plan_command_on_a_model(tiny_model, capsys):
     assert main(["plan", "--model", str(tiny_model), "--device", "cpu", "--ram", "2MB", "--dtype", "fp32",
                  "--width", "48", "--height", "64", "--prompt-tokens", "24"]) == 0
     assert "streamed: noise_refiner.0-1 context_refiner.0-1 layers.0-1" in capsys.readouterr().out
-
-
-def test_nan_check_advises(tiny_model):
-    from zimage_lite.sampling import euler_step
-
-    with pytest.raises(NumericsError, match="bf16"):
-        euler_step(torch.zeros(1), torch.tensor([float("nan")]), torch.tensor(1.0), torch.tensor(0.5))
 
 
 @cuda

@@ -208,10 +208,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
+    from .errors import CheckpointError
     from .weights.inspect import describe, format_info
 
     desc = describe(args.path)
+    errors = [s["error"] for s in desc["sections"] if s.get("error")]
+    if errors and len(errors) == len(desc["sections"]):  # nothing readable to describe: one error line
+        raise CheckpointError(errors[0] if len(errors) == 1 else "; ".join(errors))
     print(json.dumps(desc, indent=2, default=str) if args.json else format_info(desc))
+    if errors:  # the readable parts are described above; the run still fails
+        raise CheckpointError(f"{len(errors)} of {len(desc['sections'])} parts cannot be read: {'; '.join(errors)}")
     return 0
 
 

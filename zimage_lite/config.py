@@ -1,13 +1,18 @@
 """Component configs as frozen dataclasses, read from each component's own config.json, and named presets.
 
 Only the keys the runtime uses are kept; unknown keys in config.json are ignored, so a config written by a newer
-diffusers/transformers still loads. Values and their sources: shared/reference/zimage_spec.md sections 1 and 4.
+diffusers/transformers still loads. Every key that is kept is checked against its field's type and range, and the
+fields against each other (heads divide the width, RoPE axes add up to a head), naming the file and the key: a
+config that parses but is wrong fails here, before any model is built. Values and their sources:
+shared/reference/zimage_spec.md sections 1 and 4.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +24,73 @@ SEQ_MULTI_OF = 32  # caption and image token counts are padded to a multiple of 
 FREQUENCY_EMBEDDING_SIZE = 256
 T_EMBED_MID = 1024  # hidden width of the timestep MLP, fixed in the reference code
 MAX_TEXT_TOKENS = 512
+FIX = "correct it, or download or convert the model again"
+_KINDS = {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}
 
 
-def _from_dict(cls, data: dict[str, Any], aliases: dict[str, Any] | None = None):
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
-    for key, getter in (aliases or {}).items():
-        if key not in kwargs:
-            value = getter(data)
-            if value is not None:
-                kwargs[key] = value
-    return cls(**kwargs)
+def show_value(value: Any) -> str:
+    """A JSON value as it reads in the file, and what kind it is: `"3840" (a string)`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        text = str(value)
+    else:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    if value is None:
+        return text
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return f"{text} ({'a number' if number else _KINDS.get(type(value), type(value).__name__)})"
+
+
+def _check_value(cls: type, key: str, hint: Any, value: Any) -> str | None:
+    """Why `value` cannot be field `key` of `cls` (declared `hint`), or None when it can. Sizes and counts are
+    positive (`ZERO_OK` fields may be 0); floats are finite, and positive unless the field is in `SIGNED`."""
+    zero_ok, signed = getattr(cls, "ZERO_OK", ()), getattr(cls, "SIGNED", ())
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        lowest, words = (0, "a non-negative integer") if key in zero_ok else (1, "a positive integer")
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= lowest
+        return None if ok else words
+    if hint is float:
+        words = "a finite number" if key in signed else "a finite positive number"
+        ok = (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+              and (key in signed or value > 0))
+        return None if ok else words
+    # tuple[int, ...]
+    ok = (isinstance(value, list) and value and
+          all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+    return None if ok else "a non-empty list of positive integers"
+
+
+def _fields(cls: type, data: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """The keys of `data` that are fields of `cls`, each checked against its annotation (lists become tuples)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        expected = _check_value(cls, f.name, hints[f.name], value)
+        if expected is not None:
+            raise CheckpointError(f'{where}: "{f.name}" is {show_value(value)}; expected {expected}: {FIX}')
+        out[f.name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def validate_config(cfg: Any, where: str | Path) -> Any:
+    """`cfg` when its fields agree with each other (`cfg.problem()` is None); else CheckpointError naming `where`.
+    Also for configs read off a single file's tensor shapes and metadata."""
+    problem = cfg.problem()
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}: {FIX}")
+    return cfg
+
+
+def _from_dict(cls, data: dict[str, Any], where: str | Path, extra: dict[str, Any] | None = None):
+    kwargs = _fields(cls, data, where)
+    for key, value in (extra or {}).items():
+        kwargs.setdefault(key, value)
+    return validate_config(cls(**kwargs), where)
 
 
 @dataclass(frozen=True)
@@ -49,6 +110,22 @@ class DiTConfig:
     axes_lens: tuple[int, ...] = (1536, 512, 512)
     all_patch_size: tuple[int, ...] = (2,)
     all_f_patch_size: tuple[int, ...] = (1,)
+
+    ZERO_OK: typing.ClassVar = ("n_refiner_layers",)
+
+    def problem(self) -> str | None:
+        """What keeps these fields from describing a buildable DiT, or None."""
+        if self.dim % self.n_heads:
+            return f'"dim" {self.dim} is not a multiple of "n_heads" {self.n_heads}'
+        if self.n_heads % self.n_kv_heads:
+            return f'"n_heads" {self.n_heads} is not a multiple of "n_kv_heads" {self.n_kv_heads}'
+        if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
+            return (f'"axes_dims" {list(self.axes_dims)} and "axes_lens" {list(self.axes_lens)} must each have 3 '
+                    f"entries (the frame, height and width RoPE axes)")
+        if sum(self.axes_dims) != self.head_dim or any(d % 2 for d in self.axes_dims):
+            return (f'"axes_dims" {list(self.axes_dims)} must be even and add up to the head size, "dim" / "n_heads" '
+                    f"= {self.head_dim}")
+        return None
 
     @property
     def head_dim(self) -> int:
@@ -80,8 +157,9 @@ class DiTConfig:
         return f"{self.patch_size}-{self.f_patch_size}"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
-        return _from_dict(cls, data)
+    def from_dict(cls, data: dict[str, Any], where: str | Path = "config.json") -> DiTConfig:
+        """Read a DiT config.json's values; `where` (the file) names it in errors."""
+        return _from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -97,24 +175,40 @@ class TextEncoderConfig:
     vocab_size: int = 151936
     max_position_embeddings: int = 40960
 
+    def problem(self) -> str | None:
+        """What keeps these fields from describing a buildable Qwen3 encoder, or None."""
+        if self.num_attention_heads % self.num_key_value_heads:
+            return (f'"num_attention_heads" {self.num_attention_heads} is not a multiple of "num_key_value_heads" '
+                    f"{self.num_key_value_heads}")
+        if self.head_dim % 2:
+            return f'"head_dim" {self.head_dim} is odd; RoPE rotates pairs'
+        if self.num_hidden_layers < 2:
+            return (f'"num_hidden_layers" is {self.num_hidden_layers}; Z-Image reads the output of the second-to-last '
+                    f"layer, so at least 2 are needed")
+        return None
+
     @property
     def layers_used(self) -> int:
         """Z-Image reads hidden_states[-2]: the output of the second-to-last layer, without the final norm."""
         return self.num_hidden_layers - 1
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TextEncoderConfig:
+    def from_dict(cls, data: dict[str, Any], where: str | Path = "config.json") -> TextEncoderConfig:
+        """Read a transformers Qwen3 config.json's values; `where` (the file) names it in errors."""
+        given = _fields(cls, data, where)
+        extra = {}
         # transformers >= 5 moves rope_theta into rope_parameters; accept both spellings.
-        def rope_theta(d):
-            params = d.get("rope_parameters") or {}
-            return params.get("rope_theta")
-
-        def head_dim(d):
-            if "hidden_size" in d and "num_attention_heads" in d:
-                return d["hidden_size"] // d["num_attention_heads"]
-            return None
-
-        return _from_dict(cls, data, {"rope_theta": rope_theta, "head_dim": head_dim})
+        params = data.get("rope_parameters")
+        if params is not None and not isinstance(params, dict):
+            raise CheckpointError(f'{where}: "rope_parameters" is {show_value(params)}; expected an object: {FIX}')
+        if params and "rope_theta" in params:
+            try:
+                extra["rope_theta"] = _fields(cls, {"rope_theta": params["rope_theta"]}, where)["rope_theta"]
+            except CheckpointError as e:
+                raise CheckpointError(str(e).replace('"rope_theta"', '"rope_parameters.rope_theta"')) from None
+        if "hidden_size" in given and "num_attention_heads" in given:
+            extra["head_dim"] = given["hidden_size"] // given["num_attention_heads"]
+        return _from_dict(cls, data, where, extra)
 
 
 @dataclass(frozen=True)
@@ -128,16 +222,29 @@ class VAEConfig:
     scaling_factor: float = 0.3611
     shift_factor: float = 0.1159
 
+    SIGNED: typing.ClassVar = ("shift_factor",)
+
+    def problem(self) -> str | None:
+        """What keeps these fields from describing a buildable FLUX-style decoder, or None."""
+        odd = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if odd:
+            return (f'"block_out_channels" {list(self.block_out_channels)} are not all multiples of "norm_num_groups" '
+                    f"{self.norm_num_groups} (GroupNorm splits each width into that many groups)")
+        if self.out_channels != 3:
+            return f'"out_channels" is {self.out_channels}; Z-Image decodes RGB images, 3 channels'
+        return None
+
     @property
     def scale(self) -> int:
         """Pixels per latent cell."""
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VAEConfig:
-        cfg = _from_dict(cls, data)
+    def from_dict(cls, data: dict[str, Any], where: str | Path = "vae/config.json") -> VAEConfig:
+        """Read a diffusers AutoencoderKL config.json's values; `where` (the file) names it in errors."""
+        cfg = _from_dict(cls, data, where)
         if data.get("use_post_quant_conv") or data.get("use_quant_conv"):
-            raise CheckpointError("vae/config.json: quant_conv/post_quant_conv VAEs are not the FLUX AE Z-Image uses")
+            raise CheckpointError(f"{where}: quant_conv/post_quant_conv VAEs are not the FLUX AE Z-Image uses")
         return cfg
 
 
@@ -147,9 +254,13 @@ class SchedulerConfig:
     shift: float = 3.0
     use_dynamic_shifting: bool = False
 
+    def problem(self) -> str | None:
+        return None  # the fields are independent; each was checked on its own
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SchedulerConfig:
-        return _from_dict(cls, data)
+    def from_dict(cls, data: dict[str, Any], where: str | Path = "scheduler_config.json") -> SchedulerConfig:
+        """Read a diffusers scheduler_config.json's values; `where` (the file) names it in errors."""
+        return _from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -189,13 +300,24 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json, an index, ...): anything else fails naming the file."""
+    from .weights.checks import check_file
+
+    check_file(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
+            data = json.load(f)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not a JSON text file (it holds bytes that are not UTF-8); download or "
+                              f"convert the model again") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({e}); download or convert the model again") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds {show_value(data)}, not a JSON object; download or convert the model "
+                              f"again")
+    return data
 
 
 def config_to_dict(cfg) -> dict[str, Any]:

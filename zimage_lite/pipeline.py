@@ -26,12 +26,14 @@ from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import device_kind, usable_budget
 from .runtime.memory import is_out_of_memory, peak_bytes, reset_peak
+from .runtime.numerics import finite, nonfinite_error
 from .runtime.placement import place
 from .runtime.plan_format import format_plan
 from .runtime.sizes import TensorTable, recipe_label, source_table
 from .runtime.units import parse_size
 from .sampling import combine_cfg, euler_step, get_noise, get_sigmas, guidance_active, model_time
 from .text import PromptTokenizer, Tokens
+from .weights.checks import check_vocabulary
 from .weights.components import ModelFiles, open_component, resolve_model, scheduler_config
 from .weights.gguf_source import GGUFSource
 from .weights.load import load_module
@@ -102,6 +104,9 @@ class ZImagePipeline:
         self._tables: dict[str, TensorTable] = {}  # per component, from the headers: the files do not change
         self._models: dict[str, torch.nn.Module] = {}
         self.dit_config: DiTConfig = self._open("dit")[0]
+        ids = self.tokenizer.tokenizer.get_vocab(with_added_tokens=True).values()
+        check_vocabulary(files.tokenizer, max(ids, default=0), files.text_encoder,
+                         self._open("text_encoder")[0].vocab_size)
 
     # -- components -------------------------------------------------------------------------------------------
     def _open(self, which: str) -> tuple[Any, TensorSource]:
@@ -199,7 +204,19 @@ class ZImagePipeline:
         return self._encode(self.tokenizer.encode(prompt))
 
     def _encode(self, tokens: Tokens) -> torch.Tensor:
-        return self._load("text_encoder")(tokens.ids, self.device, self.dtype)
+        feats = self._load("text_encoder")(tokens.ids, self.device, self.dtype)
+        self._check_finite("text_encoder", feats)
+        return feats
+
+    def _check_finite(self, which: str, output: torch.Tensor) -> None:
+        """One isfinite on what a stage hands on (the latent's or the image's size, never the weights). On NaN/inf:
+        free what is loaded, then find out why from that component's weights (runtime/numerics.py)."""
+        if finite(output):
+            return
+        for loaded in list(self._models):
+            self._free(loaded)
+        config, source = self._open(which)
+        raise nonfinite_error(which, config, source, self.vae_dtype if which == "vae" else self.dtype)
 
     # -- generation -------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -265,6 +282,7 @@ class ZImagePipeline:
                 pred = combine_cfg(out[0:1], out[1:2], cfg, cfg_normalization)
             else:
                 pred = dit(x, t, [feats])
+            self._check_finite("dit", pred)
             latents = euler_step(latents, pred, sigmas[i].to(self.device), sigmas[i + 1].to(self.device))
             yield Event("step", i + 1, steps, time.perf_counter() - t0, peak_bytes(self.device), latents)
         del dit  # this frame lives on through the VAE stage: its reference would keep the DiT (and its map)
@@ -274,7 +292,9 @@ class ZImagePipeline:
         reset_peak(self.device)
         vae_plan = self.plan.stage("vae")
         tile = vae_plan.tile if vae_plan.tiled else None
-        image = to_pil(self._load("vae").decode(latents, tile=tile)[0])
+        decoded = self._load("vae").decode(latents, tile=tile)[0]
+        self._check_finite("vae", decoded)  # to_pil would turn NaN into black, silently
+        image = to_pil(decoded)
         self._release("vae")
         yield Event("decoded", steps, steps, time.perf_counter() - t0, peak_bytes(self.device), latents, image,
                     params)

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from ..components import COMPONENTS, REGISTRY, TOKENIZER_FOLDER
-from ..config import PRESETS, DiTConfig, SchedulerConfig, TextEncoderConfig, VAEConfig, read_json
+from ..config import PRESETS, DiTConfig, SchedulerConfig, TextEncoderConfig, VAEConfig, read_json, validate_config
 from ..errors import CheckpointError, UnsupportedQuantError
 from ..quant.formats import SUPPORTED_TYPES
+from .checks import check_compatible, check_file, check_path
 from .gguf_source import GGUFSource
 from .names import detect_component, translate
 from .sources import BnbSource, RenamedSource, SafetensorsSource, TensorSource
@@ -121,6 +122,8 @@ def _probe(kind: str, stored: TensorSource, names: list[str], path: Path, offici
 
 def _meta_float(stored: TensorSource, key: str, default: float) -> float:
     value = stored.meta(key) if isinstance(stored, GGUFSource) else None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise CheckpointError(f"{stored.path}: metadata {key} is {value!r}, not a number; convert the file again")
     # GGUF stores FLOAT32: 1e-6 comes back as 9.99999997e-07. Seven significant digits recover what was written.
     return default if value is None else float(f"{float(value):.7g}")
 
@@ -207,9 +210,9 @@ def _describe(path: Path, stored: TensorSource) -> Component:
     if kind is None:
         return Component(path, None, None, None, None, stored)
     if path.is_dir():
-        config = REGISTRY[kind].config.from_dict(read_json(path / "config.json"))
+        config = REGISTRY[kind].config.from_dict(read_json(path / "config.json"), path / "config.json")
     else:
-        config = DERIVE[kind](stored, names, path)
+        config = validate_config(DERIVE[kind](stored, names, path), path)
     n_up = len(config.block_out_channels) if kind == "vae" else 4
     layout, mapping = translate(kind, official_names(kind, config), names, str(path), n_up)
     return Component(path, kind, layout, config, RenamedSource(stored, mapping), stored)
@@ -217,9 +220,7 @@ def _describe(path: Path, stored: TensorSource) -> Component:
 
 def identify(path: Path) -> Component:
     """Open a file or component folder (headers only; cached while the files stay unchanged) and say what it is."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: file not found")
+    path = check_path(path, folder_ok=True)  # before any open: a FIFO would block it
     return _identify(path, _signature(path))
 
 
@@ -258,7 +259,9 @@ def open_vae(path: Path) -> tuple[VAEConfig, TensorSource]:
 
 
 def scheduler_config(files: ModelFiles) -> SchedulerConfig:
-    return SchedulerConfig.from_dict(read_json(files.scheduler)) if files.scheduler else SchedulerConfig()
+    if files.scheduler is None:
+        return SchedulerConfig()
+    return SchedulerConfig.from_dict(read_json(files.scheduler), files.scheduler)
 
 
 # --- resolving --model and the overrides ----------------------------------------------------------------------
@@ -321,12 +324,10 @@ def _gguf_tokenizer(path: Path) -> Path | None:
 def _tokenizer(home: Path, text_encoder: Path, override: Path | None) -> Path:
     if override is not None:
         tok = Path(override) / "tokenizer.json" if Path(override).is_dir() else Path(override)
-        if not tok.is_file():
-            raise CheckpointError(f"{tok}: tokenizer file not found")
-        return tok
+        return check_file(tok, "tokenizer")
     for cand in (home / TOKENIZER_FOLDER / "tokenizer.json", home / "tokenizer.json"):
-        if cand.is_file():
-            return cand
+        if cand.exists():
+            return check_file(cand)  # a FIFO or a folder there is refused by name, not passed over
     from_gguf = _gguf_tokenizer(text_encoder) if text_encoder.is_file() else None
     if from_gguf is not None:
         return from_gguf
@@ -349,18 +350,18 @@ def resolve_model(model: str | Path, dit: Path | None = None, text_encoder: Path
         name = root.stem if root.is_file() else root.name
     if not root.exists():
         raise CheckpointError(f"--model {root}: not found; {LAYOUT_HINT}")
+    check_path(root, "--model", folder_ok=True)
     overrides = {"dit": dit, "text_encoder": text_encoder, "vae": vae}
     single = root.is_file() or (root / "config.json").is_file()
     home = root.parent if single else root  # where tokenizer/ and scheduler/ may be
     found = _found_in(root)
     paths: dict[str, Path] = {}
+    configs: dict[str, Any] = {}
     for kind in COMPONENTS:
         c = REGISTRY[kind]
         if overrides[kind] is not None:
-            paths[kind] = Path(overrides[kind])
-            if not paths[kind].exists():
-                raise CheckpointError(f"{paths[kind]}: file not found ({c.option})")
-            open_component(paths[kind], kind, c.option)
+            paths[kind] = check_path(overrides[kind], c.option, folder_ok=True)
+            configs[kind] = open_component(paths[kind], kind, c.option).config
             continue
         candidates = found[kind]
         if not candidates:
@@ -374,7 +375,8 @@ def resolve_model(model: str | Path, dit: Path | None = None, text_encoder: Path
             raise CheckpointError(f"{root}: {', '.join(x.name for x in candidates)} all hold a {c.label}; "
                                   f"keep one, or choose with {c.option}")
         paths[kind] = candidates[0]
-        open_component(paths[kind], kind)
+        configs[kind] = open_component(paths[kind], kind).config
+    check_compatible(*((paths[k], configs[k]) for k in ("dit", "text_encoder", "vae")))
     tok = _tokenizer(home, paths["text_encoder"], tokenizer)
     sched = home / "scheduler" / "scheduler_config.json"
     return ModelFiles(name, paths["dit"], paths["text_encoder"], tok, paths["vae"], sched if sched.is_file() else None)

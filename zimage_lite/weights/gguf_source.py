@@ -27,6 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueTy
 from ..errors import CheckpointError
 from ..quant.formats import FLOAT_TYPES
 from ..quant.qlinear import QTensor
+from .checks import check_file
 from .sources import TensorSource, check_unchanged, file_stamp
 
 GGUF_MAGIC = b"GGUF"
@@ -145,9 +146,7 @@ class GGUFSource(TensorSource):
     memory_mapped = True  # tensors are views of the file: slicing them costs no memory (see RenamedSource)
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: file not found")
+        self.path = check_file(path)  # a FIFO would block the reader
         self._stamp = file_stamp(self.path)
         with open(self.path, "rb") as f:
             head = f.read(4)

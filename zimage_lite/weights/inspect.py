@@ -17,8 +17,9 @@ from typing import Any
 from gguf import LlamaFileType
 
 from ..components import REGISTRY
-from ..errors import CheckpointError, ZImageLiteError
+from ..errors import ZImageLiteError
 from ..runtime.units import format_si
+from .checks import check_path
 from .components import Component, identify, open_component, single_files
 from .gguf_source import GGUFSource
 from .names import DIT_PREFIXES, TE_PREFIXES, VAE_PREFIXES, strip_prefix
@@ -189,9 +190,7 @@ def describe_component(path: Path) -> dict[str, Any]:
 
 def describe(path: str | Path) -> dict[str, Any]:
     """A file or folder: one section per component (official sub-folders, then single files)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: not found")
+    path = check_path(path, folder_ok=True)  # before any open: `info` on a FIFO must not block
     if path.is_file() or (path / "config.json").is_file():
         return {"path": str(path), "sections": [describe_component(path)]}
     parts = [path / c.folder for c in REGISTRY.values() if (path / c.folder).is_dir()]

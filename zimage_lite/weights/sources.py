@@ -21,9 +21,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..config import read_json, show_value
 from ..errors import CheckpointError, UnsupportedQuantError
 from ..quant.formats import INT8, BnbType, bnb_sizes
 from ..quant.qlinear import QTensor
+from .checks import check_file
 from .names import Part
 
 
@@ -92,8 +94,7 @@ class SafetensorsSource(TensorSource):
         self._where: dict[str, Path] = {}
         self._info: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype), read once at open
         for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{f}: file not found")
+            check_file(f)  # a shard that is a FIFO would block safe_open
             self._stamps[f] = file_stamp(f)
             try:
                 handle = self._handle(f)
@@ -123,12 +124,14 @@ class SafetensorsSource(TensorSource):
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if indexes:
             index = indexes[0]
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v
+                    for k, v in weight_map.items()):
+                raise CheckpointError(f'{index}: "weight_map" must be an object of tensor name -> shard file name '
+                                      f"(found {show_value(weight_map)}); download or convert the model again")
             shards = sorted({folder / s for s in weight_map.values()})
-            missing = [s.name for s in shards if not s.is_file()]
+            missing = [s.name for s in shards if not s.exists()]
             if missing:
                 raise CheckpointError(f"{index}: lists shard(s) that are missing: {', '.join(missing)}")
             return cls(shards, folder)
