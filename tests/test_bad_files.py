@@ -147,6 +147,12 @@ def test_unreadable_file(ckpt, tmp_path, capsys):
             watch=(tmp_path,))
 
 
+def test_info_on_one_bad_file_prints_only_the_error(tmp_path, capsys):
+    assert main(["info", str(tiny_gguf(tmp_path / "cut.gguf", cut=100))]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "truncated" in err
+
+
 def test_info_on_a_folder_with_one_bad_part_fails_after_describing_the_rest(ckpt, tmp_path, capsys):
     _garbage(ckpt / "extra.safetensors")
     refused(capsys, ["info", str(ckpt)], "extra.safetensors", "1 of 4 parts cannot be read", watch=(tmp_path,))

@@ -7,7 +7,8 @@ layout, is read from the tensor names (names.py), never from file names. A singl
 config is read off the tensor shapes, the rest taken from the turbo preset. A folder whose config.json carries a
 bitsandbytes `quantization_config` (as `zimage-lite quantize --type int8|nf4` and diffusers write it) opens through
 sources.BnbSource: official names, int8/nf4 weights packed. Every component is opened (headers only) and checked
-while the model is resolved, so a wrong, cut or unreadable file fails before any work. Opens are cached with their
+while the model is resolved, on its own and against the others (checks.py), so a wrong, cut or unreadable file, or
+parts of two different models, fail before any work. Opens are cached with their
 index (names, shapes, types, config) but no memory map: a source maps its files when a tensor is read and unmaps
 them at `close()`, which the pipeline calls when a stage ends (TensorSource.close).
 """
