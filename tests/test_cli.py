@@ -174,3 +174,12 @@ def test_run_parameters_are_complete(tiny_model, tmp_path):
     assert events[0].info.items() >= info.items()  # the encoded event carries them too
     image = pipe.text_to_image("a fox", width=32, height=32, steps=1, seed=7)
     assert image.info["negative"] == "" and image.info["cfg"] == "0.0"  # no CFG: no negative was used
+
+
+def test_plan_help_names_its_model_default(capsys):
+    """`plan` without --model plans for a preset; its help said 'demo (default)', the run's default."""
+    for command, default in (("plan", "(default: none: plan for --preset turbo without files)"),
+                             ("run", "(default: demo)")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert default in " ".join(capsys.readouterr().out.split())

@@ -30,10 +30,11 @@ from .runtime.units import gib, parse_size
 # imports what it needs when it runs.
 
 
-def _add_model_args(p: argparse.ArgumentParser, model_default: str) -> None:
-    p.add_argument("--model", default=None if model_default != "demo" else "demo",
+def _add_model_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
+    shown = model_default or "none: plan for --preset turbo without files"
+    p.add_argument("--model", default=model_default,
                    help=f"model folder in the official layout (Tongyi-MAI/Z-Image-Turbo), a single file, or 'demo' "
-                        f"(default: {model_default})")
+                        f"(default: {shown})")
     p.add_argument("--dit", type=Path, help="DiT weights file, overriding the model folder's transformer/")
     p.add_argument("--text-encoder", type=Path, help="text encoder weights file, overriding text_encoder/")
     p.add_argument("--vae", type=Path, help="VAE weights file, overriding vae/")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="print the memory plan for a run, without loading weights")
-    _add_model_args(plan, "none: plan for --preset turbo without files")
+    _add_model_args(plan, None)
     _add_size_args(plan)
     plan.add_argument("--preset", default=None, help="plan for a preset model (turbo, base, demo) without files")
     plan.add_argument("--quant", default="Q4_K_M", help="DiT weight format for --preset (default Q4_K_M)")
