@@ -25,10 +25,11 @@ STAGES = {"encoded": "text_encoder", "step": "dit", "decoded": "vae"}
 
 def main(size: int, dtype: str, device: str) -> None:
     dev = torch.device(device)
-    probe = zimage_lite.load("demo", device=device, dtype=dtype, ram="64GB", vram="64GB")
+    option = "vram" if dev.type == "cuda" else "ram"  # the budget that applies on this device
+    probe = zimage_lite.load("demo", device=device, dtype=dtype, **{option: "64GB"})
     least = minimum_budget(replace(probe.make_plan(size, size, 0.0, 40).request, budget=1))
     budget = least + probe.make_plan(size, size, 0.0, 40).request.headroom  # --vram counts the CUDA context too
-    pipe = zimage_lite.load("demo", device=device, dtype=dtype, ram=budget, vram=budget)
+    pipe = zimage_lite.load("demo", device=device, dtype=dtype, **{option: budget})
     for run in range(2):
         gc.collect()
         if dev.type == "cuda":

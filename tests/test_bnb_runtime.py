@@ -200,7 +200,7 @@ def test_renders_from_dit_folder_and_model_folder(folders, kq_model, tmp_path):
     kwargs = dict(width=32, height=32, steps=2, seed=7)
     resident = zimage_lite.load(kq_model, dit=folders["nf4"], device="cpu", dtype="fp32")
     image = resident.text_to_image("a fox", **kwargs)
-    assert image.info["quant"] == "nf4" and np.asarray(image).std() > 5
+    assert image.info["dit_format"] == "nf4" and np.asarray(image).std() > 5
     # --ram so small that every block is read again from the folder at each step: the smallest the planner accepts
     request = resident.make_plan(32, 32, 0.0, resident.tokenizer.encode("a fox").ids.shape[0]).request
     least = minimum_budget(replace(request, budget=1))
@@ -215,7 +215,7 @@ def test_renders_from_dit_folder_and_model_folder(folders, kq_model, tmp_path):
     (model / "transformer").symlink_to(folders["int8"])
     int8 = zimage_lite.load(model, device="cpu", dtype="fp32").text_to_image("a fox", **kwargs)
     f32 = zimage_lite.load(kq_model, device="cpu", dtype="fp32").text_to_image("a fox", **kwargs)
-    assert int8.info["quant"] == "int8"
+    assert int8.info["dit_format"] == "int8"
     assert np.abs(np.asarray(int8, np.float32) - np.asarray(f32, np.float32)).mean() < IMAGE_TOL
 
 

@@ -68,7 +68,7 @@ def test_a_q4_k_m_file_is_planned_per_tensor_and_labelled_by_its_recipe(kq_model
 def test_the_png_names_the_recipe(kq_model, q4_k_m_dit):
     image = zimage_lite.load(kq_model, dit=q4_k_m_dit, device="cpu", dtype="fp32").text_to_image(
         "x", width=64, height=64, steps=1, seed=1)
-    assert image.info["quant"] == "Q4_K_M"
+    assert image.info["dit_format"] == "Q4_K_M"
 
 
 def test_float_files_are_labelled_by_their_block_weights(tiny_model):

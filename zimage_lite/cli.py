@@ -9,14 +9,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS
-from .errors import ZImageLiteError
-from .runtime.units import gib
+from . import __version__
+from .config import PRESETS, ModelConfig
+from .errors import OptionError, ZImageLiteError
+from .options import (
+    MAX_STEPS,
+    TURBO_GRID,
+    check_budgets,
+    check_guidance,
+    check_seed,
+    check_size,
+    check_steps,
+    check_text,
+    prompt_from,
+)
+from .runtime.budget import device_kind
+from .runtime.units import gib, parse_size
+
+# Nothing imported above imports torch (seconds): help, --version and option errors answer at once; a command
+# imports what it needs when it runs.
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo",
-                   help="model folder in the official layout (Tongyi-MAI/Z-Image-Turbo), or 'demo' (default)")
+def _add_model_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
+    shown = model_default or "none: plan for --preset turbo without files"
+    p.add_argument("--model", default=model_default,
+                   help=f"model folder in the official layout (Tongyi-MAI/Z-Image-Turbo), a single file, or 'demo' "
+                        f"(default: {shown})")
     p.add_argument("--dit", type=Path, help="DiT weights file, overriding the model folder's transformer/")
     p.add_argument("--text-encoder", type=Path, help="text encoder weights file, overriding text_encoder/")
     p.add_argument("--vae", type=Path, help="VAE weights file, overriding vae/")
@@ -28,12 +46,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_size_args(p: argparse.ArgumentParser) -> None:
-    # defaults from the preset (_fill_defaults): Turbo's for a model folder, the demo's for `demo`
-    p.add_argument("--width", type=int, default=None, help="image width, a multiple of 16 (default 1024; demo 256)")
-    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 16 (default 1024; demo 256)")
-    p.add_argument("--steps", type=int, default=None, help="DiT forwards (default 8; plan --preset base: 50)")
+    # defaults from the model (ZImagePipeline.defaults, or the --preset): Turbo's, or the demo's for its DiT
+    p.add_argument("--width", type=int, default=None,
+                   help="image width, a multiple of 16 up to 8192 (default: the model's; Turbo 1024, demo 256)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height, a multiple of 16 up to 8192 (default: the model's; Turbo 1024, demo 256)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"DiT forwards, 1 to {MAX_STEPS} (default: the model's; Turbo 8, plan --preset base 50)")
     p.add_argument("--cfg", type=float, default=None,
-                   help="guidance scale; CFG runs when above 1 (default 0; plan --preset base: 4)")
+                   help="guidance scale, 0 to 100; CFG runs when above 1 (default 0; plan --preset base: 4)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,25 +92,29 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zimage-lite", description="Z-Image-Turbo on small hardware.")
+    parser.add_argument("--version", action="version", version=f"zimage-lite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="generate an image from a prompt")
-    run.add_argument("prompt")
-    _add_model_args(run)
+    run.add_argument("prompt", nargs="?", metavar="PROMPT", help="what to draw (or --prompt-file)")
+    run.add_argument("--prompt-file", metavar="FILE",
+                     help="read the prompt from a UTF-8 file ('-': standard input), e.g. one over the OS limit on "
+                          "an argument's length (128 KiB)")
+    _add_model_args(run, "demo")
     _add_size_args(run)
-    run.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed and stored)")
+    run.add_argument("--seed", type=int, default=None,
+                     help="noise seed, 0 to 2**64-1 (default: random, printed and stored)")
     run.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
     run.add_argument("--cfg-normalization", type=float, default=0.0,
                      help="cap the guided prediction's norm at this factor times the positive one (0: off)")
     run.add_argument("--cfg-truncation", type=float, default=1.0,
-                     help="no guidance once the model time t = 1 - sigma exceeds this")
+                     help="0 to 1: no guidance once the model time t = 1 - sigma exceeds this (1: every step)")
     run.add_argument("--out", type=Path, default=None, help="output PNG (default zimage-<seed>.png)")
     run.add_argument("--force", action="store_true", help="overwrite an existing output file")
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="print the memory plan for a run, without loading weights")
-    _add_model_args(plan)
-    plan.set_defaults(model=None)
+    _add_model_args(plan, None)
     _add_size_args(plan)
     plan.add_argument("--preset", default=None, help="plan for a preset model (turbo, base, demo) without files")
     plan.add_argument("--quant", default="Q4_K_M", help="DiT weight format for --preset (default Q4_K_M)")
@@ -110,41 +135,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fill_defaults(args: argparse.Namespace, preset: str) -> None:
-    """Size, steps and guidance the user left out, from the preset's defaults."""
-    cfg = PRESETS.get(preset, PRESETS["turbo"])
-    for name, value in (("width", cfg.default_size), ("height", cfg.default_size), ("steps", cfg.default_steps),
-                        ("cfg", cfg.default_cfg)):
+def _fill_defaults(args: argparse.Namespace, defaults: ModelConfig) -> None:
+    """Size, steps and guidance the user left out, from the model's (or the preset's) defaults."""
+    for name, value in (("width", defaults.default_size), ("height", defaults.default_size),
+                        ("steps", defaults.default_steps), ("cfg", defaults.default_cfg)):
         if getattr(args, name) is None:
             setattr(args, name, value)
 
 
+def _check_given(args: argparse.Namespace) -> None:
+    """The options `run` and `plan` share, checked before anything is loaded against the bounds every Z-Image model
+    shares (the pipeline checks again against the model's own). The device is known here unless it is `auto`."""
+    if args.steps is not None:
+        check_steps(args.steps)
+    check_guidance(0.0 if args.cfg is None else args.cfg, getattr(args, "cfg_normalization", 0.0),
+                   getattr(args, "cfg_truncation", 1.0))
+    cell = TURBO_GRID.cell  # a size left out is the model's: in range
+    check_size(cell if args.width is None else args.width, cell if args.height is None else args.height)
+    if args.device != "auto":
+        check_budgets(device_kind(args.device), args.vram, args.ram)
+    for option, value in (("--vram", args.vram), ("--ram", args.ram)):
+        if value is not None:
+            parse_size(value, option)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import secrets
+
+    prompt = prompt_from(args.prompt, args.prompt_file)
+    if prompt is None:
+        raise OptionError("no prompt: give the text to draw as PROMPT, or with --prompt-file FILE")
+    check_text(args.negative, "--negative", empty_ok=True)
+    if args.seed is not None:
+        check_seed(args.seed)
+    _check_given(args)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    out = args.out or Path(f"zimage-{seed}.png")
 
     from tqdm import tqdm
 
     from .image import check_output, save_png
     from .pipeline import load
 
-    _fill_defaults(args, "demo" if args.model == "demo" else "turbo")
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
-    if args.seed is None:
-        print(f"seed: {seed}")
-    out = args.out or Path(f"zimage-{seed}.png")
     check_output(out, args.force)  # refuse before loading anything
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram)
-    width, height = args.width, args.height
+    # checked against the model, its defaults filled in: the run starts with the first event
+    events = pipe.generate(prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
+                           seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
+                           cfg_truncation=args.cfg_truncation)
+    if args.seed is None:
+        print(f"seed: {seed}")
     start = time.perf_counter()
     peak = 0
     # One bar per stage, opened as the stage starts: the events arrive when a stage (or step) has finished.
-    stages = iter([("encode", 1, "prompt"), ("denoise", args.steps, "step"), ("decode", 1, "image")])
-    name, seconds, bar = "", 0.0, None
+    stages = iter([("encode", "prompt"), ("denoise", "step"), ("decode", "image")])
+    name, seconds, bar, params = "", 0.0, None, {}
 
-    def next_bar() -> tqdm:
+    def next_bar(total: int) -> tqdm:
         nonlocal name, seconds
-        name, total, unit = next(stages)
+        name, unit = next(stages)
         seconds = 0.0
         return tqdm(total=total, desc=name, unit=unit, disable=None)
 
@@ -152,48 +202,55 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.close()
         tqdm.write(f"{name}: {seconds:.1f} s, peak {gib(ev.peak_bytes)}")
 
-    bar = next_bar()
+    bar = next_bar(1)
     try:
-        for ev in pipe.generate(args.prompt, negative=args.negative, width=width, height=height, steps=args.steps,
-                                seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
-                                cfg_truncation=args.cfg_truncation):
+        for ev in events:
             peak = max(peak, ev.peak_bytes)
             seconds += ev.seconds
             bar.update(1)
-            if ev.stage == "encoded" and ev.info["truncated_from"]:
-                tqdm.write(f"note: the prompt is {ev.info['truncated_from']} tokens with the chat template; cut to 512")
+            if ev.stage == "encoded":
+                params = ev.info
+                if ev.info["truncated_from"]:
+                    tqdm.write(f"note: the prompt is {ev.info['truncated_from']} tokens with the chat template; "
+                               f"cut to 512")
             if ev.stage == "encoded" or (ev.stage == "step" and ev.step == ev.steps):
                 close(ev)
-                bar = next_bar()
+                bar = next_bar(params["steps"] if ev.stage == "encoded" else 1)
             elif ev.stage == "decoded":
                 close(ev)
                 save_png(ev.image, out, ev.info, force=args.force)
     finally:
         bar.close()
     total = time.perf_counter() - start
-    print(f"{out}  ({width}x{height}, {total:.1f} s, peak memory {gib(peak)} on {pipe.device.type})")
+    print(f"{out}  ({params['width']}x{params['height']}, {total:.1f} s, peak memory {gib(peak)} on "
+          f"{pipe.device.type})")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    _check_given(args)
+
     from .runtime.plan import plan_for
     from .runtime.plan_format import format_plan
-    from .runtime.units import parse_size
 
     vram = parse_size(args.vram, "--vram") if args.vram else None
     ram = parse_size(args.ram, "--ram") if args.ram else None
     if args.model is None or args.preset is not None:
         preset = args.preset or "turbo"
-        _fill_defaults(args, preset)
+        _fill_defaults(args, PRESETS.get(preset, PRESETS["turbo"]))  # plan_for names an unknown preset
+        if args.device == "auto":  # the budget that applies depends on the device auto finds
+            from .pipeline import resolve_device
+
+            check_budgets(resolve_device("auto").type, vram, ram)
         plan = plan_for(preset, args.quant, args.width, args.height, args.cfg > 1.0, args.device,
                         vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens)
     else:
-        from .pipeline import check_size, load
+        from .pipeline import load
 
         pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                     dtype=args.dtype, vram=vram, ram=ram)
-        _fill_defaults(args, "demo" if args.model == "demo" else "turbo")
-        check_size(args.width, args.height, 8)
+        _fill_defaults(args, pipe.defaults)
+        check_size(args.width, args.height, pipe.grid)
         plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens)
     print(format_plan(plan))
     return 0

@@ -8,6 +8,7 @@ per-stage memory figures all hang off those events.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -18,10 +19,21 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .components import REGISTRY
+from . import __version__
+from .components import COMPONENTS, REGISTRY
 from .config import MAX_TEXT_TOKENS, DiTConfig, ModelConfig
 from .errors import BudgetError, OptionError
 from .image import to_pil
+from .options import (
+    check_budgets,
+    check_guidance,
+    check_seed,
+    check_size,
+    check_steps,
+    check_text,
+    defaults_of,
+    grid_of,
+)
 from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import device_kind, usable_budget
@@ -77,15 +89,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[plan.resolve_dtype(dtype, str(device))]
 
 
-def check_size(width: int, height: int, scale: int) -> None:
-    step = 2 * scale  # VAE scale x patch size
-    for opt, v in (("--width", width), ("--height", height)):
-        if v < step or v % step:
-            lo, hi = max(step, v // step * step), (v // step + 1) * step
-            near = f"{lo} or {hi}" if lo != hi and lo != v else f"{hi}"
-            raise OptionError(f"{opt} {v} is not a positive multiple of {step}: use {near}")
-
-
 class ZImagePipeline:
     def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype, keep_loaded: bool = False,
                  vram: int | None = None, ram: int | None = None) -> None:
@@ -107,6 +110,9 @@ class ZImagePipeline:
         ids = self.tokenizer.tokenizer.get_vocab(with_added_tokens=True).values()
         check_vocabulary(files.tokenizer, max(ids, default=0), files.text_encoder,
                          self._open("text_encoder")[0].vocab_size)
+        # default size, steps and guidance: the demo's for the demo's DiT (wherever its folder is), else Turbo's
+        self.defaults: ModelConfig = defaults_of(self.dit_config)
+        self.grid = grid_of(self.dit_config, self._open("vae")[0].scale)
 
     # -- components -------------------------------------------------------------------------------------------
     def _open(self, which: str) -> tuple[Any, TensorSource]:
@@ -219,28 +225,53 @@ class ZImagePipeline:
         raise nonfinite_error(which, config, source, self.vae_dtype if which == "vae" else self.dtype)
 
     # -- generation -------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, prompt: str, negative: str = "", width: int = 1024, height: int = 1024, steps: int = 8,
-                 seed: int | None = None, cfg: float = 0.0, cfg_normalization: float = 0.0,
-                 cfg_truncation: float = 1.0) -> Iterator[Event]:
-        """Yield `encoded`, then one `step` event per DiT forward, then `decoded` with the PIL image."""
-        check_size(width, height, 8)
-        if steps < 1:
-            raise OptionError(f"--steps {steps}: at least 1 step is needed")
-        seed = secrets.randbelow(2**63) if seed is None else seed
-        params = {"prompt": prompt, "negative_prompt": negative if cfg > 1.0 else "", "seed": seed, "steps": steps,
-                  "cfg": cfg, "width": width, "height": height, "model": self.files.name,
-                  "quant": self.weight_format("dit")}
+    def run_params(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
+                   steps: int | None = None, seed: int | None = None, cfg: float | None = None,
+                   cfg_normalization: float = 0.0, cfg_truncation: float = 1.0) -> dict[str, Any]:
+        """generate()'s arguments checked (OptionError naming the option), the model's defaults filled in, and
+        everything an image needs to be made again: the parameters `Event.info` carries and images store."""
+        d = self.defaults
+        width, height = check_size(d.default_size if width is None else width,
+                                   d.default_size if height is None else height, self.grid)
+        steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
+        cfg, cfg_normalization, cfg_truncation = check_guidance(d.default_cfg if cfg is None else cfg,
+                                                                cfg_normalization, cfg_truncation)
+        negative = check_text(negative, "--negative", empty_ok=True)
+        params: dict[str, Any] = {
+            "prompt": check_text(prompt, "PROMPT"), "negative": negative if cfg > 1.0 else "",
+            "seed": secrets.randbelow(2**63) if seed is None else check_seed(seed), "steps": steps, "cfg": cfg,
+            "cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation, "width": width,
+            "height": height, "model": self.files.model or self.files.name}
+        for which in COMPONENTS:  # only what overrode the model's own files: the model names the rest
+            if which in self.files.overridden:
+                params[which] = os.path.abspath(getattr(self.files, which))
+        params.update({"dit_format": self.weight_format("dit"), "text_encoder_format": self.weight_format(
+            "text_encoder"), "dtype": DTYPE_NAMES[self.dtype], "device": str(self.device), "version": __version__})
+        return params
 
-        tokens = self.tokenizer.encode(prompt)
-        neg_tokens = self.tokenizer.encode(negative) if cfg > 1.0 else None
+    def generate(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
+                 steps: int | None = None, seed: int | None = None, cfg: float | None = None,
+                 cfg_normalization: float = 0.0, cfg_truncation: float = 1.0) -> Iterator[Event]:
+        """Yield `encoded`, then one `step` event per DiT forward, then `decoded` with the PIL image.
+
+        Size, steps and guidance left at None are the model's defaults (Turbo: 1024x1024, 8 steps, no CFG; the demo:
+        256x256). The arguments are checked here, before the first event is asked for: a bad one raises OptionError
+        from this call. Every event's `info` holds the run parameters (`run_params`)."""
+        params = self.run_params(prompt, negative, width, height, steps, seed, cfg, cfg_normalization,
+                                 cfg_truncation)
+        return self._generate(params)
+
+    @torch.inference_mode()
+    def _generate(self, params: dict[str, Any]) -> Iterator[Event]:
+        cfg = params["cfg"]
+        tokens = self.tokenizer.encode(params["prompt"])
+        neg_tokens = self.tokenizer.encode(params["negative"]) if cfg > 1.0 else None
         longest = max(tokens.ids.shape[0], neg_tokens.ids.shape[0] if neg_tokens else 0)
-        new_plan = self.make_plan(width, height, cfg, caption_tokens=longest)
+        new_plan = self.make_plan(params["width"], params["height"], cfg, caption_tokens=longest)
         self._drop_stale(new_plan)
         self.plan = new_plan
         try:
-            yield from self._stages(tokens, neg_tokens, width, height, steps, seed, cfg, cfg_normalization,
-                                    cfg_truncation, params)
+            yield from self._stages(tokens, neg_tokens, params)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
                 raise
@@ -256,10 +287,10 @@ class ZImagePipeline:
             for which in list(self._sources):
                 self._release(which)
 
-    def _stages(self, tokens: Tokens, neg_tokens: Tokens | None, width: int, height: int, steps: int, seed: int,
-                cfg: float, cfg_normalization: float, cfg_truncation: float,
-                params: dict[str, Any]) -> Iterator[Event]:
+    def _stages(self, tokens: Tokens, neg_tokens: Tokens | None, params: dict[str, Any]) -> Iterator[Event]:
         use_cfg = neg_tokens is not None
+        width, height, steps, seed = params["width"], params["height"], params["steps"], params["seed"]
+        cfg, cfg_normalization, cfg_truncation = params["cfg"], params["cfg_normalization"], params["cfg_truncation"]
         t0 = time.perf_counter()
         reset_peak(self.device)
         feats, cut = self._encode(tokens), tokens.truncated_from
@@ -315,8 +346,9 @@ def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: P
 
     `vram`/`ram` are memory budgets in bytes or as text ('4GB'); absent, what the device reports minus headroom.
     """
-    files = resolve_model(model, dit=dit, text_encoder=text_encoder, vae=vae)
     dev = resolve_device(device)
+    check_budgets(dev.type, vram, ram)  # options first: opening the files takes a while
     vram = parse_size(vram, "--vram") if isinstance(vram, str) else vram
     ram = parse_size(ram, "--ram") if isinstance(ram, str) else ram
+    files = resolve_model(model, dit=dit, text_encoder=text_encoder, vae=vae)
     return ZImagePipeline(files, dev, resolve_dtype(dtype, dev), keep_loaded=keep_loaded, vram=vram, ram=ram)

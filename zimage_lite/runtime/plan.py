@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig
 from ..errors import BudgetError, OptionError
+from ..options import check_size, grid_of
 from ..quant.chunks import DEVICE_CHUNK, DEVICE_CHUNK_TEMP_BYTES, MAX_WORKERS
 from ..quant.formats import DEQUANT_CHUNK_WEIGHTS
 from .budget import device_kind, resolve_dtype, usable_budget
@@ -315,10 +316,7 @@ def _checked(req: PlanRequest) -> PlanRequest:
     if req.text_tensors is None:
         req = replace(req, text_quant=normalize_format(req.text_quant, "--text-quant"))
     device_kind(req.device)
-    cell = req.config.vae.scale * req.config.dit.patch_size
-    for option, value in (("--width", req.width), ("--height", req.height)):
-        if value <= 0 or value % cell:
-            raise OptionError(f"{option} {value} must be a positive multiple of {cell}")
+    check_size(req.width, req.height, grid_of(req.config.dit, req.config.vae.scale))
     if req.dtype not in DTYPE_BYTES:
         raise OptionError(f"--dtype {req.dtype!r}: use auto, bf16, fp16 or fp32")
     if not 1 <= req.caption_tokens <= MAX_TEXT_TOKENS:

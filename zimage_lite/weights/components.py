@@ -53,6 +53,8 @@ class ModelFiles:
     tokenizer: Path  # tokenizer.json
     vae: Path
     scheduler: Path | None  # scheduler_config.json, when present
+    model: str = ""  # --model as the user gave it: "demo" or an absolute path (what an image records)
+    overridden: tuple[str, ...] = ()  # the components given by --dit, --text-encoder or --vae
 
 
 @dataclass(frozen=True)
@@ -380,4 +382,6 @@ def resolve_model(model: str | Path, dit: Path | None = None, text_encoder: Path
     check_compatible(*((paths[k], configs[k]) for k in ("dit", "text_encoder", "vae")))
     tok = _tokenizer(home, paths["text_encoder"], tokenizer)
     sched = home / "scheduler" / "scheduler_config.json"
-    return ModelFiles(name, paths["dit"], paths["text_encoder"], tok, paths["vae"], sched if sched.is_file() else None)
+    return ModelFiles(name, paths["dit"], paths["text_encoder"], tok, paths["vae"], sched if sched.is_file() else None,
+                      model="demo" if str(model) == "demo" else os.path.abspath(root),
+                      overridden=tuple(k for k in COMPONENTS if overrides[k] is not None))
