@@ -397,7 +397,7 @@ def summary(r: Result) -> str:
     line = f"{r.path}  ({format_si(r.nbytes)}; tensors: {hist}; {r.seconds:.1f} s, peak memory {gib(peak)})"
     if r.fallbacks:
         moved = ", ".join(f"{a} -> {b} {n}" for (a, b), n in sorted(r.fallbacks.items()))
-        rows = " or ".join(map(str, r.short_rows))
+        rows = " or ".join(filter(None, [", ".join(map(str, r.short_rows[:-1])), str(r.short_rows[-1])]))
         line += (f"\n  note: {sum(r.fallbacks.values())} tensors fell back to other types, as llama.cpp does: their "
                  f"rows ({rows} weights long) do not fit the recipe's block: {moved}")
     return line
