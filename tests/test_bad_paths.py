@@ -67,7 +67,7 @@ def mount(tmp_path):
         subprocess.run(["umount", str(m)], check=True)
 
 
-# ---- paths: every output option checked before any work (12 cases) ------------------------------------------------
+# ---- paths: every output option checked before any work (15 cases) ---------------------------------------------------
 
 
 @pytest.mark.parametrize("out,names", [
@@ -107,6 +107,17 @@ def test_quantize_output_refused_before_work(tiny_model, tmp_path, capsys, no_wo
             "is a file, not a folder", watch=(tmp_path,))
 
 
+def test_write_time_permission_error(kq_model, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    refused(capsys, ["quantize", str(kq_model), "--type", "Q8_0", "--out", str(tmp_path / "z.gguf")],
+            str(tmp_path / "z.gguf"), "cannot write", "Permission", watch=(tmp_path,))
+
+
 def test_out_folder_takes_the_default_name(tiny_model, tmp_path, capsys):
     for force in ([], ["--force"]):
         assert main(run_args(tiny_model, tmp_path, *force)) == 0, capsys.readouterr().err
@@ -114,7 +125,7 @@ def test_out_folder_takes_the_default_name(tiny_model, tmp_path, capsys):
         assert [p.name for p in tmp_path.iterdir()] == ["zimage-5.png"]
 
 
-# ---- metadata round trip and formats (9 cases) ----------------------------------------------------------------------
+# ---- metadata round trip and formats (15 cases) ----------------------------------------------------------------------
 
 PARAMS = {"prompt": "一只小狐狸 in the snow", "negative": "blurry", "seed": 2**63 + 5, "steps": 8, "cfg": 4.5,
           "cfg_normalization": 0.0, "cfg_truncation": 0.9, "width": 64, "height": 48, "model": "/models/Z-Image-Turbo",
@@ -183,7 +194,7 @@ def test_run_needs_a_prompt(tmp_path, capsys, no_work):
     refused(capsys, ["run", "--out", str(tmp_path / "o.png")], "PROMPT", "--from-png", watch=(tmp_path,))
 
 
-# ---- signals: Ctrl-C and SIGTERM in real processes (5 cases) ---------------------------------------------------------
+# ---- signals: Ctrl-C and SIGTERM (5 cases, 4 in real processes) ------------------------------------------------------
 
 # Runs the CLI with one function wrapped: its `nth` call says "ready" and waits (the test's signal ends the wait).
 CHILD = r"""
@@ -252,7 +263,7 @@ def test_sigterm_handler_is_restored(tiny_model, tmp_path, capsys):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-# ---- disk full (5 cases: 2 without root, 3 on a full tmpfs as root) -------------------------------------------------
+# ---- disk full (6 cases: 3 injected, always; 3 on a full tmpfs, as root) ---------------------------------------------
 
 
 def _fill(folder: Path) -> None:
@@ -272,6 +283,22 @@ def test_disk_full_writing_the_image_injected(tiny_model, tmp_path, capsys, monk
     monkeypatch.setattr(Image.Image, "save", full)
     (tmp_path / "o.png").write_bytes(b"precious")
     refused(capsys, run_args(tiny_model, tmp_path / "o.png", "--force"), "o.png", "disk full", watch=(tmp_path,))
+
+
+def test_disk_full_writing_a_gguf_injected(kq_model, tmp_path, capsys, monkeypatch):
+    import gguf
+
+    real, calls = gguf.GGUFWriter.write_tensor_data, []
+
+    def fill_up(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fill_up)
+    refused(capsys, ["quantize", str(kq_model), "--type", "Q4_K_M", "--out", str(tmp_path / "z.gguf")],
+            str(tmp_path / "z.gguf"), "disk full", "MB", watch=(tmp_path,))
 
 
 def test_disk_full_in_the_second_component_says_what_was_written(tiny_model, tmp_path, capsys, monkeypatch):
@@ -311,7 +338,7 @@ def test_demo_cache_on_a_full_disk(tmp_path, capsys, mount, monkeypatch):
     assert sorted(p.name for p in disk.rglob("*")) in (["filler"], ["filler", "zimage-lite"])  # no half a model
 
 
-# ---- concurrency and the cache (5 cases) ----------------------------------------------------------------------------
+# ---- concurrency and the cache (4 cases) -----------------------------------------------------------------------------
 
 
 def test_the_run_that_finishes_second_uses_the_first_ones_demo(tmp_path, monkeypatch):
