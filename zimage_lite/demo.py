@@ -65,8 +65,9 @@ def cache_dir() -> Path:
     blocker = next((p for p in (path, *path.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         where = f"${var}" if os.environ.get(var) else "the cache folder"
-        raise OptionError(f"{where} {path}: {blocker} is a file, not a folder; point $ZIMAGE_LITE_CACHE at a "
-                          "folder (it is created if missing)")
+        what = f"{where} {path}" + ("" if blocker == path else f": {blocker}")
+        raise OptionError(f"{what} is a file, not a folder; point $ZIMAGE_LITE_CACHE at a folder (it is created if "
+                          "missing)")
     return path
 
 
