@@ -7,21 +7,19 @@ interpreter: the source's memory-mapped pages are handed back after every tensor
 page that was read stays in the process' resident set until the mapping goes away. Measured on the full DiT from
 BF16 shards (BENCHMARKS.md, `--quantize`, 2 cores): Q8_0 in 69 s at 0.78 GB peak RSS, Q4_K_M in 268 s at 0.86 GB;
 without the page release the peak grows with the checkpoint (2.6 GB for 2 of the 30 layers). The output goes to a
-temporary file beside the target and is renamed at the end (image.write_atomic), so Ctrl-C or an error leaves nothing
-behind.
+temporary file beside the target and is renamed at the end (output.write_atomic), so Ctrl-C, SIGTERM, a full disk or
+an error leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
-import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,8 @@ from tqdm import tqdm
 
 from zimage_lite.components import REGISTRY
 from zimage_lite.config import read_json
-from zimage_lite.errors import CheckpointError, OptionError, UnsupportedQuantError
-from zimage_lite.image import check_output, write_atomic
+from zimage_lite.errors import CheckpointError, Interrupted, OptionError, UnsupportedQuantError, ZImageLiteError
+from zimage_lite.output import check_output, write_atomic
 from zimage_lite.quant.formats import quantize
 from zimage_lite.quant.recipes import (
     TARGETS,
@@ -45,7 +43,7 @@ from zimage_lite.quant.recipes import (
     te_shapes,
 )
 from zimage_lite.runtime.memory import peak_bytes
-from zimage_lite.runtime.units import gb, gib
+from zimage_lite.runtime.units import format_si, gib
 from zimage_lite.weights.components import LAYOUT_HINT, UNUSED, identify, open_component
 from zimage_lite.weights.gguf_source import GGUFSource
 from zimage_lite.weights.load import load_tensor
@@ -66,6 +64,8 @@ class Result:
     nbytes: int
     histogram: dict[str, int]
     seconds: float
+    fallbacks: dict[tuple[str, str], int] = field(default_factory=dict)  # (recipe's type, written type): tensors
+    short_rows: tuple[int, ...] = ()  # the row lengths that made them fall back
 
 
 # ---- sources ---------------------------------------------------------------------------------------------------------
@@ -232,17 +232,6 @@ def write_gguf(path: Path, arch: str, plan: list[TensorPlan], metadata: Callable
         writer.close()
 
 
-def _guard_write(path: Path, needed: int, write: Callable[[], None]) -> None:
-    """Run `write`, turning the OS errors of writing into one line naming the output."""
-    try:
-        write()
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise OptionError(f"--out {path}: disk full while writing (the file needs {gb(needed)}); "
-                              "nothing was written") from None
-        raise OptionError(f"--out {path}: cannot write ({e.strerror or e}); nothing was written") from None
-
-
 def _provenance(writer: gguf.GGUFWriter, inp: SourceInput, recipe: str) -> None:
     import zimage_lite
 
@@ -304,8 +293,11 @@ def _write_file(out: Path, force: bool, plan: list[TensorPlan], write: Callable[
     start = time.perf_counter()
     total = sum(t.nbytes for t in plan)
     with tqdm(total=total, desc=out.name, unit="B", unit_scale=True, disable=None) as bar:
-        _guard_write(out, total, lambda: write_atomic(out, lambda tmp: write(tmp, bar), force))
-    return Result(out, out.stat().st_size, recipes.type_histogram(plan), time.perf_counter() - start)
+        write_atomic(out, lambda tmp: write(tmp, bar), force, needed=total)
+    fell = [t for t in plan if t.fell_back]
+    return Result(out, out.stat().st_size, recipes.type_histogram(plan), time.perf_counter() - start,
+                  dict(Counter((t.wanted.name, t.qtype.name) for t in fell)),
+                  tuple(sorted({t.shape[-1] for t in fell})))
 
 
 def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
@@ -337,7 +329,7 @@ def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
                               lambda name: read(inp.source, name, shapes[name]), metadata, dtype, on_group)
 
     with tqdm(total=total, desc=out.name, unit="B", unit_scale=True, disable=None) as bar:
-        _guard_write(out, total, lambda: write_atomic(out, write, force, folder=True))
+        write_atomic(out, write, force, folder=True, needed=total)
     size = sum(f.stat().st_size for f in out.iterdir())
     return Result(out, size, dict(Counter(g.kind for g in plan)), time.perf_counter() - start)
 
@@ -378,20 +370,34 @@ def convert(src: Path, type_name: str, component: str | None = None, out: Path |
         check_readable(inp, target)
     paths = output_paths(inputs, target, Path(out) if out else None)
     for p in paths:  # refuse before any work: an existing output without --force, a missing or read-only folder
-        check_output(p, force)
-        if not os.access(p.parent, os.W_OK):
-            raise OptionError(f"--out {p}: folder {p.parent} is not writable; nothing was written")
-    results = []
-    for inp, path in zip(inputs, paths, strict=True):
-        fn = convert_bnb if not target.is_gguf else convert_dit if inp.component == "dit" else convert_text_encoder
-        try:
-            results.append(fn(inp, target, path, force))
-        finally:
-            inp.source.close()  # unmap the input: the opens stay cached (components.identify), the maps need not
+        check_output(p, force, folder=not target.is_gguf)
+    results: list[Result] = []
+    try:
+        for inp, path in zip(inputs, paths, strict=True):
+            fn = convert_bnb if not target.is_gguf else convert_dit if inp.component == "dit" else convert_text_encoder
+            try:
+                results.append(fn(inp, target, path, force))
+            finally:
+                inp.source.close()  # unmap the input: the opens stay cached (components.identify), the maps need not
+    except (KeyboardInterrupt, ZImageLiteError) as e:
+        if not results:
+            raise
+        written = tuple(str(r.path) for r in results)  # --component all: say what is complete, not "nothing"
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(getattr(e, "signal_name", "SIGINT"), written) from None
+        raise type(e)(f"{e}; {', '.join(written)} was written in full before the error") from None
     return results
 
 
 def summary(r: Result) -> str:
+    """The line printed per file written: size, tensors per type, time, peak memory; and, where rows too short for
+    the recipe's block made tensors fall back to other types, a note saying which and how many."""
     hist = ", ".join(f"{k} {v}" for k, v in sorted(r.histogram.items()))
     peak = peak_bytes(torch.device("cpu"))
-    return f"{r.path}  ({gb(r.nbytes)}; {hist}; {r.seconds:.1f} s, peak memory {gib(peak)})"
+    line = f"{r.path}  ({format_si(r.nbytes)}; tensors: {hist}; {r.seconds:.1f} s, peak memory {gib(peak)})"
+    if r.fallbacks:
+        moved = ", ".join(f"{a} -> {b} {n}" for (a, b), n in sorted(r.fallbacks.items()))
+        rows = " or ".join(filter(None, [", ".join(map(str, r.short_rows[:-1])), str(r.short_rows[-1])]))
+        line += (f"\n  note: {sum(r.fallbacks.values())} tensors fell back to other types, as llama.cpp does: their "
+                 f"rows ({rows} weights long) do not fit the recipe's block: {moved}")
+    return line

@@ -71,7 +71,7 @@ def test_ctrl_c_leaves_no_file(tiny_model, tmp_path, capsys, monkeypatch):
 def test_ctrl_c_while_writing_leaves_no_file(tmp_path, monkeypatch):
     from PIL import Image
 
-    from zimage_lite.image import save_png
+    from zimage_lite.image import save_image
 
     def interrupted(self, fp, *args, **kwargs):
         Path(fp).write_bytes(b"partial")
@@ -79,7 +79,7 @@ def test_ctrl_c_while_writing_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_png(Image.new("RGB", (8, 8)), tmp_path / "o.png", {"prompt": "x"})
+        save_image(Image.new("RGB", (8, 8)), tmp_path / "o.png", {"prompt": "x"})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,21 +10,23 @@ from typing import TYPE_CHECKING, Any
 
 # The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
 __version__ = "0.1.0"
-__all__ = ["Event", "ZImagePipeline", "load", "__version__"]
+__all__ = ["Event", "ZImagePipeline", "load", "read_params", "save_image", "__version__"]
 
 if TYPE_CHECKING:
+    from .image import read_params, save_image
     from .pipeline import Event, ZImagePipeline, load
 
-_FROM_PIPELINE = ("Event", "ZImagePipeline", "load")
+_LAZY = {"Event": "pipeline", "ZImagePipeline": "pipeline", "load": "pipeline", "read_params": "image",
+         "save_image": "image"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _FROM_PIPELINE:
-        from . import pipeline
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(pipeline, name)
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_FROM_PIPELINE])
+    return sorted([*globals(), *_LAZY])

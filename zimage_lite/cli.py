@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="generate an image from a prompt")
-    run.add_argument("prompt", nargs="?", metavar="PROMPT", help="what to draw (or --prompt-file)")
+    run.add_argument("prompt", nargs="?", metavar="PROMPT", help="what to draw (or --prompt-file, or --from-png)")
     run.add_argument("--prompt-file", metavar="FILE",
                      help="read the prompt from a UTF-8 file ('-': standard input), e.g. one over the OS limit on "
                           "an argument's length (128 KiB)")
@@ -109,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap the guided prediction's norm at this factor times the positive one (0: off)")
     run.add_argument("--cfg-truncation", type=float, default=1.0,
                      help="0 to 1: no guidance once the model time t = 1 - sigma exceeds this (1: every step)")
-    run.add_argument("--out", type=Path, default=None, help="output PNG (default zimage-<seed>.png)")
+    run.add_argument("--out", type=Path, default=None,
+                     help="output image, .png, .jpg or .webp, or a folder (default zimage-<seed>.png)")
     run.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    run.add_argument("--from-png", type=Path, metavar="IMAGE",
+                     help="re-run from the parameters an image made by zimage-lite carries (.png, .jpg or .webp); "
+                          "options given as well replace the stored ones")
     run.set_defaults(func=cmd_run)
 
     plan = sub.add_parser("plan", help="print the memory plan for a run, without loading weights")
@@ -162,22 +166,27 @@ def _check_given(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import secrets
 
+    if args.from_png is not None:
+        from .rerun import apply_image_params, given_options
+
+        apply_image_params(args, given_options(build_parser(), args.argv))
     prompt = prompt_from(args.prompt, args.prompt_file)
     if prompt is None:
-        raise OptionError("no prompt: give the text to draw as PROMPT, or with --prompt-file FILE")
+        raise OptionError("no prompt: give the text to draw as PROMPT, with --prompt-file FILE, or re-run an image "
+                          "with --from-png IMAGE")
     check_text(args.negative, "--negative", empty_ok=True)
     if args.seed is not None:
         check_seed(args.seed)
     _check_given(args)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
-    out = args.out or Path(f"zimage-{seed}.png")
 
     from tqdm import tqdm
 
-    from .image import check_output, save_png
+    from .image import check_image_output, image_path, save_image
     from .pipeline import load
 
-    check_output(out, args.force)  # refuse before loading anything
+    out = image_path(args.out, seed)
+    check_image_output(out, args.force, {"prompt": prompt, "negative": args.negative})  # before loading anything
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram)
     # checked against the model, its defaults filled in: the run starts with the first event
@@ -218,7 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 bar = next_bar(params["steps"] if ev.stage == "encoded" else 1)
             elif ev.stage == "decoded":
                 close(ev)
-                save_png(ev.image, out, ev.info, force=args.force)
+                save_image(ev.image, out, ev.info, force=args.force)
     finally:
         bar.close()
     total = time.perf_counter() - start
@@ -279,15 +288,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .interrupts import interrupted_message, sigterm_as_interrupt
+
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ZImageLiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what was typed: --from-png keeps those options
+    with sigterm_as_interrupt():
+        try:
+            return args.func(args)
+        except ZImageLiteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Interrupted)
+            line, code = interrupted_message(e)
+            print(line, file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from .config import DEMO, ModelConfig, config_to_dict
+from .errors import OptionError
 from .models.dit import ZImageDiT
 from .models.qwen3 import Qwen3Encoder
 from .models.vae import AutoencoderDecoder
@@ -55,20 +57,47 @@ TOKENIZER_CORPUS = [
 
 
 def cache_dir() -> Path:
+    """The cache folder: $ZIMAGE_LITE_CACHE, else $XDG_CACHE_HOME/zimage-lite, else ~/.cache/zimage-lite."""
+    var = "ZIMAGE_LITE_CACHE" if os.environ.get("ZIMAGE_LITE_CACHE") else "XDG_CACHE_HOME"
     root = os.environ.get("ZIMAGE_LITE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zimage-lite")
-    return Path(root)
+    path = Path(root)
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = f"${var}" if os.environ.get(var) else "the cache folder"
+        what = f"{where} {path}" + ("" if blocker == path else f": {blocker}")
+        raise OptionError(f"{what} is a file, not a folder; point $ZIMAGE_LITE_CACHE at a folder (it is created if "
+                          "missing)")
+    return path
 
 
 def demo_path() -> Path:
-    """The demo checkpoint, generated into the user's cache on first use."""
+    """The demo checkpoint, generated into the user's cache on first use.
+
+    Built in a temporary folder and renamed into place, so two first runs at once cannot see each other's half-written
+    files: the one that finishes second discards its copy and uses the first one's."""
     path = cache_dir() / f"demo-v{DEMO_VERSION}"
-    if not (path / "model_index.json").is_file():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+    if (path / "model_index.json").is_file():
+        return path
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
         write_checkpoint(tmp, DEMO, seed=0)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+        if path.exists() and not (path / "model_index.json").is_file():  # left by a version that built in place
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            tmp.rename(path)
+            tmp = None
+        except OSError:
+            if not (path / "model_index.json").is_file():  # not another run's complete copy: a real failure
+                raise
+    except OSError as e:
+        raise OptionError(f"cannot write the demo model into the cache folder {path.parent} ({e.strerror or e}); "
+                          "free some space, or point $ZIMAGE_LITE_CACHE at another folder") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

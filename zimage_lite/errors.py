@@ -27,3 +27,14 @@ class NumericsError(ZImageLiteError):
 
 class BudgetError(ZImageLiteError):
     """A memory budget that no plan can meet, or running out of memory mid-run."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, carrying what was written in full before it came (the CLI says so, and what was not).
+
+    A KeyboardInterrupt, so code that cleans up on Ctrl-C cleans up on SIGTERM too."""
+
+    def __init__(self, signal_name: str = "SIGINT", written: tuple[str, ...] = ()) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.written = written

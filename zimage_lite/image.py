@@ -1,80 +1,166 @@
-"""Image output: tensor → PIL, PNG with the generation parameters, written atomically."""
+"""Images: tensor → PIL, and PNG, JPEG or WebP files that carry every parameter of the run that made them.
+
+The parameters are stored as one JSON object (UTF-8), read back typed by `read_params`:
+- PNG: an iTXt chunk `zimage-lite`, beside one readable iTXt chunk per parameter (what image viewers show);
+- JPEG and WebP: the EXIF UserComment (tag 0x9286, ASCII character code, the JSON with non-ASCII escaped), which
+  exiftool and most viewers show. A JPEG's EXIF segment holds at most 64 KB, so a prompt longer than that is refused
+  for .jpg before the run starts (PNG and WebP have no such limit).
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
+import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import OptionError
+from .output import check_output, write_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+QUALITY = 95  # JPEG and WebP: near-transparent loss; a pixel-exact copy is what PNG is for
+METADATA_KEY = "zimage-lite"
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+ASCII_CODE = b"ASCII\0\0\0"  # the UserComment character-code prefix (EXIF 2.3, 4.6.5)
+JPEG_EXIF_LIMIT = 65533  # an APP1 segment's length field counts itself: 2^16 - 1 - 2 bytes of payload
+# The run parameters and their types (the keys generate() names them by); others are kept as they come.
+PARAM_TYPES: dict[str, type] = {
+    "prompt": str, "negative": str, "seed": int, "steps": int, "cfg": float, "cfg_normalization": float,
+    "cfg_truncation": float, "width": int, "height": int, "model": str, "dit": str, "text_encoder": str, "vae": str,
+    "dit_format": str, "text_encoder_format": str, "dtype": str, "device": str, "version": str,
+}
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] → 8-bit RGB, rounding as the reference post-processing does."""
+    import torch  # here: reading and checking images (the CLI's --from-png, --out) need no torch
+
     arr = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Refuse before any work is done: a missing folder, or an existing file without --force."""
-    if not path.parent.is_dir():
-        raise OptionError(f"--out {path}: folder {path.parent} does not exist")
-    if path.exists() and not force:
-        raise OptionError(f"--out {path}: file exists; pass --force to overwrite it")
+def image_format(path: Path, option: str = "--out") -> str:
+    """The Pillow format an image path asks for by its extension; any other extension is refused."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        allowed = ", ".join(FORMATS)
+        raise OptionError(f"{option} {path}: the extension {path.suffix or '(none)'!s} is not an image format "
+                          f"zimage-lite writes; use one of {allowed}")
+    return fmt
 
 
-def _public(path: Path) -> None:
-    """Give a temporary output the mode a plain `open` would (mkstemp/mkdtemp make it owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+def image_path(out: Path | None, seed: int) -> Path:
+    """Where `run` writes: `out`, or zimage-<seed>.png in the current folder or in `out` when that is a folder."""
+    name = Path(f"zimage-{seed}.png")
+    if out is None:
+        return name
+    return out / name if out.is_dir() else out
 
 
-def write_atomic(path: Path, write: Callable[[Path], None], force: bool, folder: bool = False) -> None:
-    """Write through `write(tmp)` into a temporary file (or folder) beside `path`, then rename it into place.
-
-    An interrupted or failed write leaves nothing behind; an existing output is replaced only with `force`.
-    """
+def check_image_output(path: Path, force: bool, params: Mapping[str, Any] | None = None) -> None:
+    """Every check of an image output, before the run: the extension, the folder, an existing file (see
+    output.check_output), and whether `params` known so far (the prompts) fit the format's metadata."""
+    fmt = image_format(path)
     check_output(path, force)
-    if folder:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        write(tmp)
-        _public(tmp)
-        if path.exists() and not force:  # appeared while we worked
-            raise OptionError(f"--out {path}: file exists; pass --force to overwrite it")
-        if folder and path.exists():  # a folder cannot be renamed over another: move the old one aside first
-            old = path.with_name(f".{path.name}.old{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+    if params:
+        _save_options(fmt, _typed(params, "--out"), path, slack=1024)  # room for the keys filled in by the run
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _coerce(value: Any, want: type) -> Any:
+    if isinstance(value, bool):
+        raise TypeError("a truth value")
+    if want is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise TypeError("not text")
+    if want is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("not whole")
+        return int(value)  # int, whole float, or its text (image.info holds text)
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError("not finite")
+    return out
 
 
-def save_png(image: Image.Image, path: Path, params: dict[str, object], force: bool = False) -> None:
-    """PNG with each generation parameter as a text chunk (prompt, negative, seed, steps, cfg, size, model, quant)."""
-    info = PngInfo()
+def _typed(params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`params` with each known key as its type (text from `image.info` converted); None values left out."""
+    out: dict[str, Any] = {}
     for key, value in params.items():
-        info.add_itxt(key, str(value))  # iTXt: UTF-8, so CJK prompts survive
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), force)
+        if value is None:
+            continue
+        want = PARAM_TYPES.get(key)
+        if want is None:
+            out[key] = value if isinstance(value, (str, int, float, bool)) else str(value)
+            continue
+        try:
+            out[key] = _coerce(value, want)
+        except (TypeError, ValueError, OverflowError):
+            kind = {str: "text", int: "a whole number", float: "a number"}[want]
+            raise OptionError(f"{where}: parameter {key} = {value!r} should be {kind}") from None
+    return out
+
+
+def _save_options(fmt: str, params: dict[str, Any], path: Path, slack: int = 0) -> dict[str, Any]:
+    """Pillow's save keywords for `fmt` carrying `params`; a JPEG whose metadata cannot fit is refused."""
+    if fmt == "PNG":
+        info = PngInfo()
+        info.add_itxt(METADATA_KEY, json.dumps(params, ensure_ascii=False))  # iTXt: UTF-8, CJK prompts survive
+        for key, value in params.items():
+            info.add_itxt(key, str(value))
+        return {"pnginfo": info}
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = ASCII_CODE + json.dumps(params, ensure_ascii=True).encode("ascii")
+    size = len(exif.tobytes()) + slack
+    if fmt == "JPEG" and size > JPEG_EXIF_LIMIT:
+        raise OptionError(f"--out {path}: the run's parameters ({size} bytes, mostly the prompt) do not fit a JPEG's "
+                          f"{JPEG_EXIF_LIMIT}-byte metadata segment; write .png or .webp instead")
+    return {"exif": exif, "quality": QUALITY}
+
+
+def save_image(image: Image.Image, path: str | Path, params: Mapping[str, Any] | None = None,
+               force: bool = False) -> None:
+    """Write `image` as PNG, JPEG or WebP (by the extension of `path`) carrying `params` (default: `image.info`,
+    which `text_to_image` fills), so that `read_params` and `zimage-lite run --from-png` can make it again.
+
+    Written atomically: an error or Ctrl-C leaves no partial file; an existing file is replaced only with `force`.
+    """
+    path = Path(path)
+    fmt = image_format(path)
+    options = _save_options(fmt, _typed(image.info if params is None else params, str(path)), path)
+    write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **options), force)
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """The run parameters an image written by `save_image` carries, typed (seed an int, cfg a float, ...)."""
+    path = Path(path)
+    if not path.exists():
+        raise OptionError(f"--from-png {path}: no such file")
+    if not path.is_file():  # a folder, or a FIFO that would block the read
+        raise OptionError(f"--from-png {path}: not a regular file")
+    try:
+        with Image.open(path) as img:
+            if img.format == "PNG":
+                raw = img.text.get(METADATA_KEY)
+            else:
+                raw = img.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+                raw = raw.removeprefix(ASCII_CODE).decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise OptionError(f"--from-png {path}: not a readable PNG, JPEG or WebP image ({e})") from None
+    if not raw:
+        raise OptionError(f"--from-png {path}: the image holds no zimage-lite parameters; give the prompt and "
+                          "options on the command line instead")
+    try:
+        params = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise OptionError(f"--from-png {path}: the stored zimage-lite parameters are not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise OptionError(f"--from-png {path}: the stored zimage-lite parameters are not a JSON object")
+    return _typed(params, f"--from-png {path}")

@@ -68,6 +68,11 @@ class TensorPlan:
     shape: tuple[int, ...]
     qtype: GGMLQuantizationType
     parts: tuple[str, ...]
+    wanted: GGMLQuantizationType | None = None  # the recipe's type before a row that does not fit fell back
+
+    @property
+    def fell_back(self) -> bool:
+        return self.wanted is not None and self.wanted != self.qtype
 
     @property
     def nbytes(self) -> int:
@@ -92,8 +97,9 @@ DIT_QKV = {"Q3_K_M": Q.Q4_K, "Q4_K_M": Q.Q5_K, "Q5_K_M": Q.Q6_K}
 DIT_W2 = {"Q3_K_M": Q.Q4_K, "Q4_K_S": Q.Q5_K, "Q4_K_M": Q.Q6_K, "Q5_K_M": Q.Q6_K, "Q4_0": Q.Q4_1}
 
 
-def dit_tensor_type(name: str, shape: tuple[int, ...], target: Target) -> GGMLQuantizationType:
-    """GGML type of DiT tensor `name` (ComfyUI layout) of torch `shape` in a `target` file."""
+def dit_tensor_type(name: str, shape: tuple[int, ...], target: Target, fallback: bool = True) -> GGMLQuantizationType:
+    """GGML type of DiT tensor `name` (ComfyUI layout) of torch `shape` in a `target` file (`fallback=False`: the
+    recipe's type, even where the row does not fit its block)."""
     if len(shape) < 2 or name.endswith("pad_token") or math.prod(shape) <= SMALL_TENSOR:
         return Q.F32
     if target.base == Q.BF16 or name.startswith(DIT_KEEP) or len(shape) != 2:
@@ -103,7 +109,7 @@ def dit_tensor_type(name: str, shape: tuple[int, ...], target: Target) -> GGMLQu
         qtype = DIT_QKV.get(target.name, qtype)
     elif name.endswith(".feed_forward.w2.weight"):
         qtype = DIT_W2.get(target.name, qtype)
-    return fallback_type(qtype, shape[-1])
+    return fallback_type(qtype, shape[-1]) if fallback else qtype
 
 
 def dit_plan(shapes: Mapping[str, tuple[int, ...]], target: Target) -> list[TensorPlan]:
@@ -119,7 +125,8 @@ def dit_plan(shapes: Mapping[str, tuple[int, ...]], target: Target) -> list[Tens
         shape = (sum(shapes[p][0] for p in parts), *first[1:]) if len(parts) > 1 else first
         if comfy.endswith("pad_token"):
             shape = (1, math.prod(shape))  # as ComfyUI and diffusers declare them (nn.Parameter (1, dim))
-        plan.append(TensorPlan(comfy, shape, dit_tensor_type(comfy, shape, target), parts))
+        plan.append(TensorPlan(comfy, shape, dit_tensor_type(comfy, shape, target), parts,
+                               dit_tensor_type(comfy, shape, target, fallback=False)))
     return plan
 
 
@@ -133,8 +140,9 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 def te_tensor_type(name: str, shape: tuple[int, ...], target: Target, n_layers: int,
-                   n_gqa: int) -> GGMLQuantizationType:
-    """GGML type of text-encoder tensor `name` (llama.cpp layout), as llama-quantize picks it for `target`."""
+                   n_gqa: int, fallback: bool = True) -> GGMLQuantizationType:
+    """GGML type of text-encoder tensor `name` (llama.cpp layout), as llama-quantize picks it for `target`
+    (`fallback=False`: the recipe's type, even where the row does not fit its block)."""
     if len(shape) < 2 or name.endswith("_norm.weight") or not name.endswith("weight"):
         return Q.F32  # convert_hf_to_gguf writes norms and 1-D tensors as F32; llama-quantize keeps them
     if target.base == Q.BF16:
@@ -169,7 +177,7 @@ def te_tensor_type(name: str, shape: tuple[int, ...], target: Target, n_layers: 
             qtype = Q.Q5_K
     elif name.endswith("attn_output.weight"):
         qtype = {"Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K}.get(t, qtype)
-    return fallback_type(qtype, shape[-1])
+    return fallback_type(qtype, shape[-1]) if fallback else qtype
 
 
 def te_plan(shapes: Mapping[str, tuple[int, ...]], target: Target, cfg: TextEncoderConfig) -> list[TensorPlan]:
@@ -183,7 +191,8 @@ def te_plan(shapes: Mapping[str, tuple[int, ...]], target: Target, cfg: TextEnco
         name = te_llama_cpp_name(official)
         order = (0,) if name.startswith("token_embd") else (2,) if name.startswith("output") else (1,)
         rows.append((order, _natural(name), name, official, tuple(shape)))
-    return [TensorPlan(name, shape, te_tensor_type(name, shape, target, cfg.num_hidden_layers, n_gqa), (official,))
+    return [TensorPlan(name, shape, te_tensor_type(name, shape, target, cfg.num_hidden_layers, n_gqa), (official,),
+                       te_tensor_type(name, shape, target, cfg.num_hidden_layers, n_gqa, fallback=False))
             for _, _, name, official, shape in sorted(rows)]
 
 
