@@ -185,3 +185,23 @@ class TestPromptInput:
         err = res.stderr.decode()
         assert res.returncode == 2 and err.startswith("error: PROMPT: not valid UTF-8 text (byte 0xe9")
         assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+# -- devices ---------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: --device cuda is valid here")
+def test_cuda_without_a_gpu(tiny_model, tmp_path, capsys):
+    refused(capsys, ["run", "x", "--model", str(tiny_model), "--device", "cuda", "--out", str(tmp_path / "o.png")],
+            "--device cuda", "no CUDA GPU", watch=(tmp_path,))
+
+
+@pytest.mark.parametrize("device", ["cudax", "cuda:x", "gpu", "cpu:1"])
+def test_unknown_device_is_named(tiny_model, tmp_path, capsys, device):
+    refused(capsys, ["run", "x", "--model", str(tiny_model), "--device", device, "--out", str(tmp_path / "o.png")],
+            device, "cuda:N", watch=(tmp_path,))
+
+
+def test_missing_gpu_index_is_named(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    refused(capsys, ["run", "x", "--model", str(tiny_model), "--device", "cuda:7", "--out", str(tmp_path / "o.png")],
+            "--device cuda:7", "cuda:0 to cuda:0", watch=(tmp_path,))

@@ -384,3 +384,29 @@ def test_output_appearing_during_the_run_is_kept(tiny_model, tmp_path, capsys, m
     refused(capsys, run_args(tiny_model, tmp_path / "o.png"), "o.png", "appeared", "--force")
     assert [p.name for p in tmp_path.iterdir()] == ["o.png"]
     assert (tmp_path / "o.png").read_bytes() == b"someone else's"
+
+
+# -- Ctrl-C in-process (the real signals: above) -----------------------------------------------------------------
+def test_ctrl_c_mid_run_leaves_no_file(tiny_model, tmp_path, capsys, monkeypatch):
+    import zimage_lite.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "euler_step", interrupted)
+    before = snapshot(tmp_path)
+    code = main(["run", "x", "--model", str(tiny_model), "--width", "32", "--height", "32",
+                 "--out", str(tmp_path / "o.png")])
+    assert code == 130 and "nothing was written" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_ctrl_c_while_writing_leaves_no_file(tmp_path, monkeypatch):
+    def interrupted(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_image(Image.new("RGB", (8, 8)), tmp_path / "o.png", {"prompt": "x"})
+    assert list(tmp_path.iterdir()) == []
