@@ -386,7 +386,7 @@ def test_output_appearing_during_the_run_is_kept(tiny_model, tmp_path, capsys, m
     assert (tmp_path / "o.png").read_bytes() == b"someone else's"
 
 
-# ---- signals, continued: Ctrl-C in-process (2 cases) ------------------------------------------------------------------
+# ---- signals, continued: Ctrl-C in-process (2 cases)
 def test_ctrl_c_mid_run_leaves_no_file(tiny_model, tmp_path, capsys, monkeypatch):
     import zimage_lite.pipeline as pipeline
 
