@@ -56,3 +56,26 @@ def euler_step(latents: torch.Tensor, model_out: torch.Tensor, sigma: torch.Tens
         raise NumericsError(
             "the DiT produced NaN/inf values; with --dtype fp16 this is overflow: use --dtype bf16 or fp32")
     return latents + (sigma_next - sigma) * (-model_out.float())
+
+
+def start_index(steps: int, strength: float) -> int:
+    """The first of `steps` sigmas an init image is noised to, for img2img/inpainting at `strength` in (0, 1]: the
+    reference's int(max(steps - min(steps * strength, steps), 0)), in Python floats. strength 1 starts from the
+    top (pure noise, though the image's posterior draw still comes first); the DiT runs steps - start times."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+
+def scale_noise(sample: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The flow-match forward process: sample noised to level sigma, sigma * noise + (1 - sigma) * sample, in the
+    sample's dtype (the scheduler casts its sigma so)."""
+    sigma = sigma.to(sample.device, sample.dtype)
+    return sigma * noise + (1.0 - sigma) * sample
+
+
+def inpaint_blend(latents: torch.Tensor, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                  sigma_next: torch.Tensor | None) -> torch.Tensor:
+    """After a step: keep the sampler's latents where the mask is 1 and the original, re-noised to the next level
+    with the same noise, where it is 0; the original clean after the last step (`sigma_next` None)."""
+    original = init if sigma_next is None else scale_noise(init, noise, sigma_next)
+    return (1 - mask) * original + mask * latents
