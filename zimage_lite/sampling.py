@@ -25,9 +25,10 @@ def model_time(sigma: torch.Tensor) -> torch.Tensor:
     return (1000 - ts) / 1000
 
 
-def get_noise(seed: int, channels: int, height: int, width: int, scale: int = 8) -> torch.Tensor:
-    """Initial latent (1, C, 2*(H//16), 2*(W//16)) from a seeded CPU generator: one seed, one image, any device."""
-    g = torch.Generator("cpu").manual_seed(seed)
+def get_noise(seed: int | torch.Generator, channels: int, height: int, width: int, scale: int = 8) -> torch.Tensor:
+    """Initial latent (1, C, 2*(H//16), 2*(W//16)) from a seeded CPU generator: one seed, one image, any device.
+    img2img passes the generator its posterior sample was drawn from: the noise is the draw after it."""
+    g = torch.Generator("cpu").manual_seed(seed) if isinstance(seed, int) else seed
     h, w = 2 * (height // (2 * scale)), 2 * (width // (2 * scale))
     return torch.randn((1, channels, h, w), generator=g, dtype=torch.float32)
 
