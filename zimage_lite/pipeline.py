@@ -24,6 +24,9 @@ from .components import COMPONENTS, REGISTRY
 from .config import MAX_TEXT_TOKENS, DiTConfig, ModelConfig
 from .errors import BudgetError, OptionError
 from .image import to_pil
+from .init_image import InitImage, init_request
+from .inputs import image_tensor, mask_tensor
+from .models.vae_encoder import AutoencoderEncoder
 from .options import (
     check_budgets,
     check_guidance,
@@ -43,7 +46,16 @@ from .runtime.placement import place
 from .runtime.plan_format import format_plan
 from .runtime.sizes import TensorTable, recipe_label, source_table
 from .runtime.units import parse_size
-from .sampling import combine_cfg, euler_step, get_noise, get_sigmas, guidance_active, model_time
+from .sampling import (
+    combine_cfg,
+    euler_step,
+    get_noise,
+    get_sigmas,
+    guidance_active,
+    inpaint_blend,
+    model_time,
+    scale_noise,
+)
 from .text import PromptTokenizer, Tokens
 from .weights.checks import check_vocabulary
 from .weights.components import ModelFiles, open_component, resolve_model, scheduler_config
@@ -57,7 +69,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 @dataclass
 class Event:
-    """One finished stage: `encoded` (once), `step` (steps times), `decoded` (once, with the image)."""
+    """One finished stage: `image_encoded` (img2img and inpainting: the init image through the VAE encoder),
+    `encoded` (the prompt), `step` (once per DiT forward), `decoded` (once, with the image)."""
 
     stage: str
     step: int = 0
@@ -146,9 +159,11 @@ class ZImagePipeline:
         file_type = stored.meta("general.file_type") if isinstance(stored, GGUFSource) else None
         return recipe_label(cfg, self.tensor_table(which), file_type)
 
-    def make_plan(self, width: int, height: int, cfg: float, caption_tokens: int = MAX_TEXT_TOKENS) -> plan.Plan:
+    def make_plan(self, width: int, height: int, cfg: float, caption_tokens: int = MAX_TEXT_TOKENS,
+                  image: bool = False) -> plan.Plan:
         """The memory plan for one image, from the tensors the files really hold: which blocks stay resident,
-        attention chunking, VAE tiling, host memory; with keep_loaded, every stage beside the other components."""
+        attention chunking, VAE tiling, host memory; with keep_loaded, every stage beside the other components.
+        `image`: an init image is encoded first (img2img, inpainting)."""
         config = ModelConfig(dit=self.dit_config, text_encoder=self._open("text_encoder")[0],
                              vae=self._open("vae")[0])
         if self._budget is None:
@@ -157,7 +172,7 @@ class ZImagePipeline:
                              self.vram, self.ram, DTYPE_NAMES[self.dtype], self.weight_format("text_encoder"),
                              caption_tokens=caption_tokens, dit_tensors=self.tensor_table("dit"),
                              text_tensors=self.tensor_table("text_encoder"), keep_loaded=self.keep_loaded,
-                             budget=self._budget, model_name=self.files.name)
+                             budget=self._budget, model_name=self.files.name, encode=image)
 
     def _drop_stale(self, new: plan.Plan) -> None:
         """Kept models placed under a plan whose stage differs from the new one (another size moves blocks between
@@ -227,13 +242,25 @@ class ZImagePipeline:
     # -- generation -------------------------------------------------------------------------------------------
     def run_params(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                    steps: int | None = None, seed: int | None = None, cfg: float | None = None,
-                   cfg_normalization: float = 0.0, cfg_truncation: float = 1.0) -> dict[str, Any]:
+                   cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, image: Image.Image | None = None,
+                   mask: Image.Image | None = None, strength: float | None = None) -> dict[str, Any]:
         """generate()'s arguments checked (OptionError naming the option), the model's defaults filled in, and
         everything an image needs to be made again: the parameters `Event.info` carries and images store."""
+        return self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization, cfg_truncation,
+                             image, mask, strength)[0]
+
+    def _request(self, prompt: str, negative: str, width: int | None, height: int | None, steps: int | None,
+                 seed: int | None, cfg: float | None, cfg_normalization: float, cfg_truncation: float,
+                 image: Image.Image | None, mask: Image.Image | None,
+                 strength: float | None) -> tuple[dict[str, Any], InitImage | None]:
         d = self.defaults
+        steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
+        # img2img / inpainting: the size is the image's unless given
+        init = init_request(image, mask, strength, width, height, steps, self.grid.cell)
+        if init is not None:
+            width, height = init.width, init.height
         width, height = check_size(d.default_size if width is None else width,
                                    d.default_size if height is None else height, self.grid)
-        steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
         cfg, cfg_normalization, cfg_truncation = check_guidance(d.default_cfg if cfg is None else cfg,
                                                                 cfg_normalization, cfg_truncation)
         negative = check_text(negative, "--negative", empty_ok=True)
@@ -241,37 +268,42 @@ class ZImagePipeline:
             "prompt": check_text(prompt, "PROMPT"), "negative": negative if cfg > 1.0 else "",
             "seed": secrets.randbelow(2**63) if seed is None else check_seed(seed), "steps": steps, "cfg": cfg,
             "cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation, "width": width,
-            "height": height, "model": self.files.model or self.files.name}
+            "height": height, **(init.params() if init else {}), "model": self.files.model or self.files.name}
         for which in COMPONENTS:  # only what overrode the model's own files: the model names the rest
             if which in self.files.overridden:
                 params[which] = os.path.abspath(getattr(self.files, which))
         params.update({"dit_format": self.weight_format("dit"), "text_encoder_format": self.weight_format(
             "text_encoder"), "dtype": DTYPE_NAMES[self.dtype], "device": str(self.device), "version": __version__})
-        return params
+        return params, init
 
     def generate(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                  steps: int | None = None, seed: int | None = None, cfg: float | None = None,
-                 cfg_normalization: float = 0.0, cfg_truncation: float = 1.0) -> Iterator[Event]:
+                 cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, image: Image.Image | None = None,
+                 mask: Image.Image | None = None, strength: float | None = None) -> Iterator[Event]:
         """Yield `encoded`, then one `step` event per DiT forward, then `decoded` with the PIL image.
 
         Size, steps and guidance left at None are the model's defaults (Turbo: 1024x1024, 8 steps, no CFG; the demo:
-        256x256). The arguments are checked here, before the first event is asked for: a bad one raises OptionError
-        from this call. Every event's `info` holds the run parameters (`run_params`)."""
-        params = self.run_params(prompt, negative, width, height, steps, seed, cfg, cfg_normalization,
-                                 cfg_truncation)
-        return self._generate(params)
+        256x256). With `image`: img2img from it at `strength` (default 0.6: the DiT runs the last ~60% of the steps),
+        first an `image_encoded` event; with `mask` too (white = repaint, black = keep): inpainting (default strength
+        1.0). With an image and no width and height, the size is the image's rounded down to a multiple of 16.
+        The arguments are checked here, before the first event is asked for: a bad one raises OptionError from this
+        call. Every event's `info` holds the run parameters (`run_params`)."""
+        params, init = self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization,
+                                     cfg_truncation, image, mask, strength)
+        return self._generate(params, init)
 
     @torch.inference_mode()
-    def _generate(self, params: dict[str, Any]) -> Iterator[Event]:
+    def _generate(self, params: dict[str, Any], init: InitImage | None) -> Iterator[Event]:
         cfg = params["cfg"]
         tokens = self.tokenizer.encode(params["prompt"])
         neg_tokens = self.tokenizer.encode(params["negative"]) if cfg > 1.0 else None
         longest = max(tokens.ids.shape[0], neg_tokens.ids.shape[0] if neg_tokens else 0)
-        new_plan = self.make_plan(params["width"], params["height"], cfg, caption_tokens=longest)
+        new_plan = self.make_plan(params["width"], params["height"], cfg, caption_tokens=longest,
+                                  image=init is not None)
         self._drop_stale(new_plan)
         self.plan = new_plan
         try:
-            yield from self._stages(tokens, neg_tokens, params)
+            yield from self._stages(tokens, neg_tokens, params, init)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
                 raise
@@ -287,10 +319,21 @@ class ZImagePipeline:
             for which in list(self._sources):
                 self._release(which)
 
-    def _stages(self, tokens: Tokens, neg_tokens: Tokens | None, params: dict[str, Any]) -> Iterator[Event]:
+    def _stages(self, tokens: Tokens, neg_tokens: Tokens | None, params: dict[str, Any],
+                init: InitImage | None) -> Iterator[Event]:
         use_cfg = neg_tokens is not None
         width, height, steps, seed = params["width"], params["height"], params["steps"], params["seed"]
         cfg, cfg_normalization, cfg_truncation = params["cfg"], params["cfg_normalization"], params["cfg_truncation"]
+        # One CPU generator for every draw, in the reference's order: the init image's posterior sample, then the noise
+        generator = torch.Generator("cpu").manual_seed(seed)
+        sigmas = get_sigmas(steps, self.scheduler.shift)
+        start, init_latents = 0, None
+        if init is not None:
+            t0 = time.perf_counter()
+            reset_peak(self.device)
+            init_latents, start = self._encode_image(init, width, height, generator), init.start
+            yield Event("image_encoded", seconds=time.perf_counter() - t0, peak_bytes=peak_bytes(self.device),
+                        info={**params, "start": start, "notes": init.notes})
         t0 = time.perf_counter()
         reset_peak(self.device)
         feats, cut = self._encode(tokens), tokens.truncated_from
@@ -300,10 +343,15 @@ class ZImagePipeline:
                     info={**params, "tokens": feats.shape[0], "truncated_from": cut})
 
         dit = self._load("dit")
-        latents = get_noise(seed, self.dit_config.in_channels, height, width).to(self.device)
-        sigmas = get_sigmas(steps, self.scheduler.shift)
+        noise = get_noise(generator, self.dit_config.in_channels, height, width).to(self.device)
+        latents, mask = noise, None
+        if init is not None:
+            init_latents = init_latents.to(self.device)
+            latents = scale_noise(init_latents, noise, sigmas[start])
+            if init.mask is not None:
+                mask = mask_tensor(init.mask, width, height, *noise.shape[2:]).to(self.device)
         times = model_time(sigmas[:-1])
-        for i in range(steps):
+        for i in range(start, steps):
             t0 = time.perf_counter()
             reset_peak(self.device)
             x = latents.to(self.dtype)
@@ -315,7 +363,10 @@ class ZImagePipeline:
                 pred = dit(x, t, [feats])
             self._check_finite("dit", pred)
             latents = euler_step(latents, pred, sigmas[i].to(self.device), sigmas[i + 1].to(self.device))
-            yield Event("step", i + 1, steps, time.perf_counter() - t0, peak_bytes(self.device), latents)
+            if mask is not None:
+                latents = inpaint_blend(latents, init_latents, noise, mask, sigmas[i + 1] if i + 1 < steps else None)
+            yield Event("step", i + 1 - start, steps - start, time.perf_counter() - t0, peak_bytes(self.device),
+                        latents)
         del dit  # this frame lives on through the VAE stage: its reference would keep the DiT (and its map)
         self._release("dit")
 
@@ -327,8 +378,26 @@ class ZImagePipeline:
         self._check_finite("vae", decoded)  # to_pil would turn NaN into black, silently
         image = to_pil(decoded)
         self._release("vae")
-        yield Event("decoded", steps, steps, time.perf_counter() - t0, peak_bytes(self.device), latents, image,
-                    params)
+        yield Event("decoded", steps - start, steps - start, time.perf_counter() - t0, peak_bytes(self.device), latents,
+                    image, params)
+
+    def _encode_image(self, init: InitImage, width: int, height: int, generator: torch.Generator) -> torch.Tensor:
+        """The init image's latents (1, C, h, w) in fp32 on the CPU, a sample of the VAE posterior drawn from
+        `generator`; the encoder is loaded for this stage only (never kept) and tiled as the plan says."""
+        cfg, src = self._open("vae")
+        with torch.device("meta"):
+            encoder = AutoencoderEncoder(cfg)
+        encoder = load_module(encoder, src, self.vae_dtype, self.device, "VAE encoder")
+        stage = self.plan.stage("vae_encode")
+        pixels = image_tensor(init.image, width, height)
+        try:
+            return encoder.encode(pixels, tile=stage.tile if stage.tiled else None, generator=generator).cpu()
+        finally:
+            del encoder, pixels
+            self._close_source("vae")
+            release_scratch()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def text_to_image(self, prompt: str, **kwargs: Any) -> Image.Image:
         """Run all stages and return the image (generation parameters in `image.info`)."""

@@ -23,9 +23,10 @@ def model_time(sigma: torch.Tensor) -> torch.Tensor:
     return (1000 - ts) / 1000
 
 
-def get_noise(seed: int, channels: int, height: int, width: int, scale: int = 8) -> torch.Tensor:
-    """Initial latent (1, C, 2*(H//16), 2*(W//16)) from a seeded CPU generator: one seed, one image, any device."""
-    g = torch.Generator("cpu").manual_seed(seed)
+def get_noise(seed: int | torch.Generator, channels: int, height: int, width: int, scale: int = 8) -> torch.Tensor:
+    """Initial latent (1, C, 2*(H//16), 2*(W//16)) from a seeded CPU generator: one seed, one image, any device.
+    img2img passes the generator its posterior sample was drawn from: the noise is the draw after it."""
+    g = torch.Generator("cpu").manual_seed(seed) if isinstance(seed, int) else seed
     h, w = 2 * (height // (2 * scale)), 2 * (width // (2 * scale))
     return torch.randn((1, channels, h, w), generator=g, dtype=torch.float32)
 
@@ -52,3 +53,26 @@ def euler_step(latents: torch.Tensor, model_out: torch.Tensor, sigma: torch.Tens
     """x <- x + (sigma_next - sigma) * v with v = -model_out (the sign flip of the reference), in fp32. The pipeline
     checks model_out for NaN/inf first (runtime/numerics.py): the step itself is pure arithmetic."""
     return latents + (sigma_next - sigma) * (-model_out.float())
+
+
+def start_index(steps: int, strength: float) -> int:
+    """The first of `steps` sigmas an init image is noised to, for img2img/inpainting at `strength` in (0, 1]: the
+    reference's int(max(steps - min(steps * strength, steps), 0)), in Python floats. strength 1 starts from the
+    top (pure noise, though the image's posterior draw still comes first); the DiT runs steps - start times."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+
+def scale_noise(sample: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The flow-match forward process: sample noised to level sigma, sigma * noise + (1 - sigma) * sample, in the
+    sample's dtype (the scheduler casts its sigma so)."""
+    sigma = sigma.to(sample.device, sample.dtype)
+    return sigma * noise + (1.0 - sigma) * sample
+
+
+def inpaint_blend(latents: torch.Tensor, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
+                  sigma_next: torch.Tensor | None) -> torch.Tensor:
+    """After a step: keep the sampler's latents where the mask is 1 and the original, re-noised to the next level
+    with the same noise, where it is 0; the original clean after the last step (`sigma_next` None)."""
+    original = init if sigma_next is None else scale_noise(init, noise, sigma_next)
+    return (1 - mask) * original + mask * latents

@@ -265,8 +265,8 @@ def _vae_floor(req: PlanRequest) -> tuple[int, int]:
 
 def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
     (text_in, text_sizes), (dit_in, dit_sizes) = _text_stage(req), _dit_stage(req)
-    encode = (_vae(req, encode=True),) if req.encode else ()
     if not req.keep_loaded:
+        encode = (_vae(req, encode=True),) if req.encode else ()
         return _finish((*encode, _stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req),
                         _vae(req)), req)
     # keep_loaded: after the first image all three stay loaded, so each stage runs beside the others' weights. The DiT
@@ -278,13 +278,17 @@ def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
     dit_transient = dit.scratch_bytes + dit.activation_bytes
     text = _stage_plan(text_in, text_sizes, req,
                        Beside(dit.loaded_bytes + vae_weights, max(dit_transient, vae_transient)))
-    return _finish((*encode, text, dit, _vae(req, dit.loaded_bytes + text.loaded_bytes)), req)
+    vae = _vae(req, dit.loaded_bytes + text.loaded_bytes)
+    # the encoder is loaded for its stage only, beside everything the others keep after the first image
+    encode = (_vae(req, dit.loaded_bytes + text.loaded_bytes + vae.loaded_bytes, encode=True),) if req.encode else ()
+    return _finish((*encode, text, dit, vae), req)
 
 
 def _finish(stages: tuple[StagePlan, ...], req: PlanRequest) -> tuple[StagePlan, ...]:
     """Each stage with what the others keep beside it (keep_loaded) and its host memory."""
-    kept = [s.loaded_bytes if req.keep_loaded else 0 for s in stages]
-    kept_host = [s.pinned_bytes + s.host_weight_bytes if req.keep_loaded else 0 for s in stages]
+    kept = [s.loaded_bytes if req.keep_loaded and s.name != "vae_encode" else 0 for s in stages]
+    kept_host = [s.pinned_bytes + s.host_weight_bytes if req.keep_loaded and s.name != "vae_encode" else 0
+                 for s in stages]
     out = []
     for s, own, own_host in zip(stages, kept, kept_host, strict=True):
         s = replace(s, kept_bytes=sum(kept) - own, kept_host_bytes=sum(kept_host) - own_host)
@@ -370,11 +374,11 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
              vram: int | None, ram: int | None, dtype: str = "auto", text_quant: str | None = None,
              caption_tokens: int = MAX_TEXT_TOKENS, dit_tensors: TensorTable | None = None,
              text_tensors: TensorTable | None = None, keep_loaded: bool = False,
-             budget: tuple[int, int] | None = None, model_name: str | None = None) -> Plan:
+             budget: tuple[int, int] | None = None, model_name: str | None = None, encode: bool = False) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
     `ram` is what the run may use. Missing budgets come from the device (`cuda:1`: device 1); `ram` is ignored on
     cuda. `budget` = (bytes, headroom) as `usable_budget` gave them earlier, instead of asking again. With tensor
-    tables, `quant` / `text_quant` are the files' labels (PlanRequest)."""
+    tables, `quant` / `text_quant` are the files' labels (PlanRequest). `encode`: an init image is encoded first."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise OptionError(f"--preset {preset_or_config!r}: use one of {', '.join(PRESETS)}")
@@ -390,4 +394,4 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
         config=config, budget=budget, quant=quant, text_quant=text_quant or "BF16", width=width, height=height,
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,
         headroom=headroom, model_name=name, dit_tensors=dit_tensors, text_tensors=text_tensors,
-        keep_loaded=keep_loaded))
+        keep_loaded=keep_loaded, encode=encode))

@@ -1,0 +1,131 @@
+"""Image inputs (zimage_lite/inputs.py): every mode Pillow opens becomes the RGB image or L mask the pipeline takes,
+preprocessed exactly as diffusers' image and mask processors do; files that are not images are refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import optional
+from PIL import Image
+
+from zimage_lite.errors import OptionError
+from zimage_lite.inputs import check_mask_size, default_size, image_tensor, load_image, load_mask, mask_tensor
+from zimage_lite.sampling import get_sigmas, start_index
+
+diffusers, needs_diffusers = optional("diffusers")
+
+
+def _rgb(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+@needs_diffusers
+@pytest.mark.parametrize("size,target", [((64, 48), (64, 48)), ((70, 53), (64, 48)), ((40, 40), (64, 32))])
+def test_image_tensor_matches_diffusers(size, target):
+    from diffusers.image_processor import VaeImageProcessor
+
+    img = _rgb(*size)
+    ref = VaeImageProcessor(vae_scale_factor=16).preprocess(img, height=target[1], width=target[0])
+    got = image_tensor(img, *target)
+    assert got.shape == ref.shape and torch.equal(got, ref.float())
+
+
+@needs_diffusers
+def test_mask_tensor_matches_diffusers():
+    from diffusers.image_processor import VaeImageProcessor
+
+    rng = np.random.default_rng(1)
+    # smooth values around the threshold, and exact 127/128 levels: binarization at 0.5 must agree everywhere
+    smooth = Image.fromarray(np.clip(rng.normal(128, 40, (48, 80)), 0, 255).astype(np.uint8), "L")
+    edge = Image.fromarray(rng.choice(np.array([126, 127, 128, 129], dtype=np.uint8), (48, 80)), "L")
+    proc = VaeImageProcessor(vae_scale_factor=16, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    for mask, (w, h) in ((smooth, (80, 48)), (smooth, (64, 32)), (edge, (80, 48))):
+        ref = torch.nn.functional.interpolate(proc.preprocess(mask, height=h, width=w), size=(h // 8, w // 8),
+                                              mode="nearest")
+        got = mask_tensor(mask, w, h, h // 8, w // 8)
+        assert torch.equal(got, ref.float())
+        assert 0 < got.mean() < 1  # both kinds of cells present: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("steps,strength,start", [(8, 1.0, 0), (8, 0.6, 3), (8, 0.5, 4), (9, 0.6, 3), (8, 0.01, 7),
+                                                  (20, 0.33, 13)])
+def test_start_index_matches_get_timesteps(steps, strength, start):
+    # the reference's arithmetic: 8 * 0.6 = 4.8 -> 8 - 4.8 = 3.2 -> 3; 9 * 0.6 = 5.4 -> 3.6 -> 3; 20 * .33 = 6.6 -> 13
+    assert start_index(steps, strength) == start
+    assert len(get_sigmas(steps)[start:-1]) == steps - start
+
+
+def test_modes_are_converted(tmp_path: Path):
+    rgb = _rgb(32, 32)
+    cases = {
+        "cmyk.jpg": (rgb.convert("CMYK"), "CMYK converted"),
+        "pal.png": (rgb.convert("P"), "P converted"),
+        "rgba.png": (rgb.convert("RGBA"), "transparency dropped"),
+    }
+    for name, (img, note) in cases.items():
+        img.save(tmp_path / name)
+        loaded = load_image(tmp_path / name)
+        assert loaded.image.mode == "RGB" and loaded.image.size == (32, 32)
+        assert any(note in n for n in loaded.notes), (name, loaded.notes)
+    # 16-bit gray: scaled by its range, not clipped to white by Pillow's own conversion
+    levels = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)
+    Image.fromarray(levels).save(tmp_path / "g16.png")
+    loaded = load_image(tmp_path / "g16.png")
+    assert np.asarray(loaded.image)[:, :, 0].tolist() == [[0, 64], [128, 255]]
+    assert any("16-bit" in n for n in loaded.notes)
+
+
+def test_animated_gif_gives_first_frame(tmp_path: Path):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    loaded = load_image(tmp_path / "a.gif")
+    assert loaded.image.getpixel((0, 0)) == (255, 0, 0)
+    assert any("3 frames; the first is used" in n for n in loaded.notes)
+
+
+def test_mask_any_mode_to_l(tmp_path: Path):
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(tmp_path / "m.png")
+    assert load_mask(tmp_path / "m.png").image.mode == "L"
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    good = tmp_path / "good.png"
+    _rgb(64, 64).save(good)
+    data = good.read_bytes()
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "folder.png").mkdir()
+    return {
+        "empty": (tmp_path / "empty.png", "not an image Pillow can read"),
+        "truncated": (tmp_path / "cut.png", "truncated"),
+        "text": (tmp_path / "text.png", "not an image Pillow can read"),
+        "folder": (tmp_path / "folder.png", "is a folder"),
+        "missing": (tmp_path / "nope.png", "no such file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty", "truncated", "text", "folder", "missing"])
+def test_bad_image_files_are_named(tmp_path: Path, case: str):
+    path, why = _bad_files(tmp_path)[case]
+    for loader, option in ((load_image, "--image"), (load_mask, "--mask")):
+        with pytest.raises(OptionError) as e:
+            loader(path)
+        assert f"{option} {path}" in str(e.value) and why in str(e.value)
+
+
+def test_mask_size_rules():
+    img = _rgb(64, 48)
+    assert check_mask_size(Image.new("L", (64, 48)), img) is None
+    assert "resized" in check_mask_size(Image.new("L", (128, 96)), img)
+    with pytest.raises(OptionError, match="64x64 and --image 64x48"):
+        check_mask_size(Image.new("L", (64, 64)), img)
+
+
+def test_default_size_rounds_down():
+    assert default_size(_rgb(70, 53), 16) == (64, 48)
+    with pytest.raises(OptionError, match="smaller than 16x16"):
+        default_size(_rgb(15, 40), 16)

@@ -1,0 +1,83 @@
+"""An img2img or inpainting request, checked before anything loads: the init image, the mask, the strength, the
+size they give the run, and where the schedule starts (the semantics of diffusers' ZImageImg2ImgPipeline and
+ZImageInpaintPipeline)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .errors import OptionError
+from .inputs import check_mask_size, default_size, to_mode
+from .sampling import start_index
+
+STRENGTH = 0.6  # img2img's default, the reference's
+INPAINT_STRENGTH = 1.0  # with a mask: the reference inpainting default
+
+
+@dataclass(frozen=True)
+class InitImage:
+    image: Image.Image  # RGB, at its own size (resized to width x height when encoded)
+    mask: Image.Image | None  # L, white = repaint
+    strength: float
+    start: int  # index of the first sigma: the DiT runs steps - start times
+    width: int
+    height: int
+    notes: tuple[str, ...]  # what was done to the inputs, for the user
+
+    def params(self) -> dict[str, object]:
+        """What an image made from this request records: the strength, and which inputs (by their pixels' sha256;
+        never the pictures themselves)."""
+        out: dict[str, object] = {"strength": self.strength, "image_sha256": pixels_sha256(self.image)}
+        if self.mask is not None:
+            out["mask_sha256"] = pixels_sha256(self.mask)
+        return out
+
+
+def pixels_sha256(image: Image.Image) -> str:
+    """sha256 over mode, size and pixels: the same picture hashes the same whatever lossless file held it."""
+    h = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def init_request(image: Image.Image | None, mask: Image.Image | None, strength: float | None, width: int | None,
+                 height: int | None, steps: int, multiple: int) -> InitImage | None:
+    """Validate the image inputs of a run; None for text-to-image. Without width and height the size is the image's,
+    rounded down to `multiple` (a note says so when that changes it); with them the image is resized (Lanczos)."""
+    if image is None:
+        if mask is not None:
+            raise OptionError("--mask needs --image: the mask marks what to repaint in that image")
+        if strength is not None:
+            raise OptionError("--strength applies to an --image; text-to-image always starts from pure noise")
+        return None
+    if strength is None:
+        strength = STRENGTH if mask is None else INPAINT_STRENGTH
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0 < strength <= 1):
+        raise OptionError(f"--strength {strength}: must be in (0, 1]; 1 repaints from pure noise, small values keep "
+                          f"more of the image")
+    start = start_index(steps, strength)
+    if start >= steps:
+        raise OptionError(f"--strength {strength} with --steps {steps} runs no DiT step; use a larger strength or "
+                          f"more steps")
+    rgb = to_mode(image, "RGB", "--image")
+    notes = list(rgb.notes)
+    if width is None and height is None:
+        width, height = default_size(rgb.image, multiple)
+        if (width, height) != rgb.image.size:
+            notes.append(f"--image is {rgb.image.width}x{rgb.image.height}: resized to {width}x{height} (Lanczos), "
+                         f"the nearest multiples of {multiple} below")
+    elif width is None or height is None:
+        raise OptionError("--width and --height go together with --image (or give neither: the image's size)")
+    elif (width, height) != rgb.image.size:
+        notes.append(f"--image {rgb.image.width}x{rgb.image.height} resized to {width}x{height} (Lanczos)")
+    gray = None
+    if mask is not None:
+        m = to_mode(mask, "L", "--mask")
+        note = check_mask_size(m.image, rgb.image)
+        notes += m.notes + ([note] if note else [])
+        gray = m.image
+    return InitImage(rgb.image, gray, float(strength), start, width, height, tuple(notes))
