@@ -410,3 +410,15 @@ def test_ctrl_c_while_writing_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_image(Image.new("RGB", (8, 8)), tmp_path / "o.png", {"prompt": "x"})
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- a closed standard output (`zimage-lite plan | head`)
+def test_closed_stdout_ends_quietly():
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone: the first write fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "zimage_lite", "plan", "--preset", "turbo", "--device", "cpu"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

@@ -183,3 +183,11 @@ def test_plan_help_names_its_model_default(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert default in " ".join(capsys.readouterr().out.split())
+
+
+def test_plan_names_where_its_budget_came_from(capsys):
+    """A budget measured from the machine is called so, not printed as a byte count posing as an option value."""
+    assert main(["plan", "--preset", "demo", "--device", "cpu"]) == 0
+    assert "budget: available RAM = " in capsys.readouterr().out
+    assert main(["plan", "--preset", "demo", "--device", "cpu", "--ram", "8GB"]) == 0
+    assert "budget: --ram 8GB = " in capsys.readouterr().out

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import optional
+from fixtures import optional, refused
 from PIL import Image
 
 from zimage_lite.errors import OptionError
@@ -129,3 +129,74 @@ def test_default_size_rounds_down():
     assert default_size(_rgb(70, 53), 16) == (64, 48)
     with pytest.raises(OptionError, match="smaller than 16x16"):
         default_size(_rgb(15, 40), 16)
+
+
+# -- the CLI: image inputs refused by name before anything loads, nothing written ------------------------------
+@pytest.mark.parametrize("case", ["empty", "truncated", "text", "folder", "missing"])
+@pytest.mark.parametrize("option", ["--image", "--mask"])
+def test_cli_refuses_bad_image_files(tiny_model, tmp_path: Path, capsys, case: str, option: str):
+    path, why = _bad_files(tmp_path)[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["run", "x", "--model", str(tiny_model), "--image", str(tmp_path / "good.png"), "--out", str(out / "o.png")]
+    argv[argv.index(option) + 1 if option == "--image" else len(argv):] = (
+        [str(path), "--out", str(out / "o.png")] if option == "--image" else ["--mask", str(path)])
+    refused(capsys, argv, f"{option} {path}", why, watch=(out,))
+
+
+@pytest.mark.parametrize("extra,names", [
+    (["--mask", "{img}"], ["--mask needs --image"]),
+    (["--strength", "0.5"], ["--strength needs --image"]),
+    (["--image", "{img}", "--strength", "0"], ["--strength 0", "(0, 1]"]),
+    (["--image", "{img}", "--strength", "1.5"], ["--strength 1.5", "(0, 1]"]),
+    (["--image", "{img}", "--strength", "nan"], ["--strength nan", "finite"]),
+    (["--image", "{img}", "--mask", "{square}"], ["--mask is 64x64 and --image 64x48", "shapes differ"]),
+    (["--image", "{img}", "--width", "64"], ["--width and --height go together with --image"]),
+])
+def test_cli_refuses_bad_image_options(tiny_model, tmp_path: Path, capsys, extra, names):
+    _rgb(64, 48).save(tmp_path / "img.png")
+    Image.new("L", (64, 64)).save(tmp_path / "square.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    subs = {"{img}": str(tmp_path / "img.png"), "{square}": str(tmp_path / "square.png")}
+    argv = ["run", "x", "--model", str(tiny_model), *(subs.get(a, a) for a in extra), "--out", str(out / "o.png")]
+    refused(capsys, argv, *names, watch=(out,))
+
+
+def test_cli_img2img_and_inpainting(tiny_model, tmp_path: Path, capsys):
+    """Both run from files, print how many DiT forwards ran, and record the strength and the inputs' hashes, which
+    --from-png needs given again."""
+    from zimage_lite.cli import main
+    from zimage_lite.image import read_params
+    from zimage_lite.init_image import pixels_sha256
+
+    src = _rgb(70, 50)
+    src.save(tmp_path / "in.png")
+    Image.new("L", (70, 50), 255).save(tmp_path / "m.png")
+    base = ["run", "a fox", "--model", str(tiny_model), "--steps", "8", "--seed", "3", "--image",
+            str(tmp_path / "in.png")]
+    assert main([*base, "--out", str(tmp_path / "a.png")]) == 0
+    err = "".join(capsys.readouterr())  # notes on stderr, the stage lines with the progress bars
+    assert "resized to 64x48" in err and "img2img at strength 0.6: 5 of 8 steps run (64x48)" in err
+    params = read_params(tmp_path / "a.png")
+    assert params["strength"] == 0.6 and params["image_sha256"] == pixels_sha256(src) and "mask_sha256" not in params
+    assert main([*base, "--mask", str(tmp_path / "m.png"), "--strength", "0.3", "--out", str(tmp_path / "b.png")]) == 0
+    assert "inpainting at strength 0.3: 3 of 8 steps run" in "".join(capsys.readouterr())
+    assert read_params(tmp_path / "b.png")["mask_sha256"] == pixels_sha256(Image.open(tmp_path / "m.png"))
+    refused(capsys, ["run", "--from-png", str(tmp_path / "b.png"), "--out", str(tmp_path / "c.png")],
+            "made from an init image", "--image FILE", watch=(tmp_path,))
+    argv = ["run", "--from-png", str(tmp_path / "b.png"), "--image", str(tmp_path / "in.png"), "--mask",
+            str(tmp_path / "m.png"), "--out", str(tmp_path / "c.png")]
+    assert main(argv) == 0  # the stored strength, seed and size: the same image again
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(Image.open(tmp_path / "c.png")))
+
+
+def test_plan_with_an_image_plans_the_encoder_first(tiny_model, tmp_path: Path, capsys):
+    from zimage_lite.cli import main
+
+    _rgb(96, 64).save(tmp_path / "in.png")
+    assert main(["plan", "--model", str(tiny_model), "--image", str(tmp_path / "in.png")]) == 0
+    out = capsys.readouterr().out
+    assert "96x64" in out and out.index("vae_encode:") < out.index("text_encoder:")
+    assert main(["plan", "--model", str(tiny_model)]) == 0
+    assert "vae_encode" not in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,9 +18,11 @@ from .options import (
     TURBO_GRID,
     check_budgets,
     check_guidance,
+    check_image_options,
     check_seed,
     check_size,
     check_steps,
+    check_strength,
     check_text,
     prompt_from,
 )
@@ -90,6 +93,18 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _add_image_args(p: argparse.ArgumentParser, mask: bool = True) -> None:
+    p.add_argument("--image", type=Path, metavar="FILE",
+                   help="img2img: start from this image (any file Pillow reads); its size unless --width/--height "
+                        "are given (then it is resized, Lanczos)")
+    if mask:
+        p.add_argument("--mask", type=Path, metavar="FILE",
+                       help="with --image, inpainting: white = repaint, black = keep (binarized at 50%%)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image, in (0, 1]: how much of the schedule runs again, about strength x --steps DiT "
+                        "forwards (default 0.6; with --mask 1.0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zimage-lite", description="Z-Image-Turbo on small hardware.")
     parser.add_argument("--version", action="version", version=f"zimage-lite {__version__}")
@@ -112,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None,
                      help="output image, .png, .jpg or .webp, or a folder (default zimage-<seed>.png)")
     run.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _add_image_args(run)
     run.add_argument("--from-png", type=Path, metavar="IMAGE",
                      help="re-run from the parameters an image made by zimage-lite carries (.png, .jpg or .webp); "
                           "options given as well replace the stored ones")
@@ -125,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--text-quant", default="BF16", help="text encoder weight format for --preset (default BF16)")
     plan.add_argument("--prompt-tokens", type=int, default=512,
                       help="caption length to plan for, chat template included (default: the 512 maximum)")
+    _add_image_args(plan, mask=False)
     plan.set_defaults(func=cmd_plan)
 
     quant = sub.add_parser("quantize", help="write GGUF (Q8_0, Q4_K_M, ...), int8 or nf4 files from a checkpoint",
@@ -187,19 +204,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = image_path(args.out, seed)
     check_image_output(out, args.force, {"prompt": prompt, "negative": args.negative})  # before loading anything
+    image, mask = _image_inputs(args)
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram)
     # checked against the model, its defaults filled in: the run starts with the first event
     events = pipe.generate(prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
                            seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
-                           cfg_truncation=args.cfg_truncation)
+                           cfg_truncation=args.cfg_truncation, image=image, mask=mask, strength=args.strength)
     if args.seed is None:
         print(f"seed: {seed}")
     start = time.perf_counter()
     peak = 0
     # One bar per stage, opened as the stage starts: the events arrive when a stage (or step) has finished.
-    stages = iter([("encode", "prompt"), ("denoise", "step"), ("decode", "image")])
-    name, seconds, bar, params = "", 0.0, None, {}
+    stages = iter([*([("encode image", "image")] if image else []), ("encode", "prompt"), ("denoise", "step"),
+                   ("decode", "image")])
+    name, seconds, bar, params, start_step = "", 0.0, None, {}, 0
 
     def next_bar(total: int) -> tqdm:
         nonlocal name, seconds
@@ -217,14 +236,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             peak = max(peak, ev.peak_bytes)
             seconds += ev.seconds
             bar.update(1)
-            if ev.stage == "encoded":
+            if ev.stage == "image_encoded":
+                start_step, info = ev.info["start"], ev.info
+                for note in info["notes"]:
+                    tqdm.write(f"note: {note}")
+                kind = "inpainting" if "mask_sha256" in info else "img2img"
+                tqdm.write(f"{kind} at strength {info['strength']:g}: {info['steps'] - start_step} of "
+                           f"{info['steps']} steps run ({info['width']}x{info['height']})")
+                close(ev)
+                bar = next_bar(1)
+            elif ev.stage == "encoded":
                 params = ev.info
                 if ev.info["truncated_from"]:
                     tqdm.write(f"note: the prompt is {ev.info['truncated_from']} tokens with the chat template; "
                                f"cut to 512")
             if ev.stage == "encoded" or (ev.stage == "step" and ev.step == ev.steps):
                 close(ev)
-                bar = next_bar(params["steps"] if ev.stage == "encoded" else 1)
+                bar = next_bar(params["steps"] - start_step if ev.stage == "encoded" else 1)
             elif ev.stage == "decoded":
                 close(ev)
                 save_image(ev.image, out, ev.info, force=args.force)
@@ -236,8 +264,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The --image and --mask files read (all of them, so a damaged file fails before the model loads), or None."""
+    check_image_options(args.image, args.mask, args.strength)
+    if args.image is None:
+        return None, None
+    from .inputs import load_image, load_mask
+
+    image = load_image(args.image)
+    mask = load_mask(args.mask) if args.mask is not None else None
+    for note in image.notes + (mask.notes if mask else []):
+        print(f"note: {note}", file=sys.stderr)
+    return image.image, mask.image if mask else None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     _check_given(args)
+    if args.strength is not None:  # planning needs no image: a strength alone plans the encoder's stage too
+        check_strength(args.strength)
+    encode = args.image is not None or args.strength is not None  # the VAE encoder's stage comes first
+    if args.image is not None and args.width is None and args.height is None:
+        from .inputs import default_size, open_image
+
+        args.width, args.height = default_size(open_image(args.image).image, TURBO_GRID.cell)
 
     from .runtime.plan import plan_for
     from .runtime.plan_format import format_plan
@@ -252,7 +301,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
             check_budgets(resolve_device("auto").type, vram, ram)
         plan = plan_for(preset, args.quant, args.width, args.height, args.cfg > 1.0, args.device,
-                        vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens)
+                        vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens, encode=encode)
     else:
         from .pipeline import load
 
@@ -260,7 +309,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     dtype=args.dtype, vram=vram, ram=ram)
         _fill_defaults(args, pipe.defaults)
         check_size(args.width, args.height, pipe.grid)
-        plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens)
+        plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens, image=encode)
     print(format_plan(plan))
     return 0
 
@@ -298,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ZImageLiteError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other command-line tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 141
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Interrupted)
             line, code = interrupted_message(e)
             print(line, file=sys.stderr)

@@ -35,6 +35,7 @@ PARAM_TYPES: dict[str, type] = {
     "prompt": str, "negative": str, "seed": int, "steps": int, "cfg": float, "cfg_normalization": float,
     "cfg_truncation": float, "width": int, "height": int, "model": str, "dit": str, "text_encoder": str, "vae": str,
     "dit_format": str, "text_encoder_format": str, "dtype": str, "device": str, "version": str,
+    "strength": float, "image_sha256": str, "mask_sha256": str,  # img2img / inpainting (not the images themselves)
 }
 
 

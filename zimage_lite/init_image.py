@@ -5,13 +5,14 @@ ZImageInpaintPipeline)."""
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
 from .errors import OptionError
-from .inputs import check_mask_size, default_size, to_mode
+from .inputs import check_mask_size, default_size, open_image, to_mode
+from .options import check_image_options
 from .sampling import start_index
 
 STRENGTH = 0.6  # img2img's default, the reference's
@@ -44,27 +45,24 @@ def pixels_sha256(image: Image.Image) -> str:
     return h.hexdigest()
 
 
-def init_request(image: Image.Image | None, mask: Image.Image | None, strength: float | None, width: int | None,
+def init_request(image: Image.Image | str | Path | None, mask: Image.Image | str | Path | None,
+                 strength: float | None, width: int | None,
                  height: int | None, steps: int, multiple: int) -> InitImage | None:
     """Validate the image inputs of a run; None for text-to-image. Without width and height the size is the image's,
     rounded down to `multiple` (a note says so when that changes it); with them the image is resized (Lanczos)."""
+    strength = check_image_options(image, mask, strength)
     if image is None:
-        if mask is not None:
-            raise OptionError("--mask needs --image: the mask marks what to repaint in that image")
-        if strength is not None:
-            raise OptionError("--strength applies to an --image; text-to-image always starts from pure noise")
         return None
     if strength is None:
         strength = STRENGTH if mask is None else INPAINT_STRENGTH
-    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0 < strength <= 1):
-        raise OptionError(f"--strength {strength}: must be in (0, 1]; 1 repaints from pure noise, small values keep "
-                          f"more of the image")
     start = start_index(steps, strength)
     if start >= steps:
         raise OptionError(f"--strength {strength} with --steps {steps} runs no DiT step; use a larger strength or "
                           f"more steps")
+    notes: list[str] = []
+    image, mask = _opened(image, "--image", notes), _opened(mask, "--mask", notes)
     rgb = to_mode(image, "RGB", "--image")
-    notes = list(rgb.notes)
+    notes += rgb.notes
     if width is None and height is None:
         width, height = default_size(rgb.image, multiple)
         if (width, height) != rgb.image.size:
@@ -81,3 +79,14 @@ def init_request(image: Image.Image | None, mask: Image.Image | None, strength: 
         notes += m.notes + ([note] if note else [])
         gray = m.image
     return InitImage(rgb.image, gray, float(strength), start, width, height, tuple(notes))
+
+
+def _opened(image: Image.Image | str | Path | None, option: str, notes: list[str]) -> Image.Image | None:
+    """A PIL image as given, or the file a path names (read as the CLI reads it)."""
+    if image is None or isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, Path)):
+        raise OptionError(f"{option}: expected a PIL image or a path to an image file, not {type(image).__name__}")
+    loaded = open_image(Path(image), option)
+    notes += loaded.notes
+    return loaded.image

@@ -103,6 +103,27 @@ def check_guidance(cfg: object, normalization: object = 0.0, truncation: object 
     return cfg, normalization, truncation
 
 
+def check_image_options(image: object, mask: object, strength: object) -> float | None:
+    """img2img / inpainting options that go together: a mask or a strength needs an init image; the strength is in
+    (0, 1]. Returns the strength (None: text-to-image, or the default for the image: 0.6, with a mask 1.0)."""
+    if image is None:
+        if mask is not None:
+            raise OptionError("--mask needs --image: the mask marks what to repaint in that image")
+        if strength is not None:
+            raise OptionError("--strength needs --image: text-to-image always starts from pure noise")
+        return None
+    return None if strength is None else check_strength(strength)
+
+
+def check_strength(strength: object) -> float:
+    """img2img strength in (0, 1]."""
+    strength = _number(strength, "--strength")
+    if not 0 < strength <= 1:
+        raise OptionError(f"--strength {strength:g}: use a value in (0, 1]: how much of the schedule is run again "
+                          f"from the image (1: from pure noise; small values keep more of the image)")
+    return strength
+
+
 def check_size(width: object, height: object, grid: Grid = TURBO_GRID) -> tuple[int, int]:
     """Width and height: multiples of the grid's cell, from one cell up to what the model's RoPE axes cover."""
     sizes = []

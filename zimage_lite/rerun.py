@@ -11,11 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import OptionError
 from .image import read_params
 
 # stored key -> the `run` option's dest (the keys are named as generate()'s keywords, as the options are)
 APPLIED = ("prompt", "negative", "seed", "steps", "cfg", "cfg_normalization", "cfg_truncation", "width", "height",
-           "model", "dit", "text_encoder", "vae", "dtype", "device")
+           "model", "dit", "text_encoder", "vae", "dtype", "device", "strength")
 PATHS = {"dit", "text_encoder", "vae"}
 
 
@@ -45,6 +46,12 @@ def apply_image_params(args: argparse.Namespace, given: set[str]) -> None:
     for key in APPLIED:
         if key in params and key not in given:
             setattr(args, key, Path(params[key]) if key in PATHS else params[key])
+    # img2img / inpainting: the images are not stored, only their hashes; they must be given again
+    for key, option in (("image_sha256", "image"), ("mask_sha256", "mask")):
+        if key in params and getattr(args, option) is None:
+            what = "a mask" if option == "mask" else "an init image"
+            raise OptionError(f"--from-png {args.from_png}: it was made from {what}, which images do not carry: "
+                              f"give it again with --{option} FILE")
     made_by = params.get("version")
     if made_by and made_by != zimage_lite.__version__:
         print(f"note: {args.from_png} was made by zimage-lite {made_by}, this is {zimage_lite.__version__}: the "

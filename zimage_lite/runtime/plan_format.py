@@ -48,7 +48,9 @@ def format_plan(plan: Plan) -> str:
     """The plan for people: one section per stage, each with its peaks, then the run's peaks and DiT traffic."""
     r = plan.request
     cuda = r.kind == "cuda"
-    given = f"{'--vram' if cuda else '--ram'} {format_option_size(r.budget + r.headroom)}"
+    size = format_option_size(r.budget + r.headroom)  # a byte count without a unit: measured, not given
+    given = (f"{'--vram' if cuda else '--ram'} {size}" if not size.isdigit()
+             else "free GPU memory" if cuda else "available RAM")
     budget = (f"{given} ({gib(r.budget + r.headroom)}) - {gib(r.headroom)} CUDA context headroom = "
               f"{gib(r.budget)} for tensors" if r.headroom else f"{given} = {gib(r.budget)} for tensors")
     lines = [(f"plan: {r.model_name}, DiT {r.quant}, text encoder {r.text_quant}, {r.width}x{r.height}, "
