@@ -186,3 +186,29 @@ def test_strength_one_is_not_text_to_image(ours):
     t2i = next(e for e in ours.generate("x", width=64, height=64, steps=2, seed=4) if e.stage == "decoded")
     i2i = _ours(ours, "x", _picture(64, 64), width=64, height=64, steps=2, seed=4, strength=1.0)[0]
     assert not torch.equal(t2i.latents, i2i)
+
+
+# Other weight formats and compute dtypes against the fp32 safetensors run (mean |diff| in 8-bit levels, img2img and
+# inpainting at strength 0.7 on the 256-wide KQUANT fixture). Measured (img2img / inpainting): Q4_K_M 2.75 / 1.43,
+# int8 0.46 / 0.29, nf4 4.96 / 2.72, bf16 0.58 / 0.62, fp16 0.035 / 0.027; each bound about 3x the larger.
+FORMAT_TOL = {"Q4_K_M": 8.0, "int8": 1.5, "nf4": 15.0, "bf16": 2.0, "fp16": 0.1}
+
+
+@pytest.mark.parametrize("fmt", list(FORMAT_TOL))
+def test_every_weight_format_and_dtype(kq_model, tmp_path, fmt):
+    from quantize.convert import convert
+
+    dtype, dit = "fp32", None
+    if fmt in ("bf16", "fp16"):
+        dtype = fmt
+    else:
+        dit = convert(kq_model, fmt, out=tmp_path)[0].path
+    ref = zimage_lite.load(kq_model, device="cpu", dtype="fp32")
+    ours = zimage_lite.load(kq_model, dit=dit, device="cpu", dtype=dtype)
+    image, mask = _picture(64, 48, seed=4), _mask(64, 48)
+    for m in (None, mask):
+        a = _ours(ref, "x", image, m, strength=0.7, steps=4, seed=2)[1]
+        b, done = _ours(ours, "x", image, m, strength=0.7, steps=4, seed=2)[1:]
+        assert done.info["dtype"] == dtype and (dit is None or done.info["dit_format"] in (fmt, "int8", "nf4"))
+        diff = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
+        assert diff <= FORMAT_TOL[fmt]

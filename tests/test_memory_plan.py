@@ -1,10 +1,13 @@
-"""Planned versus measured: the demo model at 512x512 under the smallest budget the planner accepts, every stage.
+"""Planned versus measured: the demo model at 512x512 under the smallest budget the planner accepts, every stage
+(image to image at strength 1, so the VAE encoder's stage runs too).
 
 CPU: peak RSS above the run's starting point (after a warm run and malloc_trim, tests/memory_probe.py) against the
-plan's stage peak. Measured on a 2-core AMD EPYC, fp32: text encoder 0.1 of 0.1 MiB, DiT 8.3 of 14.8 MiB, VAE
-decode 38.7-41.0 of 26.2 MiB (1.47-1.56x: RSS also holds what no tensor of the plan is, oneDNN's per-call scratch
-and the allocator's fragmentation). Held to 1.6x the plan + 4 MiB for every stage. The first run of a process pays
-one-time costs on top (oneDNN primitives and kernels per shape, thread pools: VAE +59 MiB, text encoder +9 MiB).
+plan's stage peak. Measured on a 2-core AMD EPYC, fp32: VAE encode 24.6 of 25.2 MiB, text encoder below its start,
+DiT 7.7 of 14.8 MiB, VAE decode 27.4 of 26.2 MiB (1.04x: RSS also holds what no tensor of the plan is, oneDNN's
+per-call scratch); bf16 (not tested here): encode 1.16x, decode 1.25x. Held to 1.3x the plan + 4 MiB for every
+stage. That RSS follows the plan at all is runtime/memory.py's doing (large blocks mapped, the heap trimmed at each
+stage's end): without it glibc kept freed stages in its heap and the decode after an encode measured 1.8x. The first
+run of a process pays one-time costs on top (oneDNN primitives and kernels per shape, thread pools).
 CUDA: allocated and reserved peaks against the same plan (tensors only: the CUDA context is the headroom).
 """
 
@@ -19,7 +22,7 @@ import pytest
 import torch
 
 PROBE = Path(__file__).with_name("memory_probe.py")
-CPU_FACTOR, CPU_SLACK = 1.6, 4 * 2**20
+CPU_FACTOR, CPU_SLACK = 1.3, 4 * 2**20
 CUDA_FACTOR, CUDA_SLACK = 1.25, 32 * 2**20  # reserved: the caching allocator rounds blocks up (2 MiB segments)
 
 
@@ -31,7 +34,7 @@ def _probe(size: int, dtype: str, device: str) -> list[dict]:
 
 def test_every_cpu_stage_stays_within_its_plan():
     rows = [r for r in _probe(512, "fp32", "cpu") if r["run"] == 1]
-    assert {r["stage"] for r in rows} == {"text_encoder", "dit", "vae"}
+    assert {r["stage"] for r in rows} == {"vae_encode", "text_encoder", "dit", "vae"}
     for r in rows:
         assert r["planned"] <= r["budget"]  # the plan itself fits the budget it was made for
         assert r["measured"] <= CPU_FACTOR * r["planned"] + CPU_SLACK, r
@@ -40,7 +43,7 @@ def test_every_cpu_stage_stays_within_its_plan():
 @pytest.mark.cuda
 def test_every_cuda_stage_stays_within_its_plan():
     rows = [r for r in _probe(512, "bf16" if torch.cuda.is_bf16_supported() else "fp16", "cuda") if r["run"] == 1]
-    assert {r["stage"] for r in rows} == {"text_encoder", "dit", "vae"}
+    assert {r["stage"] for r in rows} == {"vae_encode", "text_encoder", "dit", "vae"}
     for r in rows:
         assert r["measured"] <= r["planned"] + 2**20, r  # max_memory_allocated: tensors exactly as planned
         assert r["reserved"] <= CUDA_FACTOR * r["planned"] + CUDA_SLACK, r

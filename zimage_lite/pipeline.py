@@ -40,7 +40,7 @@ from .options import (
 from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import device_kind, usable_budget
-from .runtime.memory import is_out_of_memory, peak_bytes, reset_peak
+from .runtime.memory import is_out_of_memory, map_large_host_blocks, peak_bytes, reset_peak, trim_host
 from .runtime.numerics import finite, nonfinite_error
 from .runtime.placement import place
 from .runtime.plan_format import format_plan
@@ -107,6 +107,7 @@ class ZImagePipeline:
                  vram: int | None = None, ram: int | None = None) -> None:
         self.files, self.device, self.dtype, self.keep_loaded = files, device, dtype, keep_loaded
         self.vram, self.ram = vram, ram
+        map_large_host_blocks()  # freed stage memory goes back to the OS: host memory as the plan counts it
         self.plan: plan.Plan | None = None
         # (bytes, headroom) for tensors, fixed at the first plan: measured again later, free memory would no longer
         # count what kept models (keep_loaded) already hold, and each image would plan for less
@@ -209,6 +210,7 @@ class ZImagePipeline:
         release_scratch()  # sized for this stage's largest weight: the next stage plans its own
         if not self.keep_loaded:
             self._free(which)
+        trim_host()
 
     def _free(self, which: str) -> None:
         model = self._models.pop(which, None)
@@ -396,6 +398,7 @@ class ZImagePipeline:
             del encoder, pixels
             self._close_source("vae")
             release_scratch()
+            trim_host()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
