@@ -212,3 +212,22 @@ def test_every_weight_format_and_dtype(kq_model, tmp_path, fmt):
         assert done.info["dtype"] == dtype and (dit is None or done.info["dit_format"] in (fmt, "int8", "nf4"))
         diff = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
         assert diff <= FORMAT_TOL[fmt]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vram", ["600MB", "smallest"])
+def test_cuda_img2img_and_inpainting_match_the_cpu(tiny_model, vram):
+    """The same seed gives the same image on a GPU and on the CPU (the posterior sample and the noise come from one
+    seeded CPU generator), resident and at the smallest --vram (DiT streamed, VAE tiled). Bound as
+    test_streaming's CUDA-vs-CPU check: 2 levels (never run here: no GPU was lent)."""
+    image, mask = _picture(128, 96, seed=6), _mask(128, 96)
+    cpu = zimage_lite.load(tiny_model, device="cpu", dtype="fp32")
+    if vram == "smallest":
+        probe = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram="600MB")
+        request = probe.make_plan(128, 96, 0.0, probe.tokenizer.encode("x").ids.shape[0], image=True).request
+        vram = minimum_budget(replace(request, budget=1)) + request.headroom
+    gpu = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram=vram)
+    for m in (None, mask):
+        a = _ours(gpu, "x", image, m, strength=0.8, steps=3, seed=5)[1]
+        b = _ours(cpu, "x", image, m, strength=0.8, steps=3, seed=5)[1]
+        assert np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32)).max() <= 2
