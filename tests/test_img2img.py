@@ -112,6 +112,19 @@ def test_img2img_matches_diffusers(img2img, ours, lang, width, height, strength,
 
 
 @needs_pipeline
+@pytest.mark.parametrize("steps,strength,cfg", [(3, 0.34, 0.0), (9, 0.6, 0.0), (8, 0.6, 0.5)])
+def test_img2img_other_steps_and_weak_guidance(img2img, ours, steps, strength, cfg):
+    """Step counts whose sigmas round differently in float64 (3, 9), and guidance at 0 < cfg <= 1, which diffusers
+    runs (the official code does not)."""
+    image = _picture(64, 64, seed=8)
+    lat, got, _ = _ours(ours, PROMPTS["en"], image, steps=steps, seed=2, cfg=cfg, negative="dark" if cfg else "",
+                        strength=strength)
+    want_lat, want = _theirs(img2img, PROMPTS["en"], image, steps=steps, seed=2, cfg=cfg,
+                             negative="dark" if cfg else "", strength=strength)
+    _assert_same(lat, got, want_lat, want)
+
+
+@needs_pipeline
 def test_img2img_default_strength_is_diffusers(img2img, ours):
     image = _picture(64, 48, seed=3)
     lat, got, done = _ours(ours, PROMPTS["en"], image, steps=8, seed=11)

@@ -24,6 +24,7 @@ from .options import (
     check_steps,
     check_strength,
     check_text,
+    guidance_on,
     prompt_from,
 )
 from .runtime.budget import device_kind
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_size_args(run)
     run.add_argument("--seed", type=int, default=None,
                      help="noise seed, 0 to 2**64-1 (default: random, printed and stored)")
-    run.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
+    run.add_argument("--negative", default="", help="negative prompt (used when --cfg > 0)")
     run.add_argument("--cfg-normalization", type=float, default=0.0,
                      help="cap the guided prediction's norm at this factor times the positive one (0: off)")
     run.add_argument("--cfg-truncation", type=float, default=1.0,
@@ -300,7 +301,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             from .pipeline import resolve_device
 
             check_budgets(resolve_device("auto").type, vram, ram)
-        plan = plan_for(preset, args.quant, args.width, args.height, args.cfg > 1.0, args.device,
+        plan = plan_for(preset, args.quant, args.width, args.height, guidance_on(args.cfg), args.device,
                         vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens, encode=encode)
     else:
         from .pipeline import load

@@ -85,12 +85,19 @@ def check_steps(steps: object, limit: int = MAX_STEPS) -> int:
     return steps
 
 
+def guidance_on(cfg: float) -> bool:
+    """Classifier-free guidance runs when the scale is above 0, as in every diffusers Z-Image pipeline (0.37 on).
+    The official code runs it above 1 only; the two agree for Turbo (0) and Base (4-5), and differ for 0 < cfg <= 1,
+    where zimage-lite follows diffusers, the reference its images are held to."""
+    return cfg > 0.0
+
+
 def check_guidance(cfg: object, normalization: object = 0.0, truncation: object = 1.0) -> tuple[float, float, float]:
-    """Guidance scale in [0, MAX_CFG] (CFG runs above 1, as in the official pipeline), normalization >= 0 (0: off)
+    """Guidance scale in [0, MAX_CFG] (CFG runs above 0: guidance_on), normalization >= 0 (0: off)
     and truncation in [0, 1] (the model time t = 1 - sigma runs from 0 to 1)."""
     cfg = _number(cfg, "--cfg")
     if not 0 <= cfg <= MAX_CFG:
-        raise OptionError(f"--cfg {cfg:g}: use 0 to {MAX_CFG:g} (guidance runs above 1: Base uses 4-5, Turbo 0; "
+        raise OptionError(f"--cfg {cfg:g}: use 0 to {MAX_CFG:g} (guidance runs above 0: Base uses 4-5, Turbo 0; "
                           f"{'a negative scale is no guidance at all' if cfg < 0 else 'higher saturates the image'})")
     normalization = _number(normalization, "--cfg-normalization")
     if normalization < 0:

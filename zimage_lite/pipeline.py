@@ -36,6 +36,7 @@ from .options import (
     check_text,
     defaults_of,
     grid_of,
+    guidance_on,
 )
 from .quant.qlinear import release_scratch
 from .runtime import plan
@@ -169,7 +170,7 @@ class ZImagePipeline:
                              vae=self._open("vae")[0])
         if self._budget is None:
             self._budget = usable_budget(str(self.device), self.vram, self.ram)
-        return plan.plan_for(config, self.weight_format("dit"), width, height, cfg > 1.0, str(self.device),
+        return plan.plan_for(config, self.weight_format("dit"), width, height, guidance_on(cfg), str(self.device),
                              self.vram, self.ram, DTYPE_NAMES[self.dtype], self.weight_format("text_encoder"),
                              caption_tokens=caption_tokens, dit_tensors=self.tensor_table("dit"),
                              text_tensors=self.tensor_table("text_encoder"), keep_loaded=self.keep_loaded,
@@ -267,7 +268,7 @@ class ZImagePipeline:
                                                                 cfg_normalization, cfg_truncation)
         negative = check_text(negative, "--negative", empty_ok=True)
         params: dict[str, Any] = {
-            "prompt": check_text(prompt, "PROMPT"), "negative": negative if cfg > 1.0 else "",
+            "prompt": check_text(prompt, "PROMPT"), "negative": negative if guidance_on(cfg) else "",
             "seed": secrets.randbelow(2**63) if seed is None else check_seed(seed), "steps": steps, "cfg": cfg,
             "cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation, "width": width,
             "height": height, **(init.params() if init else {}), "model": self.files.model or self.files.name}
@@ -298,7 +299,7 @@ class ZImagePipeline:
     def _generate(self, params: dict[str, Any], init: InitImage | None) -> Iterator[Event]:
         cfg = params["cfg"]
         tokens = self.tokenizer.encode(params["prompt"])
-        neg_tokens = self.tokenizer.encode(params["negative"]) if cfg > 1.0 else None
+        neg_tokens = self.tokenizer.encode(params["negative"]) if guidance_on(cfg) else None
         longest = max(tokens.ids.shape[0], neg_tokens.ids.shape[0] if neg_tokens else 0)
         new_plan = self.make_plan(params["width"], params["height"], cfg, caption_tokens=longest,
                                   image=init is not None)

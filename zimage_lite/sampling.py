@@ -9,12 +9,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .options import guidance_on
+
 
 def get_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """steps+1 sigmas in fp32, the last 0. Computed in float64 then rounded once, like the reference scheduler."""
-    s = np.linspace(1.0, 0.0, steps + 1, dtype=np.float64)[:-1]
-    s = shift * s / (1.0 + (shift - 1.0) * s)
-    return torch.cat([torch.from_numpy(s).float(), torch.zeros(1)])
+    """steps+1 sigmas in fp32, the last 0, computed as diffusers' pipeline and scheduler compute them: the steps
+    sigmas 1 .. 1/steps by an fp32 linspace, then the shift in fp32 (the official code works in float64 and differs
+    from this by one fp32 ulp at some step counts: diffusers is the reference that images are held to)."""
+    s = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float32).numpy()
+    s = shift * s / (1 + (shift - 1) * s)  # numpy float32 throughout (a Python float does not widen it)
+    return torch.cat([torch.from_numpy(s.astype(np.float32)), torch.zeros(1)])
 
 
 def model_time(sigma: torch.Tensor) -> torch.Tensor:
@@ -32,8 +36,8 @@ def get_noise(seed: int | torch.Generator, channels: int, height: int, width: in
 
 
 def guidance_active(cfg: float, t_model: float, truncation: float) -> bool:
-    """CFG runs when the scale is above 1 (as the official pipeline has it) and t is not past the truncation."""
-    return cfg > 1.0 and not t_model > truncation
+    """CFG runs when it is on (options.guidance_on) and t is not past the truncation."""
+    return guidance_on(cfg) and not t_model > truncation
 
 
 def combine_cfg(pos: torch.Tensor, neg: torch.Tensor, scale: float, normalization: float = 0.0) -> torch.Tensor:
