@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures import TINY, make_checkpoint, refused
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from zimage_lite.cli import main
@@ -297,6 +298,26 @@ def test_nonfinite_weights_are_named(case, ckpt, tmp_path, capsys):
     err = refused(capsys, run_argv(ckpt, tmp_path, dtype=dtype), f"the {stage} produced NaN/inf", name,
                   str(ckpt / file), "3 of", "download or convert it again", watch=(tmp_path,))
     assert "fp16" not in err  # the weights are at fault, not the dtype
+
+
+def test_nonfinite_vae_encoder_weight_is_named(ckpt, tmp_path, capsys):
+    """img2img: a NaN in the encoder's weights stops the run at the encoder stage, named, before the DiT runs."""
+    name = edit_tensor(ckpt, VAE_FILE, "encoder.conv_in.weight", float("nan"), slice(0, 3))
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "in.png")
+    err = refused(capsys, run_argv(ckpt, tmp_path, "--image", str(tmp_path / "in.png")),
+                  "the VAE encoder produced NaN/inf", name, str(ckpt / VAE_FILE), "3 of", watch=(tmp_path,))
+    assert "DiT" not in err
+
+
+def test_ordinary_finite_weights_are_not_called_large(ckpt, tmp_path, capsys, monkeypatch):
+    """NaN from a stage whose weights are all finite and ordinary: no claim that they are too large."""
+    import zimage_lite.pipeline as pipeline
+
+    real = pipeline.finite
+    monkeypatch.setattr(pipeline, "finite", lambda t: real(t) and t.dim() != 4)  # the DiT prediction "overflows"
+    err = refused(capsys, run_argv(ckpt, tmp_path), "the DiT produced NaN/inf", "ordinary size",
+                  "an input or an intermediate overflowed", watch=(tmp_path,))
+    assert "weights that large" not in err
 
 
 def test_fp16_is_blamed_only_when_the_weights_are_finite(ckpt, tmp_path, capsys):

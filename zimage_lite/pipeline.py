@@ -232,15 +232,17 @@ class ZImagePipeline:
         self._check_finite("text_encoder", feats)
         return feats
 
-    def _check_finite(self, which: str, output: torch.Tensor) -> None:
+    def _check_finite(self, which: str, output: torch.Tensor, model: type[torch.nn.Module] | None = None,
+                      label: str | None = None) -> None:
         """One isfinite on what a stage hands on (the latent's or the image's size, never the weights). On NaN/inf:
-        free what is loaded, then find out why from that component's weights (runtime/numerics.py)."""
+        free what is loaded, then find out why from that component's weights (runtime/numerics.py); `model` and
+        `label` for a model of the component other than its run model (the VAE encoder)."""
         if finite(output):
             return
         for loaded in list(self._models):
             self._free(loaded)
         config, source = self._open(which)
-        raise nonfinite_error(which, config, source, self.vae_dtype if which == "vae" else self.dtype)
+        raise nonfinite_error(which, config, source, self.vae_dtype if which == "vae" else self.dtype, model, label)
 
     # -- generation -------------------------------------------------------------------------------------------
     def run_params(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
@@ -394,7 +396,7 @@ class ZImagePipeline:
         stage = self.plan.stage("vae_encode")
         pixels = image_tensor(init.image, width, height)
         try:
-            return encoder.encode(pixels, tile=stage.tile if stage.tiled else None, generator=generator).cpu()
+            latents = encoder.encode(pixels, tile=stage.tile if stage.tiled else None, generator=generator).cpu()
         finally:
             del encoder, pixels
             self._close_source("vae")
@@ -402,6 +404,8 @@ class ZImagePipeline:
             trim_host()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        self._check_finite("vae", latents, AutoencoderEncoder, "VAE encoder")
+        return latents
 
     def text_to_image(self, prompt: str, **kwargs: Any) -> Image.Image:
         """Run all stages and return the image (generation parameters in `image.info`)."""

@@ -28,6 +28,7 @@ from ..weights.sources import TensorSource
 SCAN_PIECE = 1 << 22  # values per piece scanned: 16 MB in fp32
 FP16_MAX = float(torch.finfo(torch.float16).max)
 LISTED = 3  # tensors named in a message; the rest are counted
+LARGE_WEIGHT = 1e4  # trained weights sit within a few units; one this large points at a damaged file
 
 
 def finite(t: torch.Tensor) -> bool:
@@ -100,17 +101,20 @@ def _listed(bad: list[BadTensor]) -> str:
     return "; ".join(one(b) for b in bad[:LISTED]) + more
 
 
-def weight_names(kind: str, config: Any) -> list[str]:
-    """The tensors the run's model of `kind` reads (built on `meta`: no memory), in the model's order."""
+def weight_names(kind: str, config: Any, model: type[torch.nn.Module] | None = None) -> list[str]:
+    """The tensors a model of component `kind` reads (its run model unless `model` names another of the component's
+    models, such as the VAE's encoder), built on `meta` (no memory), in the model's order."""
     with torch.device("meta"):
-        return list(REGISTRY[kind].model(config).state_dict())
+        return list((model or REGISTRY[kind].model)(config).state_dict())
 
 
-def nonfinite_error(kind: str, config: Any, source: TensorSource, dtype: torch.dtype) -> NumericsError:
-    """Why the `kind` stage ('text_encoder', 'dit', 'vae') produced NaN/inf while computing in `dtype`: the
-    tensors of its weights that hold NaN/inf, or, with all weights finite, the range of the compute dtype."""
-    label = REGISTRY[kind].label
-    scan = scan_weights(source, weight_names(kind, config))
+def nonfinite_error(kind: str, config: Any, source: TensorSource, dtype: torch.dtype,
+                    model: type[torch.nn.Module] | None = None, label: str | None = None) -> NumericsError:
+    """Why the `kind` stage ('text_encoder', 'dit', 'vae'; `model` and `label` for another model of the component,
+    as the VAE encoder) produced NaN/inf while computing in `dtype`: the tensors of its weights that hold NaN/inf, or,
+    with all weights finite, the range of the compute dtype."""
+    label = label or REGISTRY[kind].label
+    scan = scan_weights(source, weight_names(kind, config, model))
     what = f"the {label} produced NaN/inf values"
     if scan.bad:
         return NumericsError(f"{what}: its weights hold NaN/inf in tensor {_listed(scan.bad)}; the file is corrupt: "
@@ -122,6 +126,10 @@ def nonfinite_error(kind: str, config: Any, source: TensorSource, dtype: torch.d
                   if scan.largest > FP16_MAX else "")
         return NumericsError(f"{what} computing in fp16, and its weights are all finite: fp16 overflowed{beyond}; "
                              f"use --dtype bf16 or fp32")
-    return NumericsError(f"{what} computing in {dtype_name} although its weights are all finite; the largest is "
-                         f"{scan.largest:.3g} {where}, and weights that large overflow: the file is likely corrupt, "
-                         f"download or convert it again")
+    if scan.largest > LARGE_WEIGHT:
+        return NumericsError(f"{what} computing in {dtype_name} although its weights are all finite; the largest is "
+                             f"{scan.largest:.3g} {where}, and weights that large overflow: the file is likely "
+                             f"corrupt, download or convert it again")
+    return NumericsError(f"{what} computing in {dtype_name} although its weights are all finite and of ordinary size "
+                         f"(the largest {scan.largest:.3g}): an input or an intermediate overflowed; if other prompts "
+                         f"and images do the same, the file may be damaged: download or convert it again")
