@@ -160,11 +160,12 @@ def test_run_then_from_png_makes_the_same_image(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("make,names", [
-    (lambda p: None, ["no such file"]),
-    (lambda p: p.write_bytes(b"not an image"), ["not a readable PNG, JPEG or WebP"]),
+    (lambda p: None, ["not found"]),
+    (lambda p: p.write_bytes(b"not an image"), ["not an image Pillow can read"]),
     (lambda p: Image.new("RGB", (4, 4)).save(p), ["no zimage-lite parameters"]),
-    (lambda p: p.mkdir(), ["not a regular file"]),
-    (lambda p: os.mkfifo(p), ["not a regular file"]),  # would block a read
+    (lambda p: p.mkdir(), ["a folder, not a file"]),
+    (lambda p: os.mkfifo(p), ["a FIFO"]),  # would block a read
+    (lambda p: Image.new("1", (20000, 20000)).save(p), ["too large to read safely"]),  # a decompression bomb
 ])
 def test_from_png_without_parameters(tmp_path, capsys, no_work, make, names):
     src = tmp_path / "in.png"

@@ -3,6 +3,7 @@ preprocessed exactly as diffusers' image and mask processors do; files that are 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -99,22 +100,31 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")  # would block a reader forever
+    # 20000 x 20000 pixels in a 48 KB file: past Pillow's decompression-bomb limit (179 Mpx)
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
     return {
-        "empty": (tmp_path / "empty.png", "not an image Pillow can read"),
+        "empty": (tmp_path / "empty.png", "empty (0 bytes)"),
         "truncated": (tmp_path / "cut.png", "truncated"),
         "text": (tmp_path / "text.png", "not an image Pillow can read"),
-        "folder": (tmp_path / "folder.png", "is a folder"),
-        "missing": (tmp_path / "nope.png", "no such file"),
+        "folder": (tmp_path / "folder.png", "a folder, not a file"),
+        "missing": (tmp_path / "nope.png", "not found"),
+        "fifo": (tmp_path / "fifo.png", "a FIFO"),
+        "device": (Path("/dev/null"), "a character device"),
+        "bomb": (tmp_path / "bomb.png", "too large to read safely"),
     }
 
 
-@pytest.mark.parametrize("case", ["empty", "truncated", "text", "folder", "missing"])
+BAD_FILES = ["empty", "truncated", "text", "folder", "missing", "fifo", "device", "bomb"]
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
 def test_bad_image_files_are_named(tmp_path: Path, case: str):
     path, why = _bad_files(tmp_path)[case]
     for loader, option in ((load_image, "--image"), (load_mask, "--mask")):
         with pytest.raises(OptionError) as e:
             loader(path)
-        assert f"{option} {path}" in str(e.value) and why in str(e.value)
+        assert f"{path} ({option})" in str(e.value) and why in str(e.value)
 
 
 def test_mask_size_rules():
@@ -132,7 +142,7 @@ def test_default_size_rounds_down():
 
 
 # -- the CLI: image inputs refused by name before anything loads, nothing written ------------------------------
-@pytest.mark.parametrize("case", ["empty", "truncated", "text", "folder", "missing"])
+@pytest.mark.parametrize("case", BAD_FILES)
 @pytest.mark.parametrize("option", ["--image", "--mask"])
 def test_cli_refuses_bad_image_files(tiny_model, tmp_path: Path, capsys, case: str, option: str):
     path, why = _bad_files(tmp_path)[case]
@@ -141,7 +151,7 @@ def test_cli_refuses_bad_image_files(tiny_model, tmp_path: Path, capsys, case: s
     argv = ["run", "x", "--model", str(tiny_model), "--image", str(tmp_path / "good.png"), "--out", str(out / "o.png")]
     argv[argv.index(option) + 1 if option == "--image" else len(argv):] = (
         [str(path), "--out", str(out / "o.png")] if option == "--image" else ["--mask", str(path)])
-    refused(capsys, argv, f"{option} {path}", why, watch=(out,))
+    refused(capsys, argv, f"{path} ({option})", why, watch=(out,))
 
 
 @pytest.mark.parametrize("extra,names", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import OptionError
 from .output import check_output, write_atomic
+from .weights.checks import check_path
 
 if TYPE_CHECKING:
     import torch
@@ -139,22 +141,34 @@ def save_image(image: Image.Image, path: str | Path, params: Mapping[str, Any] |
     write_atomic(path, lambda tmp: image.save(tmp, format=fmt, **options), force)
 
 
+def open_picture(path: str | Path, option: str) -> Image.Image:
+    """An image file read whole (a truncated file fails here, not later), or OptionError naming the option and the
+    file: not a regular file, empty, not an image, damaged, or larger than Pillow's decompression-bomb limit."""
+    path = check_path(path, option, error=OptionError)  # a FIFO would block the read
+    try:
+        with warnings.catch_warnings():  # sizes are checked by the caller against the model; Pillow's own warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # would only print
+            img = Image.open(path)
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise OptionError(f"{path} ({option}): too large to read safely ({e}); resize it first") from None
+    except UnidentifiedImageError:
+        raise OptionError(f"{path} ({option}): not an image Pillow can read (a damaged or non-image file); give a "
+                          f"PNG, JPEG or WebP") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise OptionError(f"{path} ({option}): the image cannot be read ({e}); the file may be truncated") from None
+    return img
+
+
 def read_params(path: str | Path) -> dict[str, Any]:
     """The run parameters an image written by `save_image` carries, typed (seed an int, cfg a float, ...)."""
     path = Path(path)
-    if not path.exists():
-        raise OptionError(f"--from-png {path}: no such file")
-    if not path.is_file():  # a folder, or a FIFO that would block the read
-        raise OptionError(f"--from-png {path}: not a regular file")
-    try:
-        with Image.open(path) as img:
-            if img.format == "PNG":
-                raw = img.text.get(METADATA_KEY)
-            else:
-                raw = img.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
-                raw = raw.removeprefix(ASCII_CODE).decode("ascii", "replace") if isinstance(raw, bytes) else raw
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise OptionError(f"--from-png {path}: not a readable PNG, JPEG or WebP image ({e})") from None
+    img = open_picture(path, "--from-png")
+    if img.format == "PNG":
+        raw = img.text.get(METADATA_KEY)
+    else:
+        raw = img.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+        raw = raw.removeprefix(ASCII_CODE).decode("ascii", "replace") if isinstance(raw, bytes) else raw
     if not raw:
         raise OptionError(f"--from-png {path}: the image holds no zimage-lite parameters; give the prompt and "
                           "options on the command line instead")

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import OptionError
+from .image import open_picture
 
 MASK_THRESHOLD = 0.5  # the reference binarizes the resized mask here: below keeps, at or above repaints
 ASPECT_TOLERANCE = 0.01  # a mask whose aspect ratio differs by more than this from the image's is refused
@@ -34,25 +35,11 @@ class Loaded:
 
 
 def open_image(path: Path, option: str = "--image") -> Loaded:
-    """Read an image file fully (a truncated file fails here, not mid-run), in RGB or, for a mask, as it is."""
-    path = Path(path)
-    if path.is_dir():
-        raise OptionError(f"{option} {path}: is a folder; give an image file (PNG, JPEG, WebP, ...)")
-    if not path.is_file():
-        raise OptionError(f"{option} {path}: no such file")
-    try:
-        img = Image.open(path)
-        frames = getattr(img, "n_frames", 1)
-        img.seek(0)
-        img.load()
-    except UnidentifiedImageError:
-        raise OptionError(f"{option} {path}: not an image Pillow can read (an empty, damaged or non-image file); "
-                          f"give a PNG, JPEG or WebP") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise OptionError(f"{option} {path}: the image cannot be read ({e}); the file may be truncated") from None
-    notes = [f"{option} {path.name}: {frames} frames; the first is used"] if frames > 1 else []
-    img = ImageOps.exif_transpose(img)
-    return Loaded(img, notes)
+    """An input image read whole (image.open_picture), its first frame, upright as its EXIF orientation says."""
+    img = open_picture(path, option)
+    frames = getattr(img, "n_frames", 1)  # open_picture read the first frame
+    notes = [f"{option} {Path(path).name}: {frames} frames; the first is used"] if frames > 1 else []
+    return Loaded(ImageOps.exif_transpose(img), notes)
 
 
 def to_mode(img: Image.Image, mode: str, option: str) -> Loaded:
@@ -64,8 +51,9 @@ def to_mode(img: Image.Image, mode: str, option: str) -> Loaded:
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        kind = "16-bit" if top > 255 else "float" if img.mode == "F" else "integer"
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-        notes.append(f"{option}: a {'16-bit' if top > 255 else 'integer'} image, scaled to 8 bits")
+        notes.append(f"{option}: a {kind} image, scaled to 8 bits")
     elif img.mode not in ("1", "L", "RGB"):
         notes.append(f"{option}: {img.mode} converted to {mode}"
                      + (" (transparency dropped)" if "A" in img.mode or "transparency" in img.info else ""))

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ZImageLiteError
 
 _NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -24,30 +24,32 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
 
 
-def check_path(path: Path | str, option: str | None = None, folder_ok: bool = False) -> Path:
+def check_path(path: Path | str, option: str | None = None, folder_ok: bool = False,
+               error: type[ZImageLiteError] = CheckpointError) -> Path:
     """`path` when it is a regular file that can be read and is not empty, or (with `folder_ok`) a folder that can
-    be listed; else CheckpointError naming the path, the option it came from (`--dit`, ...) and what to give."""
+    be listed; else `error` (CheckpointError for weights, OptionError for an input image) naming the path, the option
+    it came from (`--dit`, `--image`, ...) and what to give."""
     path = Path(path)
     where = f"{path} ({option})" if option else str(path)
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise CheckpointError(f"{where}: not found") from None
+        raise error(f"{where}: not found") from None
     except OSError as e:  # a path through a file (NotADirectoryError), a loop of links, a name too long
-        raise CheckpointError(f"{where}: cannot be looked up ({e.strerror or e})") from None
+        raise error(f"{where}: cannot be looked up ({e.strerror or e})") from None
     wanted = "a weights file or a model folder" if folder_ok else "a regular file"
     if stat.S_ISDIR(st.st_mode):
         if not folder_ok:
-            raise CheckpointError(f"{where}: a folder, not a file; give the file itself")
+            raise error(f"{where}: a folder, not a file; give the file itself")
         if not os.access(path, os.R_OK | os.X_OK):
-            raise CheckpointError(f"{where}: the folder cannot be read (permission denied); make it readable")
+            raise error(f"{where}: the folder cannot be read (permission denied); make it readable")
         return path
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{where}: {_kind(st.st_mode)}, not a regular file; give {wanted}")
+        raise error(f"{where}: {_kind(st.st_mode)}, not a regular file; give {wanted}")
     if not os.access(path, os.R_OK):
-        raise CheckpointError(f"{where}: the file cannot be read (permission denied); make it readable")
+        raise error(f"{where}: the file cannot be read (permission denied); make it readable")
     if st.st_size == 0:
-        raise CheckpointError(f"{where}: the file is empty (0 bytes), an interrupted download or copy? Download or "
+        raise error(f"{where}: the file is empty (0 bytes), an interrupted download or copy? Download or "
                               f"convert it again")
     return path
 
