@@ -423,3 +423,22 @@ def test_closed_stdout_ends_quietly():
     finally:
         os.close(write)
     assert done.returncode == 141 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+def test_jpeg_metadata_with_the_run_paths_is_checked_before_the_run(tiny_model, tmp_path, capsys, monkeypatch):
+    """The prompt fits a JPEG's metadata on its own, but not with the model's long path the run records: refused
+    once the model is loaded, before any stage runs (not after the whole run)."""
+    import zimage_lite.pipeline as pipeline
+
+    deep = tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 200) / ("g" * 200)
+    deep.mkdir(parents=True)
+    (deep / "model").symlink_to(tiny_model)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["run", "a" * 64300, "--model", str(deep / "model"), *SMALL, "--out", str(out / "o.jpg")]
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("a stage ran")
+
+    monkeypatch.setattr(pipeline.ZImagePipeline, "_stages", no_stage)
+    refused(capsys, argv, "o.jpg", "do not fit a JPEG", watch=(out,))

@@ -210,3 +210,61 @@ def test_plan_with_an_image_plans_the_encoder_first(tiny_model, tmp_path: Path, 
     assert "96x64" in out and out.index("vae_encode:") < out.index("text_encoder:")
     assert main(["plan", "--model", str(tiny_model)]) == 0
     assert "vae_encode" not in capsys.readouterr().out
+
+
+def test_checks_come_before_the_model_loads(tiny_model, tmp_path: Path, capsys, monkeypatch):
+    """Every image option is checked before the model loads: the image's size against the model's bounds (an image
+    too large says so, not "--width"), a mask of another shape, --width without --height."""
+    import zimage_lite.pipeline as pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load", no_load)
+    Image.new("RGB", (8208, 64)).save(tmp_path / "wide.png")  # a panorama past the 8192-pixel grid
+    _rgb(64, 48).save(tmp_path / "img.png")
+    Image.new("L", (64, 64)).save(tmp_path / "square.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    base = ["run", "x", "--model", str(tiny_model), "--out", str(out / "o.png")]
+    refused(capsys, [*base, "--image", str(tmp_path / "wide.png")], "--image is 8208x64", "at most 8192x8192",
+            "give --width and --height", watch=(out,))
+    refused(capsys, [*base, "--image", str(tmp_path / "img.png"), "--mask", str(tmp_path / "square.png")],
+            "shapes differ", watch=(out,))
+    refused(capsys, [*base, "--image", str(tmp_path / "img.png"), "--height", "64"], "go together", watch=(out,))
+    refused(capsys, [*base, "--image", str(tmp_path / "img.png"), "--strength", "1e-300", "--steps", "8"],
+            "runs no DiT step", "--strength 0.125 or more", watch=(out,))
+    refused(capsys, ["plan", "--model", str(tiny_model), "--image", str(tmp_path / "img.png"), "--width", "64"],
+            "go together")
+
+
+def test_api_image_inputs(tmp_path: Path):
+    """The Python API takes PIL images (also lazily opened ones, checked whole first) or paths, and any real
+    number as the strength."""
+    import zimage_lite
+
+    pipe = zimage_lite.load("demo", device="cpu", dtype="fp32")
+    _rgb(64, 64).save(tmp_path / "img.png")
+    data = (tmp_path / "img.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OptionError, match="--image: the image cannot be read"):
+        pipe.generate("x", image=Image.open(tmp_path / "cut.png"), steps=1)
+    with pytest.raises(OptionError, match="expected a PIL image or a path"):
+        pipe.generate("x", image=np.zeros((64, 64, 3), np.uint8), steps=1)
+    params = pipe.run_params("x", image=str(tmp_path / "img.png"), strength=np.float32(0.5), steps=2)
+    assert params["strength"] == 0.5 and (params["width"], params["height"]) == (64, 64)
+
+
+def test_from_png_notes_another_image(tiny_model, tmp_path: Path, capsys):
+    from zimage_lite.cli import main
+
+    _rgb(64, 48, seed=1).save(tmp_path / "a.png")
+    _rgb(64, 48, seed=2).save(tmp_path / "b.png")
+    base = ["--model", str(tiny_model), "--steps", "2", "--seed", "1"]
+    assert main(["run", "x", *base, "--image", str(tmp_path / "a.png"), "--out", str(tmp_path / "r.png")]) == 0
+    capsys.readouterr()
+    again = ["run", "--from-png", str(tmp_path / "r.png"), "--out", str(tmp_path / "s.png"), "--image"]
+    assert main([*again, str(tmp_path / "a.png")]) == 0
+    assert "is not the one" not in capsys.readouterr().err
+    assert main([*again, str(tmp_path / "b.png"), "--force"]) == 0
+    assert "b.png is not the one" in capsys.readouterr().err

@@ -208,6 +208,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     image, mask = _image_inputs(args)
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram)
+    # the output's metadata as the run will write it (paths, hashes): checked before the run, not after
+    check_image_output(out, args.force, pipe.run_params(
+        prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps, seed=seed, cfg=args.cfg,
+        cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation, image=image, mask=mask,
+        strength=args.strength))
     # checked against the model, its defaults filled in: the run starts with the first event
     events = pipe.generate(prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
                            seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
@@ -266,16 +271,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _image_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The --image and --mask files read (all of them, so a damaged file fails before the model loads), or None."""
+    """The --image and --mask files read and checked with every image option before the model loads (the pipeline
+    checks again against the model's own bounds and steps), or (None, None)."""
     check_image_options(args.image, args.mask, args.strength)
     if args.image is None:
         return None, None
+    from .init_image import init_request, pixels_sha256
     from .inputs import load_image, load_mask
 
     image = load_image(args.image)
     mask = load_mask(args.mask) if args.mask is not None else None
     for note in image.notes + (mask.notes if mask else []):
         print(f"note: {note}", file=sys.stderr)
+    init_request(image.image, mask.image if mask else None, args.strength, args.width, args.height, args.steps)
+    for key, option, loaded in (("image_sha256", "--image", image), ("mask_sha256", "--mask", mask)):
+        stored = getattr(args, "stored", {}).get(key)  # --from-png: the inputs the image was made from
+        if stored and loaded and pixels_sha256(loaded.image) != stored:
+            print(f"note: {option} {args.image if option == '--image' else args.mask} is not the one "
+                  f"{args.from_png} was made from: the result will differ", file=sys.stderr)
     return image.image, mask.image if mask else None
 
 
@@ -284,10 +297,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.strength is not None:  # planning needs no image: a strength alone plans the encoder's stage too
         check_strength(args.strength)
     encode = args.image is not None or args.strength is not None  # the VAE encoder's stage comes first
-    if args.image is not None and args.width is None and args.height is None:
-        from .inputs import default_size, open_image
+    if args.image is not None:  # the size a run from it would have, checked as run checks it
+        from .init_image import init_request
+        from .inputs import open_image
 
-        args.width, args.height = default_size(open_image(args.image).image, TURBO_GRID.cell)
+        init = init_request(open_image(args.image).image, None, args.strength, args.width, args.height, args.steps)
+        args.width, args.height = init.width, init.height
 
     from .runtime.plan import plan_for
     from .runtime.plan_format import format_plan

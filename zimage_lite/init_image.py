@@ -12,7 +12,7 @@ from PIL import Image
 
 from .errors import OptionError
 from .inputs import check_mask_size, default_size, open_image, to_mode
-from .options import check_image_options
+from .options import TURBO_GRID, Grid, check_image_options
 from .sampling import start_index
 
 STRENGTH = 0.6  # img2img's default, the reference's
@@ -46,28 +46,32 @@ def pixels_sha256(image: Image.Image) -> str:
 
 
 def init_request(image: Image.Image | str | Path | None, mask: Image.Image | str | Path | None,
-                 strength: float | None, width: int | None,
-                 height: int | None, steps: int, multiple: int) -> InitImage | None:
+                 strength: float | None, width: int | None, height: int | None, steps: int | None,
+                 grid: Grid = TURBO_GRID) -> InitImage | None:
     """Validate the image inputs of a run; None for text-to-image. Without width and height the size is the image's,
-    rounded down to `multiple` (a note says so when that changes it); with them the image is resized (Lanczos)."""
+    rounded down to the grid's cell (a note says so when that changes it); with them the image is resized (Lanczos).
+    `steps` None (not known yet: the model's default) skips the check that a DiT step runs; the pipeline repeats it."""
     strength = check_image_options(image, mask, strength)
     if image is None:
         return None
     if strength is None:
         strength = STRENGTH if mask is None else INPAINT_STRENGTH
-    start = start_index(steps, strength)
-    if start >= steps:
-        raise OptionError(f"--strength {strength} with --steps {steps} runs no DiT step; use a larger strength or "
-                          f"more steps")
+    start = start_index(steps, strength) if steps is not None else 0
+    if steps is not None and start >= steps:
+        raise OptionError(f"--strength {strength:g} with --steps {steps} runs no DiT step; use --strength "
+                          f"{1 / steps:.3g} or more (one step) or more steps")
     notes: list[str] = []
     image, mask = _opened(image, "--image", notes), _opened(mask, "--mask", notes)
     rgb = to_mode(image, "RGB", "--image")
     notes += rgb.notes
     if width is None and height is None:
-        width, height = default_size(rgb.image, multiple)
+        width, height = default_size(rgb.image, grid.cell)
+        if width > grid.max_width or height > grid.max_height:
+            raise OptionError(f"--image is {rgb.image.width}x{rgb.image.height}: larger than the model renders (at "
+                              f"most {grid.max_width}x{grid.max_height}); give --width and --height to resize it")
         if (width, height) != rgb.image.size:
             notes.append(f"--image is {rgb.image.width}x{rgb.image.height}: resized to {width}x{height} (Lanczos), "
-                         f"the nearest multiples of {multiple} below")
+                         f"the nearest multiples of {grid.cell} below")
     elif width is None or height is None:
         raise OptionError("--width and --height go together with --image (or give neither: the image's size)")
     elif (width, height) != rgb.image.size:
@@ -83,7 +87,13 @@ def init_request(image: Image.Image | str | Path | None, mask: Image.Image | str
 
 def _opened(image: Image.Image | str | Path | None, option: str, notes: list[str]) -> Image.Image | None:
     """A PIL image as given, or the file a path names (read as the CLI reads it)."""
-    if image is None or isinstance(image, Image.Image):
+    if image is None:
+        return None
+    if isinstance(image, Image.Image):
+        try:
+            image.load()  # a lazily opened file: damage shows here, not mid-run
+        except (OSError, ValueError, SyntaxError) as e:
+            raise OptionError(f"{option}: the image cannot be read ({e}); the file may be truncated") from None
         return image
     if not isinstance(image, (str, Path)):
         raise OptionError(f"{option}: expected a PIL image or a path to an image file, not {type(image).__name__}")

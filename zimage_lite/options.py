@@ -10,6 +10,7 @@ error is reported without the seconds that import costs.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def _integer(value: object, option: str) -> int:
 
 
 def _number(value: object, option: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too
         raise OptionError(f"{option} {value!r}: expected a number")
     if not math.isfinite(value):
         raise OptionError(f"{option} {value}: expected a finite number")

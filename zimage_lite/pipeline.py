@@ -261,7 +261,7 @@ class ZImagePipeline:
         d = self.defaults
         steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
         # img2img / inpainting: the size is the image's unless given
-        init = init_request(image, mask, strength, width, height, steps, self.grid.cell)
+        init = init_request(image, mask, strength, width, height, steps, self.grid)
         if init is not None:
             width, height = init.width, init.height
         width, height = check_size(d.default_size if width is None else width,

@@ -41,6 +41,7 @@ def apply_image_params(args: argparse.Namespace, given: set[str]) -> None:
     import zimage_lite
 
     params = read_params(args.from_png)
+    args.stored = params  # cmd_run compares the --image/--mask given with the hashes stored
     if "prompt_file" in given:
         given = given | {"prompt"}
     for key in APPLIED:
