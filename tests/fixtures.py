@@ -125,3 +125,74 @@ def refused(capsys, argv: list[str], *names: str, watch: tuple[Path, ...] = (), 
         assert name in err, f"{name!r} not in: {err}"
     assert snapshot(*watch) == before, "the refused run changed the watched folders"
     return err
+
+
+# LoRA key layouts, spelled out here by hand (not through zimage_lite/weights/names.py, so the reader is checked
+# against an independent writer): official DiT linear name → file key stem, and the pair's role names.
+LORA_FORMATS = ("diffusers", "ai-toolkit", "diffsynth", "kohya", "comfyui", "dot")
+
+
+def write_lora(path: Path, cfg: DiTConfig, fmt: str, rank: int = 4, seed: int = 0, modules: list[str] | None = None,
+               alpha: float | None = None) -> Path:
+    """A random LoRA on `modules` (default: every linear of the DiT for `cfg`) in the key layout `fmt`:
+
+    - diffusers: `transformer.<name>.lora_A.weight`; alpha as diffusers saves it, in the header's LoraConfig
+    - ai-toolkit: `diffusion_model.<name>.lora_A.weight` (+ `.alpha`); diffsynth: `<name>.lora_A.default.weight`
+    - kohya (musubi-tuner): `lora_unet_<name with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`
+    - comfyui (musubi-tuner's conversion): kohya names, q/k/v fused into `attention_qkv` (downs stacked, up
+      block-diagonal, alpha x3 for the 3x rank), `to_out.0` as `attention_out`; needs whole q/k/v triples
+    - dot (Anime-Z): `diffusion_model.<name>.lora.down.weight` with `to.q`, plus redundant random `attention.qkv`
+      and `attention.out` pairs next to the split ones (readers skip them); no alpha
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from zimage_lite.weights.lora import linear_shapes
+
+    shapes = linear_shapes(cfg)
+    modules = list(shapes) if modules is None else modules
+    gen = torch.Generator().manual_seed(seed)
+    pairs = {n: (torch.randn(rank, shapes[n][1], generator=gen) / rank,
+                 torch.randn(shapes[n][0], rank, generator=gen) / rank) for n in modules}
+    out: dict[str, torch.Tensor] = {}
+    metadata = {"format": "pt"}
+
+    def put(stem: str, down_key: str, up_key: str, down: torch.Tensor, up: torch.Tensor, a: float | None) -> None:
+        out[f"{stem}.{down_key}"], out[f"{stem}.{up_key}"] = down.contiguous(), up.contiguous()
+        if a is not None:
+            out[f"{stem}.alpha"] = torch.tensor(float(a))
+
+    if fmt == "comfyui":
+        for n in [m for m in modules if m.endswith(".attention.to_q")]:
+            block = n.removesuffix(".to_q")
+            qkv = [pairs.pop(f"{block}.to_{p}") for p in "qkv"]
+            up = torch.block_diag(*[u for _, u in qkv])
+            put("lora_unet_" + block.replace(".", "_") + "_qkv", "lora_down.weight", "lora_up.weight",
+                torch.cat([d for d, _ in qkv]), up, None if alpha is None else 3 * alpha)
+    for n, (down, up) in pairs.items():
+        if fmt == "diffusers":
+            put(f"transformer.{n}", "lora_A.weight", "lora_B.weight", down, up, None)
+        elif fmt == "ai-toolkit":
+            put(f"diffusion_model.{n}", "lora_A.weight", "lora_B.weight", down, up, alpha)
+        elif fmt == "diffsynth":
+            put(n, "lora_A.default.weight", "lora_B.default.weight", down, up, alpha)
+        elif fmt in ("kohya", "comfyui"):
+            stem = n.replace(".attention.to_out.0", ".attention.out") if fmt == "comfyui" else n
+            put("lora_unet_" + stem.replace(".", "_"), "lora_down.weight", "lora_up.weight", down, up, alpha)
+        elif fmt == "dot":
+            stem = n.replace(".to_q", ".to.q").replace(".to_k", ".to.k").replace(".to_v", ".to.v")
+            put(f"diffusion_model.{stem}", "lora.down.weight", "lora.up.weight", down, up, None)
+            if n.endswith((".to_q", ".to_out.0")):  # the redundant fused copies Anime-Z files carry
+                block, what = n.rsplit(".attention.", 1)
+                rows = 3 * up.shape[0] if what == "to_q" else up.shape[0]
+                put(f"diffusion_model.{block}.attention.{'qkv' if what == 'to_q' else 'out'}", "lora.down.weight",
+                    "lora.up.weight", torch.randn(down.shape, generator=gen), torch.randn(rows, rank, generator=gen),
+                    None)
+        else:
+            raise ValueError(fmt)
+    if fmt == "diffusers" and alpha is not None:
+        metadata["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha,
+                                                        "transformer.target_modules": sorted(modules)})
+    save_file(out, str(path), metadata=metadata)
+    return path

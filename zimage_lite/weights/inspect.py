@@ -17,11 +17,13 @@ from typing import Any
 from gguf import LlamaFileType
 
 from ..components import REGISTRY
+from ..config import DiTConfig
 from ..errors import ZImageLiteError
 from ..runtime.units import format_si
 from .checks import check_path
-from .components import Component, identify, open_component, single_files
+from .components import Component, identify, open_component, open_stored, single_files
 from .gguf_source import GGUFSource
+from .lora import check_shapes, implied_dit, is_lora, read_lora, summary
 from .names import DIT_PREFIXES, TE_PREFIXES, VAE_PREFIXES, strip_prefix
 from .sources import BnbSource
 
@@ -151,8 +153,37 @@ def _bnb_types(stored: object) -> str | None:
     return "/".join(types) or "(no quantized weights)"
 
 
+def _is_lora_file(path: Path) -> bool:
+    """Whether a single file's tensor names (header only) are a LoRA's; False for what cannot be opened."""
+    if not path.is_file():
+        return False
+    try:
+        stored = open_stored(path)
+    except ZImageLiteError:  # identify reports it
+        return False
+    try:
+        return is_lora(list(stored.names()))
+    finally:
+        stored.close()
+
+
+def describe_lora(path: Path) -> dict[str, Any]:
+    """A LoRA file: format, ranks, alphas, modules touched by kind, whether every key maps, the width of DiT its
+    shapes fit (checked against each other: a key off the others' shapes is an error), sha256."""
+    out: dict[str, Any] = {"path": str(path), "component": "lora"}
+    try:
+        lora = read_lora(path)
+        dit = implied_dit(lora)
+        check_shapes(lora, dit)
+    except ZImageLiteError as e:
+        return out | {"error": str(e)}
+    return out | summary(lora) | {"dit_dim": dit.dim, "turbo_dim": DiTConfig().dim}
+
+
 def describe_component(path: Path) -> dict[str, Any]:
     """One file or component folder: component, layout, quant histogram, size, metadata, verdicts."""
+    if _is_lora_file(path):  # before identify: a LoRA's names (cap_embedder, attention) look like a DiT's
+        return describe_lora(path)
     out: dict[str, Any] = {"path": str(path)}
     try:
         comp = identify(path)
@@ -202,6 +233,24 @@ def describe(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "sections": sections, "tokenizer": tok or "none found"}
 
 
+def _lora_lines(s: dict[str, Any]) -> list[str]:
+    ranks = ", ".join(f"rank {r} ({n})" if len(s["ranks"]) > 1 else f"rank {r}" for r, n in s["ranks"].items())
+    alphas = ", ".join("no alpha (scale 1)" if a == "None" else f"alpha {float(a):g}" for a in s["alphas"])
+    fits = (f"a DiT {s['dit_dim']} wide" + ("" if s["dit_dim"] == s["turbo_dim"] else
+                                             f" (Z-Image-Turbo is {s['turbo_dim']}: not for it)"))
+    skipped = s["skipped"]
+    keys = ("all keys map onto the Z-Image DiT" if not skipped else
+            f"{len(skipped)} map onto nothing in the DiT and are skipped (the rest applies): "
+            f"{', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}")
+    lines = [f"  component    LoRA, {s['format']} layout",
+             f"  adapters     {s['adapters']} linears, {ranks}, {alphas}, {format_si(s['params'], '')} params",
+             f"  modules      {', '.join(f'{k} {n}' for k, n in s['modules'].items())}",
+             f"  shapes       fit {fits}", f"  keys         {keys}"]
+    if s["duplicates"]:
+        lines.append(f"  redundant    {len(s['duplicates'])} keys (fused qkv/out next to the split ones), not used")
+    return lines + [f"  sha256       {s['sha256'][:16]}"]
+
+
 def format_info(desc: dict[str, Any]) -> str:
     """The terminal rendering of `describe`'s result."""
     lines = []
@@ -209,6 +258,9 @@ def format_info(desc: dict[str, Any]) -> str:
         lines.append(s["path"])
         if s.get("error"):
             lines.append(f"  error        {s['error']}")
+            continue
+        if s["component"] == "lora":
+            lines += _lora_lines(s)
             continue
         known = REGISTRY.get(s["component"])
         kind = known.label if known else "unknown (no Z-Image DiT, text encoder or VAE names)"

@@ -51,6 +51,54 @@ VAE_ENCODER = "encoder."  # optional: a decoder-only file decodes; the encoder's
 FLUX_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
+# --- LoRA (DiT) -----------------------------------------------------------------------------------------------------
+# Prefixes: diffusers `transformer.`, ai-toolkit/ComfyUI `diffusion_model.`, kohya/musubi-tuner `lora_unet_`
+# (module path with every '.' written '_'); DiffSynth writes bare official names. Longest first.
+LORA_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
+# Roles: PEFT A/B (diffusers, ai-toolkit, DiffSynth), kohya down/up (musubi-tuner, ComfyUI) and the dot form of
+# Anime-Z; `.alpha` is kohya's per-module alpha. PEFT's adapter name (`lora_A.default.weight`) is dropped first.
+LORA_ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora.down.weight": "down",
+              "lora_B.weight": "up", "lora_up.weight": "up", "lora.up.weight": "up", "alpha": "alpha"}
+# Keys of text-encoder LoRAs (kohya `lora_te_`/`lora_te1_`, diffusers `text_encoder.`, ComfyUI `text_encoders.`)
+LORA_TEXT_ENCODER = re.compile(r"^(lora_te\d*_|text_encoders?\.|te\d?\.)")
+# Adapters that are not a low-rank pair (a side path y += s·B(A·x) cannot compute them), by what names them
+LORA_OTHER_KINDS = {"lokr_": "LoKr", "hada_": "LoHa", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
+
+
+def lora_module_key(module: str) -> str:
+    """A module path with '.' and '_' alike: kohya's `layers_0_attention_to_q`, Anime-Z's `layers.0.attention.to.q`
+    and the official `layers.0.attention.to_q` are one key."""
+    return re.sub(r"[._]", "_", module)
+
+
+def split_lora_key(key: str) -> tuple[str, str, str] | None:
+    """(prefix, module, role) of a LoRA tensor name, role 'down', 'up' or 'alpha'; None for any other name."""
+    bare = key.replace(".default.", ".")
+    for suffix, role in LORA_ROLES.items():
+        if bare.endswith("." + suffix):
+            stem = bare[: -len(suffix) - 1]
+            prefix = next((p for p in LORA_PREFIXES if stem.startswith(p)), "")
+            return prefix, stem[len(prefix):], role
+    return None
+
+
+def lora_targets(linears: Iterable[str]) -> dict[str, tuple[tuple[str, Part], ...]]:
+    """lora_module_key of every spelling of each official DiT linear (official and ComfyUI, through
+    `dit_comfy_name`) → the linears it adapts with their part: one (name, None), or for the fused ComfyUI `qkv` the
+    q, k and v rows ((to_q, (0, 3)), (to_k, (1, 3)), (to_v, (2, 3)))."""
+    table: dict[str, list[tuple[str, Part]]] = {}
+    for name in linears:
+        comfy, part = dit_comfy_name(name + ".weight")
+        for alias, p in ((name, None), (comfy.removesuffix(".weight"), part)):
+            entry = table.setdefault(lora_module_key(alias), [])
+            if (name, p) not in entry:
+                entry.append((name, p))
+    for key, entry in table.items():  # two linears under one spelling would make the '.'/'_' folding unsound
+        if len(entry) > 1 and any(p is None for _, p in entry):
+            raise AssertionError(f"LoRA module key {key} is ambiguous: {entry}")
+    return {k: tuple(v) for k, v in table.items()}
+
+
 def strip_prefix(names: Iterable[str], prefixes: Iterable[str]) -> tuple[str, list[str]]:
     """The longest of `prefixes` that every name carries ('' if none), and the names without it."""
     names = list(names)
