@@ -125,3 +125,27 @@ def refused(capsys, argv: list[str], *names: str, watch: tuple[Path, ...] = (), 
         assert name in err, f"{name!r} not in: {err}"
     assert snapshot(*watch) == before, "the refused run changed the watched folders"
     return err
+
+
+def make_lora(path: Path, cfg: DiTConfig = TINY.dit, seed: int = 0, rank: int = 4,
+              targets: str | None = None) -> Path:
+    """A random LoRA in the diffusers/PEFT form (`transformer.<module>.lora_A.weight` / `.lora_B.weight`) on every
+    linear of the DiT of `cfg` whose name contains `targets` (default: all of them, embedders and final layer
+    included, as diffusers can target them all). Scaled so that it moves a 4-step image by ~10-25%."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from zimage_lite.models.dit import ZImageDiT
+
+    with torch.device("meta"):
+        model = ZImageDiT(cfg)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and (targets is None or targets in name):
+            state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * (
+                0.3 / m.in_features**0.5)
+            state[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * (
+                0.3 / rank**0.5)
+    save_file(state, str(path))
+    return path
