@@ -105,8 +105,8 @@ class StagePlan:
     kept_bytes: int = 0  # keep_loaded: the other components' weights, resident blocks and slots on the device
     kept_host_bytes: int = 0  # keep_loaded, cuda: the other components' pinned chunks and host-only tensors
     tile_host_bytes: int = 0  # cuda, tiled VAE: the full feature maps it keeps in host memory
-    adapter_bytes: int = 0  # LoRA side paths: in the blocks' bytes on cuda (+ their host copies in host_weight_bytes),
-    # in weight_bytes on cpu (the loaded blocks' tensors are views of the one host copy)
+    adapter_bytes: int = 0  # LoRA side paths: in the blocks' bytes on cuda (their host copy, made for placement, in
+    # staging_bytes), in weight_bytes on cpu (the loaded blocks' tensors are views of the one host copy)
 
     @property
     def peak_bytes(self) -> int:
@@ -188,8 +188,8 @@ def _stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside:
         weight_bytes=st.weights, resident_bytes=r.resident_bytes, slot_bytes=r.slot_bytes, n_slots=r.n_slots,
         scratch_bytes=st.scratch, activation_bytes=r.activation_bytes, transfer_bytes=r.transfer_bytes,
         attention="sdpa" if r.chunk is None else "chunked", attention_chunk=r.chunk, pinned_bytes=r.pinned_bytes,
-        host_weight_bytes=sizes.host_only + sizes.adapters if cuda else 0,
-        staging_bytes=sizes.largest_read if cuda else 0, adapter_bytes=sizes.adapters)
+        host_weight_bytes=sizes.host_only if cuda else 0,
+        staging_bytes=sizes.largest_read + sizes.adapters if cuda else 0, adapter_bytes=sizes.adapters)
 
 
 def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:

@@ -39,7 +39,7 @@ def _host(s: StagePlan, cuda: bool) -> str:
     """The stage's host memory: on cpu its peak; on cuda itemised."""
     if not cuda:
         return f"  host memory: {gib(s.host_bytes)} (the stage peak: on the CPU the weights are in RAM)"
-    parts = _listed([("pinned chunks", s.pinned_bytes), ("host-held tensors", s.host_weight_bytes),
+    parts = _listed([("pinned chunks", s.pinned_bytes), ("host-only tensors", s.host_weight_bytes),
                      ("placement staging", s.staging_bytes), ("kept components", s.kept_host_bytes)])
     return f"  host memory: {gib(s.host_bytes)}" + (f" ({parts})" if parts else "")
 
@@ -73,7 +73,7 @@ def format_plan(plan: Plan) -> str:
                          + (f", dequantize scratch {gib(s.scratch_bytes)}" if s.scratch_bytes else ""))
             if s.adapter_bytes:
                 lines.append(f"  LoRA side paths: {gib(s.adapter_bytes)}, "
-                             + ("with their blocks (resident or streamed) and a host copy" if cuda
+                             + ("with their blocks (resident or streamed); staged through the host" if cuda
                                 else "in RAM with the non-block weights (the blocks view them)"))
             chunk = f" in chunks of {s.attention_chunk} queries" if s.attention_chunk else ""
             lines.append(f"  activations: {gib(s.activation_bytes)}, attention {s.attention}{chunk}")
