@@ -182,21 +182,21 @@ def test_simulated_gpu_streaming_equals_resident(tiny_model, files, extra):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("vram", ["64GB", "smallest"])
+@pytest.mark.parametrize("vram", ["600MB", "smallest"])
 def test_cuda_streaming_with_loras_equals_the_cpu(tiny_model, files, vram):
+    """Resident and at the smallest --vram (every block and its side paths streamed through the slots), no plan
+    mismatch. Bound as test_streaming's CUDA-vs-CPU check: 2 levels (never run here: no GPU was lent)."""
     uses = _uses(files, TWO)
     cpu = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", loras=uses)
     if vram == "smallest":
-        probe = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram="64GB", loras=uses)
-        tokens = probe.tokenizer.encode("a fox").ids.shape[0]
-        req = probe.make_plan(64, 64, 0.0, tokens).request
-        vram = minimum_budget(replace(req, budget=1)) + req.headroom
+        probe = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram="600MB", loras=uses)
+        request = probe.make_plan(64, 64, 0.0, probe.tokenizer.encode("a fox").ids.shape[0]).request
+        vram = minimum_budget(replace(request, budget=1)) + request.headroom
     gpu = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram=vram, loras=uses)
     with warnings.catch_warnings():
         warnings.simplefilter("error", PlanMismatchWarning)
-        (a_lat, a, _), (b_lat, b, _) = _ours(cpu), _ours(gpu)
-    assert rel_err(b_lat.cpu(), a_lat) <= 1e-4  # cuda's fp32 matmuls (TF32 off) against the CPU's: measured on CI
-    assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max() <= IMAGE_TOL
+        a, b = _ours(gpu)[1], _ours(cpu)[1]
+    assert np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32)).max() <= 2
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
