@@ -195,4 +195,12 @@ def write_lora(path: Path, cfg: DiTConfig, fmt: str, rank: int = 4, seed: int = 
         metadata["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha,
                                                         "transformer.target_modules": sorted(modules)})
     save_file(out, str(path), metadata=metadata)
+def make_lora(path: Path, cfg: DiTConfig = TINY.dit, seed: int = 0, rank: int = 4,
+              targets: str | None = None) -> Path:
+    """`write_lora` in the diffusers/PEFT form on every linear of the DiT of `cfg` whose name contains `targets`
+    (default: all of them, embedders and final layer included, as diffusers can target them all)."""
+    from zimage_lite.weights.lora import linear_shapes
+
+    modules = [n for n in linear_shapes(cfg) if targets is None or targets in n]
+    return write_lora(path, cfg, "diffusers", rank, seed, modules)
     return path

@@ -147,3 +147,17 @@ def test_gpu_targets_pass_fail_and_unmeasured():
     failed = {**_diffusers_row([1.0], 1.0), "error": "out of memory"}
     unmeasured = targets([_run_row("capped", [9.0, 1.0, 1.0], [3.0] * 5, None), resident, failed])
     assert [t["met"] for t in unmeasured] == [True, True, True, None, None, None]
+
+
+def test_lora_run_times_three_models_interleaved(tmp_path):
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora.py"), "--preset", "demo", "--rank", "4",
+                    "--rounds", "2", "--cache", str(tmp_path / "cache"), "--json", str(out)], check=True,
+                   capture_output=True)
+    [row] = json.loads(out.read_text())
+    assert row["component"] == "lora" and row["quant"] == "Q4_K_M" and row["rank"] == 4
+    assert set(row["step_seconds"]) == {"0", "1", "4"} and all(len(t) == 2 for t in row["step_seconds"].values())
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
+                            capture_output=True, text=True).stdout
+    assert "## LoRA side paths: the Q4_K_M DiT, cpu, 64x64, bf16 compute, random rank-4 LoRAs" in report
+    assert len([ln for ln in report.splitlines() if ln.startswith("| 4 | 1 |")]) == 1

@@ -25,6 +25,7 @@ from .options import (
     check_strength,
     check_text,
     guidance_on,
+    lora_option,
     prompt_from,
 )
 from .runtime.budget import device_kind
@@ -106,6 +107,12 @@ def _add_image_args(p: argparse.ArgumentParser, mask: bool = True) -> None:
                         "forwards (default 0.6; with --mask 1.0)")
 
 
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA to the DiT at SCALE (default 1.0; alpha/rank comes on top, as in diffusers); "
+                        "repeat for several")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zimage-lite", description="Z-Image-Turbo on small hardware.")
     parser.add_argument("--version", action="version", version=f"zimage-lite {__version__}")
@@ -129,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output image, .png, .jpg or .webp, or a folder (default zimage-<seed>.png)")
     run.add_argument("--force", action="store_true", help="overwrite an existing output file")
     _add_image_args(run)
+    _add_lora_args(run)
     run.add_argument("--from-png", type=Path, metavar="IMAGE",
                      help="re-run from the parameters an image made by zimage-lite carries (.png, .jpg or .webp); "
                           "options given as well replace the stored ones")
@@ -143,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prompt-tokens", type=int, default=512,
                       help="caption length to plan for, chat template included (default: the 512 maximum)")
     _add_image_args(plan, mask=False)
+    _add_lora_args(plan)
     plan.set_defaults(func=cmd_plan)
 
     quant = sub.add_parser("quantize", help="write GGUF (Q8_0, Q4_K_M, ...), int8 or nf4 files from a checkpoint",
@@ -179,6 +188,7 @@ def _check_given(args: argparse.Namespace) -> None:
     for option, value in (("--vram", args.vram), ("--ram", args.ram)):
         if value is not None:
             parse_size(value, option)
+    args.loras = [lora_option(text) for text in args.lora]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -207,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_image_output(out, args.force, {"prompt": prompt, "negative": args.negative})  # before loading anything
     image, mask = _image_inputs(args)
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
-                dtype=args.dtype, vram=args.vram, ram=args.ram)
+                dtype=args.dtype, vram=args.vram, ram=args.ram, loras=args.loras)
     # the output's metadata as the run will write it (paths, hashes): checked before the run, not after
     check_image_output(out, args.force, pipe.run_params(
         prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps, seed=seed, cfg=args.cfg,
@@ -316,13 +326,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
             from .pipeline import resolve_device
 
             check_budgets(resolve_device("auto").type, vram, ram)
+        adapters = None
+        if args.loras:
+            from .loras import Loras
+
+            adapters = Loras.read(args.loras, PRESETS.get(preset, PRESETS["turbo"]).dit).table()
         plan = plan_for(preset, args.quant, args.width, args.height, guidance_on(args.cfg), args.device,
-                        vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens, encode=encode)
+                        vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens, encode=encode,
+                        adapter_tensors=adapters)
     else:
         from .pipeline import load
 
         pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
-                    dtype=args.dtype, vram=vram, ram=ram)
+                    dtype=args.dtype, vram=vram, ram=ram, loras=args.loras)
         _fill_defaults(args, pipe.defaults)
         check_size(args.width, args.height, pipe.grid)
         plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens, image=encode)

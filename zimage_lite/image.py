@@ -38,7 +38,9 @@ PARAM_TYPES: dict[str, type] = {
     "cfg_truncation": float, "width": int, "height": int, "model": str, "dit": str, "text_encoder": str, "vae": str,
     "dit_format": str, "text_encoder_format": str, "dtype": str, "device": str, "version": str,
     "strength": float, "image_sha256": str, "mask_sha256": str,  # img2img / inpainting (not the images themselves)
+    "loras": list,  # [{"name": file name, "sha256": first 16 hex digits, "scale": float}, ...] (not the files)
 }
+LORA_KEYS = {"name": str, "sha256": str, "scale": float}
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -79,6 +81,12 @@ def check_image_output(path: Path, force: bool, params: Mapping[str, Any] | None
 def _coerce(value: Any, want: type) -> Any:
     if isinstance(value, bool):
         raise TypeError("a truth value")
+    if want is list:  # the LoRAs: a list of {name, sha256, scale}, or its JSON text
+        entries = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and set(e) == set(LORA_KEYS)
+                                                    for e in entries):
+            raise TypeError("not a list of LoRAs")
+        return [{k: _coerce(e[k], t) for k, t in LORA_KEYS.items()} for e in entries]
     if want is str:
         if isinstance(value, (str, Path)):
             return str(value)
@@ -106,7 +114,8 @@ def _typed(params: Mapping[str, Any], where: str) -> dict[str, Any]:
         try:
             out[key] = _coerce(value, want)
         except (TypeError, ValueError, OverflowError):
-            kind = {str: "text", int: "a whole number", float: "a number"}[want]
+            kind = {str: "text", int: "a whole number", float: "a number",
+                    list: 'a list of {"name", "sha256", "scale"} objects'}[want]
             raise OptionError(f"{where}: parameter {key} = {value!r} should be {kind}") from None
     return out
 
@@ -117,7 +126,7 @@ def _save_options(fmt: str, params: dict[str, Any], path: Path, slack: int = 0) 
         info = PngInfo()
         info.add_itxt(METADATA_KEY, json.dumps(params, ensure_ascii=False))  # iTXt: UTF-8, CJK prompts survive
         for key, value in params.items():
-            info.add_itxt(key, str(value))
+            info.add_itxt(key, json.dumps(value, ensure_ascii=False) if isinstance(value, list) else str(value))
         return {"pnginfo": info}
     exif = Image.Exif()
     exif.get_ifd(EXIF_IFD)[USER_COMMENT] = ASCII_CODE + json.dumps(params, ensure_ascii=True).encode("ascii")

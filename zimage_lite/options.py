@@ -223,3 +223,23 @@ def preset_of(dit: DiTConfig) -> str:
 def defaults_of(dit: DiTConfig) -> ModelConfig:
     """The preset holding a model's default size, steps and guidance (`default_size`, `default_steps`, ...)."""
     return PRESETS[preset_of(dit)]
+
+
+def check_lora_scale(scale: object, path: object) -> float:
+    """A LoRA's scale (any finite number: 0 switches it off, a negative one inverts it)."""
+    return _number(scale, f"--lora {path}: the scale")
+
+
+def lora_option(text: str) -> tuple[Path, float]:
+    """`--lora PATH[:SCALE]` as (path, scale), scale 1.0 when absent. The text splits at its last ':' only when
+    what follows is a number, so a path holding ':' (C:\\loras\\x.safetensors, a:b.safetensors) still works; a file
+    named before a ':' whose tail is not a number is a bad scale, said so."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), check_lora_scale(float(tail), path)
+        except ValueError:
+            if Path(path).is_file() and not Path(text).exists():
+                raise OptionError(f"--lora {text}: the scale {tail!r} is not a number; write PATH:SCALE with a "
+                                  "number, such as 0.8 (PATH alone: 1.0)") from None
+    return Path(text), 1.0

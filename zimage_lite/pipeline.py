@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from .errors import BudgetError, OptionError
 from .image import to_pil
 from .init_image import InitImage, init_request
 from .inputs import image_tensor, mask_tensor
+from .loras import Loras
 from .models.vae_encoder import AutoencoderEncoder
 from .options import (
     check_budgets,
@@ -105,7 +106,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 class ZImagePipeline:
     def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype, keep_loaded: bool = False,
-                 vram: int | None = None, ram: int | None = None) -> None:
+                 vram: int | None = None, ram: int | None = None,
+                 loras: Sequence[tuple[str | Path, float]] = ()) -> None:
         self.files, self.device, self.dtype, self.keep_loaded = files, device, dtype, keep_loaded
         self.vram, self.ram = vram, ram
         map_large_host_blocks()  # freed stage memory goes back to the OS: host memory as the plan counts it
@@ -122,6 +124,7 @@ class ZImagePipeline:
         self._tables: dict[str, TensorTable] = {}  # per component, from the headers: the files do not change
         self._models: dict[str, torch.nn.Module] = {}
         self.dit_config: DiTConfig = self._open("dit")[0]
+        self.loras = Loras.read(loras, self.dit_config)  # checked now; their tensors are read as the DiT loads
         ids = self.tokenizer.tokenizer.get_vocab(with_added_tokens=True).values()
         check_vocabulary(files.tokenizer, max(ids, default=0), files.text_encoder,
                          self._open("text_encoder")[0].vocab_size)
@@ -174,7 +177,8 @@ class ZImagePipeline:
                              self.vram, self.ram, DTYPE_NAMES[self.dtype], self.weight_format("text_encoder"),
                              caption_tokens=caption_tokens, dit_tensors=self.tensor_table("dit"),
                              text_tensors=self.tensor_table("text_encoder"), keep_loaded=self.keep_loaded,
-                             budget=self._budget, model_name=self.files.name, encode=image)
+                             budget=self._budget, model_name=self.files.name, encode=image,
+                             adapter_tensors=self.loras.table() if self.loras else None)
 
     def _drop_stale(self, new: plan.Plan) -> None:
         """Kept models placed under a plan whose stage differs from the new one (another size moves blocks between
@@ -194,6 +198,8 @@ class ZImagePipeline:
         label, cls = REGISTRY[which].label, REGISTRY[which].model
         with torch.device("meta"):
             model = cls(cfg)
+        if which == "dit" and self.loras:  # side paths on the DiT's linears, placed with their blocks
+            src = self.loras.attach(model, src, self.dtype)
         stage = self.plan.stage(which) if self.plan else None
         if which == "vae":
             model = load_module(model, src, self.vae_dtype, self.device, label)
@@ -273,7 +279,8 @@ class ZImagePipeline:
             "prompt": check_text(prompt, "PROMPT"), "negative": negative if guidance_on(cfg) else "",
             "seed": secrets.randbelow(2**63) if seed is None else check_seed(seed), "steps": steps, "cfg": cfg,
             "cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation, "width": width,
-            "height": height, **(init.params() if init else {}), "model": self.files.model or self.files.name}
+            "height": height, **(init.params() if init else {}), "model": self.files.model or self.files.name,
+            **({"loras": self.loras.params()} if self.loras else {})}
         for which in COMPONENTS:  # only what overrode the model's own files: the model names the rest
             if which in self.files.overridden:
                 params[which] = os.path.abspath(getattr(self.files, which))
@@ -411,21 +418,25 @@ class ZImagePipeline:
         """Run all stages and return the image (generation parameters in `image.info`)."""
         for event in self.generate(prompt, **kwargs):
             if event.stage == "decoded":
-                event.image.info.update({k: str(v) for k, v in event.info.items()})
+                event.image.info.update({k: v if isinstance(v, list) else str(v) for k, v in event.info.items()})
                 return event.image
         raise AssertionError("generate() ended without a decoded image")
 
 
 def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: Path | None = None,
          vae: Path | None = None, device: str = "auto", dtype: str = "auto", vram: int | str | None = None,
-         ram: int | str | None = None, keep_loaded: bool = False) -> ZImagePipeline:
+         ram: int | str | None = None, keep_loaded: bool = False,
+         loras: Sequence[tuple[str | Path, float]] = ()) -> ZImagePipeline:
     """Open a model (a folder in the official layout, or 'demo') for generation; weights load stage by stage.
 
     `vram`/`ram` are memory budgets in bytes or as text ('4GB'); absent, what the device reports minus headroom.
+    `loras`: (file, scale) pairs applied to the DiT as low-rank side paths, scale as diffusers' `set_adapters`
+    weights (alpha / rank comes on top); read and checked here.
     """
     dev = resolve_device(device)
     check_budgets(dev.type, vram, ram)  # options first: opening the files takes a while
     vram = parse_size(vram, "--vram") if isinstance(vram, str) else vram
     ram = parse_size(ram, "--ram") if isinstance(ram, str) else ram
     files = resolve_model(model, dit=dit, text_encoder=text_encoder, vae=vae)
-    return ZImagePipeline(files, dev, resolve_dtype(dtype, dev), keep_loaded=keep_loaded, vram=vram, ram=ram)
+    return ZImagePipeline(files, dev, resolve_dtype(dtype, dev), keep_loaded=keep_loaded, vram=vram, ram=ram,
+                          loras=loras)

@@ -53,6 +53,12 @@ def apply_image_params(args: argparse.Namespace, given: set[str]) -> None:
             what = "a mask" if option == "mask" else "an init image"
             raise OptionError(f"--from-png {args.from_png}: it was made from {what}, which images do not carry: "
                               f"give it again with --{option} FILE")
+    # LoRAs: likewise only their names, hashes and scales; the files must be given again (--lora replaces them all)
+    if params.get("loras") and "lora" not in given:
+        listed = " ".join(f"--lora {e['name']}:{e['scale']:g}" for e in params["loras"])
+        hashes = ", ".join(f"{e['name']} sha256 {e['sha256']}..." for e in params["loras"])
+        raise OptionError(f"--from-png {args.from_png}: it was made with LoRAs, which images do not carry: give "
+                          f"them again ({listed}; {hashes})")
     made_by = params.get("version")
     if made_by and made_by != zimage_lite.__version__:
         print(f"note: {args.from_png} was made by zimage-lite {made_by}, this is {zimage_lite.__version__}: the "

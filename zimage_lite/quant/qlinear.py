@@ -88,12 +88,14 @@ class QLinear(nn.Module):
 
     The packed bytes are the `weight` buffer and a bitsandbytes weight's scales the non-persistent buffers
     `weight_state_0`, ...: the streamer moves every buffer with its block, and `state_dict` (the names the loader
-    reads) still lists only `weight` and `bias`.
+    reads) still lists only `weight` and `bias`. `lora`, when set, is a low-rank side path (models/adapters.py
+    LowRank) added to the output: the packed weight is never modified.
     """
 
-    def __init__(self, weight: QTensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: QTensor, bias: torch.Tensor | None, lora: nn.Module | None = None) -> None:
         super().__init__()
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.lora = lora
         self.assign(weight)
 
     def assign(self, weight: QTensor, device: torch.device | str | None = None) -> None:
@@ -123,7 +125,8 @@ class QLinear(nn.Module):
         # weights, so the transient is this buffer and one chunk's temporaries (formats.dequantize).
         out = dequant_scratch(self.weight.device, math.prod(self.shape), x.dtype)
         w = dequantize(self.weight, self.qtype, self.shape, x.dtype, state=self.state, out=out)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y if self.lora is None else self.lora.add_to(y, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
@@ -149,8 +152,8 @@ def packed_module(owner: nn.Module, weight: QTensor) -> nn.Module | None:
     """The packed replacement for a Linear or Embedding whose weight is quantized; None for anything else."""
     if weight.qtype in FLOAT_TYPES:
         return None
-    if isinstance(owner, nn.Linear):
-        return QLinear(weight, owner.bias)
+    if isinstance(owner, nn.Linear):  # the linear's side path (models/adapters.py), if any, carries over
+        return QLinear(weight, owner.bias, getattr(owner, "lora", None))
     if isinstance(owner, nn.Embedding) and not isinstance(weight.qtype, BnbType):  # row lookup needs GGML rows
         return QEmbedding(weight)
     return None

@@ -69,6 +69,8 @@ class PlanRequest:
     dit_tensors: TensorTable | None = field(default=None, repr=False, hash=False)
     text_tensors: TensorTable | None = field(default=None, repr=False, hash=False)
     keep_loaded: bool = False  # every component stays loaded between images: each stage holds the others' weights
+    # LoRA side paths on the DiT (loras.py `Loras.table`: name -> (shape, compute dtype)), counted with their blocks
+    adapter_tensors: TensorTable | None = field(default=None, repr=False, hash=False)
 
     @property
     def kind(self) -> str:
@@ -103,6 +105,8 @@ class StagePlan:
     kept_bytes: int = 0  # keep_loaded: the other components' weights, resident blocks and slots on the device
     kept_host_bytes: int = 0  # keep_loaded, cuda: the other components' pinned chunks and host-only tensors
     tile_host_bytes: int = 0  # cuda, tiled VAE: the full feature maps it keeps in host memory
+    adapter_bytes: int = 0  # LoRA side paths: in the blocks' bytes on cuda (their host copy, made for placement, in
+    # staging_bytes), in weight_bytes on cpu (the loaded blocks' tensors are views of the one host copy)
 
     @property
     def peak_bytes(self) -> int:
@@ -165,12 +169,15 @@ def _scores_fn(req: PlanRequest, batch: int, heads: int, seq: int) -> Callable[[
 
 
 def _block_stage(name: str, sizes: ComponentBytes, act: int, heads: int, seq: int, req: PlanRequest) -> BlockStage:
-    """A block stage's needs. On cuda a streamed block is copied as it is held (packed or cast); on cpu it is read
-    from the memory map as stored, and the host-only tensors are device memory like the rest."""
+    """A block stage's needs. On cuda a streamed block is copied as it is held (packed or cast), its LoRA side paths
+    with it; on cpu it is read from the memory map as stored, the host-only tensors are device memory like the rest,
+    and the side paths stay in the one host copy that every placed block views."""
     cuda = req.kind == "cuda"
-    return BlockStage(name, [BlockCost(b.name, b.held, b.held if cuda else b.stored) for b in sizes.blocks],
-                      sizes.other + (0 if cuda else sizes.host_only), _scratch(sizes, req), act,
-                      _scores_fn(req, 2 if req.cfg else 1, heads, seq), seq)
+    side = sum(b.adapters for b in sizes.blocks) if cuda else 0  # cuda: in the blocks' bytes; the rest with weights
+    return BlockStage(name, [BlockCost(b.name, b.held + b.adapters, b.held + b.adapters) if cuda else
+                             BlockCost(b.name, b.held, b.stored) for b in sizes.blocks],
+                      sizes.other + sizes.adapters - side + (0 if cuda else sizes.host_only), _scratch(sizes, req),
+                      act, _scores_fn(req, 2 if req.cfg else 1, heads, seq), seq)
 
 
 def _stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
@@ -181,7 +188,8 @@ def _stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside:
         weight_bytes=st.weights, resident_bytes=r.resident_bytes, slot_bytes=r.slot_bytes, n_slots=r.n_slots,
         scratch_bytes=st.scratch, activation_bytes=r.activation_bytes, transfer_bytes=r.transfer_bytes,
         attention="sdpa" if r.chunk is None else "chunked", attention_chunk=r.chunk, pinned_bytes=r.pinned_bytes,
-        host_weight_bytes=sizes.host_only if cuda else 0, staging_bytes=sizes.largest_read if cuda else 0)
+        host_weight_bytes=sizes.host_only if cuda else 0,
+        staging_bytes=sizes.largest_read + sizes.adapters if cuda else 0, adapter_bytes=sizes.adapters)
 
 
 def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
@@ -197,7 +205,9 @@ def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
 
 def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.dit, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
-    sizes = component_bytes(c, _tables(req)[0], req.dtype, f"the {req.quant} DiT")
+    sizes = component_bytes(c, _tables(req)[0], req.dtype, f"the {req.quant} DiT", req.adapter_tensors)
+    # a LoRA side path's (tokens, rank) product beside the linear's output
+    rank = max((shape[0] for n, (shape, _) in (req.adapter_tensors or {}).items() if n.endswith(".down")), default=0)
     # Tokens (zimage_spec.md §4.3): image N = (H/16)(W/16) padded to 32; caption Lp <= 512 padded to 32; S = Np + Lp.
     cell = req.config.vae.scale * c.patch_size
     n_img = math.ceil((req.height // cell) * (req.width // cell) / SEQ_MULTI_OF) * SEQ_MULTI_OF
@@ -207,7 +217,7 @@ def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     attn = seq * c.dim * (6 * elem + 2 * F32)  # residual, normed, q, k, v, out + q and k in fp32 for the RoPE
     rope = seq * (c.head_dim // 2) * 2 * F32  # complex64 table, shared by the CFG pair
     latent = 3 * c.in_channels * (req.height // req.config.vae.scale) * (req.width // req.config.vae.scale) * F32
-    act = batch * (max(ffn, attn) + n_cap * c.cap_feat_dim * elem) + rope + latent
+    act = batch * (max(ffn, attn) + n_cap * c.cap_feat_dim * elem + seq * rank * elem) + rope + latent
     return _block_stage("dit", sizes, act, c.n_heads, seq, req), sizes
 
 
@@ -374,11 +384,13 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
              vram: int | None, ram: int | None, dtype: str = "auto", text_quant: str | None = None,
              caption_tokens: int = MAX_TEXT_TOKENS, dit_tensors: TensorTable | None = None,
              text_tensors: TensorTable | None = None, keep_loaded: bool = False,
-             budget: tuple[int, int] | None = None, model_name: str | None = None, encode: bool = False) -> Plan:
+             budget: tuple[int, int] | None = None, model_name: str | None = None, encode: bool = False,
+             adapter_tensors: TensorTable | None = None) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
     `ram` is what the run may use. Missing budgets come from the device (`cuda:1`: device 1); `ram` is ignored on
     cuda. `budget` = (bytes, headroom) as `usable_budget` gave them earlier, instead of asking again. With tensor
-    tables, `quant` / `text_quant` are the files' labels (PlanRequest). `encode`: an init image is encoded first."""
+    tables, `quant` / `text_quant` are the files' labels (PlanRequest). `encode`: an init image is encoded first.
+    `adapter_tensors`: the LoRAs' side paths on the DiT (loras.py `Loras.table`)."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise OptionError(f"--preset {preset_or_config!r}: use one of {', '.join(PRESETS)}")
@@ -394,4 +406,4 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
         config=config, budget=budget, quant=quant, text_quant=text_quant or "BF16", width=width, height=height,
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,
         headroom=headroom, model_name=name, dit_tensors=dit_tensors, text_tensors=text_tensors,
-        keep_loaded=keep_loaded, encode=encode))
+        keep_loaded=keep_loaded, encode=encode, adapter_tensors=adapter_tensors))

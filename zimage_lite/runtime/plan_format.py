@@ -71,6 +71,10 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  weights: resident blocks {gib(s.resident_bytes)}, streaming {slots}"
                          + (f", non-block {gib(s.weight_bytes)}" if s.weight_bytes else "")
                          + (f", dequantize scratch {gib(s.scratch_bytes)}" if s.scratch_bytes else ""))
+            if s.adapter_bytes:
+                lines.append(f"  LoRA side paths: {gib(s.adapter_bytes)}, "
+                             + ("with their blocks (resident or streamed); staged through the host" if cuda
+                                else "in RAM with the non-block weights (the blocks view them)"))
             chunk = f" in chunks of {s.attention_chunk} queries" if s.attention_chunk else ""
             lines.append(f"  activations: {gib(s.activation_bytes)}, attention {s.attention}{chunk}")
         else:

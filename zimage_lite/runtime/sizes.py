@@ -183,6 +183,7 @@ class BlockBytes:
     name: str
     held: int  # while placed (on the device, in a slot or a pinned chunk): packed or cast, each tensor aligned
     stored: int  # as the file stores it: what a streamed block reads from the memory map on the CPU
+    adapters: int = 0  # its LoRA side paths (in the compute dtype, each tensor aligned), not in `held`
 
 
 @dataclass(frozen=True)
@@ -195,11 +196,14 @@ class ComponentBytes:
     # (only the rows looked up are ever read); a quantized table that cannot stay packed is dequantized
     largest_packed: int  # weights of the largest packed Linear: what one dequantization writes
     largest_read: int  # the largest tensor as read from the file plus its cast copy: placement's host staging
+    adapters: int = 0  # every LoRA side path, in blocks or not (loras.py holds them all in host memory)
 
 
-def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: str) -> ComponentBytes:
+def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: str,
+                    adapters: TensorTable | None = None) -> ComponentBytes:
     """What the runtime holds of component `cfg` stored as `table`, computing in `dtype`; `what` names the file or
-    component in the error for a tensor the table lacks."""
+    component in the error for a tensor the table lacks. `adapters`: the LoRA side paths' tensors (loras.py
+    `Loras.table`), each counted with the block whose name it starts with."""
     lay, elem, plain = layout(cfg), DTYPE_BYTES[dtype], DTYPE_TYPES[dtype]
     missing = [n for n in lay.shapes if n not in table]
     if missing:
@@ -217,7 +221,9 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
             return packed_bytes(shape, fmt)
         return aligned(math.prod(lay.shapes[name]) * elem)
 
-    blocks = tuple(BlockBytes(name, sum(held(t) for t in tensors), sum(stored_bytes(*table[t]) for t in tensors))
+    side = {n: aligned(math.prod(shape) * elem) for n, (shape, _) in (adapters or {}).items()}
+    blocks = tuple(BlockBytes(name, sum(held(t) for t in tensors), sum(stored_bytes(*table[t]) for t in tensors),
+                              sum(b for n, b in side.items() if n.startswith(name + ".")))
                    for name, tensors in lay.blocks)
     rest = [n for n in lay.shapes if n not in lay.block_tensors]
     # a host-only float tensor stays as stored, a view of the file (weights/load.py); a quantized one that cannot stay
@@ -232,7 +238,7 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
         other=sum(held(n) for n in rest if n not in lay.host_only),
         host_only=sum(held(n) for n in host_copy),
         largest_packed=max((math.prod(lay.shapes[n]) for n in lay.linears if packed(n)), default=0),
-        largest_read=max(reads, default=0))
+        largest_read=max(reads, default=0), adapters=sum(side.values()))
 
 
 def vae_largest_weight(c: VAEConfig) -> int:
