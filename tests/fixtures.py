@@ -133,7 +133,7 @@ LORA_FORMATS = ("diffusers", "ai-toolkit", "diffsynth", "kohya", "comfyui", "dot
 
 
 def write_lora(path: Path, cfg: DiTConfig, fmt: str, rank: int = 4, seed: int = 0, modules: list[str] | None = None,
-               alpha: float | None = None) -> Path:
+               alpha: float | None = None, gain: float | None = None) -> Path:
     """A random LoRA on `modules` (default: every linear of the DiT for `cfg`) in the key layout `fmt`:
 
     - diffusers: `transformer.<name>.lora_A.weight`; alpha as diffusers saves it, in the header's LoraConfig
@@ -153,8 +153,12 @@ def write_lora(path: Path, cfg: DiTConfig, fmt: str, rank: int = 4, seed: int = 
     shapes = linear_shapes(cfg)
     modules = list(shapes) if modules is None else modules
     gen = torch.Generator().manual_seed(seed)
-    pairs = {n: (torch.randn(rank, shapes[n][1], generator=gen) / rank,
-                 torch.randn(shapes[n][0], rank, generator=gen) / rank) for n in modules}
+    # entries 1/rank; with `gain`, down ~ gain/sqrt(in) and up ~ gain/sqrt(rank): a LoRA that moves a few-step image
+    # by 10-25% instead of dominating it (what the rendering tests want)
+    down_std = {n: gain / shapes[n][1] ** 0.5 if gain else 1 / rank for n in modules}
+    up_std = gain / rank**0.5 if gain else 1 / rank
+    pairs = {n: (torch.randn(rank, shapes[n][1], generator=gen) * down_std[n],
+                 torch.randn(shapes[n][0], rank, generator=gen) * up_std) for n in modules}
     out: dict[str, torch.Tensor] = {}
     metadata = {"format": "pt"}
 
@@ -195,6 +199,9 @@ def write_lora(path: Path, cfg: DiTConfig, fmt: str, rank: int = 4, seed: int = 
         metadata["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha,
                                                         "transformer.target_modules": sorted(modules)})
     save_file(out, str(path), metadata=metadata)
+    return path
+
+
 def make_lora(path: Path, cfg: DiTConfig = TINY.dit, seed: int = 0, rank: int = 4,
               targets: str | None = None) -> Path:
     """`write_lora` in the diffusers/PEFT form on every linear of the DiT of `cfg` whose name contains `targets`
@@ -202,5 +209,5 @@ def make_lora(path: Path, cfg: DiTConfig = TINY.dit, seed: int = 0, rank: int = 
     from zimage_lite.weights.lora import linear_shapes
 
     modules = [n for n in linear_shapes(cfg) if targets is None or targets in n]
-    return write_lora(path, cfg, "diffusers", rank, seed, modules)
+    return write_lora(path, cfg, "diffusers", rank, seed, modules, gain=0.3)
     return path

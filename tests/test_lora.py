@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import TINY, make_lora, optional, refused, rel_err
+from fixtures import LORA_FORMATS, TINY, make_lora, optional, refused, rel_err, write_lora
 from PIL import Image
 
 import zimage_lite
@@ -39,7 +39,8 @@ transformers, _ = optional("transformers")
 needs_reference = pytest.mark.skipif(diffusers is None or peft is None or transformers is None,
                                      reason="needs diffusers, transformers and peft (diffusers' LoRA loading)")
 
-# Final latents against diffusers, fp32: measured 2.3e-7 (one LoRA), 3.2e-7 (scale 0.7), 2.8e-7 (two), Q8_0 3.3e-7
+# Final latents against diffusers, fp32: measured 2.3e-7 (one LoRA), 3.2e-7 (scale 0.7), 2.8e-7 (two), Q8_0 3.3e-7,
+# each key format 2.5e-7 .. 2.8e-7
 LATENT_TOL = 3e-6
 IMAGE_TOL = 1  # 8-bit levels, max over all pixels, as tests/test_parity.py
 # streamed vs resident (the BLAS picks kernels by alignment), one file twice vs once at the summed scale (the folded
@@ -101,6 +102,24 @@ def test_matches_diffusers(tiny_model, files, plain, case):
     lat, image, _ = _ours(zimage_lite.load(tiny_model, device="cpu", dtype="fp32", loras=_uses(files, case)))
     assert rel_err(lat, plain) > MOVED  # the LoRA does something
     _assert_same(lat, image, *_theirs(ref, files, case))
+
+
+@needs_reference
+@pytest.mark.parametrize("fmt", LORA_FORMATS)
+def test_every_format_renders_as_diffusers(tiny_model, tmp_path, plain, fmt):
+    """One LoRA per key format (with alpha where the format stores one) rendered by both: the same image. On the
+    main layers' attention and feed-forward, whose names every format spells (diffusers drops some ComfyUI names of
+    the embedders, which zimage-lite applies; tests/test_lora_formats.py checks every module's delta)."""
+    from zimage_lite.weights.lora import linear_shapes
+
+    modules = [n for n in linear_shapes(TINY.dit) if n.startswith("layers.") and "adaLN" not in n]
+    alpha = None if fmt == "dot" else 6.0  # the dot form stores no alpha
+    path = write_lora(tmp_path / f"{fmt}.safetensors", TINY.dit, fmt, rank=4, seed=3, modules=modules, alpha=alpha,
+                      gain=0.5)
+    ref = diffusers.ZImagePipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    lat, image, _ = _ours(zimage_lite.load(tiny_model, device="cpu", dtype="fp32", loras=[(path, 0.8)]))
+    assert rel_err(lat, plain) > MOVED
+    _assert_same(lat, image, *_theirs(ref, {"x": path}, [("x", 0.8)]))
 
 
 @needs_reference
