@@ -318,3 +318,24 @@ def test_adapted_linears_cover_every_target(tiny_model, files):
     assert len(adapted) == 52
     _, src = open_dit(tiny_model / "transformer")
     assert all(torch.equal(model.get_submodule(n).weight, src.get(f"{n}.weight")) for n in adapted)
+
+
+def test_cli_warnings_are_one_line_each(tiny_model, files, tmp_path, capsys):
+    """The same file twice, and a LoRA some of whose keys map to nothing (an extra key from another model): each a
+    `warning:` line naming the file; the run goes on (partial match: apply the rest, list what was skipped)."""
+    from safetensors.torch import load_file, save_file
+
+    from zimage_lite.cli import main
+
+    partial = tmp_path / "partial.safetensors"
+    state = load_file(files["a"])
+    state["lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight"] = torch.zeros(4, 8)  # an SDXL key
+    state["lora_unet_input_blocks_1_0_emb_layers_1.lora_up.weight"] = torch.zeros(8, 4)
+    save_file(state, partial)
+    argv = ["run", "x", "--model", str(tiny_model), "--width", "32", "--height", "32", "--steps", "1", "--lora",
+            str(files["a"]), "--lora", f"{files['a']}:0.5", "--lora", str(partial), "--out", str(tmp_path / "o.png")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"warning: LoRA {files['a']} is given twice" in err
+    assert f"warning: LoRA {partial}: 2 of its keys map onto no DiT linear and are skipped" in err
+    assert "input_blocks_1_0_emb_layers_1" in err and "Warning" not in err  # one line each, not Python's format

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -368,12 +369,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    """zimage-lite's own warnings (a LoRA given twice, keys skipped, a plan mismatch) as one `warning:` line; other
+    libraries' as Python prints them."""
+    if category.__module__.startswith("zimage_lite"):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .interrupts import interrupted_message, sigterm_as_interrupt
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what was typed: --from-png keeps those options
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), warnings.catch_warnings():
+        warnings.showwarning = _show_warning
         try:
             return args.func(args)
         except ZImageLiteError as e:

@@ -38,6 +38,10 @@ class DuplicateLoraWarning(UserWarning):
     """The same LoRA file (by its sha256) is given more than once: each use applies, so their scales add up."""
 
 
+class PartialLoraWarning(UserWarning):
+    """Some keys of a LoRA map onto no linear of the DiT: the rest applies, those are skipped (listed)."""
+
+
 @dataclass(frozen=True)
 class LoraUse:
     """One LoRA as the run applies it."""
@@ -72,6 +76,11 @@ class Loras:
                 warnings.warn(DuplicateLoraWarning(
                     f"LoRA {f.path} is given twice (also as {twin.path}): both apply, so their scales add up "
                     f"({twin.scale:g} + {scale:g})"), stacklevel=2)
+            if f.skipped:
+                shown = ", ".join(f.skipped[:3]) + (f", and {len(f.skipped) - 3} more" if len(f.skipped) > 3 else "")
+                warnings.warn(PartialLoraWarning(
+                    f"LoRA {f.path}: {len(f.skipped)} of its keys map onto no DiT linear and are skipped ({shown}); "
+                    f"the other {len(f.adapters)} modules apply"), stacklevel=2)
             shapes = {m: (a.down.shape[0], a.down.shape[1], a.up.shape[0]) for m, a in f.adapters.items()}
             uses.append(LoraUse(f.path, scale, f.sha256, shapes))
         return cls(uses, dit)
