@@ -70,7 +70,8 @@ def host_against_plan(r: dict) -> dict[str, float]:
 
 def _machine(m: dict) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return f"{m['cpu']}, {m['cores']} cores{gpu}, torch {m['torch']}"
+    flags = f" ({' '.join(m['flags'])})" if m.get("flags") else ""  # rows before flags were recorded show none
+    return f"{m['cpu']}{flags}, {m['cores']} cores{gpu}, torch {m['torch']}"
 
 
 def dit_table(rows: list[dict]) -> list[str]:

@@ -40,15 +40,23 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 GNU_TIME = "/usr/bin/time"
 
 
+# The CPU features that decide bf16/int8 speed (native bf16 dot products, AMX tiles, VNNI): rows from machines
+# that differ in them are not comparable.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
+
 def machine() -> dict:
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), []
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            info = f.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        have = set(next(line.split(":", 1)[1].split() for line in info if line.startswith("flags")))
+        flags = [f for f in CPU_FLAGS if f in have]
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+    return {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
