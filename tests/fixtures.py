@@ -211,3 +211,17 @@ def make_lora(path: Path, cfg: DiTConfig = TINY.dit, seed: int = 0, rank: int = 
     modules = [n for n in linear_shapes(cfg) if targets is None or targets in n]
     return write_lora(path, cfg, "diffusers", rank, seed, modules, gain=0.3)
     return path
+
+
+def load_dequantized(transformer: torch.nn.Module, dit_file: Path) -> None:
+    """Give diffusers' transformer a quantized DiT file's weights, dequantized to fp32 (official names): the
+    reference for runs on that file."""
+    from zimage_lite.weights.components import open_component
+
+    src = open_component(dit_file, "dit").source
+    state = {}
+    for name in src.names():
+        t = src.get(name)
+        state[name] = (t.dequantize() if hasattr(t, "dequantize") else t).float()
+    missing, unexpected = transformer.load_state_dict(state, strict=False)
+    assert not unexpected and all("pad_token" not in m for m in missing) and len(missing) < 3, (missing, unexpected)

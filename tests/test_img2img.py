@@ -10,12 +10,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from fixtures import PROMPTS, optional, rel_err
+from fixtures import PROMPTS, load_dequantized, optional, rel_err
 from PIL import Image
 
 import zimage_lite
 from zimage_lite.runtime.plan import minimum_budget
-from zimage_lite.weights.components import open_component
 
 diffusers, needs_diffusers = optional("diffusers")
 transformers, _ = optional("transformers")
@@ -159,14 +158,8 @@ def test_q8_dit_matches_diffusers_on_dequantized_weights(tiny_model, img2img, tm
 
     [res] = convert(tiny_model, "Q8_0", out=tmp_path)
     q8 = zimage_lite.load(tiny_model, dit=res.path, device="cpu", dtype="fp32")
-    src = open_component(res.path, "dit").source
-    state = {}
-    for name in src.names():
-        t = src.get(name)
-        state[name] = (t.dequantize() if hasattr(t, "dequantize") else t).float()
     ref = diffusers.ZImageImg2ImgPipeline.from_pretrained(tiny_model, dtype=torch.float32)
-    missing, unexpected = ref.transformer.load_state_dict(state, strict=False)
-    assert not unexpected and all("pad_token" not in m for m in missing) and len(missing) < 3, (missing, unexpected)
+    load_dequantized(ref.transformer, res.path)
     image = _picture(64, 64, seed=9)
     lat, got, _ = _ours(q8, PROMPTS["en"], image, strength=0.7, steps=8, seed=5)
     want_lat, want = _theirs(ref, PROMPTS["en"], image, strength=0.7, seed=5)

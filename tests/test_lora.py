@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import LORA_FORMATS, TINY, make_lora, optional, refused, rel_err, write_lora
+from fixtures import LORA_FORMATS, TINY, load_dequantized, make_lora, optional, refused, rel_err, write_lora
 from PIL import Image
 
 import zimage_lite
@@ -31,7 +31,7 @@ from zimage_lite.runtime.devices import SimulatedDevice
 from zimage_lite.runtime.memory import aligned
 from zimage_lite.runtime.placement import PlanMismatchWarning, place
 from zimage_lite.runtime.plan import PlanRequest, make_plan, minimum_budget
-from zimage_lite.weights.components import open_component, open_dit
+from zimage_lite.weights.components import open_dit
 
 diffusers, _ = optional("diffusers")
 peft, _ = optional("peft")
@@ -133,14 +133,8 @@ def test_q8_dit_with_loras_matches_diffusers_on_dequantized_weights(tiny_model, 
     lat, image, _ = _ours(pipe)
     packed = [m for m in pipe._models["dit"].modules() if isinstance(m, QLinear)]
     assert len(packed) >= 10 and all(m.lora is not None for m in packed)  # the rest stay float (AdaptedLinear)
-    src = open_component(res.path, "dit").source
-    state = {}
-    for name in src.names():
-        t = src.get(name)
-        state[name] = (t.dequantize() if hasattr(t, "dequantize") else t).float()
     ref = diffusers.ZImagePipeline.from_pretrained(tiny_model, dtype=torch.float32)
-    missing, unexpected = ref.transformer.load_state_dict(state, strict=False)
-    assert not unexpected and all("pad_token" not in m for m in missing) and len(missing) < 3, (missing, unexpected)
+    load_dequantized(ref.transformer, res.path)
     _assert_same(lat, image, *_theirs(ref, files, TWO))
 
 
