@@ -108,6 +108,15 @@ def _add_image_args(p: argparse.ArgumentParser, mask: bool = True) -> None:
                         "forwards (default 0.6; with --mask 1.0)")
 
 
+RUN_EXAMPLES = """examples:
+  zimage-lite run "a red fox in the snow" --model Z-Image-Turbo --out fox.png
+  zimage-lite run "a watercolor fox" --image photo.jpg --strength 0.6        (image to image)
+  zimage-lite run "a red hat" --image photo.jpg --mask hat.png                (inpainting: white = repaint)
+  zimage-lite run "a fox, ink style" --lora ink.safetensors:0.8               (a LoRA at scale 0.8)
+  zimage-lite run --from-png fox.png --seed 7                                 (re-run an image, another seed)
+"""
+
+
 def _add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA to the DiT at SCALE (default 1.0; alpha/rank comes on top, as in diffusers); "
@@ -119,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zimage-lite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="generate an image from a prompt")
+    run = sub.add_parser("run", help="generate an image from a prompt", epilog=RUN_EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("prompt", nargs="?", metavar="PROMPT", help="what to draw (or --prompt-file, or --from-png)")
     run.add_argument("--prompt-file", metavar="FILE",
                      help="read the prompt from a UTF-8 file ('-': standard input), e.g. one over the OS limit on "
