@@ -59,20 +59,28 @@ def map_large_host_blocks() -> bool:
     27.5 planned; with the fixed threshold 28.9, and the encode stage 26.42 against 26.41). The cost is a page fault
     per page of each large allocation, well under 1% of a DiT step. True where it applied (glibc). `trim_host` gives
     back the smaller blocks at each stage's end."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): their allocators are left as they are
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD))
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD))
 
 
 def trim_host() -> None:
     """At a stage's end, give the OS the heap pages the stage freed (blocks under the mapping threshold, which glibc
     keeps), so the next stage starts from what is live (a few ms)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has mallopt and malloc_trim); None elsewhere (musl, macOS, Windows), whose
+    allocators are left as they are."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        libc = ctypes.CDLL(None)
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (both must exist)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 # ---- pinned host memory --------------------------------------------------------------------------------------------
