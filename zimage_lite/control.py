@@ -161,3 +161,18 @@ def control_latents(request: ControlRequest, cfg: ControlNetConfig, encode: Any,
     masked = encode(image_tensor(request.inpaint, w, h) * (repaint < 0.5))
     keep = 1 - torch.nn.functional.interpolate(repaint, size=latents.shape[2:], mode="nearest")
     return torch.cat([latents, keep.to(latents.device), masked], dim=1)
+
+
+def check_control_args(control: Any, control_image: Any, scale: Any, strength: Any) -> None:
+    """What the command line can check before anything loads (the rest needs the ControlNet's config)."""
+    if control is None:
+        control_request(None, control_image, scale, None, None, None, None, None)
+        return
+    if control_image is None:
+        raise OptionError(f"--control {Path(control).name}: give the control image (a pose, depth or edge map) "
+                          "with --control-image FILE")
+    if scale is not None:
+        check_scale(scale)
+    if strength is not None:
+        raise OptionError("--strength does not apply under --control: ControlNet inpainting regenerates the whole "
+                          "image under the hints (drop --strength)")

@@ -88,9 +88,10 @@ def _derived_config(stored: TensorSource, names: list[str], path: Path, dit: DiT
         norm_eps=dit.norm_eps)
 
 
-def open_control(path: Path | str, dit: DiTConfig) -> tuple[ControlNetConfig, TensorSource]:
+def open_control(path: Path | str, dit: DiTConfig | None) -> tuple[ControlNetConfig, TensorSource]:
     """(config, tensors under the model's names) of a ControlNet file or folder for a DiT of config `dit`;
-    CheckpointError naming the file when it is not one (or not for this DiT)."""
+    CheckpointError naming the file when it is not one (or not for this DiT). `dit` None (quantizing, no DiT at
+    hand): a single file's hints are spread over the full-size DiT's layers, and nothing is checked against one."""
     from ..models.controlnet import ZImageControlNet
 
     path = check_path(Path(path), folder_ok=True)
@@ -103,11 +104,12 @@ def open_control(path: Path | str, dit: DiTConfig) -> tuple[ControlNetConfig, Te
         config = ControlNetConfig.from_dict(json.loads(stored.meta(GGUF_CONFIG_KEY)), f"{path} metadata")
     else:
         config = validate_config(_derived_config(RenamedSource(stored, {n: prefix + n for n in names}), names, path,
-                                                 dit), path)
+                                                 dit or DiTConfig()), path)
     with torch.device("meta"):
         model = ZImageControlNet(config)
     try:
-        model.check_dit(dit, str(path))
+        if dit is not None:
+            model.check_dit(dit, str(path))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     wanted = list(model.state_dict())
@@ -117,3 +119,27 @@ def open_control(path: Path | str, dit: DiTConfig) -> tuple[ControlNetConfig, Te
         raise CheckpointError(f"{path}: a Z-Image ControlNet {config.version}, but tensor(s) "
                               f"{', '.join(missing[:5])}{more} are missing")
     return config, RenamedSource(stored, {n: prefix + n for n in wanted})
+
+
+def is_controlnet(names: list[str]) -> bool:
+    """Whether tensor names are a Z-Image ControlNet's (headers only)."""
+    bare = strip_prefix(names, ("model.diffusion_model.",))[1]
+    return EMBEDDER in bare or "control_layers.0.after_proj.weight" in bare
+
+
+def describe_controlnet(path: Path) -> dict:
+    """What `info` shows of a ControlNet: the release its tensors make it, its blocks and where the hints go."""
+    import dataclasses
+
+    config, source = open_control(path, None)
+    source.close()
+    refiner = {None: "plain refiner blocks after the DiT's", "control_layers": "the control blocks (run twice)",
+               "control_noise_refiner": "control-refiner blocks"}[config.add_control_noise_refiner]
+    n_ref = 0 if config.add_control_noise_refiner == "control_layers" else config.n_refiner_layers
+    return {"component": "controlnet", "layout": "diffusers", "config": dataclasses.asdict(config),
+            "version": config.version, "blocks": len(config.control_layers_places) + n_ref,
+            "summary": (f"Z-Image ControlNet {config.version}, width {config.dim}; hints after main layers "
+                        f"{list(config.control_layers_places)}; refiner stage: {refiner}"
+                        + (f", hints after refiner layers {list(config.control_refiner_layers_places)}"
+                           if config.control_refiner_layers_places else "")
+                        + ("; inpainting input (mask + masked image)" if config.inpaint else ""))}
