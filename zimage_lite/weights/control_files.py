@@ -57,7 +57,8 @@ def _refuse_other(names: list[str], path: Path) -> None:
             raise CheckpointError(f"{path}: {what}, not a Z-Image ControlNet; {WHERE_TO_GET}")
     kind = detect_component(names)
     if kind is not None:
-        raise CheckpointError(f"{path}: a Z-Image {kind.replace('_', ' ')}, not a ControlNet; {WHERE_TO_GET}")
+        label = {"dit": "DiT", "text_encoder": "text encoder", "vae": "VAE"}[kind]
+        raise CheckpointError(f"{path}: a Z-Image {label}, not a ControlNet; {WHERE_TO_GET}")
     raise CheckpointError(f"{path}: not a Z-Image ControlNet (no {EMBEDDER} or control_layers.N tensors); "
                           f"{WHERE_TO_GET}")
 
