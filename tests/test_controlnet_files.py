@@ -180,3 +180,35 @@ def test_control_image_sets_the_size(tiny_model, controlnets):
     params = pipe.run_params("x", control_image=picture(70, 50), seed=1)
     assert (params["width"], params["height"]) == (64, 48)
     assert rel_err(torch.tensor([params["control_scale"]]), torch.tensor([0.75])) == 0
+
+
+def _full_size(n_blocks: int) -> tuple:
+    """A full-size 2.1-shaped ControlNet's config and BF16 tensor table (what `plan` reads from a file's header):
+    lite 2.1 (3 control blocks) or full 2.1 (15)."""
+    from zimage_lite.config import ControlNetConfig
+    from zimage_lite.models.controlnet import ZImageControlNet
+
+    cfg = ControlNetConfig(control_layers_places=tuple(range(0, 30, 30 // n_blocks)),
+                           control_refiner_layers_places=(0, 1), control_in_dim=33,
+                           add_control_noise_refiner="control_noise_refiner")
+    with torch.device("meta"):
+        table = {n: (tuple(t.shape), "BF16") for n, t in ZImageControlNet(cfg).state_dict().items()}
+    return cfg, table
+
+
+@pytest.mark.parametrize("n_blocks", [3, 15])
+def test_plan_counts_the_controlnet_beside_the_dit(n_blocks):
+    """1024x1024 under --vram 4GB: the DiT's and the ControlNet's stages each count the other's loaded weights, the
+    hints sit in the DiT's activations, and both fit the budget (the full 2.1 by streaming its blocks)."""
+    from zimage_lite.runtime.plan import plan_for
+
+    cfg, table = _full_size(n_blocks)
+    args = ("turbo", "Q4_K_M", 1024, 1024, False, "cuda", 4 * 10**9, None)
+    base = plan_for(*args)
+    plan = plan_for(*args, control=(cfg, table))
+    dit, ctrl = plan.stage("dit"), plan.stage("controlnet")
+    assert dit.partner_bytes == ctrl.loaded_bytes > 0 and ctrl.partner_bytes == dit.loaded_bytes
+    seq = 4096 + 512  # image tokens + caption tokens planned for
+    assert dit.activation_bytes - base.stage("dit").activation_bytes == n_blocks * seq * cfg.dim * 2
+    assert max(dit.peak_bytes, ctrl.peak_bytes) <= plan.request.budget
+    assert len(ctrl.blocks) == n_blocks + 2 and (n_blocks == 3 or ctrl.streamed)
