@@ -64,4 +64,11 @@ def control_stages(req: PlanRequest, text_in: BlockStage, text_sizes: ComponentB
         vae = _vae(req, loaded)
         if req.encode:
             encode = (_vae(req, loaded + vae.loaded_bytes, encode=True),)
-    return _finish((*encode, text, dit, control, vae), req)
+    stages = _finish((*encode, text, dit, control, vae), req)
+    if req.keep_loaded or req.kind != "cuda":  # kept host memory counted by _finish; on cpu the peak has it all
+        return stages
+    # cuda: each of the two holds the other's pinned chunks (and host-only tensors) on the host too
+    host = {s.name: s.pinned_bytes + s.host_weight_bytes for s in stages}
+    other = {"dit": "controlnet", "controlnet": "dit"}
+    return tuple(replace(s, kept_host_bytes=host[other[s.name]], host_bytes=s.host_bytes + host[other[s.name]])
+                 if s.name in other else s for s in stages)
