@@ -161,3 +161,23 @@ def test_streamed_equals_resident(tiny_model, controlnets):
     b = next(e for e in small.generate("x", control_image=image, seed=1) if e.stage == "decoded")
     assert rel_err(b.latents, a.latents) <= STREAM_TOL
     assert np.abs(np.asarray(a.image, np.float32) - np.asarray(b.image, np.float32)).max() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vram", ["600MB", "smallest"])
+def test_cuda_control_matches_the_cpu(tiny_model, controlnets, vram):
+    """The same seed on a GPU and on the CPU, resident and at the smallest --vram (the DiT's and the ControlNet's
+    blocks streamed through their two-slot streamers, the ControlNet's pass inside the DiT's). Bound as the other
+    CUDA-vs-CPU checks: 2 levels (never run here: no GPU was lent)."""
+    control, image = controlnets["2.1"][1], picture(128, 96, seed=6)
+    cpu = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", control=control)
+    if vram == "smallest":
+        probe = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram="600MB", control=control)
+        request = probe.make_plan(128, 96, 0.0, probe.tokenizer.encode("x").ids.shape[0], image=True).request
+        vram = minimum_budget(replace(request, budget=1)) + request.headroom
+    gpu = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram=vram, control=control)
+    for m in (None, mask(128, 96)):
+        extra = {"image": picture(128, 96, seed=7), "mask": m} if m is not None else {}
+        a = next(e for e in gpu.generate("x", control_image=image, seed=5, steps=3, **extra) if e.stage == "decoded")
+        b = next(e for e in cpu.generate("x", control_image=image, seed=5, steps=3, **extra) if e.stage == "decoded")
+        assert np.abs(np.asarray(a.image, np.int32) - np.asarray(b.image, np.int32)).max() <= 2
