@@ -314,10 +314,8 @@ class ZImagePipeline:
         first an `image_encoded` event; with `mask` too (white = repaint, black = keep): inpainting (default strength
         1.0). With an image and no width and height, the size is the image's rounded down to a multiple of 16.
         The arguments are checked here, before the first event is asked for: a bad one raises OptionError from this
-        call. Every event's `info` holds the run parameters (`run_params`). With the pipeline's ControlNet
-        (`load(control=...)`): `control_image` (a pose/depth/edge map; its size unless width and height are given)
-        at `control_scale` (default 0.75), and with a 2.x ControlNet `image` + `mask` for ControlNet inpainting
-        (control.py); the control latents are encoded first (an `image_encoded` event)."""
+        call. Every event's `info` holds the run parameters (`run_params`). With `load(control=...)`: `control_image`,
+        `control_scale` (0.75), and with a 2.x ControlNet `image` + `mask` for ControlNet inpainting (control.py)."""
         params, init, ctrl = self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization,
                                            cfg_truncation, image, mask, strength, control_image, control_scale)
         return self._generate(params, init, ctrl)
@@ -430,9 +428,8 @@ class ZImagePipeline:
         return self._with_encoder(lambda encode: encode(image_tensor(init.image, width, height), generator=generator))
 
     def _with_encoder(self, run: Callable[[Callable[..., torch.Tensor]], torch.Tensor]) -> torch.Tensor:
-        """`run(encode)` with `encode(pixels, generator=None)` the VAE encoder's latents (the posterior mean without
-        a generator), its result on the CPU; the encoder is loaded for this stage only (never kept) and tiled as
-        the plan says."""
+        """`run(encode)` on the CPU, `encode(pixels, generator=None)` the VAE encoder's latents (without a generator
+        the posterior mean); the encoder is loaded for this stage only (never kept) and tiled as the plan says."""
         cfg, src = self._open("vae")
         with torch.device("meta"):
             encoder = AutoencoderEncoder(cfg)
@@ -468,9 +465,7 @@ def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: P
 
     `vram`/`ram` are memory budgets in bytes or as text ('4GB'); absent, what the device reports minus headroom.
     `loras`: (file, scale) pairs applied to the DiT as low-rank side paths, scale as diffusers' `set_adapters`
-    weights (alpha / rank comes on top); read and checked here. `control`: a ControlNet (an alibaba-pai
-    Z-Image-Turbo-Fun-Controlnet-Union file, a diffusers folder or our GGUF), opened and checked here; generate()
-    then takes `control_image` and `control_scale`.
+    weights (alpha / rank comes on top); read and checked here. `control`: a ControlNet file (control.py).
     """
     dev = resolve_device(device)
     check_budgets(dev.type, vram, ram)  # options first: opening the files takes a while

@@ -18,6 +18,13 @@ pass runs inside the DiT's, `ControlPass` being the DiT's `Control`):
 - 2.0 ("control_layers"): as 2.1, with the control layers themselves in the control-refiner role (they run twice);
 - then the control layers run on (c, captions) beside the unified (image, captions) sequence; hint i, times the
   scale, is added to the DiT's sequence after main layer `control_layers_places[i]`.
+
+Where this follows diffusers and not the original: in alibaba-pai's VideoX-Fun (videox_fun/models/
+z_image_transformer2d_control.py at 804a4258, `forward` lines 512-545 with `BaseZImageTransformerBlock.forward`
+lines 105-111) the 2.x control-refiner hints are added to the DiT's own image stream in its noise refiner, so every
+main layer sees them; diffusers (controlnet_z_image.py) adds them to the ControlNet's copy only, and its transformer
+refines without them. The tests hold diffusers' behaviour. VideoX-Fun's configs (config/z_image/z_image_control*.yaml)
+confirm the places read off the files here: 1.0 every 5th layer, 2.x every 2nd, lite 2.1 [0, 10, 20].
 """
 
 from __future__ import annotations
