@@ -107,20 +107,10 @@ def control_request(control: ControlFile | None, control_image: Image.Image | st
                     strength: float | None, width: int | None, height: int | None,
                     grid: Grid = TURBO_GRID) -> ControlRequest | None:
     """Validate a run's control inputs (OptionError naming the option); None without --control."""
+    scale = check_control_args(control.path if control else None, control_image, scale, strength)
     if control is None:
-        if control_image is not None or scale is not None:
-            option = "--control-image" if control_image is not None else "--control-scale"
-            raise OptionError(f"{option} needs --control: give the ControlNet file (a Z-Image-Turbo-Fun-Controlnet-"
-                              "Union .safetensors) that reads the control image")
         return None
-    if control_image is None:
-        raise OptionError(f"--control {control.path.name}: give the control image (a pose, depth or edge map) with "
-                          "--control-image FILE")
-    scale = CONTROL_SCALE if scale is None else check_scale(scale)
     cfg = control.config
-    if strength is not None:
-        raise OptionError("--strength does not apply under --control: ControlNet inpainting regenerates the whole "
-                          "image under the hints (drop --strength)")
     if not cfg.inpaint and (image is not None or mask is not None):
         option = "--mask" if mask is not None else "--image"
         raise OptionError(f"{option} with --control {control.path.name}: a {cfg.control_in_dim}-channel ControlNet "
@@ -163,16 +153,19 @@ def control_latents(request: ControlRequest, cfg: ControlNetConfig, encode: Any,
     return torch.cat([latents, keep.to(latents.device), masked], dim=1)
 
 
-def check_control_args(control: Any, control_image: Any, scale: Any, strength: Any) -> None:
-    """What the command line can check before anything loads (the rest needs the ControlNet's config)."""
+def check_control_args(control: str | Path | None, control_image: Any, scale: Any, strength: Any) -> float | None:
+    """The control options that go together, checked before anything loads (the rest needs the ControlNet's
+    config); the scale (None without --control)."""
     if control is None:
-        control_request(None, control_image, scale, None, None, None, None, None)
-        return
+        if control_image is not None or scale is not None:
+            option = "--control-image" if control_image is not None else "--control-scale"
+            raise OptionError(f"{option} needs --control: give the ControlNet file (a Z-Image-Turbo-Fun-Controlnet-"
+                              "Union .safetensors) that reads the control image")
+        return None
     if control_image is None:
         raise OptionError(f"--control {Path(control).name}: give the control image (a pose, depth or edge map) "
                           "with --control-image FILE")
-    if scale is not None:
-        check_scale(scale)
     if strength is not None:
         raise OptionError("--strength does not apply under --control: ControlNet inpainting regenerates the whole "
                           "image under the hints (drop --strength)")
+    return CONTROL_SCALE if scale is None else check_scale(scale)
