@@ -212,3 +212,37 @@ def test_plan_counts_the_controlnet_beside_the_dit(n_blocks):
     assert dit.activation_bytes - base.stage("dit").activation_bytes == n_blocks * seq * cfg.dim * 2
     assert max(dit.peak_bytes, ctrl.peak_bytes) <= plan.request.budget
     assert len(ctrl.blocks) == n_blocks + 2 and (n_blocks == 3 or ctrl.streamed)
+
+
+def test_canny_finds_a_square_outline():
+    """A grey square on black: one closed outline, 1-2 px thick, nothing inside or outside it."""
+    from zimage_lite.canny import canny
+
+    arr = np.zeros((64, 64), np.uint8)
+    arr[16:48, 16:48] = 180
+    edges = np.asarray(canny(Image.fromarray(arr, "L")))[..., 0] > 0
+    assert edges[16:48, 15:17].any(axis=1).all() and edges[15:17, 16:48].any(axis=0).all()  # left and top sides
+    assert edges[16:48, 47:49].any(axis=1).all() and edges[47:49, 16:48].any(axis=0).all()  # right and bottom
+    assert not edges[19:45, 19:45].any() and not edges[:13].any() and not edges[51:].any()
+    assert (edges[20:44].sum(axis=1) == 2).all()  # each row crosses two sides, 1 px each (non-maximum suppression)
+
+
+def test_control_preprocess_canny_equals_its_map(tiny_model, controlnets):
+    """--control-preprocess canny is the run with the canny map as the control image; the image records it."""
+    from zimage_lite.canny import canny
+
+    photo = picture(64, 64, seed=9)
+    pipe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", control=controlnets["1.0"][1])
+    a = next(e for e in pipe.generate("x", control_image=photo, control_preprocess="canny", seed=2)
+             if e.stage == "decoded")
+    b = next(e for e in pipe.generate("x", control_image=canny(photo), seed=2) if e.stage == "decoded")
+    assert torch.equal(a.latents, b.latents) and a.info["control_preprocess"] == "canny"
+    c = next(e for e in pipe.generate("x", control_image=photo, seed=2) if e.stage == "decoded")
+    assert rel_err(c.latents, a.latents) > 1e-3  # the photo itself gives another image
+
+
+def test_unknown_preprocessor_is_refused(tiny_model, controlnets, tmp_path, capsys):
+    picture(64, 64).save(tmp_path / "photo.png")
+    refused(capsys, ["run", "x", "--model", str(tiny_model), "--control", str(controlnets["1.0"][1]),
+                     "--control-image", str(tmp_path / "photo.png"), "--control-preprocess", "sobel", "--out",
+                     str(tmp_path / "o.png")], "--control-preprocess 'sobel'", "canny", watch=(tmp_path,))

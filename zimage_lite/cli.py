@@ -132,6 +132,8 @@ def _add_control_args(p: argparse.ArgumentParser, image: bool = True) -> None:
                        "for ControlNet inpainting")
         p.add_argument("--control-scale", default=None, metavar="S", help="with --control: the hints' weight "
                        "(default 0.75)")
+        p.add_argument("--control-preprocess", default=None, metavar="canny", help="make the map from the "
+                       "--control-image photo: canny (edges; numpy, no model download)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,8 +243,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_image_output(out, args.force, {"prompt": prompt, "negative": args.negative})  # before loading anything
     from .control import check_control_args
 
-    check_control_args(args.control, args.control_image, args.control_scale, args.strength)
-    controls = {"control_image": args.control_image, "control_scale": args.control_scale}
+    check_control_args(args.control, args.control_image, args.control_scale, args.strength, args.control_preprocess)
+    controls = {"control_image": args.control_image, "control_scale": args.control_scale,
+                "control_preprocess": args.control_preprocess}
     image, mask = (args.image, args.mask) if args.control else _image_inputs(args)  # 2.x: inpaint inputs
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram, loras=args.loras, control=args.control)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .canny import PREPROCESSORS, canny
 from .config import ControlNetConfig, DiTConfig
 from .errors import OptionError
 from .init_image import _opened, pixels_sha256
@@ -79,12 +80,19 @@ class ControlRequest:
     mask: Image.Image | None
     width: int
     height: int
+    edges: Image.Image | None = None  # --control-preprocess canny: the map made from `image`
+
+    @property
+    def map(self) -> Image.Image:
+        """What the ControlNet reads."""
+        return self.image if self.edges is None else self.edges
 
     def params(self, control: ControlFile) -> dict[str, Any]:
         """What an image made under this control records: the ControlNet's file name and sha256, the control
         image's (and the inpainting inputs') pixel hashes, the scale."""
         out: dict[str, Any] = {"control": control.path.name, "control_sha256": control.sha256,
-                               "control_image_sha256": pixels_sha256(self.image), "control_scale": self.scale}
+                               "control_image_sha256": pixels_sha256(self.image), "control_scale": self.scale,
+                               **({"control_preprocess": "canny"} if self.edges is not None else {})}
         if self.inpaint is not None:
             out.update(image_sha256=pixels_sha256(self.inpaint), mask_sha256=pixels_sha256(self.mask))
         return out
@@ -102,12 +110,14 @@ def check_scale(scale: Any) -> float:
     return value
 
 
-def control_request(control: ControlFile | None, control_image: Image.Image | str | Path | None,
-                    scale: Any, image: Image.Image | str | Path | None, mask: Image.Image | str | Path | None,
-                    strength: float | None, width: int | None, height: int | None,
-                    grid: Grid = TURBO_GRID) -> ControlRequest | None:
-    """Validate a run's control inputs (OptionError naming the option); None without --control."""
-    scale = check_control_args(control.path if control else None, control_image, scale, strength)
+def control_request(control: ControlFile | None, image: Image.Image | str | Path | None,
+                    mask: Image.Image | str | Path | None, strength: float | None, width: int | None,
+                    height: int | None, grid: Grid = TURBO_GRID, control_image: Image.Image | str | Path | None = None,
+                    control_scale: Any = None, control_preprocess: str | None = None) -> ControlRequest | None:
+    """Validate a run's control inputs (OptionError naming the option); None without --control. The control image
+    is the map itself, or with `control_preprocess` "canny" a photo to take the edges of (canny.py)."""
+    scale = check_control_args(control.path if control else None, control_image, control_scale, strength,
+                               control_preprocess)
     if control is None:
         return None
     cfg = control.config
@@ -120,6 +130,7 @@ def control_request(control: ControlFile | None, control_image: Image.Image | st
         raise OptionError(f"ControlNet inpainting with --control {control.path.name} needs both --image and --mask: "
                           f"give {missing} too (white = repaint)")
     ctrl = to_mode(_opened(control_image, "--control-image", []), "RGB", "--control-image").image
+    edges = canny(ctrl) if control_preprocess else None
     if width is None and height is None:
         width, height = default_size(ctrl, grid.cell)
     elif width is None or height is None:
@@ -134,14 +145,14 @@ def control_request(control: ControlFile | None, control_image: Image.Image | st
             warnings.warn(ControlResizeWarning(
                 f"{option} is {picture.width}x{picture.height}: resized to {width}x{height} (Lanczos), as diffusers "
                 "resizes it"), stacklevel=3)
-    return ControlRequest(ctrl, scale, inpaint, gray, width, height)
+    return ControlRequest(ctrl, scale, inpaint, gray, width, height, edges)
 
 
 def control_latents(request: ControlRequest, cfg: ControlNetConfig, encode: Any, latent_channels: int) -> torch.Tensor:
     """The control context (1, control_in_dim, h, w) in fp32: `encode(pixels)` is the VAE encoder's posterior mean
     (scaled latents) of a (1, 3, H, W) image in [-1, 1]."""
     w, h = request.width, request.height
-    latents = encode(image_tensor(request.image, w, h))
+    latents = encode(image_tensor(request.map, w, h))
     if not cfg.inpaint:
         return latents
     extra = cfg.control_in_dim - latent_channels
@@ -153,18 +164,23 @@ def control_latents(request: ControlRequest, cfg: ControlNetConfig, encode: Any,
     return torch.cat([latents, keep.to(latents.device), masked], dim=1)
 
 
-def check_control_args(control: str | Path | None, control_image: Any, scale: Any, strength: Any) -> float | None:
+def check_control_args(control: str | Path | None, control_image: Any, scale: Any, strength: Any,
+                       preprocess: Any = None) -> float | None:
     """The control options that go together, checked before anything loads (the rest needs the ControlNet's
     config); the scale (None without --control)."""
     if control is None:
-        if control_image is not None or scale is not None:
-            option = "--control-image" if control_image is not None else "--control-scale"
+        if control_image is not None or scale is not None or preprocess is not None:
+            option = ("--control-image" if control_image is not None else "--control-scale" if scale is not None
+                      else "--control-preprocess")
             raise OptionError(f"{option} needs --control: give the ControlNet file (a Z-Image-Turbo-Fun-Controlnet-"
                               "Union .safetensors) that reads the control image")
         return None
     if control_image is None:
         raise OptionError(f"--control {Path(control).name}: give the control image (a pose, depth or edge map) "
                           "with --control-image FILE")
+    if preprocess is not None and preprocess not in PREPROCESSORS:
+        raise OptionError(f"--control-preprocess {preprocess!r}: use {', '.join(PREPROCESSORS)} (or give the map "
+                          "itself as --control-image)")
     if strength is not None:
         raise OptionError("--strength does not apply under --control: ControlNet inpainting regenerates the whole "
                           "image under the hints (drop --strength)")

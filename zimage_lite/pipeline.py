@@ -261,22 +261,20 @@ class ZImagePipeline:
     def run_params(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                    steps: int | None = None, seed: int | None = None, cfg: float | None = None,
                    cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, image: Image.Image | None = None,
-                   mask: Image.Image | None = None, strength: float | None = None, control_image: Any = None,
-                   control_scale: Any = None) -> dict[str, Any]:
+                   mask: Image.Image | None = None, strength: float | None = None, **control: Any) -> dict[str, Any]:
         """generate()'s arguments checked (OptionError naming the option), the model's defaults filled in, and
         everything an image needs to be made again: the parameters `Event.info` carries and images store."""
         return self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization, cfg_truncation,
-                             image, mask, strength, control_image, control_scale)[0]
+                             image, mask, strength, control)[0]
 
     def _request(self, prompt: str, negative: str, width: int | None, height: int | None, steps: int | None,
                  seed: int | None, cfg: float | None, cfg_normalization: float, cfg_truncation: float,
                  image: Image.Image | None, mask: Image.Image | None,
-                 strength: float | None, control_image: Any = None, control_scale: Any = None
+                 strength: float | None, control: dict[str, Any]
                  ) -> tuple[dict[str, Any], InitImage | None, ControlRequest | None]:
         d = self.defaults
         steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
-        ctrl = control_request(self.control, control_image, control_scale, image, mask, strength, width, height,
-                               self.grid)
+        ctrl = control_request(self.control, image, mask, strength, width, height, self.grid, **control)
         if ctrl is not None:  # the image and mask are the ControlNet's inpaint input, not an init image
             image, mask, width, height = None, None, ctrl.width, ctrl.height
         # img2img / inpainting: the size is the image's unless given
@@ -305,8 +303,7 @@ class ZImagePipeline:
     def generate(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                  steps: int | None = None, seed: int | None = None, cfg: float | None = None,
                  cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, image: Image.Image | None = None,
-                 mask: Image.Image | None = None, strength: float | None = None, control_image: Any = None,
-                 control_scale: float | None = None) -> Iterator[Event]:
+                 mask: Image.Image | None = None, strength: float | None = None, **control: Any) -> Iterator[Event]:
         """Yield `encoded`, then one `step` event per DiT forward, then `decoded` with the PIL image.
 
         Size, steps and guidance left at None are the model's defaults (Turbo: 1024x1024, 8 steps, no CFG; the demo:
@@ -315,9 +312,10 @@ class ZImagePipeline:
         1.0). With an image and no width and height, the size is the image's rounded down to a multiple of 16.
         The arguments are checked here, before the first event is asked for: a bad one raises OptionError from this
         call. Every event's `info` holds the run parameters (`run_params`). With `load(control=...)`: `control_image`,
-        `control_scale` (0.75), and with a 2.x ControlNet `image` + `mask` for ControlNet inpainting (control.py)."""
+        `control_scale` (0.75), `control_preprocess` ("canny"), and with a 2.x ControlNet `image` + `mask` for
+        ControlNet inpainting (control.py `control_request`)."""
         params, init, ctrl = self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization,
-                                           cfg_truncation, image, mask, strength, control_image, control_scale)
+                                           cfg_truncation, image, mask, strength, control)
         return self._generate(params, init, ctrl)
 
     @torch.inference_mode()
