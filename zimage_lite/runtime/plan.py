@@ -143,7 +143,10 @@ class Plan:
     def transfer_per_step(self) -> int:
         """Bytes copied host->device (cuda) or read from the memory map (cpu) per DiT step; CFG's batch of
         two goes through each block together, so it is the same with CFG."""
-        return sum(s.transfer_bytes for s in self.stages if s.name in ("dit", "controlnet"))
+        control = self.request.control
+        twice = control is not None and control[0].add_control_noise_refiner == "control_layers"  # 2.0: two passes
+        return sum(s.transfer_bytes * (2 if twice and s.name == "controlnet" else 1) for s in self.stages
+                   if s.name in ("dit", "controlnet"))
 
 
 def _tables(req: PlanRequest) -> tuple[TensorTable, TensorTable]:
