@@ -7,8 +7,9 @@
   refiner mode as diffusers' single-file loader tells 2.0 from 2.1: control-refiner blocks with a `before_proj`
   that is not all zero are 2.1's; all zero (or none) are 2.0's (its control layers take that role); plain refiner
   blocks (no projections) are 1.0's. The files do not say after which main layers the hints go: the control
-  blocks are spread evenly over the DiT's layers (6 of 30: every 5th, as diffusers' 1.0 config; 15: every 2nd, as
-  2.x's; 3: every 10th), and the control-refiner hints go after the refiner layers in order (2.x's [0, 1]);
+  blocks are spread evenly over the DiT's layers (6 of 30: every 5th; 15: every 2nd; 3: every 10th, as VideoX-Fun's
+  config/z_image/z_image_control*.yaml give them), and the control-refiner hints go after the refiner layers in
+  order (2.x's [0, 1]);
 - a diffusers ZImageControlNetModel folder (config.json + safetensors), its config as written;
 - a GGUF written by `quantize --component controlnet` (the same names; the config in its metadata).
 A ControlNet for another model (Flux, SD/SDXL) or another Z-Image component is refused, naming what it is.
