@@ -27,18 +27,11 @@ from ..errors import CheckpointError
 from .checks import check_path
 from .components import open_stored
 from .gguf_source import GGUFSource
-from .names import detect_component, strip_prefix
+from .names import CONTROL_EMBEDDER as EMBEDDER
+from .names import CONTROL_PREFIXES, OTHER_CONTROLNETS, detect_component, strip_prefix
 from .sources import RenamedSource, TensorSource
 
-EMBEDDER = "control_all_x_embedder.2-1.weight"
 GGUF_CONFIG_KEY = "zimage_lite.controlnet.config"  # the config.json text, in the GGUF quantize writes
-# Names that give away a ControlNet of another family, checked in this order.
-OTHER_FAMILIES = (
-    (("controlnet_cond_embedding.", "input_hint_block.", "zero_convs.", "control_model.", "down_blocks."),
-     "an SD/SDXL (UNet) ControlNet"),
-    (("controlnet_blocks.", "controlnet_x_embedder", "controlnet_single_blocks.", "double_blocks.",
-      "single_transformer_blocks.", "transformer_blocks."), "a Flux ControlNet"),
-)
 WHERE_TO_GET = ("use a Z-Image-Turbo-Fun-Controlnet-Union file from alibaba-pai, or a diffusers "
                 "ZImageControlNetModel folder")
 
@@ -53,7 +46,7 @@ def _refuse_other(names: list[str], path: Path) -> None:
     """CheckpointError saying what the file is when it is not a Z-Image ControlNet."""
     if EMBEDDER in names or "control_layers.0.after_proj.weight" in names:
         return
-    for prefixes, what in OTHER_FAMILIES:
+    for prefixes, what in OTHER_CONTROLNETS:
         if any(n.startswith(prefixes) or f".{prefixes[0]}" in n for n in names):
             raise CheckpointError(f"{path}: {what}, not a Z-Image ControlNet; {WHERE_TO_GET}")
     kind = detect_component(names)
@@ -98,7 +91,7 @@ def open_control(path: Path | str, dit: DiTConfig | None) -> tuple[ControlNetCon
 
     path = check_path(Path(path), folder_ok=True)
     stored = open_stored(path)
-    prefix, names = strip_prefix(list(stored.names()), ("model.diffusion_model.",))
+    prefix, names = strip_prefix(list(stored.names()), CONTROL_PREFIXES)
     _refuse_other(names, path)
     if path.is_dir():
         config = ControlNetConfig.from_dict(read_json(path / "config.json"), path / "config.json")
@@ -125,7 +118,7 @@ def open_control(path: Path | str, dit: DiTConfig | None) -> tuple[ControlNetCon
 
 def is_controlnet(names: list[str]) -> bool:
     """Whether tensor names are a Z-Image ControlNet's (headers only)."""
-    bare = strip_prefix(names, ("model.diffusion_model.",))[1]
+    bare = strip_prefix(names, CONTROL_PREFIXES)[1]
     return EMBEDDER in bare or "control_layers.0.after_proj.weight" in bare
 
 
