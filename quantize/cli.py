@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type", required=True, choices=TYPES, metavar="TYPE",
                    help=f"target: {', '.join(TYPES)}. GGUF K-quant mixes as llama.cpp / ComfyUI-GGUF define them; "
                         "int8/nf4: bitsandbytes safetensors for diffusers (DiT only)")
-    p.add_argument("--component", choices=("dit", "text-encoder", "all"), default=None,
+    p.add_argument("--component", choices=("dit", "text-encoder", "all", "controlnet"), default=None,
                    help="which component of a model folder (default dit; 'all' writes both into the --out folder); "
                         "for a single file it is detected from the tensor names")
     p.add_argument("--out", type=Path, default=None,

@@ -36,6 +36,7 @@ from zimage_lite.quant.recipes import (
     TARGETS,
     Target,
     TensorPlan,
+    control_plan,
     dit_linear_weights,
     dit_plan,
     dit_shapes,
@@ -53,9 +54,11 @@ from zimage_lite.weights.sources import RenamedSource, TensorSource
 from . import bnb, recipes
 
 READABLE = {"F32", "F16", "BF16"}
-FILE_NAMES = {"dit": "z_image_turbo-{t}.gguf", "text_encoder": "Qwen3-4B-{t}.gguf"}
+FILE_NAMES = {"dit": "z_image_turbo-{t}.gguf", "text_encoder": "Qwen3-4B-{t}.gguf",
+              "controlnet": "Z-Image-Turbo-Fun-Controlnet-{t}.gguf"}
 BNB_FOLDER = "z_image_turbo-{t}"
-COMPONENTS = {"dit": "dit", "text-encoder": "text_encoder", "text_encoder": "text_encoder", "all": "all"}
+COMPONENTS = {"dit": "dit", "text-encoder": "text_encoder", "text_encoder": "text_encoder", "all": "all",
+              "controlnet": "controlnet"}
 
 
 @dataclass
@@ -126,6 +129,8 @@ def open_inputs(src: Path, component: str | None) -> list[SourceInput]:
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
     wanted = COMPONENTS[component] if component else None
+    if wanted == "controlnet":
+        return [open_controlnet(src)]
     if src.is_dir() and any((src / REGISTRY[c].folder).is_dir() for c in ("dit", "text_encoder")):
         out = []
         for c in ["dit", "text_encoder"] if wanted == "all" else [wanted or "dit"]:
@@ -253,6 +258,38 @@ def convert_dit(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
     return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "lumina2", plan, metadata, inp, bar))
 
 
+def open_controlnet(src: Path) -> SourceInput:
+    """A ControlNet (alibaba-pai single file or diffusers folder) as the runtime opens it; its config (a single
+    file's derived for the full-size DiT's 30 layers) is written into the GGUF."""
+    from zimage_lite.models.controlnet import ZImageControlNet
+    from zimage_lite.weights.control_files import open_control
+
+    config, source = open_control(src, None)
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in ZImageControlNet(config).state_dict().items()}
+    return SourceInput("controlnet", config, source, src, _digest(src, source.inner), None, None, shapes)
+
+
+def convert_controlnet(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
+    import json
+
+    from zimage_lite.config import config_to_dict
+    from zimage_lite.weights.control_files import GGUF_CONFIG_KEY
+
+    plan = control_plan(inp.shapes, target)
+    recipe = f"{target.name}: the DiT's mix (control embedder and control-refiner blocks BF16)"
+
+    def metadata(w: gguf.GGUFWriter) -> None:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_file_type(int(target.ftype))
+        w.add_name("Z-Image-Turbo-Fun-Controlnet-Union")
+        w.add_string(GGUF_CONFIG_KEY, json.dumps(config_to_dict(inp.config)))
+        _provenance(w, inp, recipe)
+
+    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "zimage_controlnet", plan, metadata, inp,
+                                                                     bar))
+
+
 def convert_text_encoder(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
     cfg, shapes = inp.config, inp.shapes
     plan = te_plan(shapes, target, cfg)
@@ -363,7 +400,7 @@ def convert(src: Path, type_name: str, component: str | None = None, out: Path |
         raise OptionError(f"--type {type_name}: expected one of {', '.join(TARGETS)}")
     target = TARGETS[type_name]
     inputs = open_inputs(Path(src), component)
-    if not target.is_gguf and any(i.component == "text_encoder" for i in inputs):
+    if not target.is_gguf and any(i.component != "dit" for i in inputs):
         raise UnsupportedQuantError(f"--type {type_name}: bitsandbytes files are written for the DiT only; for the "
                                     "text encoder choose a GGUF type such as Q8_0 or Q4_K_M")
     for inp in inputs:
@@ -374,7 +411,8 @@ def convert(src: Path, type_name: str, component: str | None = None, out: Path |
     results: list[Result] = []
     try:
         for inp, path in zip(inputs, paths, strict=True):
-            fn = convert_bnb if not target.is_gguf else convert_dit if inp.component == "dit" else convert_text_encoder
+            fn = (convert_bnb if not target.is_gguf else
+                  {"dit": convert_dit, "controlnet": convert_controlnet}.get(inp.component, convert_text_encoder))
             try:
                 results.append(fn(inp, target, path, force))
             finally:

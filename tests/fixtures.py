@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -225,3 +226,49 @@ def load_dequantized(transformer: torch.nn.Module, dit_file: Path) -> None:
         state[name] = (t.dequantize() if hasattr(t, "dequantize") else t).float()
     missing, unexpected = transformer.load_state_dict(state, strict=False)
     assert not unexpected and all("pad_token" not in m for m in missing) and len(missing) < 3, (missing, unexpected)
+
+
+# --- ControlNets --------------------------------------------------------------------------------------------------
+
+CONTROL_KINDS = {  # the three refiner modes of ZImageControlNetModel on TINY's DiT (2 layers, 2 refiner layers)
+    "1.0": {"control_in_dim": 16, "add_control_noise_refiner": None, "control_refiner_layers_places": []},
+    "2.1": {"control_in_dim": 33, "add_control_noise_refiner": "control_noise_refiner",
+            "control_refiner_layers_places": [0, 1]},
+    "2.0": {"control_in_dim": 33, "add_control_noise_refiner": "control_layers",
+            "control_refiner_layers_places": [0, 1]},
+}
+
+
+def make_controlnet(folder: Path, kind: str, dit: DiTConfig = TINY.dit, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny random ControlNet for `dit`, twice from the same weights: a diffusers ZImageControlNetModel folder
+    (config.json + safetensors) and an alibaba-pai single file (the same names, no config; 2.0's carries unused
+    control-refiner blocks whose before_proj is all zero, as diffusers' loader expects). Returns (folder, file).
+    Weights as the demo model's (so hints are not zero, unlike a freshly initialised ControlNet)."""
+    from safetensors.torch import save_file
+
+    from zimage_lite.config import ControlNetConfig
+    from zimage_lite.demo import _meta_shapes, _random_state
+    from zimage_lite.models.controlnet import ZImageControlNet
+
+    config = {"control_layers_places": list(range(dit.n_layers)), "dim": dit.dim, "n_heads": dit.n_heads,
+              "n_kv_heads": dit.n_kv_heads, "n_refiner_layers": dit.n_refiner_layers, "norm_eps": dit.norm_eps,
+              "qk_norm": True, "all_patch_size": [2], "all_f_patch_size": [1], **CONTROL_KINDS[kind]}
+    cfg = ControlNetConfig.from_dict(config)
+    with torch.device("meta"):
+        shapes = _meta_shapes(ZImageControlNet(cfg))
+    state = _random_state(shapes, seed, torch.float32)
+    out = folder / f"controlnet-{kind}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"_class_name": "ZImageControlNetModel", **config}))
+    save_file(state, str(out / "diffusion_pytorch_model.safetensors"))
+    single = dict(state)
+    if kind == "2.0":
+        with torch.device("meta"):
+            extra = _meta_shapes(ZImageControlNet(dataclasses.replace(cfg, add_control_noise_refiner=CONTROL_KINDS[
+                "2.1"]["add_control_noise_refiner"])))
+        refiner = {n: s for n, s in extra.items() if n.startswith("control_noise_refiner.")}
+        single.update({n: torch.zeros(t.shape) if "before_proj" in n else t
+                       for n, t in _random_state(refiner, seed, torch.float32).items()})
+    path = folder / f"Z-Image-Turbo-Fun-Controlnet-{kind}.safetensors"
+    save_file(single, str(path))
+    return out, path

@@ -123,6 +123,19 @@ def _add_lora_args(p: argparse.ArgumentParser) -> None:
                         "repeat for several")
 
 
+def _add_control_args(p: argparse.ArgumentParser, image: bool = True) -> None:
+    p.add_argument("--control", type=Path, metavar="FILE", help="a Z-Image ControlNet: an alibaba-pai "
+                   "Z-Image-Turbo-Fun-Controlnet-Union .safetensors, a diffusers folder or our GGUF")
+    if image:
+        p.add_argument("--control-image", type=Path, metavar="FILE", help="with --control: the pose, depth, edge "
+                       "... map the image follows (its size unless --width/--height); 2.x: --image and --mask too "
+                       "for ControlNet inpainting")
+        p.add_argument("--control-scale", default=None, metavar="S", help="with --control: the hints' weight "
+                       "(default 0.75)")
+        p.add_argument("--control-preprocess", default=None, metavar="canny", help="make the map from the "
+                       "--control-image photo: canny (edges; numpy, no model download)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zimage-lite", description="Z-Image-Turbo on small hardware.")
     parser.add_argument("--version", action="version", version=f"zimage-lite {__version__}")
@@ -148,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="overwrite an existing output file")
     _add_image_args(run)
     _add_lora_args(run)
+    _add_control_args(run)
     run.add_argument("--from-png", type=Path, metavar="IMAGE",
                      help="re-run from the parameters an image made by zimage-lite carries (.png, .jpg or .webp); "
                           "options given as well replace the stored ones")
@@ -163,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="caption length to plan for, chat template included (default: the 512 maximum)")
     _add_image_args(plan, mask=False)
     _add_lora_args(plan)
+    _add_control_args(plan, image=False)
     plan.set_defaults(func=cmd_plan)
 
     quant = sub.add_parser("quantize", help="write GGUF (Q8_0, Q4_K_M, ...), int8 or nf4 files from a checkpoint",
@@ -226,25 +241,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = image_path(args.out, seed)
     check_image_output(out, args.force, {"prompt": prompt, "negative": args.negative})  # before loading anything
-    image, mask = _image_inputs(args)
+    from .control import check_control_args
+
+    check_control_args(args.control, args.control_image, args.control_scale, args.strength, args.control_preprocess)
+    controls = {"control_image": args.control_image, "control_scale": args.control_scale,
+                "control_preprocess": args.control_preprocess}
+    image, mask = (args.image, args.mask) if args.control else _image_inputs(args)  # 2.x: inpaint inputs
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
-                dtype=args.dtype, vram=args.vram, ram=args.ram, loras=args.loras)
+                dtype=args.dtype, vram=args.vram, ram=args.ram, loras=args.loras, control=args.control)
     # the output's metadata as the run will write it (paths, hashes): checked before the run, not after
     check_image_output(out, args.force, pipe.run_params(
         prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps, seed=seed, cfg=args.cfg,
         cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation, image=image, mask=mask,
-        strength=args.strength))
+        strength=args.strength, **controls))
     # checked against the model, its defaults filled in: the run starts with the first event
     events = pipe.generate(prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
                            seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
-                           cfg_truncation=args.cfg_truncation, image=image, mask=mask, strength=args.strength)
+                           cfg_truncation=args.cfg_truncation, image=image, mask=mask, strength=args.strength,
+                           **controls)
     if args.seed is None:
         print(f"seed: {seed}")
     start = time.perf_counter()
     peak = 0
     # One bar per stage, opened as the stage starts: the events arrive when a stage (or step) has finished.
-    stages = iter([*([("encode image", "image")] if image else []), ("encode", "prompt"), ("denoise", "step"),
-                   ("decode", "image")])
+    stages = iter([*([("encode image", "image")] if image or args.control else []), ("encode", "prompt"),
+                   ("denoise", "step"), ("decode", "image")])
     name, seconds, bar, params, start_step = "", 0.0, None, {}, 0
 
     def next_bar(total: int) -> tqdm:
@@ -268,7 +289,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for note in info["notes"]:
                     tqdm.write(f"note: {note}")
                 kind = "inpainting" if "mask_sha256" in info else "img2img"
-                tqdm.write(f"{kind} at strength {info['strength']:g}: {info['steps'] - start_step} of "
+                tqdm.write(f"ControlNet {info['control']} at scale {info['control_scale']:g}"
+                           + (", inpainting" if "mask_sha256" in info else "") if "control" in info else
+                           f"{kind} at strength {info['strength']:g}: {info['steps'] - start_step} of "
                            f"{info['steps']} steps run ({info['width']}x{info['height']})")
                 close(ev)
                 bar = next_bar(1)
@@ -317,7 +340,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _check_given(args)
     if args.strength is not None:  # planning needs no image: a strength alone plans the encoder's stage too
         check_strength(args.strength)
-    encode = args.image is not None or args.strength is not None  # the VAE encoder's stage comes first
+    # the VAE encoder's stage comes first (an init image, or the control image)
+    encode = args.image is not None or args.strength is not None or args.control is not None
     if args.image is not None:  # the size a run from it would have, checked as run checks it
         from .init_image import init_request
         from .inputs import open_image
@@ -342,14 +366,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
             from .loras import Loras
 
             adapters = Loras.read(args.loras, PRESETS.get(preset, PRESETS["turbo"]).dit).table()
+        control = None
+        if args.control is not None:
+            from .control import ControlFile
+            from .runtime.sizes import source_table
+
+            opened = ControlFile.open(args.control, PRESETS.get(preset, PRESETS["turbo"]).dit)
+            control = opened.config, source_table(opened.source)
         plan = plan_for(preset, args.quant, args.width, args.height, guidance_on(args.cfg), args.device,
                         vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens, encode=encode,
-                        adapter_tensors=adapters)
+                        adapter_tensors=adapters, control=control)
     else:
         from .pipeline import load
 
         pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
-                    dtype=args.dtype, vram=vram, ram=ram, loras=args.loras)
+                    dtype=args.dtype, vram=vram, ram=ram, loras=args.loras, control=args.control)
         _fill_defaults(args, pipe.defaults)
         check_size(args.width, args.height, pipe.grid)
         plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens, image=encode)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import DiTConfig, TextEncoderConfig, VAEConfig
+from .config import ControlNetConfig, DiTConfig, TextEncoderConfig, VAEConfig
+from .models.controlnet import ZImageControlNet
 from .models.dit import ZImageDiT
 from .models.qwen3 import Qwen3Encoder
 from .models.vae import AutoencoderDecoder
@@ -26,6 +27,7 @@ class ComponentKind:
     option: str  # the command-line option that points at its file
     config: type  # the frozen config dataclass read from its config.json
     models: tuple[type[nn.Module], ...]  # the models built from its weights; the first is the one a run needs
+    optional: bool = False  # not part of a model (a ControlNet, given with --control): no folder to look for
 
     @property
     def model(self) -> type[nn.Module]:
@@ -37,6 +39,8 @@ REGISTRY: dict[str, ComponentKind] = {c.kind: c for c in (
     ComponentKind("text_encoder", "text encoder", "text_encoder", "--text-encoder", TextEncoderConfig,
                   (Qwen3Encoder,)),
     ComponentKind("vae", "VAE", "vae", "--vae", VAEConfig, (AutoencoderDecoder, AutoencoderEncoder)),
+    ComponentKind("controlnet", "ControlNet", "controlnet", "--control", ControlNetConfig, (ZImageControlNet,),
+                  optional=True),
 )}
-COMPONENTS = tuple(REGISTRY)
+COMPONENTS = tuple(k for k, c in REGISTRY.items() if not c.optional)  # the parts of a model
 TOKENIZER_FOLDER = "tokenizer"

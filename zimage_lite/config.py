@@ -322,3 +322,79 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def config_to_dict(cfg) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+# --- the ControlNet (alibaba-pai Z-Image-Turbo-Fun-Controlnet-Union; diffusers' ZImageControlNetModel) ----------
+
+REFINER_MODES = ("control_layers", "control_noise_refiner")  # add_control_noise_refiner's values besides null
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """diffusers' ZImageControlNetModel config. `control_layers_places[i]`: the main layer after which control
+    block i's hint is added; `control_refiner_layers_places`: the noise-refiner layers that get the control-refiner
+    hints (2.x); `add_control_noise_refiner`: null (v1: plain refiner blocks on the control stream after the DiT's
+    refiners), "control_noise_refiner" (2.1: control-refiner blocks before them) or "control_layers" (2.0: the
+    control layers themselves in that role); `control_in_dim`: 16 (v1) or 33 (2.x: latents + mask + masked image)."""
+
+    control_layers_places: tuple[int, ...] = (0,)
+    control_refiner_layers_places: tuple[int, ...] = ()
+    control_in_dim: int = 16
+    add_control_noise_refiner: str | None = None
+    all_patch_size: tuple[int, ...] = (2,)
+    all_f_patch_size: tuple[int, ...] = (1,)
+    dim: int = 3840
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+
+    ZERO_OK: typing.ClassVar = ("n_refiner_layers",)
+    PLACES: typing.ClassVar = ("control_layers_places", "control_refiner_layers_places")
+
+    def problem(self) -> str | None:
+        """What keeps these fields from describing a buildable ControlNet, or None."""
+        if self.add_control_noise_refiner not in (None, *REFINER_MODES):
+            return (f'"add_control_noise_refiner" is {show_value(self.add_control_noise_refiner)}; expected null, '
+                    f'"{REFINER_MODES[0]}" or "{REFINER_MODES[1]}"')
+        if not self.control_layers_places or self.control_layers_places[0] != 0:
+            return f'"control_layers_places" {list(self.control_layers_places)} must start with 0'
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            return f'"dim" {self.dim}, "n_heads" {self.n_heads} and "n_kv_heads" {self.n_kv_heads} do not divide'
+        return None
+
+    @property
+    def inpaint(self) -> bool:
+        """The 2.x input: control latents, keep-mask and masked-image latents (control_in_dim 33)."""
+        return self.control_in_dim > 16
+
+    @property
+    def version(self) -> str:
+        """For people: which alibaba-pai release this config is the shape of."""
+        mode = {None: "1.0", "control_layers": "2.0", "control_noise_refiner": "2.1"}[self.add_control_noise_refiner]
+        return f"{mode} ({len(self.control_layers_places)} control blocks, {self.control_in_dim}-channel input)"
+
+    def block_config(self) -> DiTConfig:
+        """The DiT config its blocks are built from: the same block code as the DiT's."""
+        return dataclasses.replace(DiTConfig(), dim=self.dim, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                                   norm_eps=self.norm_eps, qk_norm=self.qk_norm, n_refiner_layers=self.n_refiner_layers,
+                                   all_patch_size=self.all_patch_size, all_f_patch_size=self.all_f_patch_size,
+                                   in_channels=self.control_in_dim)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str | Path = "config.json") -> ControlNetConfig:
+        """Read a ZImageControlNetModel config.json; the places are layer indices (0 allowed), the mode null or a
+        name: checked here, the other keys as every config's are."""
+        extra: dict[str, Any] = {}
+        for key in cls.PLACES:
+            value = data.get(key) or []
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                      for v in value):
+                raise CheckpointError(f'{where}: "{key}" is {show_value(value)}; expected a list of layer indices: '
+                                      f"{FIX}")
+            extra[key] = tuple(value)
+        if "add_control_noise_refiner" in data:
+            extra["add_control_noise_refiner"] = data["add_control_noise_refiner"]
+        rest = {k: v for k, v in data.items() if k not in (*cls.PLACES, "add_control_noise_refiner")}
+        return _from_dict(cls, rest, where, extra)

@@ -38,6 +38,8 @@ PARAM_TYPES: dict[str, type] = {
     "cfg_truncation": float, "width": int, "height": int, "model": str, "dit": str, "text_encoder": str, "vae": str,
     "dit_format": str, "text_encoder_format": str, "dtype": str, "device": str, "version": str,
     "strength": float, "image_sha256": str, "mask_sha256": str,  # img2img / inpainting (not the images themselves)
+    "control": str, "control_sha256": str, "control_image_sha256": str, "control_scale": float,  # ControlNet
+    "control_preprocess": str,
     "loras": list,  # [{"name": file name, "sha256": first 16 hex digits, "scale": float}, ...] (not the files)
 }
 LORA_KEYS = {"name": str, "sha256": str, "scale": float}

@@ -8,10 +8,11 @@ per-stage memory figures all hang off those events.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from PIL import Image
 from . import __version__
 from .components import COMPONENTS, REGISTRY
 from .config import MAX_TEXT_TOKENS, DiTConfig, ModelConfig
+from .control import ControlFile, ControlRequest, control_latents, control_request
 from .errors import BudgetError, OptionError
 from .image import to_pil
 from .init_image import InitImage, init_request
 from .inputs import image_tensor, mask_tensor
 from .loras import Loras
+from .models.controlnet import controlled
 from .models.vae_encoder import AutoencoderEncoder
 from .options import (
     check_budgets,
@@ -107,7 +110,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class ZImagePipeline:
     def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype, keep_loaded: bool = False,
                  vram: int | None = None, ram: int | None = None,
-                 loras: Sequence[tuple[str | Path, float]] = ()) -> None:
+                 loras: Sequence[tuple[str | Path, float]] = (), control: str | Path | None = None) -> None:
         self.files, self.device, self.dtype, self.keep_loaded = files, device, dtype, keep_loaded
         self.vram, self.ram = vram, ram
         map_large_host_blocks()  # freed stage memory goes back to the OS: host memory as the plan counts it
@@ -125,6 +128,9 @@ class ZImagePipeline:
         self._models: dict[str, torch.nn.Module] = {}
         self.dit_config: DiTConfig = self._open("dit")[0]
         self.loras = Loras.read(loras, self.dit_config)  # checked now; their tensors are read as the DiT loads
+        self.control = ControlFile.open(control, self.dit_config) if control is not None else None
+        if self.control is not None:  # a component of this pipeline, opened from its own file
+            self._sources["controlnet"] = self.control.config, self.control.source
         ids = self.tokenizer.tokenizer.get_vocab(with_added_tokens=True).values()
         check_vocabulary(files.tokenizer, max(ids, default=0), files.text_encoder,
                          self._open("text_encoder")[0].vocab_size)
@@ -178,7 +184,8 @@ class ZImagePipeline:
                              caption_tokens=caption_tokens, dit_tensors=self.tensor_table("dit"),
                              text_tensors=self.tensor_table("text_encoder"), keep_loaded=self.keep_loaded,
                              budget=self._budget, model_name=self.files.name, encode=image,
-                             adapter_tensors=self.loras.table() if self.loras else None)
+                             adapter_tensors=self.loras.table() if self.loras else None,
+                             control=(self.control.config, self.tensor_table("controlnet")) if self.control else None)
 
     def _drop_stale(self, new: plan.Plan) -> None:
         """Kept models placed under a plan whose stage differs from the new one (another size moves blocks between
@@ -205,7 +212,7 @@ class ZImagePipeline:
             model = load_module(model, src, self.vae_dtype, self.device, label)
         else:
             model = place(model, src, stage, self.device, self.dtype, label)
-            if which == "dit" and stage is not None:
+            if which in ("dit", "controlnet") and stage is not None:
                 model.set_attention_chunk(stage.attention_chunk if stage.attention == "chunked" else None)
         self._models[which] = model
         return model
@@ -254,18 +261,22 @@ class ZImagePipeline:
     def run_params(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                    steps: int | None = None, seed: int | None = None, cfg: float | None = None,
                    cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, image: Image.Image | None = None,
-                   mask: Image.Image | None = None, strength: float | None = None) -> dict[str, Any]:
+                   mask: Image.Image | None = None, strength: float | None = None, **control: Any) -> dict[str, Any]:
         """generate()'s arguments checked (OptionError naming the option), the model's defaults filled in, and
         everything an image needs to be made again: the parameters `Event.info` carries and images store."""
         return self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization, cfg_truncation,
-                             image, mask, strength)[0]
+                             image, mask, strength, control)[0]
 
     def _request(self, prompt: str, negative: str, width: int | None, height: int | None, steps: int | None,
                  seed: int | None, cfg: float | None, cfg_normalization: float, cfg_truncation: float,
                  image: Image.Image | None, mask: Image.Image | None,
-                 strength: float | None) -> tuple[dict[str, Any], InitImage | None]:
+                 strength: float | None, control: dict[str, Any]
+                 ) -> tuple[dict[str, Any], InitImage | None, ControlRequest | None]:
         d = self.defaults
         steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
+        ctrl = control_request(self.control, image, mask, strength, width, height, self.grid, **control)
+        if ctrl is not None:  # the image and mask are the ControlNet's inpaint input, not an init image
+            image, mask, width, height = None, None, ctrl.width, ctrl.height
         # img2img / inpainting: the size is the image's unless given
         init = init_request(image, mask, strength, width, height, steps, self.grid)
         if init is not None:
@@ -285,13 +296,14 @@ class ZImagePipeline:
             if which in self.files.overridden:
                 params[which] = os.path.abspath(getattr(self.files, which))
         params.update({"dit_format": self.weight_format("dit"), "text_encoder_format": self.weight_format(
-            "text_encoder"), "dtype": DTYPE_NAMES[self.dtype], "device": str(self.device), "version": __version__})
-        return params, init
+            "text_encoder"), "dtype": DTYPE_NAMES[self.dtype], "device": str(self.device), "version": __version__,
+            **(ctrl.params(self.control) if ctrl else {})})
+        return params, init, ctrl
 
     def generate(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                  steps: int | None = None, seed: int | None = None, cfg: float | None = None,
                  cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, image: Image.Image | None = None,
-                 mask: Image.Image | None = None, strength: float | None = None) -> Iterator[Event]:
+                 mask: Image.Image | None = None, strength: float | None = None, **control: Any) -> Iterator[Event]:
         """Yield `encoded`, then one `step` event per DiT forward, then `decoded` with the PIL image.
 
         Size, steps and guidance left at None are the model's defaults (Turbo: 1024x1024, 8 steps, no CFG; the demo:
@@ -299,23 +311,26 @@ class ZImagePipeline:
         first an `image_encoded` event; with `mask` too (white = repaint, black = keep): inpainting (default strength
         1.0). With an image and no width and height, the size is the image's rounded down to a multiple of 16.
         The arguments are checked here, before the first event is asked for: a bad one raises OptionError from this
-        call. Every event's `info` holds the run parameters (`run_params`)."""
-        params, init = self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization,
-                                     cfg_truncation, image, mask, strength)
-        return self._generate(params, init)
+        call. Every event's `info` holds the run parameters (`run_params`). With `load(control=...)`: `control_image`,
+        `control_scale` (0.75), `control_preprocess` ("canny"), and with a 2.x ControlNet `image` + `mask` for
+        ControlNet inpainting (control.py `control_request`)."""
+        params, init, ctrl = self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization,
+                                           cfg_truncation, image, mask, strength, control)
+        return self._generate(params, init, ctrl)
 
     @torch.inference_mode()
-    def _generate(self, params: dict[str, Any], init: InitImage | None) -> Iterator[Event]:
+    def _generate(self, params: dict[str, Any], init: InitImage | None, ctrl: ControlRequest | None = None
+                  ) -> Iterator[Event]:
         cfg = params["cfg"]
         tokens = self.tokenizer.encode(params["prompt"])
         neg_tokens = self.tokenizer.encode(params["negative"]) if guidance_on(cfg) else None
         longest = max(tokens.ids.shape[0], neg_tokens.ids.shape[0] if neg_tokens else 0)
         new_plan = self.make_plan(params["width"], params["height"], cfg, caption_tokens=longest,
-                                  image=init is not None)
+                                  image=init is not None or ctrl is not None)
         self._drop_stale(new_plan)
         self.plan = new_plan
         try:
-            yield from self._stages(tokens, neg_tokens, params, init)
+            yield from self._stages(tokens, neg_tokens, params, init, ctrl)
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
                 raise
@@ -332,7 +347,7 @@ class ZImagePipeline:
                 self._release(which)
 
     def _stages(self, tokens: Tokens, neg_tokens: Tokens | None, params: dict[str, Any],
-                init: InitImage | None) -> Iterator[Event]:
+                init: InitImage | None, ctrl: ControlRequest | None) -> Iterator[Event]:
         use_cfg = neg_tokens is not None
         width, height, steps, seed = params["width"], params["height"], params["steps"], params["seed"]
         cfg, cfg_normalization, cfg_truncation = params["cfg"], params["cfg_normalization"], params["cfg_truncation"]
@@ -346,6 +361,14 @@ class ZImagePipeline:
             init_latents, start = self._encode_image(init, width, height, generator), init.start
             yield Event("image_encoded", seconds=time.perf_counter() - t0, peak_bytes=peak_bytes(self.device),
                         info={**params, "start": start, "notes": init.notes})
+        context = None
+        if ctrl is not None:  # once, before the prompt: the VAE encoder stage
+            t0 = time.perf_counter()
+            reset_peak(self.device)
+            context = self._with_encoder(lambda encode: control_latents(
+                ctrl, self.control.config, encode, self.dit_config.in_channels))
+            yield Event("image_encoded", seconds=time.perf_counter() - t0, peak_bytes=peak_bytes(self.device),
+                        info={**params, "start": 0, "notes": ()})
         t0 = time.perf_counter()
         reset_peak(self.device)
         feats, cut = self._encode(tokens), tokens.truncated_from
@@ -354,7 +377,9 @@ class ZImagePipeline:
         yield Event("encoded", seconds=time.perf_counter() - t0, peak_bytes=peak_bytes(self.device),
                     info={**params, "tokens": feats.shape[0], "truncated_from": cut})
 
-        dit = self._load("dit")
+        dit = forward = self._load("dit")
+        if ctrl is not None:
+            forward = functools.partial(controlled, dit, self._load("controlnet"), context.to(self.device), ctrl.scale)
         noise = get_noise(generator, self.dit_config.in_channels, height, width).to(self.device)
         latents, mask = noise, None
         if init is not None:
@@ -369,18 +394,20 @@ class ZImagePipeline:
             x = latents.to(self.dtype)
             t = times[i:i + 1].to(self.device)
             if use_cfg and guidance_active(cfg, float(times[i]), cfg_truncation):
-                out = dit(torch.cat([x, x]), t.repeat(2), [feats, neg_feats])
+                out = forward(torch.cat([x, x]), t.repeat(2), [feats, neg_feats])
                 pred = combine_cfg(out[0:1], out[1:2], cfg, cfg_normalization)
             else:
-                pred = dit(x, t, [feats])
+                pred = forward(x, t, [feats])
             self._check_finite("dit", pred)
             latents = euler_step(latents, pred, sigmas[i].to(self.device), sigmas[i + 1].to(self.device))
             if mask is not None:
                 latents = inpaint_blend(latents, init_latents, noise, mask, sigmas[i + 1] if i + 1 < steps else None)
             yield Event("step", i + 1 - start, steps - start, time.perf_counter() - t0, peak_bytes(self.device),
                         latents)
-        del dit  # this frame lives on through the VAE stage: its reference would keep the DiT (and its map)
+        del dit, forward  # this frame lives on through the VAE stage: its reference would keep the DiT (and its map)
         self._release("dit")
+        if ctrl is not None:
+            self._release("controlnet")
 
         t0 = time.perf_counter()
         reset_peak(self.device)
@@ -395,17 +422,22 @@ class ZImagePipeline:
 
     def _encode_image(self, init: InitImage, width: int, height: int, generator: torch.Generator) -> torch.Tensor:
         """The init image's latents (1, C, h, w) in fp32 on the CPU, a sample of the VAE posterior drawn from
-        `generator`; the encoder is loaded for this stage only (never kept) and tiled as the plan says."""
+        `generator`."""
+        return self._with_encoder(lambda encode: encode(image_tensor(init.image, width, height), generator=generator))
+
+    def _with_encoder(self, run: Callable[[Callable[..., torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """`run(encode)` on the CPU, `encode(pixels, generator=None)` the VAE encoder's latents (without a generator
+        the posterior mean); the encoder is loaded for this stage only (never kept) and tiled as the plan says."""
         cfg, src = self._open("vae")
         with torch.device("meta"):
             encoder = AutoencoderEncoder(cfg)
         encoder = load_module(encoder, src, self.vae_dtype, self.device, "VAE encoder")
         stage = self.plan.stage("vae_encode")
-        pixels = image_tensor(init.image, width, height)
+        encode = functools.partial(encoder.encode, tile=stage.tile if stage.tiled else None)
         try:
-            latents = encoder.encode(pixels, tile=stage.tile if stage.tiled else None, generator=generator).cpu()
+            latents = run(encode).cpu()
         finally:
-            del encoder, pixels
+            del encoder, encode
             self._close_source("vae")
             release_scratch()
             trim_host()
@@ -426,12 +458,12 @@ class ZImagePipeline:
 def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: Path | None = None,
          vae: Path | None = None, device: str = "auto", dtype: str = "auto", vram: int | str | None = None,
          ram: int | str | None = None, keep_loaded: bool = False,
-         loras: Sequence[tuple[str | Path, float]] = ()) -> ZImagePipeline:
+         loras: Sequence[tuple[str | Path, float]] = (), control: str | Path | None = None) -> ZImagePipeline:
     """Open a model (a folder in the official layout, or 'demo') for generation; weights load stage by stage.
 
     `vram`/`ram` are memory budgets in bytes or as text ('4GB'); absent, what the device reports minus headroom.
     `loras`: (file, scale) pairs applied to the DiT as low-rank side paths, scale as diffusers' `set_adapters`
-    weights (alpha / rank comes on top); read and checked here.
+    weights (alpha / rank comes on top); read and checked here. `control`: a ControlNet file (control.py).
     """
     dev = resolve_device(device)
     check_budgets(dev.type, vram, ram)  # options first: opening the files takes a while
@@ -439,4 +471,4 @@ def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: P
     ram = parse_size(ram, "--ram") if isinstance(ram, str) else ram
     files = resolve_model(model, dit=dit, text_encoder=text_encoder, vae=vae)
     return ZImagePipeline(files, dev, resolve_dtype(dtype, dev), keep_loaded=keep_loaded, vram=vram, ram=ram,
-                          loras=loras)
+                          loras=loras, control=control)

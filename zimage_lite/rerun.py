@@ -16,7 +16,8 @@ from .image import read_params
 
 # stored key -> the `run` option's dest (the keys are named as generate()'s keywords, as the options are)
 APPLIED = ("prompt", "negative", "seed", "steps", "cfg", "cfg_normalization", "cfg_truncation", "width", "height",
-           "model", "dit", "text_encoder", "vae", "dtype", "device", "strength")
+           "model", "dit", "text_encoder", "vae", "dtype", "device", "strength", "control_scale",
+           "control_preprocess")
 PATHS = {"dit", "text_encoder", "vae"}
 
 
@@ -53,6 +54,13 @@ def apply_image_params(args: argparse.Namespace, given: set[str]) -> None:
             what = "a mask" if option == "mask" else "an init image"
             raise OptionError(f"--from-png {args.from_png}: it was made from {what}, which images do not carry: "
                               f"give it again with --{option} FILE")
+    # ControlNet: its file and the control image, likewise known by name and hash only
+    for key, option in (("control_sha256", "control"), ("control_image_sha256", "control_image")):
+        if key in params and getattr(args, option) is None:
+            what = f"the ControlNet {params.get('control')} (sha256 {params[key]}...)" if option == "control" else \
+                "a control image"
+            raise OptionError(f"--from-png {args.from_png}: it was made with {what}, which images do not carry: "
+                              f"give it again with --{option.replace('_', '-')} FILE")
     # LoRAs: likewise only their names, hashes and scales; the files must be given again (--lora replaces them all)
     if params.get("loras") and "lora" not in given:
         listed = " ".join(f"--lora {e['name']}:{e['scale']:g}" for e in params["loras"])

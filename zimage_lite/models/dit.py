@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,16 @@ from .layers import Block, Resident, RMSNorm, Runner, attention, schedule_of
 
 MAX_PERIOD = 10000.0
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")  # execution order, zimage_spec.md 4.3
+
+
+def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:
+    """(C, H, W) into (N, p*p*C) tokens, channel fastest, row-major, padded to a multiple of 32 by repeating the
+    last token (the pads are overwritten with a pad token once embedded)."""
+    c, h, w = latent.shape
+    n = (h // p) * (w // p)
+    tokens = latent.view(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0).reshape(n, p * p * c)
+    pad = (-n) % SEQ_MULTI_OF
+    return torch.cat([tokens, tokens[-1:].expand(pad, -1)]) if pad else tokens
 
 
 def rope_freqs(pos: torch.Tensor, axes_dims: tuple[int, ...], theta: float) -> torch.Tensor:
@@ -191,6 +202,16 @@ class DiTState:
         return [i + c for i, c in zip(self.img_spans, self.cap_spans, strict=True)]
 
 
+class Control(Protocol):
+    """A ControlNet's pass through one DiT forward (models/controlnet.py): `refined` after noise-refiner block i
+    has run on the image stream (the block is ready to compute: the control stream may run it too), `hints` once
+    the refiners are done (the refined image and caption streams), giving the hints by main layer index."""
+
+    def refined(self, i: int, block: nn.Module, state: DiTState) -> None: ...
+
+    def hints(self, img: torch.Tensor, cap: torch.Tensor, state: DiTState) -> Mapping[int, torch.Tensor]: ...
+
+
 class ZImageDiT(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -228,14 +249,11 @@ class ZImageDiT(nn.Module):
         lp = n_cap + n_cap_pad
         cap_pos = torch.zeros(lp, 3, dtype=torch.long, device=dev)
         cap_pos[:, 0] = torch.arange(1, lp + 1, device=dev)
-        # Image: patchify (C, H, W) into (N, p*p*C) with channel fastest, tokens row-major.
         c, h, w = latent.shape
         ht, wt = h // p, w // p
         n = ht * wt
-        img = latent.view(c, ht, p, wt, p).permute(1, 3, 2, 4, 0).reshape(n, p * p * c)
-        n_img_pad = (-n) % SEQ_MULTI_OF
-        if n_img_pad:
-            img = torch.cat([img, img[-1:].expand(n_img_pad, -1)])
+        img = patchify(latent, p)
+        n_img_pad = img.shape[0] - n
         img = self.all_x_embedder[cfg.embedder_key](img)
         img[n:] = self.x_pad_token.to(dtype)
         img_pos = torch.zeros(n + n_img_pad, 3, dtype=torch.long, device=dev)  # pads sit at (0, 0, 0)
@@ -263,7 +281,7 @@ class ZImageDiT(nn.Module):
             img_spans=[it.img.shape[0] for it in items], cap_spans=[it.cap.shape[0] for it in items],
             n_img=[it.n_img for it in items], adaln=adaln, shape=tuple(latents.shape[1:]))
 
-    def blocks(self, state: DiTState, hints: Mapping[int, torch.Tensor] | None = None) -> DiTState:
+    def blocks(self, state: DiTState, hints: Mapping[int, torch.Tensor] | Control | None = None) -> DiTState:
         """Run the block schedule through `self.runner`: refiners, then the unified sequence through `layers`.
 
         `hints[i]` (main layer index i, 0-based in `layers`) is added to the unified sequence `x` right after
@@ -271,18 +289,24 @@ class ZImageDiT(nn.Module):
         order of `x` (see DiTState), as ControlNet adds its block samples. When the runner is stopped mid-pass
         (`runner.stop()`), the remaining blocks are skipped and the state is returned as the blocks that ran left it;
         the unified sequence is built even if no main layer ran, so `final` always gets a well-formed state.
+        A `Control` (a ControlNet's pass) instead computes the hints during the pass: it sees each noise-refiner
+        block as it runs and gives the hints once the refiners are done.
         """
-        n_ref, hints = self.cfg.n_refiner_layers, hints or {}
+        control = None if hints is None or isinstance(hints, Mapping) else hints
+        n_ref, hints = self.cfg.n_refiner_layers, ({} if control is not None else hints or {})
         img, cap, x = state.img, state.cap, None
         with self.runner.run() as blocks:
             for i, block in enumerate(blocks):
                 if i < n_ref:
                     img = block(img, state.img_rope, state.img_spans, state.adaln)
+                    if control is not None:
+                        control.refined(i, block, state)
                 elif i < 2 * n_ref:
                     cap = block(cap, state.cap_rope, state.cap_spans)
                 else:
                     if x is None:
                         x = self._unified(img, cap, state)
+                        hints = control.hints(img, cap, state) if control is not None else hints
                     x = block(x, state.rope, state.spans, state.adaln)
                     if i - 2 * n_ref in hints:
                         x = x + hints[i - 2 * n_ref]

@@ -130,6 +130,19 @@ def dit_plan(shapes: Mapping[str, tuple[int, ...]], target: Target) -> list[Tens
     return plan
 
 
+def control_plan(shapes: Mapping[str, tuple[int, ...]], target: Target) -> list[TensorPlan]:
+    """A ControlNet file under its own (diffusers) names, each tensor typed as the DiT recipe types its DiT
+    counterpart: the control embedder and the control-refiner blocks as the DiT's embedders and refiners (kept
+    BF16), the control blocks' linears as the main layers' (q/k/v as the fused qkv; before/after_proj as any
+    other linear)."""
+    plan = []
+    for name in sorted(shapes, key=_natural):
+        shape, twin = tuple(shapes[name]), dit_comfy_name(name.removeprefix("control_"))[0]
+        plan.append(TensorPlan(name, shape, dit_tensor_type(twin, shape, target), (name,),
+                               dit_tensor_type(twin, shape, target, fallback=False)))
+    return plan
+
+
 # ---- text encoder (qwen3) ----------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig
 from ..errors import BudgetError, OptionError
@@ -71,6 +72,8 @@ class PlanRequest:
     keep_loaded: bool = False  # every component stays loaded between images: each stage holds the others' weights
     # LoRA side paths on the DiT (loras.py `Loras.table`: name -> (shape, compute dtype)), counted with their blocks
     adapter_tensors: TensorTable | None = field(default=None, repr=False, hash=False)
+    # a ControlNet (its config, its tensor table): its blocks run within the DiT's steps, placed beside the DiT's
+    control: tuple[Any, TensorTable] | None = field(default=None, repr=False, hash=False)
 
     @property
     def kind(self) -> str:
@@ -105,13 +108,14 @@ class StagePlan:
     kept_bytes: int = 0  # keep_loaded: the other components' weights, resident blocks and slots on the device
     kept_host_bytes: int = 0  # keep_loaded, cuda: the other components' pinned chunks and host-only tensors
     tile_host_bytes: int = 0  # cuda, tiled VAE: the full feature maps it keeps in host memory
+    partner_bytes: int = 0  # DiT <-> ControlNet: what the other model of the denoising steps keeps on the device
     adapter_bytes: int = 0  # LoRA side paths: in the blocks' bytes on cuda (their host copy, made for placement, in
     # staging_bytes), in weight_bytes on cpu (the loaded blocks' tensors are views of the one host copy)
 
     @property
     def peak_bytes(self) -> int:
         return (self.weight_bytes + self.resident_bytes + self.slot_bytes + self.scratch_bytes + self.activation_bytes
-                + self.kept_bytes)
+                + self.kept_bytes + self.partner_bytes)
 
     @property
     def loaded_bytes(self) -> int:
@@ -139,7 +143,10 @@ class Plan:
     def transfer_per_step(self) -> int:
         """Bytes copied host->device (cuda) or read from the memory map (cpu) per DiT step; CFG's batch of
         two goes through each block together, so it is the same with CFG."""
-        return self.stage("dit").transfer_bytes
+        control = self.request.control
+        twice = control is not None and control[0].add_control_noise_refiner == "control_layers"  # 2.0: two passes
+        return sum(s.transfer_bytes * (2 if twice and s.name == "controlnet" else 1) for s in self.stages
+                   if s.name in ("dit", "controlnet"))
 
 
 def _tables(req: PlanRequest) -> tuple[TensorTable, TensorTable]:
@@ -275,6 +282,10 @@ def _vae_floor(req: PlanRequest) -> tuple[int, int]:
 
 def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
     (text_in, text_sizes), (dit_in, dit_sizes) = _text_stage(req), _dit_stage(req)
+    if req.control is not None:  # control_plan builds on this module's stage helpers
+        from .control_plan import control_stages
+
+        return control_stages(req, text_in, text_sizes, dit_in, dit_sizes)
     if not req.keep_loaded:
         encode = (_vae(req, encode=True),) if req.encode else ()
         return _finish((*encode, _stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req),
@@ -385,7 +396,7 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
              caption_tokens: int = MAX_TEXT_TOKENS, dit_tensors: TensorTable | None = None,
              text_tensors: TensorTable | None = None, keep_loaded: bool = False,
              budget: tuple[int, int] | None = None, model_name: str | None = None, encode: bool = False,
-             adapter_tensors: TensorTable | None = None) -> Plan:
+             adapter_tensors: TensorTable | None = None, control: tuple[Any, TensorTable] | None = None) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
     `ram` is what the run may use. Missing budgets come from the device (`cuda:1`: device 1); `ram` is ignored on
     cuda. `budget` = (bytes, headroom) as `usable_budget` gave them earlier, instead of asking again. With tensor
@@ -406,4 +417,4 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
         config=config, budget=budget, quant=quant, text_quant=text_quant or "BF16", width=width, height=height,
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,
         headroom=headroom, model_name=name, dit_tensors=dit_tensors, text_tensors=text_tensors,
-        keep_loaded=keep_loaded, encode=encode, adapter_tensors=adapter_tensors))
+        keep_loaded=keep_loaded, encode=encode, adapter_tensors=adapter_tensors, control=control))

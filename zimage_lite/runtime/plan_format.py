@@ -55,7 +55,8 @@ def format_plan(plan: Plan) -> str:
               f"{gib(r.budget)} for tensors" if r.headroom else f"{given} = {gib(r.budget)} for tensors")
     lines = [(f"plan: {r.model_name}, DiT {r.quant}, text encoder {r.text_quant}, {r.width}x{r.height}, "
               f"cfg {'on' if r.cfg else 'off'}, caption <= {r.caption_tokens} tokens, {r.device} {r.dtype}"
-              + (", all components kept loaded" if r.keep_loaded else "")),
+              + (", all components kept loaded" if r.keep_loaded else "")
+              + (f", ControlNet {r.control[0].version}" if r.control else "")),
              f"budget: {budget}"]
     moved = "copied to the GPU" if cuda else "read from the memory map"
     where = "on the GPU" if cuda else "in RAM"
@@ -84,6 +85,9 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"{s.name}: {'encode' if s.name == 'vae_encode' else 'decode'} {how}")
             lines.append(f"  weights: {gib(s.weight_bytes)}, activations {gib(s.activation_bytes)}"
                          + (f", full maps in host memory {gib(s.tile_host_bytes)}" if s.tile_host_bytes else ""))
+        if s.partner_bytes:  # the DiT and the ControlNet run together, every step
+            other = "ControlNet" if s.name == "dit" else "DiT"
+            lines.append(f"  beside it, every step: the {other}'s {gib(s.partner_bytes)} {where}")
         if s.kept_bytes:
             lines.append(f"  kept loaded beside it: {gib(s.kept_bytes)} of the other components {where}")
         lines.append(f"  stage peak: {gib(s.peak_bytes)} {where}")

@@ -22,6 +22,7 @@ from ..errors import ZImageLiteError
 from ..runtime.units import format_si
 from .checks import check_path
 from .components import Component, identify, open_component, open_stored, single_files
+from .control_files import describe_controlnet, is_controlnet
 from .gguf_source import GGUFSource
 from .lora import check_shapes, implied_dit, is_lora, read_lora, summary
 from .names import DIT_PREFIXES, TE_PREFIXES, VAE_PREFIXES, strip_prefix
@@ -207,6 +208,11 @@ def describe_component(path: Path) -> dict[str, Any]:
         "params": params, "bytes": sum(h["bytes"] for h in hist.values()),
         "qtypes": dict(sorted(hist.items(), key=lambda kv: -kv[1]["bytes"])),
     }
+    if comp.kind is None and is_controlnet(list(stored.names())):  # not a part of a model: its own description
+        try:
+            out |= describe_controlnet(path)
+        except ZImageLiteError as e:
+            out["error"] = str(e)
     if comp.kind is not None:
         prefix, _ = strip_prefix(stored.names(), PREFIXES[comp.kind])
         out |= {"prefix": prefix, "config": dataclasses.asdict(comp.config), "summary": _config_summary(comp)}

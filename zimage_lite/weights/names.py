@@ -65,6 +65,19 @@ LORA_TEXT_ENCODER = re.compile(r"^(lora_te\d*_|text_encoders?\.|te\d?\.)")
 LORA_OTHER_KINDS = {"lokr_": "LoKr", "hada_": "LoHa", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
 
 
+# --- ControlNet -------------------------------------------------------------------------------------------------
+# diffusers' ZImageControlNetModel names, which the alibaba-pai single files use too (control_files.py)
+CONTROL_EMBEDDER = "control_all_x_embedder.2-1.weight"
+CONTROL_PREFIXES = ("model.diffusion_model.",)
+# names that give away a ControlNet of another family, checked in this order
+OTHER_CONTROLNETS = (
+    (("controlnet_cond_embedding.", "input_hint_block.", "zero_convs.", "control_model.", "down_blocks."),
+     "an SD/SDXL (UNet) ControlNet"),
+    (("controlnet_blocks.", "controlnet_x_embedder", "controlnet_single_blocks.", "double_blocks.",
+      "single_transformer_blocks.", "transformer_blocks."), "a Flux ControlNet"),
+)
+
+
 def lora_module_key(module: str) -> str:
     """A module path with '.' and '_' alike: kohya's `layers_0_attention_to_q`, Anime-Z's `layers.0.attention.to.q`
     and the official `layers.0.attention.to_q` are one key."""
