@@ -142,7 +142,8 @@ def image_table(rows: list[dict]) -> list[str]:
 
 
 def sdcpp_table(rows: list[dict]) -> list[str]:
-    """Whole images, ours and sd.cpp's in run order; each of ours against sd.cpp's on the same DiT file and round."""
+    """Whole images, ours and sd.cpp's in run order; each of ours against sd.cpp's on the same DiT file and round,
+    or on its Q8_0 file for a format sd.cpp cannot run on the CPU (INT8 ConvRot), marked so."""
     peer = {(r["quant"], r["round"]): r for r in rows if r["impl"] == "stable-diffusion.cpp"}
     steps = rows[0]["steps"]
     out = ["| round | impl | DiT file | compute | load s | text encoder s | s/step | VAE s | "
@@ -151,14 +152,16 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
     for r in rows:
         step = sum(r["step_times"]) / len(r["step_times"])
         whole = r["total_seconds"]
-        other = peer.get((r["quant"], r["round"])) if r["impl"] != "stable-diffusion.cpp" else None
+        other = None if r["impl"] == "stable-diffusion.cpp" else (peer.get((r["quant"], r["round"]))
+                                                                  or peer.get(("Q8_0", r["round"])))
         ratios = ""
         if other:
             pairs = [(r["text_encoder_seconds"], other["text_encoder_seconds"]),
                      (step, sum(other["step_times"]) / len(other["step_times"])),
                      (r["vae_seconds"], other["vae_seconds"]), (whole, other["total_seconds"]),
                      (r["peak_rss_bytes"], other["peak_rss_bytes"])]
-            ratios = ", ".join(f"{a / b:.2f}" for a, b in pairs)
+            ratios = ", ".join(f"{a / b:.2f}" for a, b in pairs) + (f" (vs its {other['quant']})"
+                                                                      if other["quant"] != r["quant"] else "")
         out.append(f"| {r['round']} | {r['impl']} | {r['dit_file']} | {r['dtype']} | {r['load_seconds']:.0f} | "
                    f"{r['text_encoder_seconds']:.1f} | {step:.1f} | {r['vae_seconds']:.1f} | {whole:.0f} | "
                    f"{whole + (8 - steps) * step:.0f} | {_cell(r['peak_rss_bytes'])} | {ratios} |")
@@ -327,7 +330,7 @@ def render(rows: list[dict]) -> str:
                       "the pipeline's events, sd.cpp's from its log; load: reading the weights (ours stage by "
                       "stage, sd.cpp all at the start); whole image: the process's wall time, prompt to image, "
                       "loading included; est. 8 steps: whole + (8 - steps) x s/step. Ratios below 1: ours faster "
-                      "or smaller.", *([f"Note: {first['note']}"] if first.get("note") else [])]
+                      "or smaller."]
         elif component == "roofs":
             lines += [f"## GEMM roofs of the CPU: one {' x '.join(map(str, first['shape']))} matmul per route", "",
                       "The full-size DiT's FFN up-projection at 512x512. Weights prepacked where the route has a "
@@ -340,6 +343,7 @@ def render(rows: list[dict]) -> str:
         else:
             lines.append("## Quantizing the full-size DiT")
         lines += ["", f"`{command}`  ", f"{_machine(json.loads(machine))}; {date}", ""]
+        lines += [f"Note: {first['note']}", ""] if first.get("note") else []
         lines += {"dit": dit_table, "interleaved": interleaved_table, "dequant": dequant_table, "lora": lora_table,
                   "image": image_table, "quantize": quantize_table, "gpu_tests": gpu_tests_table,
                   "gpu_weights": gpu_weights_table, "gpu_run": gpu_run_table, "pipeline": gpu_run_table,

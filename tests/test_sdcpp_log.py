@@ -84,3 +84,8 @@ def test_report_puts_ours_beside_sdcpp_on_the_same_file_and_the_roofs():
     assert "| 1 | zimage-lite | turbo-dit-Q4_K_M.gguf | fp32 | 5 | 10.0 | 50.0 | 20.0 | 135 | 435 | 1.00 | " \
            "1.00, 0.50, 1.00, 0.57, 0.50 |" in md
     assert "| int8 x | 4 x 8 x 16 | 2 | 250 | 240 | 2.50 |" in md
+    # a format sd.cpp cannot run on the CPU is set beside sd.cpp's Q8_0 and says so
+    convrot = {**_row("zimage-lite", "int8-convrot", 25.0, 2**30), "dit_file": "c.safetensors"}
+    md = render([convrot, _row("stable-diffusion.cpp", "Q8_0", 100.0, 2**31)])
+    assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0 | 25.0 | 20.0 | 85 | 235 | 1.00 | " \
+           "1.00, 0.25, 1.00, 0.36, 0.50 (vs its Q8_0) |" in md
