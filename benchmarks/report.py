@@ -160,8 +160,8 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
                      (step, sum(other["step_times"]) / len(other["step_times"])),
                      (r["vae_seconds"], other["vae_seconds"]), (whole, other["total_seconds"]),
                      (r["peak_rss_bytes"], other["peak_rss_bytes"])]
-            ratios = ", ".join(f"{a / b:.2f}" for a, b in pairs) + (f" (vs its {other['quant']})"
-                                                                      if other["quant"] != r["quant"] else "")
+            ratios = ", ".join(f"{a / b:.2f}" if a else "n/a" for a, b in pairs)  # n/a: a figure not measured
+            ratios += f" (vs its {other['quant']})" if other["quant"] != r["quant"] else ""
         out.append(f"| {r['round']} | {r['impl']} | {r['dit_file']} | {r['dtype']} | {r['load_seconds']:.0f} | "
                    f"{r['text_encoder_seconds']:.1f} | {step:.1f} | {r['vae_seconds']:.1f} | {whole:.0f} | "
                    f"{whole + (8 - steps) * step:.0f} | {_cell(r['peak_rss_bytes'])} | {ratios} |")
