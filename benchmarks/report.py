@@ -169,6 +169,11 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
              if "load_average_before" in r]
     if loads:
         out += ["", f"Load average (1 min) before-after each run, in order: {', '.join(loads)}."]
+    tokens = sorted({r["tokens"] for r in rows if r.get("tokens")})
+    if tokens:  # the random checkpoint's tokenizer is small: more tokens than the real vocabulary gives
+        out += ["", f"Caption tokens, ours: {', '.join(map(str, tokens))} (the random checkpoint's small "
+                "tokenizer). sd.cpp tokenizes the same prompt with its built-in Qwen vocabulary and does not log the "
+                "count: fewer tokens, so its text encoder (and, slightly, its DiT) does less work than ours here."]
     return out
 
 

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -162,7 +163,7 @@ def main() -> int:
     size = (args.width, args.height or args.width)
     info = {"component": "sdcpp", "width": size[0], "height": size[1], "steps": args.steps,
             "threads": args.threads, "note": args.note, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
-            "command": f"python benchmarks/sdcpp.py {' '.join(sys.argv[1:])}"}
+            "command": f"python benchmarks/sdcpp.py {shlex.join(sys.argv[1:])}"}
     for round_ in range(args.rounds):
         for impl, quant, dtype in parse_runs(args.runs):
             files = {"dit": extra.get(quant) or str(weights_file(folder, quant, cache)[0]),
