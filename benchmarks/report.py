@@ -141,6 +141,57 @@ def image_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def sdcpp_table(rows: list[dict]) -> list[str]:
+    """Whole images, ours and sd.cpp's in run order; each of ours against sd.cpp's on the same DiT file and round,
+    or on its Q8_0 file for a format sd.cpp cannot run on the CPU (INT8 ConvRot), marked so."""
+    peer = {(r["quant"], r["round"]): r for r in rows if r["impl"] == "stable-diffusion.cpp"}
+    steps = rows[0]["steps"]
+    out = ["| round | impl | DiT file | compute | load s | text encoder s | s/step | VAE s | "
+           f"whole image s ({steps} step{'s' * (steps > 1)}) | est. 8 steps s | peak RSS GiB | "
+           "÷ sd.cpp: text encoder, step, VAE, whole, RSS |", "|---:|---|---|---|" + "---:|" * 7 + "---|"]
+    for r in rows:
+        step = sum(r["step_times"]) / len(r["step_times"])
+        whole = r["total_seconds"]
+        other = None if r["impl"] == "stable-diffusion.cpp" else (peer.get((r["quant"], r["round"]))
+                                                                  or peer.get(("Q8_0", r["round"])))
+        ratios = ""
+        if other:
+            pairs = [(r["text_encoder_seconds"], other["text_encoder_seconds"]),
+                     (step, sum(other["step_times"]) / len(other["step_times"])),
+                     (r["vae_seconds"], other["vae_seconds"]), (whole, other["total_seconds"]),
+                     (r["peak_rss_bytes"], other["peak_rss_bytes"])]
+            ratios = ", ".join(f"{a / b:.2f}" if a else "n/a" for a, b in pairs)  # n/a: a figure not measured
+            ratios += f" (vs its {other['quant']})" if other["quant"] != r["quant"] else ""
+        out.append(f"| {r['round']} | {r['impl']} | {r['dit_file']} | {r['dtype']} | {r['load_seconds']:.0f} | "
+                   f"{r['text_encoder_seconds']:.1f} | {step:.1f} | {r['vae_seconds']:.1f} | {whole:.0f} | "
+                   f"{whole + (8 - steps) * step:.0f} | {_cell(r['peak_rss_bytes'])} | {ratios} |")
+    loads = [f"{r['load_average_before']:.1f}-{r['load_average_after']:.1f}" for r in rows
+             if "load_average_before" in r]
+    if loads:
+        out += ["", f"Load average (1 min) before-after each run, in order: {', '.join(loads)}."]
+    tokens = sorted({r["tokens"] for r in rows if r.get("tokens")})
+    if tokens:  # the random checkpoint's tokenizer is small: more tokens than the real vocabulary gives
+        out += ["", f"Caption tokens, ours: {', '.join(map(str, tokens))} (the random checkpoint's small "
+                "tokenizer). sd.cpp tokenizes the same prompt with its built-in Qwen vocabulary and does not log the "
+                "count: fewer tokens, so its text encoder (and, slightly, its DiT) does less work than ours here."]
+    return out
+
+
+def roofs_table(rows: list[dict]) -> list[str]:
+    fp32 = next((r["gflops"] for r in rows if r["route"].startswith("fp32") and "gflops" in r), None)
+    out = ["| route | M x K x N | threads | GFLOP/s (best) | GFLOP/s (median) | ÷ fp32 |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        shape = " x ".join(map(str, r["shape"]))
+        if "error" in r:
+            out.append(f"| {r['route']} | {shape} | {r['threads']} | not available: {r['error'][:120]} | | |")
+            continue
+        ratio = f"{r['gflops'] / fp32:.2f}" if fp32 else ""
+        out.append(f"| {r['route']} | {shape} | {r['threads']} | {r['gflops']:.0f} | {r['gflops_median']:.0f} | "
+                   f"{ratio} |")
+    return out
+
+
 # ---- GPU check (benchmarks/gpu_check.py) -------------------------------------------------------------------------
 def gpu_tests_table(rows: list[dict]) -> list[str]:
     out = ["| passed | failed | errors | skipped | seconds | failing tests |", "|---:|---:|---:|---:|---:|---|"]
@@ -274,6 +325,21 @@ def render(rows: list[dict]) -> str:
             lines.append(f"## Whole pipeline per stage against the plan: {first['preset']}, DiT and text encoder "
                          f"{first['quant']}, {first['device']}, {first['width']}x{first['height']}, {first['steps']} "
                          f"steps, {first['dtype']} compute")
+        elif component == "sdcpp":
+            lines += [f"## stable-diffusion.cpp beside ours: whole images, cpu, {first['width']}x{first['height']}, "
+                      f"{first['steps']} step(s), {first['threads']} threads", "",
+                      f"sd-cli from {next((r['version'] for r in rs if 'version' in r), 'its sdist')}, built "
+                      "natively, reading the very GGUF files our `zimage-lite quantize` wrote (the text encoder "
+                      "Q4_K_M in every row) and the checkpoint's VAE; same prompt, size, steps and seed. Each run "
+                      "a fresh process; the runs alternate between the two runtimes. Stage seconds: ours from "
+                      "the pipeline's events, sd.cpp's from its log; load: reading the weights (ours stage by "
+                      "stage, sd.cpp all at the start); whole image: the process's wall time, prompt to image, "
+                      "loading included; est. 8 steps: whole + (8 - steps) x s/step. Ratios below 1: ours faster "
+                      "or smaller."]
+        elif component == "roofs":
+            lines += [f"## GEMM roofs of the CPU: one {' x '.join(map(str, first['shape']))} matmul per route", "",
+                      "The full-size DiT's FFN up-projection at 512x512. Weights prepacked where the route has a "
+                      "packed form (not timed); the best of several calls (the machine is shared)."]
         elif component == "gpu_run":
             lines.append(f"## GPU check: DiT {first['quant']}, {first['device']}, {first['width']}x{first['height']}, "
                          f"{first['steps']} steps, {first['dtype']} compute")
@@ -282,9 +348,11 @@ def render(rows: list[dict]) -> str:
         else:
             lines.append("## Quantizing the full-size DiT")
         lines += ["", f"`{command}`  ", f"{_machine(json.loads(machine))}; {date}", ""]
+        lines += [f"Note: {first['note']}", ""] if first.get("note") else []
         lines += {"dit": dit_table, "interleaved": interleaved_table, "dequant": dequant_table, "lora": lora_table,
                   "image": image_table, "quantize": quantize_table, "gpu_tests": gpu_tests_table,
                   "gpu_weights": gpu_weights_table, "gpu_run": gpu_run_table, "pipeline": gpu_run_table,
+                  "sdcpp": sdcpp_table, "roofs": roofs_table,
                   "gpu_targets": gpu_targets_table,
                   "gpu_error": gpu_error_table}[component](rs)
         lines.append("")

@@ -112,8 +112,8 @@ def run_process(cmd: list[str], timeout: float | None = None, cwd: Path | None =
     return proc.returncode, stdout, stderr
 
 
-def child(cmd: list[str], timeout: float | None = None) -> dict:
-    """Run cmd, under GNU time where there is one; its wall time and peak RSS, plus the JSON it printed last.
+def child(cmd: list[str], timeout: float | None = None, keep_stdout: bool = False) -> dict:
+    """Run cmd, under GNU time where there is one: wall time, peak RSS, the JSON it printed last, stdout if kept.
 
     GNU time, not our own wait4: a child forked from this (large) process would inherit our high-water mark. Without
     GNU time (a bare GPU machine) the peak RSS is the one a --worker child reports of itself (VmHWM), the same figure.
@@ -125,7 +125,7 @@ def child(cmd: list[str], timeout: float | None = None) -> dict:
     sys.stderr.write("\n".join(ln for ln in lines[-20:] if not ln.startswith("maxrss_kb=")) + "\n")
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}: {lines[-1] if lines else ''}")
-    result: dict = {"total_seconds": time.perf_counter() - start}
+    result: dict = {"total_seconds": time.perf_counter() - start} | ({"stdout": stdout} if keep_stdout else {})
     out = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if out:
         result.update(json.loads(out[-1]))

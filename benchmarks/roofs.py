@@ -1,0 +1,122 @@
+"""The machine's GEMM roofs: GFLOP/s of one DiT-sized matmul per compute route torch offers on this CPU.
+
+    python benchmarks/roofs.py --threads 2 --json benchmarks/results/cpu-roofs.json
+
+The shape is the full-size DiT's FFN up-projection at 512x512 (1088 rows: 1024 image tokens and a 64-token
+caption; 3840 -> 10240), the issue's reference shape. Routes: fp32 and bf16 `F.linear`; int8 through
+oneDNN's quantized linear (u8 activations x s8 per-channel weights, weights prepacked once) by its deprecated
+quantized-tensor entry (`quantized.linear_dynamic`, engine onednn) and by the inductor's `onednn.qlinear_pointwise`;
+and `torch._int_mm` (s8 x s8 -> s32) for contrast. Each route: one warm-up call, then calls until `--repeats` or
+`--budget` seconds; the best call gives the roof (the machine is shared: the best is the least disturbed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.run import append_rows, machine  # noqa: E402
+
+M, K, N = 1088, 3840, 10240
+
+
+def _timed(fn: Callable[[], object], repeats: int, budget: float) -> list[float]:
+    """Seconds per call of fn after one warm-up call (kernel choice, packing caches)."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats and (not times or time.perf_counter() - start < budget):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def routes(m: int, k: int, n: int) -> dict[str, Callable[[], Callable[[], object]]]:
+    """Per route, a builder that prepares its operands (packing is not timed) and returns the call to time."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+
+    def fp32():
+        return lambda: F.linear(x, w)
+
+    def bf16():
+        xb, wb = x.bfloat16(), w.bfloat16()
+        return lambda: F.linear(xb, wb)
+
+    def onednn_dynamic():
+        torch.backends.quantized.engine = "onednn"
+        scales = w.abs().amax(1) / 127
+        qw = torch.quantize_per_channel(w, scales, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+        return lambda: torch.ops.quantized.linear_dynamic(x, packed, True)  # reduce_range: u8 in [0, 127]
+
+    def onednn_qlinear():
+        scales = (w.abs().amax(1) / 127).float()
+        wq = torch.round(w / scales[:, None]).to(torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(wq, [m, k])
+        xs = float(x.abs().max() / 127)  # the activations as u8 with zero point 128: one per-tensor scale
+        xq = (torch.round(x / xs) + 128).clamp(0, 255).to(torch.uint8)
+        zeros = torch.zeros(n, dtype=torch.long)
+        return lambda: torch.ops.onednn.qlinear_pointwise(xq, xs, 128, packed, scales, zeros, None, 1.0, 0,
+                                                          torch.float32, "none", [], "")
+
+    def int_mm():
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        b = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+        return lambda: torch._int_mm(a, b)
+
+    return {"fp32 F.linear": fp32, "bf16 F.linear": bf16,
+            "int8 oneDNN quantized.linear_dynamic (u8 x s8, per-channel, prepacked)": onednn_dynamic,
+            "int8 oneDNN onednn.qlinear_pointwise (u8 x s8, per-channel, prepacked)": onednn_qlinear,
+            "int8 torch._int_mm (s8 x s8 -> s32)": int_mm}
+
+
+def measure(threads: int, repeats: int, budget: float, shape: tuple[int, int, int] = (M, K, N)) -> list[dict]:
+    """One row per route: the best and median GFLOP/s, or the error where this torch lacks the route."""
+    torch.set_num_threads(threads)
+    m, k, n = shape
+    flops = 2 * m * k * n
+    rows = []
+    for name, build in routes(m, k, n).items():
+        row: dict = {"route": name, "shape": [m, k, n], "threads": threads}
+        try:
+            with torch.inference_mode():
+                times = sorted(_timed(build(), repeats, budget))
+        except (RuntimeError, AttributeError, NotImplementedError) as e:  # a route this build of torch lacks
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        else:
+            row.update(seconds=times, gflops=flops / times[0] / 1e9, gflops_median=flops / times[len(times) // 2]
+                       / 1e9)
+        print(row, file=sys.stderr, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget", type=float, default=20.0, help="seconds per route at most (after one call)")
+    p.add_argument("--json", help="append the rows to this JSON file (a list)")
+    args = p.parse_args()
+    info = {"component": "roofs", "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+            "command": f"python benchmarks/roofs.py {' '.join(sys.argv[1:])}",
+            "note": "2-core VM shared with other jobs; each figure is the best of its calls"}
+    rows = [{**r, **info} for r in measure(args.threads, args.repeats, args.budget)]
+    if args.json:
+        append_rows(Path(args.json), rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

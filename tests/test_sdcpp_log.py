@@ -1,0 +1,91 @@
+"""benchmarks/sdcpp.py's reading of sd-cli's log, and the report's tables for its rows and the GEMM roofs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import render  # noqa: E402
+from benchmarks.sdcpp import parse_runs, parse_sdcpp_log  # noqa: E402
+
+# The tail of sd-cli's stdout (stable-diffusion-cpp-python 0.4.7's vendored sd.cpp, Z-Image Turbo Q4_K_M, 256x256,
+# 2 steps), as captured: progress lines rewritten with carriage returns and an erase-line escape.
+LOG = (
+    "\r  |=======================================>          | 863/1095 - 356.29MB/s\x1b[K"
+    "\r  |==================================================| 1095/1095 - 350.46MB/s\x1b[K\n"
+    "[INFO ] model.cpp:993  - loading tensors completed, taking 20.61s (process: 0.00s, read: 17.10s, memcpy: "
+    "0.00s, convert: 2.56s, copy_to_backend: 0.00s)\n"
+    "[INFO ] stable-diffusion.cpp:942  - running in FLOW mode\n"
+    "[INFO ] stable-diffusion.cpp:3367 - generate_image 256x256\n"
+    "[INFO ] stable-diffusion.cpp:2814 - sampling using Euler method\n"
+    "[INFO ] stable-diffusion.cpp:3168 - get_learned_condition completed, taking 17.97s\n"
+    "[INFO ] stable-diffusion.cpp:3401 - generating image: 1/1 - seed 0\n"
+    "\r  |=========================>                        | 1/2 - 128.25s/it\x1b[K"
+    "\r  |==================================================| 2/2 - 129.78s/it\x1b[K\n"
+    "[INFO ] stable-diffusion.cpp:3432 - sampling completed, taking 259.59s\n"
+    "[INFO ] stable-diffusion.cpp:3450 - generating 1 latent images completed, taking 260.55s\n"
+    "[INFO ] stable-diffusion.cpp:3208 - latent 1 decoded, taking 77.45s\n"
+    "[INFO ] stable-diffusion.cpp:3212 - decode_first_stage completed, taking 77.45s\n"
+    "[INFO ] stable-diffusion.cpp:3591 - generate_image completed in 356.35s\n"
+)
+
+
+def test_sdcpp_log_gives_stage_seconds_and_each_step_from_the_running_mean():
+    r = parse_sdcpp_log(LOG)
+    assert (r["load_seconds"], r["text_encoder_seconds"], r["vae_seconds"]) == (20.61, 17.97, 77.45)
+    # the second step: 2 x 129.78 - 128.25; the progress line's two decimals: exact to ~0.01 s (tolerance 1e-6
+    # covers float rounding only)
+    assert r["step_times"] == pytest.approx([128.25, 131.31], abs=1e-6)
+    # the running mean is rounded: the steps' sum misses the log's sampling total by 0.03 s here (tolerance 0.05)
+    assert sum(r["step_times"]) == pytest.approx(r["sampling_seconds"], abs=0.05)
+    # the loading bar's "MB/s" is no step; fast steps print it/s
+    fast = LOG.replace("128.25s/it", "2.00it/s").replace("129.78s/it", "1.00it/s")
+    assert parse_sdcpp_log(fast)["step_times"] == pytest.approx([0.5, 1.5])
+
+
+def test_sdcpp_log_without_a_stage_says_which():
+    with pytest.raises(ValueError, match="vae_seconds"):
+        parse_sdcpp_log(LOG.replace("decode_first_stage", "decode"))
+
+
+def test_runs_spec():
+    assert parse_runs("ours:Q4_K_M:fp32,sdcpp:Q8_0,ours:int8-convrot") == [
+        ("ours", "Q4_K_M", "fp32"), ("sdcpp", "Q8_0", "ggml"), ("ours", "int8-convrot", "fp32")]
+    with pytest.raises(SystemExit, match="sdcpp:Q8_0:fp32"):
+        parse_runs("sdcpp:Q8_0:fp32")
+
+
+def _row(impl: str, quant: str, step: float, rss: int) -> dict:
+    return {"component": "sdcpp", "impl": impl, "quant": quant, "dtype": "fp32", "round": 1, "steps": 2,
+            "width": 512, "height": 512, "threads": 2, "dit_file": f"turbo-dit-{quant}.gguf", "load_seconds": 5.0,
+            "text_encoder_seconds": 10.0, "step_times": [step, step], "vae_seconds": 20.0,
+            "total_seconds": 35.0 + 2 * step, "peak_rss_bytes": rss, "command": "python benchmarks/sdcpp.py",
+            "date": "2026-12-02", "note": "shared machine",
+            "machine": {"cpu": "x", "flags": ["avx2"], "cores": 2, "gpu": None, "torch": "2"}}
+
+
+def test_report_puts_ours_beside_sdcpp_on_the_same_file_and_the_roofs():
+    rows = [_row("zimage-lite", "Q4_K_M", 50.0, 2**30), _row("stable-diffusion.cpp", "Q4_K_M", 100.0, 2**31),
+            {"component": "roofs", "route": "fp32 F.linear", "shape": [4, 8, 16], "threads": 2, "gflops": 100.0,
+             "gflops_median": 90.0, "command": "python benchmarks/roofs.py", "date": "2026-12-02",
+             "machine": {"cpu": "x", "cores": 2, "gpu": None, "torch": "2"}},
+            {"component": "roofs", "route": "int8 x", "shape": [4, 8, 16], "threads": 2, "gflops": 250.0,
+             "gflops_median": 240.0, "command": "python benchmarks/roofs.py", "date": "2026-12-02",
+             "machine": {"cpu": "x", "cores": 2, "gpu": None, "torch": "2"}}]
+    md = render(rows)
+    assert "## stable-diffusion.cpp beside ours: whole images, cpu, 512x512, 2 step(s), 2 threads" in md
+    assert "Note: shared machine" in md
+    # ours: whole 135 s, est. 8 steps 135 + 6 x 50; against sd.cpp: text encoder 1, step 0.5, VAE 1, whole 135/235
+    assert "| 1 | zimage-lite | turbo-dit-Q4_K_M.gguf | fp32 | 5 | 10.0 | 50.0 | 20.0 | 135 | 435 | 1.00 | " \
+           "1.00, 0.50, 1.00, 0.57, 0.50 |" in md
+    assert "| int8 x | 4 x 8 x 16 | 2 | 250 | 240 | 2.50 |" in md
+    # a format sd.cpp cannot run on the CPU is set beside sd.cpp's Q8_0 and says so
+    convrot = {**_row("zimage-lite", "int8-convrot", 25.0, 2**30), "dit_file": "c.safetensors"}
+    md = render([convrot, _row("stable-diffusion.cpp", "Q8_0", 100.0, 2**31)])
+    assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0 | 25.0 | 20.0 | 85 | 235 | 1.00 | " \
+           "1.00, 0.25, 1.00, 0.36, 0.50 (vs its Q8_0) |" in md
