@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..quant.convrot import INT8_ROWS_NAMES
+from ..quant.recipes import INT8_TARGETS
 from .units import format_option_size, gib
 
 if TYPE_CHECKING:
@@ -57,6 +59,10 @@ def format_plan(plan: Plan) -> str:
               f"cfg {'on' if r.cfg else 'off'}, caption <= {r.caption_tokens} tokens, {r.device} {r.dtype}"
               + (", all components kept loaded" if r.keep_loaded else "")),
              f"budget: {budget}"]
+    if {r.quant, r.text_quant} & (INT8_ROWS_NAMES | set(INT8_TARGETS)):  # ComfyUI int8 weights: how they multiply
+        from ..quant.int8_compute import describe_route
+
+        lines.append(f"int8 matmuls: {describe_route(r.kind)}")
     moved = "copied to the GPU" if cuda else "read from the memory map"
     where = "on the GPU" if cuda else "in RAM"
     for s in plan.stages:
