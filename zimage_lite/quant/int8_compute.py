@@ -165,8 +165,8 @@ def cpu_route() -> dict:
     if isinstance(known.get(key), dict) and known[key].get("route") in ROUTES:
         return known[key]
     gflops = time_routes()
-    best = max(gflops, key=lambda r: gflops[r])
-    entry = {"route": best if gflops[best] > gflops["float"] else "float", "gflops": gflops, "machine": key}
+    best = max(gflops, key=lambda r: gflops[r])  # "float" included: an integer route must beat it
+    entry = {"route": best, "gflops": gflops, "machine": key}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(known | {key: entry}, indent=1) + "\n", encoding="utf-8")
