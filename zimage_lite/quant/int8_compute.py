@@ -11,7 +11,8 @@ Routes, chosen once per machine (`route_for`): on CUDA `torch._int_mm` (int8 ten
   with activation scale 1);
 - "int_mm": `torch._int_mm` (on some builds a naive loop on the CPU: the timing decides);
 - "float": dequantize to the compute dtype and `F.linear`, as for every other packed type;
-timed on a 1024 x 2048 @ 2048 x 2048 product (a 512x512 image's 1024 tokens) with the current thread count, and remembered in the cache folder
+timed on a 1024 x 2048 @ 2048 x 2048 product (a 512x512 image's 1024 tokens) with the current thread count, and
+remembered in the cache folder
 (`int8-route.json`, keyed by CPU, torch version and threads). The deprecated quantized-tensor ops
 (`torch.ops.quantized.linear_dynamic`, fbgemm) quantize activations per tensor, not per row, so they are not routes.
 """
