@@ -11,6 +11,7 @@ float and 32-weight types, kquants.py for Q2_K..Q6_K.
 
 bitsandbytes weights (LLM.int8, NF4) pass through the same `dequantize`, keyed by a `BnbType` instead of a GGML type.
 Their scales are not inside the packed bytes but separate tensors (`state`), in the order `bnb_sizes` lists them.
+So do ComfyUI's int8 rows (convrot.py `Int8Rows`, ConvRot or plain): int8 bytes, fp32 row scales as their state.
 """
 
 from __future__ import annotations
