@@ -168,13 +168,16 @@ def predicted_bnb_size(plan: list[BnbGroup]) -> int:
 
 
 def write_safetensors(path: Path, plan: list[BnbGroup], read: Callable[[str], torch.Tensor], metadata: dict[str, str],
-                      dtype: str, on_group: Callable[[BnbGroup], None] | None = None) -> None:
-    """Stream `plan` into `path`: the header first (sizes are known from the plan), then one group at a time."""
+                      dtype: str, on_group: Callable[[BnbGroup], None] | None = None,
+                      make: Callable[[BnbGroup], list[np.ndarray]] | None = None) -> None:
+    """Stream `plan` into `path`: the header first (sizes are known from the plan), then one group at a time.
+    `make` builds a group's arrays (default: `make_arrays` of its source tensor)."""
     entries = [e for g in plan for e in g.entries]
     with open(path, "wb") as f:
         f.write(safetensors_header(entries, metadata))
         for group in plan:
-            for arr in _checked(group, make_arrays(group, read(group.source), dtype)):
+            arrays = make(group) if make else make_arrays(group, read(group.source), dtype)
+            for arr in _checked(group, arrays):
                 np.ascontiguousarray(arr).tofile(f)
             if on_group is not None:
                 on_group(group)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 # The --type values (recipes.TARGETS holds their rules; a test keeps the two in step).
 TYPES = ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K",
-         "int8", "nf4")
+         "int8", "nf4", "int8-convrot", "int8-rowwise")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         ".safetensors/.gguf file (official, ComfyUI, stable-diffusion.cpp or llama.cpp names)")
     p.add_argument("--type", required=True, choices=TYPES, metavar="TYPE",
                    help=f"target: {', '.join(TYPES)}. GGUF K-quant mixes as llama.cpp / ComfyUI-GGUF define them; "
-                        "int8/nf4: bitsandbytes safetensors for diffusers (DiT only)")
+                        "int8/nf4: bitsandbytes safetensors for diffusers (DiT only); int8-convrot/int8-rowwise: "
+                        "ComfyUI's INT8 safetensors (per-row scales, with/without ConvRot), DiT or text encoder")
     p.add_argument("--component", choices=("dit", "text-encoder", "all", "controlnet"), default=None,
                    help="which component of a model folder (default dit; 'all' writes both into the --out folder); "
                         "for a single file it is detected from the tensor names")

@@ -33,6 +33,7 @@ from zimage_lite.errors import CheckpointError, Interrupted, OptionError, Unsupp
 from zimage_lite.output import check_output, write_atomic
 from zimage_lite.quant.formats import quantize
 from zimage_lite.quant.recipes import (
+    INT8_TARGETS,
     TARGETS,
     Target,
     TensorPlan,
@@ -51,7 +52,7 @@ from zimage_lite.weights.load import load_tensor
 from zimage_lite.weights.names import translate
 from zimage_lite.weights.sources import RenamedSource, TensorSource
 
-from . import bnb, recipes
+from . import bnb, convrot, recipes
 
 READABLE = {"F32", "F16", "BF16"}
 FILE_NAMES = {"dit": "z_image_turbo-{t}.gguf", "text_encoder": "Qwen3-4B-{t}.gguf",
@@ -371,6 +372,30 @@ def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
     return Result(out, size, dict(Counter(g.kind for g in plan)), time.perf_counter() - start)
 
 
+def convert_int8(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
+    """A ComfyUI INT8 (ConvRot or plain rows) safetensors file of the DiT or text encoder (quantize/convrot.py)."""
+    import zimage_lite
+
+    groups, parts = convrot.int8_plan(inp.component, inp.shapes, target.name)
+    fused = convrot.read_fused(lambda name, shape: read(inp.source, name, shape), inp.shapes, parts)
+    metadata = {"format": "pt", "zimage_lite.source_sha256": inp.digest, "zimage_lite.version": zimage_lite.__version__,
+                "zimage_lite.recipe": f"{target.name}: ComfyUI int8_tensorwise, per-row scales"}
+    total = bnb.predicted_bnb_size(groups)
+    start = time.perf_counter()
+
+    def write(tmp: Path) -> None:
+        def on_group(group: bnb.BnbGroup) -> None:
+            release_pages(inp.root)
+            bar.update(sum(e.nbytes for e in group.entries))
+
+        bnb.write_safetensors(tmp, groups, fused, metadata, "float32", on_group,
+                              make=lambda g: convrot.make_group(g, fused))
+
+    with tqdm(total=total, desc=out.name, unit="B", unit_scale=True, disable=None) as bar:
+        write_atomic(out, write, force, needed=total)
+    return Result(out, out.stat().st_size, convrot.histogram(groups), time.perf_counter() - start)
+
+
 def _storage_dtype(inp: SourceInput, linear: set[str]) -> str:
     """The weights' storage dtype as torch names it (recorded in the nf4 quant state, as bitsandbytes does)."""
     name = next((n for n in inp.shapes if n in linear), None)
@@ -383,8 +408,9 @@ def _storage_dtype(inp: SourceInput, linear: set[str]) -> str:
 
 def output_paths(inputs: list[SourceInput], target: Target, out: Path | None) -> list[Path]:
     """Where each component goes: the community file names, in `out` when it is a folder (or with `all`)."""
-    names = [BNB_FOLDER.format(t=target.name) if not target.is_gguf else FILE_NAMES[i.component].format(t=target.name)
-             for i in inputs]
+    names = [convrot.FILE_NAMES[i.component].format(t=target.name.replace("-", "_"))
+             if target.name in INT8_TARGETS else BNB_FOLDER.format(t=target.name) if not target.is_gguf
+             else FILE_NAMES[i.component].format(t=target.name) for i in inputs]
     if len(inputs) > 1 or out is None or out.is_dir():
         folder = out or Path.cwd()
         if not folder.is_dir():
@@ -400,18 +426,19 @@ def convert(src: Path, type_name: str, component: str | None = None, out: Path |
         raise OptionError(f"--type {type_name}: expected one of {', '.join(TARGETS)}")
     target = TARGETS[type_name]
     inputs = open_inputs(Path(src), component)
-    if not target.is_gguf and any(i.component != "dit" for i in inputs):
+    int8 = target.name in INT8_TARGETS
+    if not target.is_gguf and not int8 and any(i.component != "dit" for i in inputs):
         raise UnsupportedQuantError(f"--type {type_name}: bitsandbytes files are written for the DiT only; for the "
                                     "text encoder choose a GGUF type such as Q8_0 or Q4_K_M")
     for inp in inputs:
         check_readable(inp, target)
     paths = output_paths(inputs, target, Path(out) if out else None)
     for p in paths:  # refuse before any work: an existing output without --force, a missing or read-only folder
-        check_output(p, force, folder=not target.is_gguf)
+        check_output(p, force, folder=not target.is_gguf and not int8)
     results: list[Result] = []
     try:
         for inp, path in zip(inputs, paths, strict=True):
-            fn = (convert_bnb if not target.is_gguf else
+            fn = (convert_int8 if int8 else convert_bnb if not target.is_gguf else
                   {"dit": convert_dit, "controlnet": convert_controlnet}.get(inp.component, convert_text_encoder))
             try:
                 results.append(fn(inp, target, path, force))

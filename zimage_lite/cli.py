@@ -49,6 +49,9 @@ def _add_model_args(p: argparse.ArgumentParser, model_default: str | None) -> No
                    help="compute dtype; auto: bf16 where the hardware has it, else fp16 (GPU) or fp32 (CPU)")
     p.add_argument("--vram", help="GPU memory budget, e.g. 4GB, 3.5GiB (default: what the GPU reports)")
     p.add_argument("--ram", help="RAM budget on the CPU path, e.g. 8GB (default: available memory)")
+    p.add_argument("--int8-compute", action="store_true",
+                   help="convert GGUF-quantized Linears to int8 rows at load and run integer matmuls (faster where "
+                        "the CPU has int8 dot products; a little more error; ComfyUI int8 files always run so)")
 
 
 def _add_size_args(p: argparse.ArgumentParser) -> None:
@@ -248,7 +251,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "control_preprocess": args.control_preprocess}
     image, mask = (args.image, args.mask) if args.control else _image_inputs(args)  # 2.x: inpaint inputs
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
-                dtype=args.dtype, vram=args.vram, ram=args.ram, loras=args.loras, control=args.control)
+                dtype=args.dtype, vram=args.vram, ram=args.ram, loras=args.loras, control=args.control,
+                int8_compute=args.int8_compute)
     # the output's metadata as the run will write it (paths, hashes): checked before the run, not after
     check_image_output(out, args.force, pipe.run_params(
         prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps, seed=seed, cfg=args.cfg,
@@ -380,7 +384,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from .pipeline import load
 
         pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
-                    dtype=args.dtype, vram=vram, ram=ram, loras=args.loras, control=args.control)
+                    dtype=args.dtype, vram=vram, ram=ram, loras=args.loras, control=args.control,
+                    int8_compute=args.int8_compute)
         _fill_defaults(args, pipe.defaults)
         check_size(args.width, args.height, pipe.grid)
         plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens, image=encode)

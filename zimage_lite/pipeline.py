@@ -49,7 +49,7 @@ from .runtime.memory import is_out_of_memory, map_large_host_blocks, peak_bytes,
 from .runtime.numerics import finite, nonfinite_error
 from .runtime.placement import place
 from .runtime.plan_format import format_plan
-from .runtime.sizes import TensorTable, recipe_label, source_table
+from .runtime.sizes import TensorTable, layout, recipe_label, source_table
 from .runtime.units import parse_size
 from .sampling import (
     combine_cfg,
@@ -63,6 +63,7 @@ from .sampling import (
 )
 from .text import PromptTokenizer, Tokens
 from .weights.checks import check_vocabulary
+from .weights.comfy_quant import Int8ComputeSource
 from .weights.components import ModelFiles, open_component, resolve_model, scheduler_config
 from .weights.gguf_source import GGUFSource
 from .weights.load import load_module
@@ -110,8 +111,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class ZImagePipeline:
     def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype, keep_loaded: bool = False,
                  vram: int | None = None, ram: int | None = None,
-                 loras: Sequence[tuple[str | Path, float]] = (), control: str | Path | None = None) -> None:
+                 loras: Sequence[tuple[str | Path, float]] = (), control: str | Path | None = None,
+                 int8_compute: bool = False) -> None:
         self.files, self.device, self.dtype, self.keep_loaded = files, device, dtype, keep_loaded
+        self.int8_compute = int8_compute  # GGML-quantized Linears converted to int8 rows at load (comfy_quant.py)
         self.vram, self.ram = vram, ram
         map_large_host_blocks()  # freed stage memory goes back to the OS: host memory as the plan counts it
         self.plan: plan.Plan | None = None
@@ -144,7 +147,10 @@ class ZImagePipeline:
         tensor is read, and `_close_source` unmaps them."""
         if which not in self._sources:
             comp = open_component(getattr(self.files, which), which)
-            self._sources[which] = comp.config, comp.source
+            source = comp.source
+            if self.int8_compute and which in ("dit", "text_encoder"):
+                source = Int8ComputeSource(source, layout(comp.config).linears)
+            self._sources[which] = comp.config, source
         return self._sources[which]
 
     def _close_source(self, which: str) -> None:
@@ -458,12 +464,15 @@ class ZImagePipeline:
 def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: Path | None = None,
          vae: Path | None = None, device: str = "auto", dtype: str = "auto", vram: int | str | None = None,
          ram: int | str | None = None, keep_loaded: bool = False,
-         loras: Sequence[tuple[str | Path, float]] = (), control: str | Path | None = None) -> ZImagePipeline:
+         loras: Sequence[tuple[str | Path, float]] = (), control: str | Path | None = None,
+         int8_compute: bool = False) -> ZImagePipeline:
     """Open a model (a folder in the official layout, or 'demo') for generation; weights load stage by stage.
 
     `vram`/`ram` are memory budgets in bytes or as text ('4GB'); absent, what the device reports minus headroom.
     `loras`: (file, scale) pairs applied to the DiT as low-rank side paths, scale as diffusers' `set_adapters`
     weights (alpha / rank comes on top); read and checked here. `control`: a ControlNet file (control.py).
+    `int8_compute`: GGUF-quantized Linears are converted to int8 rows at load and run by integer matmuls
+    (quant/int8_compute.py), at some extra error.
     """
     dev = resolve_device(device)
     check_budgets(dev.type, vram, ram)  # options first: opening the files takes a while
@@ -471,4 +480,4 @@ def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: P
     ram = parse_size(ram, "--ram") if isinstance(ram, str) else ram
     files = resolve_model(model, dit=dit, text_encoder=text_encoder, vae=vae)
     return ZImagePipeline(files, dev, resolve_dtype(dtype, dev), keep_loaded=keep_loaded, vram=vram, ram=ram,
-                          loras=loras, control=control)
+                          loras=loras, control=control, int8_compute=int8_compute)

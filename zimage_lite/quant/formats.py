@@ -11,6 +11,7 @@ float and 32-weight types, kquants.py for Q2_K..Q6_K.
 
 bitsandbytes weights (LLM.int8, NF4) pass through the same `dequantize`, keyed by a `BnbType` instead of a GGML type.
 Their scales are not inside the packed bytes but separate tensors (`state`), in the order `bnb_sizes` lists them.
+So do ComfyUI's int8 rows (convrot.py `Int8Rows`, ConvRot or plain): int8 bytes, fp32 row scales as their state.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import CheckpointError, UnsupportedQuantError
 from . import chunks
 from .chunks import run_on
+from .convrot import Int8Rows, rotate
 from .kquants import K_QUANT_TYPES, quantize_k
 
 Q = GGMLQuantizationType
@@ -246,6 +248,8 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType | BnbType | int, s
     given (a flat buffer of at least that many `dtype` elements on raw's device, reused from call to call: on CPU a
     fresh 80 MB result costs nearly as much in page faults as the dequantization itself); the result is a view of
     it."""
+    if isinstance(qtype, Int8Rows):
+        return _int8_rows(raw, qtype, tuple(shape), state[0], _result(shape, dtype, raw.device, out))
     if isinstance(qtype, BnbType):
         return _dequantize_bnb(raw, qtype, tuple(shape), state, _result(shape, dtype, raw.device, out), name)
     qtype = _check_type(qtype, name, "read")
@@ -268,6 +272,20 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType | BnbType | int, s
 
     _by_chunks(blocks.shape[0], block, raw.device, fill)
     return result.view(shape)
+
+
+def _int8_rows(raw: torch.Tensor, qtype: Int8Rows, shape: tuple[int, ...], scale: torch.Tensor,
+               result: torch.Tensor) -> torch.Tensor:
+    # ComfyUI int8_tensorwise (convrot.py): q * row scale, then each ConvRot group times H (its own inverse), in fp32
+    q, scale = raw.view(torch.int8).reshape(shape[0], -1), scale.reshape(-1, 1)
+    out = result.view(q.shape)
+
+    def fill(start: int, stop: int) -> None:
+        w = q[start:stop].float().mul_(scale[start:stop])
+        out[start:stop] = rotate(w, qtype.groupsize) if qtype.groupsize else w
+
+    _by_chunks(q.shape[0], q.shape[1], raw.device, fill)
+    return out.view(shape)
 
 
 def _result(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None) -> torch.Tensor:

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
+from .convrot import Int8Rows
 from .formats import FLOAT_TYPES, INT8, BnbType, dequantize
+from .int8_compute import int8_linear, prepack, route_for
 
-QType = GGMLQuantizationType | BnbType
+QType = GGMLQuantizationType | BnbType | Int8Rows
 
 # The reused buffer each QLinear dequantizes its weight into (the dequantize scratch of the memory plan): on CPU one
 # per thread (the chunk workers of chunks.py fill it together); on a GPU one per device, as its compute stream runs
@@ -58,7 +60,7 @@ class QTensor:
     data: torch.Tensor  # uint8; GGML: (rows, bytes per row); bitsandbytes: as stored (int8 [out, in], 4-bit [n/2, 1])
     qtype: QType
     shape: tuple[int, ...]  # logical torch shape; the last axis is the row
-    state: tuple[torch.Tensor, ...] = ()  # bitsandbytes scales, in formats.bnb_sizes order; GGML keeps them inline
+    state: tuple[torch.Tensor, ...] = ()  # bitsandbytes scales (formats.bnb_sizes order), int8 rows' fp32 row scales
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.data, self.qtype, self.shape, dtype, state=self.state)
@@ -67,7 +69,7 @@ class QTensor:
         """Rows start..stop of dim 0: whole blocks, so the packed bytes slice directly (fused qkv → q, k, v)."""
         inner = math.prod(self.shape[1:-1])
         shape = (stop - start, *self.shape[1:])
-        if self.qtype == INT8:  # one scale per row
+        if self.qtype == INT8 or isinstance(self.qtype, Int8Rows):  # one scale per row
             flat = self.data.reshape(-1, self.shape[-1])
             return QTensor(flat[start * inner:stop * inner], self.qtype, shape, (self.state[0][start:stop],))
         if isinstance(self.qtype, BnbType):
@@ -103,6 +105,7 @@ class QLinear(nn.Module):
         self.qtype, self.shape = weight.qtype, weight.shape
         data = weight.data if isinstance(weight.qtype, BnbType) else weight.data.reshape(weight.shape[0], -1)
         self.register_buffer("weight", data.to(device))
+        self._packed_for = None  # a new weight: int8 routes prepack it again
         self.n_state = len(weight.state)
         for i, t in enumerate(weight.state):
             self.register_buffer(f"weight_state_{i}", t.to(device), persistent=False)
@@ -121,12 +124,24 @@ class QLinear(nn.Module):
         return self.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.qtype, Int8Rows) and (route := route_for(self.weight.device)) != "float":
+            y = int8_linear(x, self.weight, self.state[0], self.qtype.groupsize, self.bias, route, self._packed(route))
+            return y if self.lora is None else self.lora.add_to(y, x)
         # Into the reused buffer (the weight is dead once F.linear returns): on a GPU in chunks of DEVICE_CHUNK
         # weights, so the transient is this buffer and one chunk's temporaries (formats.dequantize).
         out = dequant_scratch(self.weight.device, math.prod(self.shape), x.dtype)
         w = dequantize(self.weight, self.qtype, self.shape, x.dtype, state=self.state, out=out)
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return y if self.lora is None else self.lora.add_to(y, x)
+
+    def _packed(self, route: str) -> torch.Tensor | None:
+        """oneDNN's blocked copy of the int8 weight, made at the first call after the weight was (re)placed."""
+        if route != "onednn":
+            return None
+        key = self.weight.data_ptr()
+        if getattr(self, "_packed_for", None) != key:
+            self._packed_weight, self._packed_for = prepack(self.weight), key
+        return self._packed_weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
@@ -154,6 +169,6 @@ def packed_module(owner: nn.Module, weight: QTensor) -> nn.Module | None:
         return None
     if isinstance(owner, nn.Linear):  # the linear's side path (models/adapters.py), if any, carries over
         return QLinear(weight, owner.bias, getattr(owner, "lora", None))
-    if isinstance(owner, nn.Embedding) and not isinstance(weight.qtype, BnbType):  # row lookup needs GGML rows
+    if isinstance(owner, nn.Embedding) and not isinstance(weight.qtype, BnbType | Int8Rows):  # lookups need GGML rows
         return QEmbedding(weight)
     return None

@@ -57,6 +57,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("Q4_K_S", Q.Q4_K, F.MOSTLY_Q4_K_S), Target("Q4_0", Q.Q4_0, F.MOSTLY_Q4_0),
     Target("Q3_K_M", Q.Q3_K, F.MOSTLY_Q3_K_M), Target("Q3_K_S", Q.Q3_K, F.MOSTLY_Q3_K_S),
     Target("Q2_K", Q.Q2_K, F.MOSTLY_Q2_K), Target("int8", None, None), Target("nf4", None, None),
+    Target("int8-convrot", None, None), Target("int8-rowwise", None, None),  # ComfyUI int8 (quantize/convrot.py)
 ]}
 
 
@@ -261,3 +262,19 @@ def file_type_name(file_type: int) -> str | None:
         return None
     known = next((name for name, t in TARGETS.items() if t.ftype == ftype), None)
     return known or ftype.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+# ---- INT8 (ComfyUI int8_tensorwise, with or without ConvRot): which tensors are quantized
+
+INT8_BLOCKS = ("layers.", "noise_refiner.", "context_refiner.")  # DiT blocks and Qwen3 layers (official names)
+INT8_TARGETS = ("int8-convrot", "int8-rowwise")
+
+
+def int8_quantized(name: str, shape: tuple[int, ...]) -> bool:
+    """True for the weights an int8 file stores as int8: every 2-D `.weight` inside a block (DiT layers and both
+    refiners, Qwen3 layers: their Linears; norms are 1-D). Z-Image's published z_image_turbo_int8_convrot.safetensors
+    has 857 tensors = the 453 of the ComfyUI layout + (weight_scale, comfy_quant) for 202 layers: exactly these
+    (34 blocks x 6 Linears, minus the context refiner's two adaLN Linears); the embedders and the final layer stay
+    float (F32 there: the file holds only F32, I8 and U8)."""
+    return name.endswith(".weight") and len(shape) == 2 and name.startswith(INT8_BLOCKS)
+

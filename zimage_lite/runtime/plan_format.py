@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..quant.convrot import INT8_ROWS_NAMES
+from ..quant.recipes import INT8_TARGETS
 from .units import format_option_size, gib
 
 if TYPE_CHECKING:
@@ -58,6 +60,10 @@ def format_plan(plan: Plan) -> str:
               + (", all components kept loaded" if r.keep_loaded else "")
               + (f", ControlNet {r.control[0].version}" if r.control else "")),
              f"budget: {budget}"]
+    if {r.quant, r.text_quant} & (INT8_ROWS_NAMES | set(INT8_TARGETS)):  # ComfyUI int8 weights: how they multiply
+        from ..quant.int8_compute import describe_route
+
+        lines.append(f"int8 matmuls: {describe_route(r.kind)}")
     moved = "copied to the GPU" if cuda else "read from the memory map"
     where = "on the GPU" if cuda else "in RAM"
     for s in plan.stages:

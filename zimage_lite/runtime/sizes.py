@@ -25,8 +25,19 @@ import gguf
 
 from ..config import DiTConfig, TextEncoderConfig, VAEConfig
 from ..errors import CheckpointError, OptionError
+from ..quant.convrot import INT8_ROWS_NAMES, Int8Rows
 from ..quant.formats import FLOAT_TYPES
-from ..quant.recipes import TARGETS, Target, dit_plan, dit_shapes, file_type_name, te_plan, te_shapes
+from ..quant.recipes import (
+    INT8_TARGETS,
+    TARGETS,
+    Target,
+    dit_plan,
+    dit_shapes,
+    file_type_name,
+    int8_quantized,
+    te_plan,
+    te_shapes,
+)
 from .memory import aligned
 
 TensorTable = Mapping[str, tuple[tuple[int, ...], str]]  # official name -> (torch shape, stored type name)
@@ -37,6 +48,10 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DTYPE_TYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}  # the stored type that needs no cast
 BNB = frozenset({"int8", "nf4"})  # bitsandbytes LLM.int8 (fp32 scale per row) and NF4 (fp32 absmax per 64)
 _BNB_TYPES = BNB | {"fp4"}  # what a bitsandbytes source reports; fp4 has nf4's layout
+# int8 with an fp32 scale per row: bitsandbytes LLM.int8 and ComfyUI's int8_tensorwise (convrot.py), as sources
+# report them, and the int8 --type names a plan may be asked for
+ROW_INT8 = frozenset({"int8"}) | INT8_ROWS_NAMES | frozenset(INT8_TARGETS)
+_UNPACKED_TABLES = _BNB_TYPES | ROW_INT8  # embeddings in these are dequantized at load (no row lookup kernel)
 NF4_BLOCK = 64
 # Types that only exist inside ggml's dot products or are integers, never a weight format.
 _NOT_WEIGHTS = frozenset({"Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64"})
@@ -46,20 +61,20 @@ QUANT_LADDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 
 def normalize_format(name: str, option: str) -> str:
     """The canonical spelling of a weight format (`q4_k_m` -> `Q4_K_M`), or OptionError naming `option`."""
-    if name.lower() in BNB:
+    if name.lower() in BNB or name.lower() in INT8_TARGETS:
         return name.lower()
     upper = name.upper()
     if upper in TARGETS or (upper in gguf.GGMLQuantizationType.__members__ and upper not in _NOT_WEIGHTS):
         return upper
     raise OptionError(f"{option} {name!r} is not a weight format: use BF16, F16, F32, Q8_0, Q6_K, Q5_K_M, Q5_0, "
-                      "Q4_K_M, Q4_K_S, Q4_0, Q3_K_M, Q2_K (or another GGML type), int8 or nf4")
+                      "Q4_K_M, Q4_K_S, Q4_0, Q3_K_M, Q2_K (another GGML type), int8, nf4, int8-convrot, int8-rowwise")
 
 
 def stored_bytes(shape: tuple[int, ...], fmt: str) -> int:
     """Bytes of a tensor of torch `shape` stored as `fmt` (GGML blocks run along the last axis, ggml-common.h;
     bitsandbytes int8 adds an fp32 scale per row, nf4/fp4 an fp32 absmax per 64 weights)."""
     n = math.prod(shape)
-    if fmt == "int8":
+    if fmt in ROW_INT8:
         return n + shape[0] * 4
     if fmt in _BNB_TYPES:
         return n // 2 + -(-n // NF4_BLOCK) * 4
@@ -76,7 +91,7 @@ def packed_bytes(shape: tuple[int, ...], fmt: str) -> int:
     absmax per 64 weights and the 16-entry fp32 code table, as our quantize tool and diffusers write them without
     double quantization)."""
     n = math.prod(shape)
-    if fmt == "int8":
+    if fmt in ROW_INT8:
         return aligned(n) + aligned(shape[0] * 4)
     if fmt in _BNB_TYPES:
         return aligned(-(-n // 2)) + aligned(-(-n // NF4_BLOCK) * 4) + aligned(16 * 4)
@@ -133,7 +148,7 @@ def recipe_table(cfg: ComponentConfig, fmt: str) -> TensorTable:
     """The table of a `fmt` file of `cfg` as `zimage-lite quantize` writes it, under official names. GGUF formats
     follow quant/recipes.py (a plain GGML type is the base type of every quantized tensor); bitsandbytes formats
     quantize every block Linear and keep the rest BF16 (the text encoder is never bitsandbytes: BF16)."""
-    target = TARGETS.get(fmt) if fmt not in BNB else TARGETS["BF16"]
+    target = TARGETS.get(fmt) if fmt not in BNB and fmt not in INT8_TARGETS else TARGETS["BF16"]
     target = target or Target(fmt, gguf.GGMLQuantizationType[fmt], None)
     if isinstance(cfg, DiTConfig):
         shapes = dit_shapes(cfg)
@@ -145,6 +160,11 @@ def recipe_table(cfg: ComponentConfig, fmt: str) -> TensorTable:
     if fmt in BNB and isinstance(cfg, DiTConfig):
         quantized = layout(cfg).linears & layout(cfg).block_tensors
         table = {n: (shape, fmt if n in quantized else "BF16") for n, (shape, _) in table.items()}
+    if fmt in INT8_TARGETS:  # quant/recipes.py int8_quantized; the rest as the int8 writer keeps it (F32 / BF16)
+        name = (Int8Rows(256) if fmt == "int8-convrot" else Int8Rows(0)).name
+        keep = "F32" if isinstance(cfg, DiTConfig) else "BF16"
+        table = {n: (shape, name if int8_quantized(n, shape) else keep if len(shape) == 2 else "F32")
+                 for n, (shape, _) in table.items()}
     return MappingProxyType(table)
 
 
@@ -213,7 +233,7 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
 
     def packed(name: str) -> bool:
         fmt = table[name][1]
-        return fmt not in FLOATS and (name in lay.linears or (name in lay.embeddings and fmt not in _BNB_TYPES))
+        return fmt not in FLOATS and (name in lay.linears or (name in lay.embeddings and fmt not in _UNPACKED_TABLES))
 
     def held(name: str) -> int:
         shape, fmt = table[name]

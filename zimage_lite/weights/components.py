@@ -29,8 +29,10 @@ import torch
 from ..components import COMPONENTS, REGISTRY, TOKENIZER_FOLDER
 from ..config import PRESETS, DiTConfig, SchedulerConfig, TextEncoderConfig, VAEConfig, read_json, validate_config
 from ..errors import CheckpointError, UnsupportedQuantError
+from ..quant.convrot import INT8_ROWS_NAMES
 from ..quant.formats import SUPPORTED_TYPES
 from .checks import check_compatible, check_file, check_path
+from .comfy_quant import ComfyQuantSource, has_comfy_quant
 from .gguf_source import GGUFSource
 from .names import detect_component, translate
 from .sources import BnbSource, RenamedSource, SafetensorsSource, TensorSource
@@ -42,7 +44,7 @@ LAYOUT_HINT = ("a model folder holds transformer/, text_encoder/, tokenizer/ and
 UNUSED = re.compile(r"(^|\.)(lm_head|output)\.weight$")
 # Storage types a file may use: the dequant table's, bitsandbytes' (fp4 has a kernel but no memory plan yet), plus
 # float types torch casts directly (safetensors).
-READABLE = {t.name for t in SUPPORTED_TYPES} | {"int8", "nf4"} | {"F64", "F8_E4M3", "F8_E5M2"}
+READABLE = {t.name for t in SUPPORTED_TYPES} | {"int8", "nf4"} | {"F64", "F8_E4M3", "F8_E5M2"} | INT8_ROWS_NAMES
 
 
 @dataclass(frozen=True)
@@ -100,13 +102,18 @@ def open_stored(path: Path) -> TensorSource:
     if path.is_dir():
         stored = SafetensorsSource.from_folder(path)
         qc = _quantization_config(path)
-        return stored if qc is None else BnbSource(stored, qc)
+        if qc is not None:
+            return BnbSource(stored, qc)
+        return ComfyQuantSource(stored) if has_comfy_quant(stored) else stored
     with open(path, "rb") as f:
         is_gguf = f.read(4) == b"GGUF" or path.suffix.lower() == ".gguf"  # a bad magic is GGUFSource's to report
     if not is_gguf and path.suffix.lower() not in (".safetensors", ".sft"):
         raise CheckpointError(f"{path}: neither a GGUF nor a safetensors file; zimage-lite reads "
                               f"{', '.join(SINGLE_FILE_SUFFIXES)} files (pickled .ckpt/.bin/.pt are not loaded)")
-    return GGUFSource(path) if is_gguf else SafetensorsSource([path])
+    if is_gguf:
+        return GGUFSource(path)
+    stored = SafetensorsSource([path])
+    return ComfyQuantSource(stored) if has_comfy_quant(stored) else stored  # ComfyUI's int8 (ConvRot) layers
 
 
 def _count(names: list[str], pattern: str) -> int:

@@ -21,6 +21,7 @@ from ..config import DiTConfig
 from ..errors import ZImageLiteError
 from ..runtime.units import format_si
 from .checks import check_path
+from .comfy_quant import ComfyQuantSource
 from .components import Component, identify, open_component, open_stored, single_files
 from .control_files import describe_controlnet, is_controlnet
 from .gguf_source import GGUFSource
@@ -222,6 +223,13 @@ def describe_component(path: Path) -> dict[str, Any]:
         out["has_tokenizer"] = stored.meta("tokenizer.ggml.model") is not None
     if comp.kind is not None:
         out["loads_in"] = _verdicts(comp, gguf, arch)
+    if isinstance(stored, ComfyQuantSource):  # ComfyUI int8 layers: how they run here; the HF libraries lack the tags
+        from ..quant.int8_compute import describe_route
+
+        out["int8_route"] = describe_route("cpu")
+        lib = "diffusers" if comp.kind == "dit" else "transformers"
+        out.setdefault("loads_in", {})[lib] = "no (ComfyUI int8_tensorwise layers: comfy_quant, weight_scale)"
+        out["loads_in"]["stable-diffusion.cpp"] = "not checked (its int8 ConvRot reader is newer than our tests)"
     return out
 
 
@@ -283,6 +291,8 @@ def format_info(desc: dict[str, Any]) -> str:
             lines.append(f"  metadata     {key} = {value}")
         if s.get("metadata") == {}:
             lines.append("  metadata     none (no general.architecture either)")
+        if s.get("int8_route"):
+            lines.append(f"  int8 matmul  {s['int8_route']}")
         for i, (tool, verdict) in enumerate((s.get("loads_in") or {}).items()):
             lines.append(f"  {'loads in' if i == 0 else '':<12} {tool}: {verdict}")
     if "tokenizer" in desc:

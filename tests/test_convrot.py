@@ -1,0 +1,223 @@
+"""ComfyUI INT8 (ConvRot / plain rows): the convention, the files we write, reading them, running them, bad input.
+
+The reference for the convention is built here by hand with numpy, independently of zimage_lite.quant.convrot: the
+regular Hadamard matrix as the Kronecker power of comfy-kitchen's H4 divided by sqrt(n), applied to consecutive
+groups of 256 input columns, rows quantized symmetric with max/127 and round-half-even, clamped to [-128, 127].
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import KQ_TEXT, make_checkpoint, refused, rel_err
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import zimage_lite
+from quantize.convert import convert
+from zimage_lite.errors import CheckpointError, UnsupportedQuantError
+from zimage_lite.models.dit import ZImageDiT
+from zimage_lite.quant.convrot import CONVROT, ROWWISE, quantize_weight
+from zimage_lite.quant.formats import dequantize
+from zimage_lite.quant.qlinear import QLinear
+from zimage_lite.weights.components import open_component, open_dit
+from zimage_lite.weights.load import load_module
+
+# The DiT and text encoder both 256 wide, so ConvRot applies to their Linears (TINY's 64-wide rows would all fall back
+# to plain rows); w2's 682-wide input does not split into groups of 256 and stays plain rows, as ComfyUI's writers do.
+INT8_MODEL = replace(KQ_TEXT, dit=replace(KQ_TEXT.dit, dim=256, axes_dims=(32, 48, 48)))
+DIT_FILE, TE_FILE = "z_image_turbo_int8_convrot.safetensors", "qwen_3_4b_int8_convrot.safetensors"
+
+
+def reference_hadamard(n: int) -> np.ndarray:
+    h4 = np.array([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=np.float64)
+    h = h4
+    while h.shape[0] < n:
+        h = np.kron(h, h4)
+    return h / np.sqrt(n)
+
+
+def reference_quantize(w: np.ndarray, groupsize: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, k = w.shape
+    if groupsize:
+        w = (w.reshape(rows, k // groupsize, groupsize) @ reference_hadamard(groupsize).T).reshape(rows, k)
+    scale = np.maximum(np.abs(w).max(axis=1, keepdims=True) / 127.0, 1e-30)
+    return np.clip(np.round(w / scale), -128, 127).astype(np.int8), scale
+
+
+@pytest.fixture(scope="module")
+def int8_files(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("int8")
+    model = make_checkpoint(root / "Z-Image-int8", INT8_MODEL)
+    out = root / "out"
+    out.mkdir()
+    convert(model, "int8-convrot", component="all", out=out)
+    convert(model, "int8-rowwise", component="dit", out=out)
+    return model, out / DIT_FILE, out / TE_FILE
+
+
+# ---- the convention
+
+
+def test_hadamard_is_the_regular_one():
+    h = reference_hadamard(256)
+    assert np.allclose(h, h.T) and np.allclose(h @ h.T, np.eye(256))
+    assert np.allclose(h[:4, :4] * 16, [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("qtype", [CONVROT, ROWWISE], ids=lambda t: t.name)
+def test_quantize_dequantize_matches_the_reference(qtype):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 768, generator=g)
+    w[:, ::97] *= 30  # outlier input columns: what ConvRot's rotation spreads over the group
+    w[5] = 0  # a zero row: scale clamps at 1e-30, values 0
+    q, scale = quantize_weight(w, qtype)
+    ref_q, ref_scale = reference_quantize(w.double().numpy(), qtype.groupsize)
+    # fp32 here, fp64 there: a value within 1e-5 of a rounding boundary may land one level apart
+    assert np.abs(q.numpy().astype(int) - ref_q).max() <= 1 and (q.numpy() != ref_q).mean() < 1e-3
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (48, 1)
+    assert np.allclose(scale.numpy(), ref_scale, rtol=1e-6)
+    back = dequantize(q.view(torch.uint8), qtype, (48, 768), state=(scale.reshape(-1),))
+    ref_back = ref_q * ref_scale
+    if qtype.groupsize:
+        h = reference_hadamard(256)
+        ref_back = (ref_back.reshape(48, 3, 256) @ h).reshape(48, 768)  # H^T H = I: rotated back
+    assert np.allclose(back.numpy(), ref_back, atol=1e-5 * np.abs(ref_back).max())
+    # relative L2 of the round trip: measured 5.7e-3 rotated, 3.9e-2 plain rows (the outliers set the row scale)
+    err = float((back - w).norm() / w.norm())
+    assert err < (0.01 if qtype.groupsize else 0.08)
+
+
+# ---- files we write
+
+
+def test_written_file_has_comfyui_keys(int8_files):
+    _, dit, te = int8_files
+    with safe_open(str(dit), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("layers.0.attention.qkv.weight").dtype == torch.int8
+        assert f.get_tensor("layers.0.attention.qkv.weight_scale").shape == (768, 1)
+        assert f.get_tensor("x_embedder.weight").dtype == torch.float32  # kept float, as the published file
+        tag = json.loads(bytes(f.get_tensor("layers.1.feed_forward.w1.comfy_quant").tolist()))
+        plain = json.loads(bytes(f.get_tensor("layers.1.feed_forward.w2.comfy_quant").tolist()))
+    assert tag == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
+    assert plain == {"format": "int8_tensorwise"}  # 682 inputs: not rotated
+    layers = {k.removesuffix(".comfy_quant") for k in keys if k.endswith(".comfy_quant")}
+    assert all(f"{m}.weight" in keys and f"{m}.weight_scale" in keys for m in layers)
+    assert not any(m.startswith(("x_embedder", "t_embedder", "cap_embedder", "final_layer")) for m in layers)
+    assert len(layers) == 4 * 6 + 2 * 6 - 2  # 2 layers, 2 noise and 2 context refiners (no adaLN there)
+    te_keys = set(load_file(te))
+    assert "model.layers.0.self_attn.q_proj.comfy_quant" in te_keys and "model.embed_tokens.weight" in te_keys
+
+
+def test_written_file_reads_back(int8_files):
+    model, dit, _ = int8_files
+    src = open_component(dit, "dit").source
+    name = "layers.0.feed_forward.w1.weight"
+    assert src.qtype(name) == "int8-convrot256"
+    original = open_dit(model / "transformer")[1].get(name).float()
+    back = src.get(name).dequantize()
+    # int8 per row: measured 7.0e-3 relative L2; tolerance 1.5e-2
+    assert float((back - original).norm() / original.norm()) < 1.5e-2
+
+
+# ---- the integer path against the dequantized float path
+
+
+def _load(path: Path) -> ZImageDiT:
+    cfg, src = open_dit(path)
+    with torch.device("meta"):
+        model = ZImageDiT(cfg)
+    return load_module(model, src, torch.float32, "cpu", "DiT")
+
+
+@pytest.mark.parametrize("route", ["onednn", "int_mm"])
+def test_integer_path_matches_float_path(int8_files, monkeypatch, route):
+    _, dit, _ = int8_files
+    model = _load(dit)
+    assert sum(isinstance(m, QLinear) for m in model.modules()) == 46  # 34 layers, the 6 fused qkv split in 3
+    g = torch.Generator().manual_seed(1)
+    x, t, caps = torch.randn(1, 16, 16, 16, generator=g), torch.tensor([0.5]), [torch.randn(20, 256, generator=g)]
+    with torch.no_grad():
+        monkeypatch.setenv("ZIMAGE_LITE_INT8_ROUTE", "float")
+        want = model(x, t, caps)
+        monkeypatch.setenv("ZIMAGE_LITE_INT8_ROUTE", route)
+        got = model(x, t, caps)
+    # activations quantized per row to int8: measured 1.66e-2 relative L2 (both routes); tolerance 5e-2
+    assert float((got - want).norm() / want.norm()) < 5e-2
+
+
+def test_pipeline_runs_from_int8_dit_and_text_encoder(int8_files):
+    model, dit, te = int8_files
+    kw = dict(width=32, height=32, steps=2, seed=7)
+    image = zimage_lite.load(model, dit=dit, text_encoder=te, device="cpu", dtype="fp32").text_to_image("a fox", **kw)
+    ref = zimage_lite.load(model, device="cpu", dtype="fp32").text_to_image("a fox", **kw)
+    assert image.info["dit_format"] == "int8-convrot256"
+    # mean |diff| in 8-bit levels: measured 0.72; tolerance 3
+    assert np.abs(np.asarray(image, np.float32) - np.asarray(ref, np.float32)).mean() < 3
+
+
+def test_rowwise_file_reads_and_runs(int8_files):
+    model, _, _ = int8_files
+    rowwise = int8_files[1].with_name("z_image_turbo_int8_rowwise.safetensors")
+    got, want = _load(rowwise), _load(model / "transformer")
+    g = torch.Generator().manual_seed(2)
+    x, t, caps = torch.randn(1, 16, 16, 16, generator=g), torch.tensor([0.3]), [torch.randn(12, 256, generator=g)]
+    with torch.no_grad():
+        assert rel_err(got(x, t, caps), want(x, t, caps)) < 0.08  # max-relative, measured 0.027
+
+
+# ---- bad input
+
+
+def _broken(tmp_path: Path, dit: Path, edit) -> Path:
+    tensors = load_file(dit)
+    edit(tensors)
+    path = tmp_path / "broken.safetensors"
+    save_file(tensors, path)
+    return path
+
+
+def test_unknown_format_is_refused(int8_files, tmp_path, capsys):
+    model, dit, _ = int8_files
+    tag = "layers.0.attention.out.comfy_quant"
+
+    def edit(t):
+        t[tag] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+
+    broken = _broken(tmp_path, dit, edit)
+    with pytest.raises(UnsupportedQuantError, match="float8_e4m3fn"):
+        open_component(broken, "dit")
+    refused(capsys, ["run", "x", "--model", str(model), "--dit", str(broken), "--out",
+                     str(tmp_path / "x.png")], tag, "float8_e4m3fn", watch=(tmp_path,))
+
+
+def test_missing_weight_scale_is_refused(int8_files, tmp_path, capsys):
+    model, dit, _ = int8_files
+    gone = "layers.1.feed_forward.w3.weight_scale"
+    broken = _broken(tmp_path, dit, lambda t: t.pop(gone))
+    with pytest.raises(CheckpointError, match=f"tensor {gone} is missing"):
+        open_component(broken, "dit")
+    refused(capsys, ["run", "x", "--model", str(model), "--dit", str(broken), "--out",
+                     str(tmp_path / "x.png")], gone, watch=(tmp_path,))
+
+
+def test_int8_compute_converts_gguf_linears(int8_files, tmp_path):
+    model, _, _ = int8_files
+    [q8] = [r.path for r in convert(model, "Q8_0", component="dit", out=tmp_path)]
+    kw = dict(width=32, height=32, steps=2, seed=7)
+    plain = zimage_lite.load(model, dit=q8, device="cpu", dtype="fp32")
+    converted = zimage_lite.load(model, dit=q8, device="cpu", dtype="fp32", int8_compute=True)
+    table = converted.tensor_table("dit")
+    assert plain.tensor_table("dit")["layers.0.feed_forward.w1.weight"][1] == "Q8_0"
+    assert table["layers.0.feed_forward.w1.weight"][1] == "int8-convrot256"  # as converted: what the plan sizes
+    assert table["layers.0.feed_forward.w2.weight"][1] == "F16"  # 682 inputs fit no Q8_0 block: F16, left alone
+    assert table["noise_refiner.0.attention.to_q.weight"][1] == "BF16"  # float in the file: left alone
+    a, b = plain.text_to_image("a fox", **kw), converted.text_to_image("a fox", **kw)
+    # mean |diff| in 8-bit levels: measured 0.34; tolerance 3
+    assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() < 3

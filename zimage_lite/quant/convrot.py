@@ -1,0 +1,145 @@
+"""INT8 weights with one scale per output row, optionally ConvRot-rotated: ComfyUI's `int8_tensorwise` format.
+
+A layer `M` is stored as three tensors (ComfyUI's mixed-precision loader, comfy/ops.py, and its quant table
+comfy/quant_ops.py QUANT_ALGOS["int8_tensorwise"]: storage int8, parameter `weight_scale`):
+- `M.weight`: int8 [out, in];
+- `M.weight_scale`: fp32 [out, 1] (one scale per row; a scalar `[]`/`[1]` per-tensor scale is also read);
+- `M.comfy_quant`: uint8, the UTF-8 bytes of a JSON object: `{"format": "int8_tensorwise"}` for plain rows, plus
+  `"convrot": true, "convrot_groupsize": 256` when the weight is stored rotated. ComfyUI also accepts those two
+  fields nested under `"params"`, and a missing `convrot` means no rotation.
+
+ConvRot (comfy-kitchen, comfy_kitchen/tensor/int8_utils.py `_build_hadamard` / `_rotate_weight` /
+`_rotate_activation`, and backends/eager/quantization.py `quantize_int8_convrot_weight`, `quantize_int8_rowwise`,
+`dequantize_int8_convrot_weight`, `int8_linear`; github.com/Comfy-Org/comfy-kitchen, read 2026-12-02):
+- H is the *regular* Hadamard matrix of order n = 4^k, the k-th Kronecker power of the symmetric
+  H4 = [[1,1,1,-1],[1,1,-1,1],[1,-1,1,1],[-1,1,1,1]] (not Sylvester's construction), divided by sqrt(n). H is
+  symmetric and orthogonal, so it is its own inverse.
+- The input dimension is cut into consecutive groups of n (group g holds columns g*n .. g*n+n-1); each group of each
+  weight row is multiplied by H^T (= H), and each group of each activation row by H at run time, so that
+  (x H)(W H^T)^T = x W^T.
+- The rotated weight is quantized per row: scale = max|row| / 127 (at least 1e-30), q = round-half-even(w / scale)
+  clamped to [-128, 127]. Dequantized: (q * scale) with each group multiplied by H again.
+- Activations: rotated, then quantized per row the same way (symmetric, 127), int8 x int8 -> int32, and the product
+  scaled by the activation row scale times the weight row scale. No `input_scale` is stored for this format.
+Which Z-Image tensors the published file (Comfy-Org/z_image_turbo split_files/diffusion_models/
+z_image_turbo_int8_convrot.safetensors: 857 tensors of F32, I8, U8, 6.20 GB) quantizes: see quant/recipes.py
+`int8_quantized`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError, UnsupportedQuantError
+
+COMFY_FORMAT = "int8_tensorwise"  # the format name ComfyUI's loader keys its int8 layout by
+CONVROT_GROUPSIZE = 256  # what ComfyUI's converters write
+_H4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
+
+
+@dataclass(frozen=True)
+class Int8Rows:
+    """ComfyUI int8_tensorwise with per-row scales; `groupsize` > 0: stored ConvRot-rotated in groups of that many
+    input columns. A QTensor of this type holds the int8 bytes and `state` = (fp32 row scales [out],)."""
+
+    groupsize: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"int8-convrot{self.groupsize}" if self.groupsize else "int8-rowwise"
+
+
+CONVROT = Int8Rows(CONVROT_GROUPSIZE)
+ROWWISE = Int8Rows(0)
+# every name an Int8Rows type reports (the group sizes comfy-kitchen builds: 4 .. 4^7)
+INT8_ROWS_NAMES = frozenset({ROWWISE.name} | {Int8Rows(4 ** k).name for k in range(1, 8)})
+
+
+def is_power_of_4(n: int) -> bool:
+    return n >= 4 and n & (n - 1) == 0 and (n.bit_length() - 1) % 2 == 0
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    h = torch.tensor(_H4, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.kron(h, torch.tensor(_H4, dtype=torch.float64))
+    return (h / math.sqrt(n)).to(device=device, dtype=dtype)
+
+
+def hadamard(n: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The normalised regular Hadamard matrix of order `n` (a power of 4): symmetric, orthogonal."""
+    if not is_power_of_4(n):
+        raise UnsupportedQuantError(f"ConvRot group size {n} is not a power of 4 (16, 64, 256, ...)")
+    return _hadamard(n, torch.device(device), dtype)
+
+
+def rotate(x: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """Each run of `groupsize` values along the last axis times H (weights and activations alike, H = H^T)."""
+    k = x.shape[-1]
+    if k % groupsize:
+        raise UnsupportedQuantError(f"ConvRot group size {groupsize} does not divide the row length {k}")
+    h = hadamard(groupsize, x.device, x.dtype)
+    return torch.matmul(x.reshape(-1, k // groupsize, groupsize), h).reshape(x.shape)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (int8 values, fp32 scales [rows, 1]) with scale = max|row| / 127."""
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-30)
+    return torch.round(x / scale).clamp_(-128, 127).to(torch.int8), scale
+
+
+def quantize_weight(w: torch.Tensor, qtype: Int8Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight [out, in] as stored: (int8 [out, in], fp32 weight_scale [out, 1]), rotated first for
+    ConvRot (in fp32)."""
+    w = w.detach().float()
+    return quantize_rows(rotate(w, qtype.groupsize) if qtype.groupsize else w)
+
+
+# ---- comfy_quant: the per-layer JSON tag
+
+
+def comfy_quant_bytes(qtype: Int8Rows) -> bytes:
+    """The `M.comfy_quant` tensor's bytes: "format" first, convrot fields only for a rotated weight."""
+    conf: dict[str, object] = {"format": COMFY_FORMAT}
+    if qtype.groupsize:
+        conf |= {"convrot": True, "convrot_groupsize": qtype.groupsize}
+    return json.dumps(conf).encode()
+
+
+def parse_comfy_quant(raw: torch.Tensor | bytes, where: str) -> Int8Rows:
+    """The quant type a `comfy_quant` tensor declares, or a typed error naming `where` (file: tensor)."""
+    data = raw if isinstance(raw, bytes) else bytes(raw.reshape(-1).to(torch.uint8).tolist())
+    try:
+        conf = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where} is not the JSON object ComfyUI writes ({e}); the file is corrupt") from None
+    if not isinstance(conf, dict):
+        raise CheckpointError(f"{where} holds {type(conf).__name__}, not a JSON object: the file is corrupt")
+    fmt = conf.get("format")
+    if fmt != COMFY_FORMAT:
+        raise UnsupportedQuantError(f"{where} declares format {fmt!r}; zimage-lite reads ComfyUI's {COMFY_FORMAT!r} "
+                                    f"(INT8, with or without ConvRot): use an int8 ConvRot, GGUF or BF16 file")
+    params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+    if not conf.get("convrot", params.get("convrot", False)):
+        return ROWWISE
+    size = conf.get("convrot_groupsize", params.get("convrot_groupsize", CONVROT_GROUPSIZE))
+    if not isinstance(size, int) or not is_power_of_4(size):
+        raise UnsupportedQuantError(f"{where} has convrot_groupsize {size!r}; ConvRot groups are powers of 4")
+    return Int8Rows(size)
+
+
+def row_scales(scale: torch.Tensor, rows: int, where: str) -> torch.Tensor:
+    """weight_scale as fp32 [rows]: per-row [rows, 1] / [rows], or one per-tensor scale repeated."""
+    n = scale.numel()
+    if n == rows:
+        return scale.reshape(rows).float()
+    if n == 1:
+        return scale.reshape(1).float().expand(rows).contiguous()
+    raise CheckpointError(f"{where} has {n} values for a weight of {rows} rows: expected {rows} (one per row) or 1")

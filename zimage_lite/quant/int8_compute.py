@@ -1,0 +1,185 @@
+"""Integer matmuls for int8 weights with per-row scales (convrot.py): one entry point, `int8_linear`.
+
+The activation rows are rotated like the weight was (ConvRot: each group of `groupsize` inputs times the Hadamard
+block), quantized per row (symmetric, max|row| / 127), multiplied int8 x int8 with int32 accumulation, and the
+product scaled by the weight's row scale (one per output column) and the activation's row scale.
+
+Routes, chosen once per machine (`route_for`): on CUDA `torch._int_mm` (int8 tensor cores). On the CPU the fastest of
+- "onednn": `torch.ops.onednn.qlinear_pointwise` over a weight prepacked once by `torch.ops.onednn.qlinear_prepack`
+  (the non-deprecated oneDNN entry points torch's inductor uses; u8 activations with zero point 128 hold the signed
+  int8 values, the weight's row scales go in as per-channel scales and the activation row scales are applied after,
+  with activation scale 1);
+- "int_mm": `torch._int_mm` (on some builds a naive loop on the CPU: the timing decides);
+- "float": dequantize to the compute dtype and `F.linear`, as for every other packed type;
+timed on a 1024 x 2048 @ 2048 x 2048 product (a 512x512 image's 1024 tokens) with the current thread count, and
+remembered in the cache folder
+(`int8-route.json`, keyed by CPU, torch version and threads). The deprecated quantized-tensor ops
+(`torch.ops.quantized.linear_dynamic`, fbgemm) quantize activations per tensor, not per row, so they are not routes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .convrot import rotate
+
+ROUTES = ("onednn", "int_mm", "float")
+ROUTE_ENV = "ZIMAGE_LITE_INT8_ROUTE"  # forces a route (tests, benchmarks)
+_BENCH = (1024, 2048, 2048)  # M, K, N of the timing product (8.6 GFLOP: ~0.15 s in fp32 on 2 cores)
+
+
+def quantize_activations(x: torch.Tensor, groupsize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D activations -> (rounded values in -128..127 as fp32, fp32 row scales [M, 1]); rotated first when
+    `groupsize` > 0. The caller picks the integer dtype its kernel takes."""
+    x = rotate(x.float(), groupsize) if groupsize else x.float().clone()  # a copy of our own: worked in place
+    scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_(min=1e-30)
+    return x.div_(scale).round_().clamp_(-128, 127), scale
+
+
+def prepack(qweight: torch.Tensor) -> torch.Tensor:
+    """The oneDNN blocked copy of an int8 weight [N, K] (CPU): made once per weight, reused by every call."""
+    return torch.ops.onednn.qlinear_prepack(qweight.view(torch.int8), [1, qweight.shape[1]])
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, groupsize: int,
+                bias: torch.Tensor | None = None, route: str | None = None,
+                packed: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) for W = int8 `qweight` [N, K] (uint8 bytes or int8) with fp32 row `scale` [N],
+    stored rotated in groups of `groupsize` (0: not rotated). `route`: one of ROUTES (default: `route_for` the
+    device); "onednn" uses `packed` (from `prepack`) when given. The result has x's dtype."""
+    route = route or route_for(x.device)
+    q = qweight.view(torch.int8)
+    n, k = q.shape
+    if route == "float":
+        w = q.float().mul_(scale.reshape(n, 1))
+        w = rotate(w, groupsize) if groupsize else w
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    x2 = x.reshape(-1, k)
+    xq, xs = quantize_activations(x2, groupsize)
+    if route == "onednn":
+        w_packed = packed if packed is not None else prepack(q)
+        zeros = _zero_points(n, x.device)
+        y = torch.ops.onednn.qlinear_pointwise(xq.add_(128).to(torch.uint8), 1.0, 128, w_packed, scale.float(), zeros,
+                                               None, 1.0, 0, torch.float32, "none", [], "")
+    elif route == "int_mm":
+        xi = xq.to(torch.int8)
+        rows = xi.shape[0]
+        if x.is_cuda and rows <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
+            xi = F.pad(xi, (0, 0, 0, 17 - rows))
+        y = torch._int_mm(xi, q.t())[:rows].float().mul_(scale.reshape(1, n).float())
+    else:
+        raise ValueError(f"int8 route {route!r}: expected one of {', '.join(ROUTES)}")
+    y = y.mul_(xs)
+    if bias is not None:
+        y = y.add_(bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@functools.lru_cache(maxsize=4)
+def _zero_points(n: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64, device=device)
+
+
+# ---- choosing the route, once per machine
+
+
+def route_for(device: torch.device | str) -> str:
+    """The route int8 weights run by on `device`: $ZIMAGE_LITE_INT8_ROUTE, else int_mm on CUDA, else the CPU's
+    measured fastest (`cpu_route`)."""
+    forced = os.environ.get(ROUTE_ENV)
+    if forced:
+        if forced not in ROUTES:
+            from ..errors import OptionError
+
+            raise OptionError(f"${ROUTE_ENV}={forced!r}: expected one of {', '.join(ROUTES)}")
+        return forced
+    if torch.device(device).type == "cuda":
+        return "int_mm"
+    return cpu_route()["route"]
+
+
+def _machine_key() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _cache_file() -> Path:
+    from ..demo import cache_dir
+
+    return cache_dir() / "int8-route.json"
+
+
+def time_routes(shape: tuple[int, int, int] = _BENCH, reps: int = 3) -> dict[str, float]:
+    """GFLOP/s of each CPU route (float: dequantize + fp32 F.linear) on an M x K @ K x N product, best of `reps`,
+    the routes interleaved so that a noisy neighbour slows them alike. A route that fails scores 0."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=gen), torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale, packed = torch.rand(n, generator=gen) + 0.5, None
+    calls: dict[str, Callable[[], torch.Tensor]] = {
+        "float": lambda: int8_linear(x, w, scale, 256, route="float"),
+        "onednn": lambda: int8_linear(x, w, scale, 256, route="onednn", packed=packed),
+        "int_mm": lambda: int8_linear(x, w, scale, 256, route="int_mm"),
+    }
+    best = dict.fromkeys(calls, float("inf"))
+    try:
+        packed = prepack(w)
+    except (RuntimeError, AttributeError):
+        best["onednn"] = float("nan")
+    for _ in range(reps + 1):  # the first round warms up (oneDNN builds its kernels)
+        for name, call in calls.items():
+            if best[name] != best[name]:  # nan: failed before
+                continue
+            try:
+                start = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - start)
+            except (RuntimeError, AttributeError):
+                best[name] = float("nan")
+    flops = 2 * m * k * n
+    return {name: 0.0 if t != t else round(flops / t / 1e9, 1) for name, t in best.items()}
+
+
+@functools.cache
+def cpu_route() -> dict:
+    """{"route", "gflops": {route: GFLOP/s}, "machine"}: read from the cache folder, else timed (`time_routes`,
+    about a second) and written there. "float" unless an integer route beats it."""
+    key, path = _machine_key(), _cache_file()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict) and known[key].get("route") in ROUTES:
+        return known[key]
+    gflops = time_routes()
+    best = max(gflops, key=lambda r: gflops[r])  # "float" included: an integer route must beat it
+    entry = {"route": best, "gflops": gflops, "machine": key}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known | {key: entry}, indent=1) + "\n", encoding="utf-8")
+    except OSError:
+        pass  # a read-only cache: measured again next run
+    return entry
+
+
+def describe_route(device: torch.device | str = "cpu") -> str:
+    """One line for `info` and `plan`: the route int8 weights take on `device` and why."""
+    route = route_for(device)
+    if torch.device(device).type != "cpu" or os.environ.get(ROUTE_ENV):
+        return route
+    g = cpu_route()["gflops"]
+    return f"{route} (measured GFLOP/s: " + ", ".join(f"{r} {g[r]:g}" for r in ROUTES) + ")"
