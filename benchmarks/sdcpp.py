@@ -11,7 +11,10 @@ prompt, size, step count, seed and threads. Each run is a fresh process under GN
 order of `--runs` (ours and sd.cpp alternating), so both see the same machine drift. Our per-stage seconds come from
 the pipeline's events (run.py's `pipeline` worker); sd.cpp's from its log: the text encoder (`get_learned_condition`),
 each step (from its progress line's running mean), the VAE (`decode_first_stage`) and loading. sd-cli is built once
-from the stable-diffusion-cpp-python sdist into the cache (`--sdcpp`; see benchmarks/README or the module's report).
+(CPU, native) from the sdist of stable-diffusion-cpp-python (`pip download --no-binary :all: --no-deps
+stable-diffusion-cpp-python==0.4.7`), unpacked into CACHE/sdcpp: `cmake -S <sdist>/vendor/stable-diffusion.cpp -B
+CACHE/sdcpp/build -DCMAKE_BUILD_TYPE=Release && cmake --build CACHE/sdcpp/build --target sd-cli` (or `--sdcpp`).
+`--preset demo --runs ours:Q4_K_M:fp32` is a seconds-long smoke run of ours (tests/test_sdcpp_log.py).
 """
 
 from __future__ import annotations
@@ -108,7 +111,8 @@ def run_ours(folder: Path, files: dict, dtype: str, size: tuple[int, int], steps
     return {"total_seconds": r["total_seconds"], "peak_rss_bytes": peak, "load_seconds": loading,
             "text_encoder_seconds": sum(seconds["encoded"]), "step_times": seconds["step"],
             "sampling_seconds": sum(seconds["step"]), "vae_seconds": sum(seconds["decoded"]),
-            "tokens": next((e["tokens"] for e in events if e.get("tokens")), None)}
+            "tokens": next((e["tokens"] for e in events if e.get("tokens")), None),
+            "stage_peak_bytes": {st: max(e["host_peak_bytes"] for e in events if e["stage"] == st) for st in seconds}}
 
 
 @contextmanager
@@ -143,6 +147,7 @@ def main() -> int:
                    f"separated (default {DEFAULT_RUNS})")
     p.add_argument("--dit", action="append", default=[], metavar="LABEL=FILE",
                    help="a DiT file for the label LABEL in --runs, instead of our GGUF of that type in the cache")
+    p.add_argument("--preset", default="turbo", choices=["demo", "turbo"], help="demo: the tiny model (a smoke run)")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int, default=2)
@@ -158,10 +163,11 @@ def main() -> int:
     binary = Path(args.sdcpp or cache / "sdcpp" / "build" / "bin" / "sd-cli")
     if any(impl == "sdcpp" for impl, _, _ in parse_runs(args.runs)) and not binary.is_file():
         raise SystemExit(f"no sd-cli at {binary}: build it (see the module docstring) or pass --sdcpp")
-    folder = model_folder("turbo", cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = model_folder(args.preset, cache)
     extra = dict(d.split("=", 1) for d in args.dit)
     size = (args.width, args.height or args.width)
-    info = {"component": "sdcpp", "width": size[0], "height": size[1], "steps": args.steps,
+    info = {"component": "sdcpp", "preset": args.preset, "width": size[0], "height": size[1], "steps": args.steps,
             "threads": args.threads, "note": args.note, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "command": f"python benchmarks/sdcpp.py {shlex.join(sys.argv[1:])}"}
     for round_ in range(args.rounds):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,3 +91,17 @@ def test_report_puts_ours_beside_sdcpp_on_the_same_file_and_the_roofs():
     md = render([convrot, _row("stable-diffusion.cpp", "Q8_0", 100.0, 2**31)])
     assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0 | 25.0 | 20.0 | 85 | 235 | 1.00 | " \
            "1.00, 0.25, 1.00, 0.36, 0.50 (vs its Q8_0) |" in md
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="the harness measures peak RSS with GNU time")
+def test_our_run_row_has_stage_times_and_the_whole_runs_peak(tmp_path):
+    """Ours alone on the demo model (no sd-cli needed): the row a ConvRot or any other DiT file of ours gets."""
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sdcpp.py"), "--preset", "demo", "--width", "64",
+                    "--steps", "2", "--runs", "ours:Q4_K_M:fp32", "--cache", str(tmp_path / "cache"), "--json",
+                    str(out)], check=True, capture_output=True)
+    [row] = json.loads(out.read_text())
+    assert row["impl"] == "zimage-lite" and len(row["step_times"]) == 2 and row["text_encoder_seconds"] > 0
+    assert row["vae_seconds"] > 0 and row["tokens"] > 0 and row["total_seconds"] > row["load_seconds"]
+    # the run's peak is not the last stage's: the DiT and text encoder weights (GGUF, mapped) were resident before
+    assert row["peak_rss_bytes"] >= max(row["stage_peak_bytes"].values()) > 50 * 2**20
