@@ -227,7 +227,7 @@ class Walk:
         """vae.upsample_conv on an h x w map: the phases' kernels, x padded, their 2x2 convolution, interleaved."""
         d = self.device
         d.during(9 * c * c * self.e)  # einsum's copy of the 3x3 weights
-        kernel = d.alloc(16 * c * c * self.e + 4 * c * self.e)  # 4 phases x 2x2 taps, the bias repeated
+        kernel = d.alloc((12 + 16 * c * c + 4 * c) * self.e)  # PHASE_TAPS; 4 phases x 2x2 taps; the bias repeated
         padded = d.alloc(c * (h + 2) * (w + 2) * self.e)
         y = self.conv(c, 4 * c, (h + 2) * (w + 2), (h + 1) * (w + 1), k=2)
         d.free(padded + kernel)
