@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,25 @@ def profiled_decode(decoder: AutoencoderDecoder, latent: torch.Tensor) -> tuple[
     return seconds, {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
+def layer_rounds(dtype: torch.dtype, rounds: int = 3) -> list[dict]:
+    """The three upsampling layers of the full-size decoder alone (random weights, no files), both forms interleaved
+    (A B, B A, A B): seconds per call. Printed only (--layers): a quick check of the replaced op itself."""
+    rows = []
+    for c, side in ((512, 64), (512, 128), (256, 256)):
+        conv = torch.nn.Conv2d(c, c, 3, padding=1).to(dtype)
+        x = torch.randn(1, c, side, side, dtype=dtype)
+        forms = {"upsampled": lambda conv=conv, x=x: upsampled(SimpleNamespace(conv=conv), x),
+                 "phases": lambda conv=conv, x=x: vae_module.upsample_conv(x, conv)}
+        for fn in forms.values():
+            fn()  # oneDNN's primitives for the shape
+        times: dict[str, list[float]] = {k: [] for k in forms}
+        for i in range(rounds):
+            for k in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+                times[k].append(round(_seconds(forms[k]), 3))
+        rows.append({"channels": c, "side": side, "dtype": str(dtype), **times})
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -101,7 +121,14 @@ def main() -> int:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--json", help="append the rows to this JSON file (a list)")
+    p.add_argument("--layers", action="store_true", help="only time the upsampling layers alone (no files), print")
     args = p.parse_args()
+    if args.layers:
+        with torch.inference_mode():
+            for name in args.dtypes.split(","):
+                for row in layer_rounds(DTYPES[name]):
+                    print(json.dumps(row), flush=True)
+        return 0
     comp = open_component(args.cache / "turbo" / "vae", "vae")
     latent = torch.randn(1, comp.config.latent_channels, args.height // 8, args.width // 8,
                          generator=torch.Generator().manual_seed(0))
