@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None,
                      help="output image, .png, .jpg or .webp, or a folder (default zimage-<seed>.png)")
     run.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    run.add_argument("--preview", type=Path, metavar="FILE.png",
+                     help="rewrite a small preview PNG (half the image's size) after every step, from the latents; "
+                          "an earlier run's preview there is replaced, any other file only with --force")
     _add_image_args(run)
     _add_lora_args(run)
     _add_control_args(run)
@@ -244,6 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = image_path(args.out, seed)
     check_image_output(out, args.force, {"prompt": prompt, "negative": args.negative})  # before loading anything
+    preview = _preview_file(args.preview, args.force, out)
     from .control import check_control_args
 
     check_control_args(args.control, args.control_image, args.control_scale, args.strength, args.control_preprocess)
@@ -299,6 +303,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                            f"{info['steps']} steps run ({info['width']}x{info['height']})")
                 close(ev)
                 bar = next_bar(1)
+            elif ev.stage == "step" and preview is not None:
+                preview.write(ev.preview, ev.step, ev.steps)
             elif ev.stage == "encoded":
                 params = ev.info
                 if ev.info["truncated_from"]:
@@ -313,9 +319,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     total = time.perf_counter() - start
+    if preview is not None and preview.error is not None:
+        print(f"warning: the preview was not always written: {preview.error}", file=sys.stderr)
     print(f"{out}  ({params['width']}x{params['height']}, {total:.1f} s, peak memory {gib(peak)} on "
           f"{pipe.device.type})")
     return 0
+
+
+def _preview_file(path: Path | None, force: bool, out: Path) -> Any:
+    """--preview checked before anything loads (preview.check_preview), as the file the steps rewrite; or None."""
+    if path is None:
+        return None
+    from .preview import PreviewFile, check_preview
+
+    check_preview(path, force, out)
+    return PreviewFile(path)
 
 
 def _image_inputs(args: argparse.Namespace) -> tuple[Any, Any]:

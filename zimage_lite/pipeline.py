@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from .options import (
     grid_of,
     guidance_on,
 )
+from .preview import preview_image
 from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import device_kind, usable_budget
@@ -86,6 +88,12 @@ class Event:
     latents: torch.Tensor | None = None
     image: Image.Image | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    denoised: torch.Tensor | None = None  # step events: the denoised estimate x0 = x_t - sigma_t * v (preview.py)
+
+    @cached_property
+    def preview(self) -> Image.Image | None:
+        """Step events: a small RGB preview of `denoised` (half the image's size), made when first read."""
+        return None if self.denoised is None else preview_image(self.denoised)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -405,11 +413,12 @@ class ZImagePipeline:
             else:
                 pred = forward(x, t, [feats])
             self._check_finite("dit", pred)
+            denoised = latents + sigmas[i].to(self.device) * pred.float()  # x0 = x_t - sigma v, v = -pred (preview)
             latents = euler_step(latents, pred, sigmas[i].to(self.device), sigmas[i + 1].to(self.device))
             if mask is not None:
                 latents = inpaint_blend(latents, init_latents, noise, mask, sigmas[i + 1] if i + 1 < steps else None)
             yield Event("step", i + 1 - start, steps - start, time.perf_counter() - t0, peak_bytes(self.device),
-                        latents)
+                        latents, denoised=denoised)
         del dit, forward  # this frame lives on through the VAE stage: its reference would keep the DiT (and its map)
         self._release("dit")
         if ctrl is not None:

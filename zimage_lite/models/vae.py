@@ -67,13 +67,38 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
+# Nearest x2 upsampling then a padded 3x3 convolution, per output phase (row parity py, column parity px): the 3 taps
+# along an axis fall on 2 input pixels, the first (py = 0) or last (py = 1) two of them on the same one. PHASE_TAPS[p]
+# sums the 3x3 kernel's taps into those 2 (rows: the 2 input pixels, from the upper/left one; columns: the 3 taps).
+PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(nearest x2 upsampling of x) without the upsampled map: one 2x2 convolution on x (padded by one pixel)
+    with the four phases' kernels as 4 x out_channels outputs, interleaved into the 2h x 2w result. 16 instead of 36
+    multiply-adds per input pixel and channel pair; the same sums as the 3x3 on the upsampled map, with the taps
+    that read one input pixel added first (in the weights' dtype, accumulated in fp32: einsum is a matmul).
+    Zero padding of x is the upsampled map's zero padding, so a tile's window computes what the whole map does."""
+    b, _, h, w = x.shape
+    cout = conv.out_channels
+    taps = torch.tensor(PHASE_TAPS, dtype=conv.weight.dtype, device=x.device)
+    kernel = torch.einsum("yak,oikl,xbl->yxoiab", taps, conv.weight, taps).reshape(4 * cout, -1, 2, 2)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, conv.bias.repeat(4)).view(b, 2, 2, cout, h + 1, w + 1)
+    del kernel
+    out = torch.empty(b, cout, h, 2, w, 2, dtype=y.dtype, device=y.device)
+    for py in range(2):
+        for px in range(2):  # phase (py, px) of output pixel (i, j) read input rows i-1+py, i+py: y's row i+py
+            out[:, :, :, py, :, px] = y[:, py, px, :, py:py + h, px:px + w]
+    return out.view(b, cout, 2 * h, 2 * w)
+
+
 class Upsample(nn.Module):
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(x, self.conv)
 
 
 class UpBlock(nn.Module):
@@ -147,9 +172,8 @@ def decode_tiled(decoder: Decoder, z: torch.Tensor, tile: int, store: torch.devi
         for r in block.resnets:
             x = resnet_tiled(r, x, px, device)
         if block.upsamplers is not None:
-            conv = block.upsamplers[0].conv
-            x = map_tiles(lambda t, conv=conv: conv(F.interpolate(t, scale_factor=2.0, mode="nearest")), x, px,
-                          conv.out_channels, device, scale=2.0)
+            up = block.upsamplers[0]
+            x = map_tiles(up, x, px, up.conv.out_channels, device, scale=2.0)
             px *= 2
     stats = group_stats(x, decoder.conv_norm_out)
     return map_tiles(lambda t: decoder.conv_out(norm_silu(t, decoder.conv_norm_out, stats)), x, px,
@@ -182,13 +206,13 @@ def decode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
             c = width
         if level < len(widths) - 1:
             if tiled:
-                win = window(h, px) * window(w, px)
-                up = walk.map_tiles(c, c, 4 * n, win, 4 * min(px, h) * min(px, w),
-                                    lambda c=c, win=win: walk.upsample(c, win))
+                wh, ww = window(h, px), window(w, px)
+                up = walk.map_tiles(c, c, 4 * n, wh * ww, 4 * min(px, h) * min(px, w),
+                                    lambda c=c, wh=wh, ww=ww: walk.upsample(c, wh, ww))
                 x = walk.then(x, up, walk.store)
                 px *= 2
             else:
-                x = walk.then(x, walk.upsample(c, n))
+                x = walk.then(x, walk.upsample(c, h, w))
             h, w, n = 2 * h, 2 * w, 4 * n
     out = cfg.out_channels
     if tiled:

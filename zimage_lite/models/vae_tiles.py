@@ -223,9 +223,17 @@ class Walk:
             x = self.then(x, self.attention(c, n))
         return self.then(x, self.resnet(c, c, n))
 
-    def upsample(self, c: int, n: int) -> int:
-        up = self.device.alloc(4 * c * n * self.e)  # nearest x2
-        return self.then(up, self.conv(c, c, 4 * n))
+    def upsample(self, c: int, h: int, w: int) -> int:
+        """vae.upsample_conv on an h x w map: the phases' kernels, x padded, their 2x2 convolution, interleaved."""
+        d = self.device
+        d.during(9 * c * c * self.e)  # einsum's copy of the 3x3 weights
+        kernel = d.alloc((12 + 16 * c * c + 4 * c) * self.e)  # PHASE_TAPS; 4 phases x 2x2 taps; the bias repeated
+        padded = d.alloc(c * (h + 2) * (w + 2) * self.e)
+        y = self.conv(c, 4 * c, (h + 2) * (w + 2), (h + 1) * (w + 1), k=2)
+        d.free(padded + kernel)
+        out = d.alloc(4 * c * h * w * self.e)
+        d.free(y)
+        return out
 
     def downsample(self, c: int, h: int, w: int) -> int:
         padded = self.device.alloc(c * (h + 1) * (w + 1) * self.e)  # one zero row and column
