@@ -39,6 +39,8 @@ PARAM_TYPES: dict[str, type] = {
     "dit_format": str, "text_encoder_format": str, "dtype": str, "device": str, "version": str,
     "strength": float, "image_sha256": str, "mask_sha256": str,  # img2img / inpainting (not the images themselves)
     "loras": list,  # [{"name": file name, "sha256": first 16 hex digits, "scale": float}, ...] (not the files)
+    # run --enhance: `prompt` is the enhanced text (what --from-png draws again), these say what it came from
+    "original_prompt": str, "enhance_seed": int, "enhance_temperature": float,
 }
 LORA_KEYS = {"name": str, "sha256": str, "scale": float}
 

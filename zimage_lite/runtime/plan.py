@@ -31,6 +31,7 @@ from .budget import device_kind, resolve_dtype, usable_budget
 from .residency import ALONE, Beside, BlockCost, BlockStage, NoFit, floor, place
 from .sizes import (
     DTYPE_BYTES,
+    DTYPE_TYPES,
     FLOATS,
     QUANT_LADDER,
     ComponentBytes,
@@ -46,6 +47,7 @@ from .units import format_option_size, format_size
 from .vae_plan import vae_passes
 
 F32 = 4
+TRANSIENT = ("vae_encode", "enhance")  # stages whose model is loaded for that stage only, even with keep_loaded
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class PlanRequest:
         """The device type: `cuda` for `cuda:1` too."""
         return device_kind(self.device)
     encode: bool = False  # also plan the VAE encoder's stage (an input image to encode)
+    enhance_tokens: int = 0  # the prompt enhancer's context (prompt + new tokens): plan its stage first; 0: none
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,23 @@ def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     return _block_stage("text_encoder", sizes, act, c.num_attention_heads, seq, req), sizes
 
 
+def enhance_stage(req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
+    """The prompt enhancer: the text encoder as a causal LM (every layer, the final norm; text_tensors must hold
+    them). Activations: the KV cache for the whole context, the prompt's pass (as the text stage's), the fp32 logits
+    and probabilities, and the tied head in the compute dtype unless it is a view of the host table (cpu, stored so)."""
+    c, elem, seq = req.config.text_encoder, DTYPE_BYTES[req.dtype], req.enhance_tokens
+    table = _tables(req)[1]
+    sizes = component_bytes(c, table, req.dtype, f"the {req.text_quant} text encoder", lm=True)
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * seq * c.head_dim * elem  # = models.qwen3.KVCache.nbytes
+    q, k = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    prompt = seq * max(2 * c.hidden_size + 3 * c.intermediate_size, 2 * c.hidden_size + 2 * q + 2 * k) * elem
+    view = req.kind == "cpu" and table["embed_tokens.weight"][1] == DTYPE_TYPES[req.dtype]
+    head = 0 if view else c.vocab_size * c.hidden_size * elem
+    act = kv + prompt + 2 * c.vocab_size * F32 + head
+    stage = _block_stage("enhance", sizes, act, c.num_attention_heads, seq, replace(req, cfg=False))
+    return _stage_plan(stage, sizes, req, beside)
+
+
 def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.dit, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
     sizes = component_bytes(c, _tables(req)[0], req.dtype, f"the {req.quant} DiT", req.adapter_tensors)
@@ -277,7 +297,8 @@ def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
     (text_in, text_sizes), (dit_in, dit_sizes) = _text_stage(req), _dit_stage(req)
     if not req.keep_loaded:
         encode = (_vae(req, encode=True),) if req.encode else ()
-        return _finish((*encode, _stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req),
+        enhance = (enhance_stage(req),) if req.enhance_tokens else ()
+        return _finish((*enhance, *encode, _stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req),
                         _vae(req)), req)
     # keep_loaded: after the first image all three stay loaded, so each stage runs beside the others' weights. The DiT
     # is placed first (it runs every step), then the text encoder, then the VAE, each beside what the placed ones
@@ -291,13 +312,16 @@ def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
     vae = _vae(req, dit.loaded_bytes + text.loaded_bytes)
     # the encoder is loaded for its stage only, beside everything the others keep after the first image
     encode = (_vae(req, dit.loaded_bytes + text.loaded_bytes + vae.loaded_bytes, encode=True),) if req.encode else ()
-    return _finish((*encode, text, dit, vae), req)
+    # the enhancer too, for its stage only, beside what the others keep
+    kept = Beside(dit.loaded_bytes + text.loaded_bytes + vae.loaded_bytes, 0)
+    enhance = (enhance_stage(req, kept),) if req.enhance_tokens else ()
+    return _finish((*enhance, *encode, text, dit, vae), req)
 
 
 def _finish(stages: tuple[StagePlan, ...], req: PlanRequest) -> tuple[StagePlan, ...]:
     """Each stage with what the others keep beside it (keep_loaded) and its host memory."""
-    kept = [s.loaded_bytes if req.keep_loaded and s.name != "vae_encode" else 0 for s in stages]
-    kept_host = [s.pinned_bytes + s.host_weight_bytes if req.keep_loaded and s.name != "vae_encode" else 0
+    kept = [s.loaded_bytes if req.keep_loaded and s.name not in TRANSIENT else 0 for s in stages]
+    kept_host = [s.pinned_bytes + s.host_weight_bytes if req.keep_loaded and s.name not in TRANSIENT else 0
                  for s in stages]
     out = []
     for s, own, own_host in zip(stages, kept, kept_host, strict=True):
@@ -385,12 +409,13 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
              caption_tokens: int = MAX_TEXT_TOKENS, dit_tensors: TensorTable | None = None,
              text_tensors: TensorTable | None = None, keep_loaded: bool = False,
              budget: tuple[int, int] | None = None, model_name: str | None = None, encode: bool = False,
-             adapter_tensors: TensorTable | None = None) -> Plan:
+             adapter_tensors: TensorTable | None = None, enhance_tokens: int = 0) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
     `ram` is what the run may use. Missing budgets come from the device (`cuda:1`: device 1); `ram` is ignored on
     cuda. `budget` = (bytes, headroom) as `usable_budget` gave them earlier, instead of asking again. With tensor
     tables, `quant` / `text_quant` are the files' labels (PlanRequest). `encode`: an init image is encoded first.
-    `adapter_tensors`: the LoRAs' side paths on the DiT (loras.py `Loras.table`)."""
+    `adapter_tensors`: the LoRAs' side paths on the DiT (loras.py `Loras.table`). `enhance_tokens`: plan the prompt
+    enhancer's stage first, for that context."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise OptionError(f"--preset {preset_or_config!r}: use one of {', '.join(PRESETS)}")
@@ -406,4 +431,4 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
         config=config, budget=budget, quant=quant, text_quant=text_quant or "BF16", width=width, height=height,
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,
         headroom=headroom, model_name=name, dit_tensors=dit_tensors, text_tensors=text_tensors,
-        keep_loaded=keep_loaded, encode=encode, adapter_tensors=adapter_tensors))
+        keep_loaded=keep_loaded, encode=encode, adapter_tensors=adapter_tensors, enhance_tokens=enhance_tokens))
