@@ -268,3 +268,25 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(lm_model, capsys
     assert main(["enhance", long, "--model", str(lm_model), "--device", "cpu", "--max-tokens", "4"]) == 0
     err = capsys.readouterr().err
     assert f"warning: the prompt is {result.truncated_from} tokens" in err and f"cut to {CONTEXT - 4}" in err
+
+
+# --- the plan ----------------------------------------------------------------------------------------------------
+
+
+def test_the_plan_has_an_enhance_stage_with_its_kv_cache(capsys):
+    from zimage_lite.config import PRESETS
+    from zimage_lite.runtime.plan import kv_cache_bytes, plan_for
+
+    cfg = PRESETS["turbo"].text_encoder
+    cache = KVCache(cfg, cfg.num_hidden_layers, 8, CPU, torch.bfloat16)  # the allocation the plan counts
+    assert kv_cache_bytes(cfg, 8, 2) == cache.k.nbytes + cache.v.nbytes
+    plan = plan_for("turbo", "Q4_K_M", 1024, 1024, False, "cpu", None, 16 * 2**30, "bf16", "Q4_K_M",
+                    enhance_tokens=CONTEXT)
+    enhance, text = plan.stage("enhance"), plan.stage("text_encoder")
+    assert plan.stages[0] is enhance and len(enhance.blocks) == 36 and len(text.blocks) == 35
+    # the whole context's cache (0.6 GB) and the bf16 head (Q6_K table dequantized once, 0.78 GB) are in it
+    assert enhance.activation_bytes > kv_cache_bytes(cfg, CONTEXT, 2) + cfg.vocab_size * cfg.hidden_size * 2
+    assert main(["plan", "--preset", "turbo", "--device", "cpu", "--ram", "16GB", "--text-quant", "Q4_K_M",
+                 "--enhance"]) == 0
+    out = capsys.readouterr().out
+    assert "enhance: 36 blocks" in out and "transfer per token generated" in out

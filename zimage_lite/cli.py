@@ -1,4 +1,5 @@
-"""The one command-line entry point: `zimage-lite run | quantize | info | plan` (also `python -m zimage_lite`)."""
+"""The one command-line entry point: `zimage-lite run | enhance | quantize | info | plan` (also `python -m
+zimage_lite`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 from . import __version__
 from .config import PRESETS, ModelConfig
-from .enhance_options import add_enhance_args, check_enhance_args, cmd_enhance, enhance_for_run
+from .enhance_options import CONTEXT, add_enhance_args, check_enhance_args, cmd_enhance, enhance_for_run
 from .errors import OptionError, ZImageLiteError
 from .options import (
     MAX_STEPS,
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="caption length to plan for, chat template included (default: the 512 maximum)")
     _add_image_args(plan, mask=False)
     _add_lora_args(plan)
+    plan.add_argument("--enhance", action="store_true", help="plan the prompt enhancer's stage first (4096 tokens)")
     plan.set_defaults(func=cmd_plan)
 
     quant = sub.add_parser("quantize", help="write GGUF (Q8_0, Q4_K_M, ...), int8 or nf4 files from a checkpoint",
@@ -356,7 +358,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             adapters = Loras.read(args.loras, PRESETS.get(preset, PRESETS["turbo"]).dit).table()
         plan = plan_for(preset, args.quant, args.width, args.height, guidance_on(args.cfg), args.device,
                         vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens, encode=encode,
-                        adapter_tensors=adapters)
+                        adapter_tensors=adapters, enhance_tokens=CONTEXT if args.enhance else 0)
     else:
         from .pipeline import load
 
@@ -364,7 +366,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     dtype=args.dtype, vram=vram, ram=ram, loras=args.loras)
         _fill_defaults(args, pipe.defaults)
         check_size(args.width, args.height, pipe.grid)
-        plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens, image=encode)
+        plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens, image=encode,
+                              enhance_tokens=CONTEXT if args.enhance else 0)
     print(format_plan(plan))
     return 0
 

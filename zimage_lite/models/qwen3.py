@@ -29,7 +29,8 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 class KVCache:
     """Keys and values of every layer for one sequence, allocated once for `length` positions: (layers, kv heads,
-    length, head_dim) each. `pos` counts the positions filled; the model advances it after each pass."""
+    length, head_dim) each (runtime/plan.py kv_cache_bytes counts them). `pos` counts the positions filled; the model
+    advances it after each pass."""
 
     def __init__(self, cfg: TextEncoderConfig, layers: int, length: int, device: torch.device | str,
                  dtype: torch.dtype) -> None:
@@ -37,11 +38,6 @@ class KVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0
-
-    @staticmethod
-    def nbytes(cfg: TextEncoderConfig, layers: int, length: int, elem: int) -> int:
-        """What a cache of `length` positions holds, `elem` bytes per value (the planner's figure)."""
-        return 2 * layers * cfg.num_key_value_heads * length * cfg.head_dim * elem
 
     @property
     def length(self) -> int:

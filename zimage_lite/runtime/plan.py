@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig
+from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig, TextEncoderConfig
 from ..errors import BudgetError, OptionError
 from ..options import check_size, grid_of
 from ..quant.chunks import DEVICE_CHUNK, DEVICE_CHUNK_TEMP_BYTES, MAX_WORKERS
@@ -206,6 +206,11 @@ def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     return _block_stage("text_encoder", sizes, act, c.num_attention_heads, seq, req), sizes
 
 
+def kv_cache_bytes(c: TextEncoderConfig, tokens: int, elem: int) -> int:
+    """What models.qwen3.KVCache allocates for `tokens` positions of every layer, `elem` bytes per value."""
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * tokens * c.head_dim * elem
+
+
 def enhance_stage(req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
     """The prompt enhancer: the text encoder as a causal LM (every layer, the final norm; text_tensors must hold
     them). Activations: the KV cache for the whole context, the prompt's pass (as the text stage's), the fp32 logits
@@ -213,7 +218,7 @@ def enhance_stage(req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
     c, elem, seq = req.config.text_encoder, DTYPE_BYTES[req.dtype], req.enhance_tokens
     table = _tables(req)[1]
     sizes = component_bytes(c, table, req.dtype, f"the {req.text_quant} text encoder", lm=True)
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * seq * c.head_dim * elem  # = models.qwen3.KVCache.nbytes
+    kv = kv_cache_bytes(c, seq, elem)
     q, k = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     prompt = seq * max(2 * c.hidden_size + 3 * c.intermediate_size, 2 * c.hidden_size + 2 * q + 2 * k) * elem
     view = req.kind == "cpu" and table["embed_tokens.weight"][1] == DTYPE_TYPES[req.dtype]
