@@ -116,7 +116,7 @@ def generate(model: Qwen3Encoder, ids: list[int], max_tokens: int, stop: set[int
         else:
             token = int(logits.argmax())
         out.append(token)
-        if token in stop or len(out) == max_tokens:
+        if token in stop or len(out) >= max_tokens:
             break
         seq = torch.cat([seq, torch.tensor([token])])
         logits = model.logits(seq[-1:] if cached else seq, cache, device, dtype)
