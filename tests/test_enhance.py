@@ -167,6 +167,24 @@ def test_streamed_blocks_generate_the_same_ids(lm_model, chat_ids, tmp_path):
             == resident.enhance(PROMPTS["en"], max_tokens=12, system=system).prompt)
 
 
+def test_packed_layers_are_dequantized_once(lm_model, lm_q8, tmp_path, monkeypatch):
+    """On the CPU, with room for the layers in the compute dtype, the enhancer dequantizes the Q8_0 Linears once
+    (no QLinear runs per token) and answers as the packed model does."""
+    from zimage_lite.quant.qlinear import QLinear
+
+    system = tmp_path / "system.txt"
+    system.write_text(SHORT_SYSTEM, encoding="utf-8")
+    pipe = zimage_lite.load(lm_model, text_encoder=lm_q8, device="cpu", dtype="fp32")
+    ids = encode_chat(pipe.tokenizer.tokenizer, SHORT_SYSTEM, PROMPTS["en"], CONTEXT)[0]
+    packed, _, _ = generate(_ours(lm_q8), ids, 12, {151643, 151645}, CPU, torch.float32)
+    calls = []
+    forward = QLinear.forward
+    monkeypatch.setattr(QLinear, "forward", lambda self, x: calls.append(self) or forward(self, x))
+    result = pipe.enhance(PROMPTS["en"], max_tokens=12, system=system)
+    assert calls == []
+    assert result.prompt == pipe.tokenizer.tokenizer.decode(packed, skip_special_tokens=True).strip()
+
+
 def test_run_enhance_stores_both_prompts_and_from_png_does_not_enhance_again(lm_model, tmp_path, capsys):
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     common = ["--model", str(lm_model), "--dtype", "fp32", "--device", "cpu", "--steps", "1", "--width", "64",

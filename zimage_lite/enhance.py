@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .enhance_options import CONTEXT, DEFAULT_MAX_TOKENS, check_max_tokens, check_temperature, system_prompt
 from .errors import OptionError
 from .models.qwen3 import KVCache, Qwen3Encoder
 from .options import check_seed, check_text
+from .quant.formats import dequantize
+from .quant.qlinear import QLinear
 
 if TYPE_CHECKING:
     from .pipeline import ZImagePipeline
@@ -124,8 +126,7 @@ def generate(model: Qwen3Encoder, ids: list[int], max_tokens: int, stop: set[int
 
 
 def enhance(pipe: ZImagePipeline, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0,
-            temperature: float = 0.0, system: str | Path | None = None,
-            on_plan: Callable[[Any], None] | None = None) -> Enhanced:
+            temperature: float = 0.0, system: str | Path | None = None) -> Enhanced:
     """Enhance `prompt` with the pipeline's text encoder (ZImagePipeline.enhance). `system`: a file replacing our
     system prompt. Warns (EnhanceWarning) when the prompt is cut to fit the context."""
     from .quant.qlinear import release_scratch
@@ -144,14 +145,14 @@ def enhance(pipe: ZImagePipeline, prompt: str, max_tokens: int = DEFAULT_MAX_TOK
         warnings.warn(EnhanceWarning(f"the prompt is {cut} tokens with the system prompt and template; the enhancer "
                                      f"holds {context} with --max-tokens {max_tokens}: its end was cut to "
                                      f"{len(ids)}"), stacklevel=2)
-    stage = plan_stage(pipe, cfg, source, len(ids) + max_tokens)
-    if on_plan is not None:
-        on_plan(stage)
+    stage, unpack = plan_stage(pipe, cfg, source, len(ids) + max_tokens)
     with torch.device("meta"):
         model = Qwen3Encoder(cfg, lm=True)
     stop = {i for t in STOP_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
     try:
         model = place(model, source, stage, pipe.device, pipe.dtype, "text encoder (enhancer)")
+        if unpack:
+            unpack_layers(model, pipe.dtype)
         new, prefill, decode = generate(model, ids, max_tokens, stop, pipe.device, pipe.dtype, temperature, seed)
     finally:
         close = getattr(getattr(model, "runner", None), "close", None)
@@ -170,16 +171,17 @@ def enhance(pipe: ZImagePipeline, prompt: str, max_tokens: int = DEFAULT_MAX_TOK
                     temperature)
 
 
-def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> Any:
+def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> tuple[Any, bool]:
     """The `enhance` stage of the memory plan for a context of `tokens`, beside the models the pipeline keeps
-    loaded; BudgetError when even streaming every block does not fit."""
+    loaded, and whether its layers are to be unpacked (`unpack_layers`); BudgetError when even streaming every
+    block does not fit."""
     from .config import ModelConfig
     from .errors import BudgetError
     from .pipeline import DTYPE_NAMES
     from .runtime import plan
     from .runtime.budget import usable_budget
     from .runtime.residency import Beside, NoFit
-    from .runtime.sizes import source_table
+    from .runtime.sizes import DTYPE_TYPES, source_table
     from .runtime.units import format_size
 
     if pipe._budget is None:
@@ -189,11 +191,34 @@ def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> Any:
     req = plan.PlanRequest(config, budget, text_quant=pipe.weight_format("text_encoder"), device=str(pipe.device),
                            dtype=DTYPE_NAMES[pipe.dtype], headroom=headroom, text_tensors=source_table(source),
                            enhance_tokens=tokens)
-    kept = sum(pipe.plan.stage(w).loaded_bytes for w in pipe._models) if pipe.plan else 0
-    try:
-        return plan.enhance_stage(req, Beside(kept, 0))
-    except NoFit as e:
-        option = "--vram" if pipe.device.type == "cuda" else "--ram"
-        raise BudgetError(f"{option} {format_size(budget + headroom)} is too small for the prompt enhancer "
-                          f"({e.parts}); use a smaller quant of the text encoder (a Q4_K_M GGUF) or fewer "
-                          f"--max-tokens") from None
+    kept = Beside(sum(pipe.plan.stage(w).loaded_bytes for w in pipe._models) if pipe.plan else 0, 0)
+    # Decoding runs every weight once per token, so a packed weight is dequantized at every token (Q4_K: ~1.4 G
+    # weights/s on 2 CPU cores, 2.5 s a token at 4B). On the CPU, when every layer fits in the compute dtype, they are
+    # dequantized once and held so (the embedding table stays packed: only rows are read, and the head is made once).
+    table = req.text_tensors
+    unpacked = {n: (shape, DTYPE_TYPES[req.dtype] if n.startswith("layers.") else t) for n, (shape, t) in table.items()}
+    tries = ((unpacked, True), (table, False)) if pipe.device.type == "cpu" else ((table, False),)
+    for tensors, unpack in tries:
+        try:
+            stage = plan.enhance_stage(replace(req, text_tensors=tensors), kept)
+        except NoFit as e:
+            failed = e
+            continue
+        if not (unpack and stage.streamed):
+            return stage, unpack
+    option = "--vram" if pipe.device.type == "cuda" else "--ram"
+    raise BudgetError(f"{option} {format_size(budget + headroom)} is too small for the prompt enhancer "
+                      f"({failed.parts}); use a smaller quant of the text encoder (a Q4_K_M GGUF) or fewer "
+                      f"--max-tokens")
+
+
+def unpack_layers(model: Qwen3Encoder, dtype: torch.dtype) -> None:
+    """Every packed Linear of the decoder layers replaced by a plain Linear holding its weight dequantized once."""
+    for layer in model.layers:
+        for name, m in list(layer.named_modules()):
+            if isinstance(m, QLinear) and m.lora is None and m.bias is None:
+                linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+                w = dequantize(m.weight, m.qtype, m.shape, dtype, state=m.state)
+                linear.weight = nn.Parameter(w, requires_grad=False)
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, child, linear)
