@@ -222,6 +222,8 @@ def test_a_text_encoder_without_the_final_norm_cannot_enhance(lm_model, tmp_path
     refused(capsys, ["run", "x", "--enhance", "--out", str(tmp_path / "o.png"), *base], str(cut), "final norm",
             watch=(tmp_path,))
     zimage_lite.load(lm_model, text_encoder=cut, device="cpu").encode("x")  # the image path does not need it
+    assert main(["info", str(cut)]) == 0
+    assert "zimage-lite enhance: no (lacks the final norm (norm.weight))" in capsys.readouterr().out
 
 
 def test_a_text_encoder_without_its_last_layer_cannot_enhance(lm_model, tmp_path, capsys):

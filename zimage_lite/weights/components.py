@@ -260,22 +260,32 @@ def open_text_encoder(path: Path) -> tuple[TextEncoderConfig, TensorSource]:
     return comp.config, comp.source
 
 
-def open_language_model(path: Path, option: str = "--text-encoder") -> tuple[TextEncoderConfig, RenamedSource]:
-    """The text encoder as the whole causal LM the prompt enhancer runs: every layer and the final norm, under
-    official names (the output head is the tied embedding table). CheckpointError naming what the file lacks (files
-    cut for image generation drop the last layer and the final norm) and which file has it."""
-    comp = open_component(path, "text_encoder", option)
+def _lm_names(comp: Component) -> list[str]:
     with torch.device("meta"):
-        expected = [n for n, _ in REGISTRY["text_encoder"].model(comp.config, lm=True).named_parameters()]
-    names = [n for n in comp.stored.names() if not UNUSED.search(n)]
+        return [n for n, _ in REGISTRY["text_encoder"].model(comp.config, lm=True).named_parameters()]
+
+
+def lm_lacks(comp: Component) -> list[str]:
+    """What a text encoder lacks to run as the enhancer's causal LM (the final norm, the last layer); [] if nothing."""
+    expected, names = _lm_names(comp), [n for n in comp.stored.names() if not UNUSED.search(n)]
     last = f"layers.{comp.config.num_hidden_layers - 1}."
     lacks = []
     for what, group in (("the final norm (norm.weight)", ["norm.weight"]),
                         (f"the last layer ({last[:-1]})", [n for n in expected if n.startswith(last)])):
         try:
-            translate("text_encoder", group, names, str(path))
+            translate("text_encoder", group, names, str(comp.path))
         except CheckpointError:
             lacks.append(what)
+    return lacks
+
+
+def open_language_model(path: Path, option: str = "--text-encoder") -> tuple[TextEncoderConfig, RenamedSource]:
+    """The text encoder as the whole causal LM the prompt enhancer runs: every layer and the final norm, under
+    official names (the output head is the tied embedding table). CheckpointError naming what the file lacks (files
+    cut for image generation drop the last layer and the final norm) and which file has it."""
+    comp = open_component(path, "text_encoder", option)
+    expected, names = _lm_names(comp), [n for n in comp.stored.names() if not UNUSED.search(n)]
+    lacks = lm_lacks(comp)
     if lacks:
         raise CheckpointError(
             f"{path} ({option}) cannot enhance prompts: it lacks {' and '.join(lacks)}, which image generation never "
