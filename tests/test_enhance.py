@@ -185,6 +185,19 @@ def test_packed_layers_are_dequantized_once(lm_model, lm_q8, tmp_path, monkeypat
     assert result.prompt == pipe.tokenizer.tokenizer.decode(packed, skip_special_tokens=True).strip()
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+def test_the_enhancer_lets_go_of_its_file(lm_model, lm_q8):
+    """Its stage ends as the others do: the model freed, the text encoder's file unmapped (packed weights and the
+    QEmbedding table are views of the map while it runs)."""
+    def mapped() -> bool:
+        with open("/proc/self/maps") as f:
+            return str(lm_q8.resolve()) in f.read()
+
+    pipe = zimage_lite.load(lm_model, text_encoder=lm_q8, device="cpu", dtype="fp32")
+    pipe.enhance(PROMPTS["en"], max_tokens=2)
+    assert not mapped() and pipe._models == {}
+
+
 def test_run_enhance_stores_both_prompts_and_from_png_does_not_enhance_again(lm_model, tmp_path, capsys):
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     common = ["--model", str(lm_model), "--dtype", "fp32", "--device", "cpu", "--steps", "1", "--width", "64",
