@@ -149,6 +149,16 @@ def dequant_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def enhance_table(rows: list[dict]) -> list[str]:
+    out = ["| layers | prompt tokens | prefill tokens/s | tokens generated | generation tokens/s | load s | "
+           "peak RSS GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        how = "dequantized once (bf16)" if r["mode"] == "unpacked" else "packed, dequantized per token"
+        out.append(f"| {how} | {r['prompt_tokens']} | {r['prefill_tokens_per_second']:.1f} | {r['new_tokens']} | "
+                   f"{r['tokens_per_second']:.2f} | {r['load_seconds']:.0f} | {_cell(r['peak_rss_bytes'])} |")
+    return out
+
+
 def image_table(rows: list[dict]) -> list[str]:
     out = ["| DiT recipe | max abs diff (levels of 255) | mean abs diff |", "|---|---:|---:|"]
     for r in rows:
@@ -343,6 +353,12 @@ def render(rows: list[dict]) -> str:
                       "against its unquantized weights. Random weights amplify quantization error differently "
                       "from trained ones: this checks that every recipe runs end to end and orders them; it does "
                       "not predict visual quality on the real model."]
+        elif component == "enhance":
+            lines += [f"## Prompt enhancer: the full-size {first['quant']} text encoder as a causal LM, "
+                      f"{first['dtype']} compute, CPU", "",
+                      "Random weights, so every run generates the asked number of tokens (no stop token); the "
+                      "prompt is our system prompt and a request, cut to the length shown. Generation tokens/s "
+                      "counts the tokens after the first (which the prefill pass yields). Target: 2 tokens/s."]
         elif component == "pipeline":
             lines.append(f"## Whole pipeline per stage against the plan: {first['preset']}, DiT and text encoder "
                          f"{first['quant']}, {first['device']}, {first['width']}x{first['height']}, {first['steps']} "
@@ -372,7 +388,7 @@ def render(rows: list[dict]) -> str:
         lines += ["", f"`{command}`  ", f"{_machine(json.loads(machine))}; {date}", ""]
         lines += [f"Note: {first['note']}", ""] if first.get("note") else []
         lines += {"dit": dit_table, "interleaved": interleaved_table, "dequant": dequant_table, "lora": lora_table,
-                  "vae": vae_table,
+                  "vae": vae_table, "enhance": enhance_table,
                   "image": image_table, "quantize": quantize_table, "gpu_tests": gpu_tests_table,
                   "gpu_weights": gpu_weights_table, "gpu_run": gpu_run_table, "pipeline": gpu_run_table,
                   "sdcpp": sdcpp_table, "roofs": roofs_table,

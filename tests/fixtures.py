@@ -272,3 +272,33 @@ def make_controlnet(folder: Path, kind: str, dit: DiTConfig = TINY.dit, seed: in
     path = folder / f"Z-Image-Turbo-Fun-Controlnet-{kind}.safetensors"
     save_file(single, str(path))
     return out, path
+
+
+def make_lm_checkpoint(folder: Path, cfg: ModelConfig = KQ_TEXT, seed: int = 0) -> Path:
+    """A checkpoint whose text encoder, run as a causal LM (the prompt enhancer), says varied things in the tiny
+    tokenizer's words. With the demo's random scales a tiny Qwen3 repeats one token forever (the embedding, std 1,
+    swamps what the layers add; the tied head then maps the state back to one row), which would hide a cache or
+    position bug; so the table is scaled by 0.1 and the layers' output projections by 4. The rows of ids that are no
+    word of the tiny tokenizer (past its ~600 BPE tokens), but for the chat's first three specials, are zeroed: their
+    logit is 0, below the best word's, so answers decode to text. The official layout (BF16 shards, config.json)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from zimage_lite.demo import FIRST_SPECIAL_ID
+
+    root = make_checkpoint(folder, cfg, seed=seed)
+    te = root / "text_encoder"
+    vocab = json.loads((root / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    words = max(i for i in vocab.values() if i < FIRST_SPECIAL_ID) + 1
+    for shard in sorted(te.glob("*.safetensors")):
+        state = load_file(shard)
+        for name, t in state.items():
+            if name.endswith("embed_tokens.weight"):
+                t = t.float() * 0.1
+                t[words:FIRST_SPECIAL_ID] = t[FIRST_SPECIAL_ID + 3:] = 0  # keep <|endoftext|>, <|im_start|>, <|im_end|>
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                t = t.float() * 4
+            state[name] = t.to(torch.bfloat16).contiguous()
+        save_file(state, str(shard), metadata={"format": "pt"})
+    return root

@@ -1,4 +1,5 @@
-"""The one command-line entry point: `zimage-lite run | quantize | info | plan` (also `python -m zimage_lite`)."""
+"""The one command-line entry point: `zimage-lite run | enhance | quantize | info | plan` (also `python -m
+zimage_lite`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from . import __version__
 from .config import PRESETS, ModelConfig
+from .enhance_options import CONTEXT, add_enhance_args, check_enhance_args, cmd_enhance, enhance_for_run
 from .errors import OptionError, ZImageLiteError
 from .options import (
     MAX_STEPS,
@@ -171,7 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from-png", type=Path, metavar="IMAGE",
                      help="re-run from the parameters an image made by zimage-lite carries (.png, .jpg or .webp); "
                           "options given as well replace the stored ones")
+    add_enhance_args(run, run=True)
     run.set_defaults(func=cmd_run)
+
+    enhance = sub.add_parser("enhance", help="rewrite a short prompt into a detailed one with the text encoder "
+                                             "(a Qwen3-4B), printed on stdout")
+    enhance.add_argument("prompt", metavar="PROMPT", help="the idea to expand")
+    _add_model_args(enhance, "demo")
+    enhance.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0 (default 0)")
+    add_enhance_args(enhance)
+    enhance.set_defaults(func=cmd_enhance)
 
     plan = sub.add_parser("plan", help="print the memory plan for a run, without loading weights")
     _add_model_args(plan, None)
@@ -184,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_args(plan, mask=False)
     _add_lora_args(plan)
     _add_control_args(plan, image=False)
+    plan.add_argument("--enhance", action="store_true", help="plan the prompt enhancer's stage first (4096 tokens)")
     plan.set_defaults(func=cmd_plan)
 
     quant = sub.add_parser("quantize", help="write GGUF (Q8_0, Q4_K_M, ...), int8 or nf4 files from a checkpoint",
@@ -238,6 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         check_seed(args.seed)
     _check_given(args)
+    check_enhance_args(args)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
 
     from tqdm import tqdm
@@ -257,8 +270,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram, loras=args.loras, control=args.control,
                 int8_compute=args.int8_compute)
+    prompt, enhanced = enhance_for_run(pipe, args, prompt, seed)  # --enhance: the prompt to draw, and the original
     # the output's metadata as the run will write it (paths, hashes): checked before the run, not after
-    check_image_output(out, args.force, pipe.run_params(
+    check_image_output(out, args.force, enhanced | pipe.run_params(
         prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps, seed=seed, cfg=args.cfg,
         cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation, image=image, mask=mask,
         strength=args.strength, **controls))
@@ -315,7 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 bar = next_bar(params["steps"] - start_step if ev.stage == "encoded" else 1)
             elif ev.stage == "decoded":
                 close(ev)
-                save_image(ev.image, out, ev.info, force=args.force)
+                save_image(ev.image, out, ev.info | enhanced, force=args.force)
     finally:
         bar.close()
     total = time.perf_counter() - start
@@ -397,7 +411,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             control = opened.config, source_table(opened.source)
         plan = plan_for(preset, args.quant, args.width, args.height, guidance_on(args.cfg), args.device,
                         vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens, encode=encode,
-                        adapter_tensors=adapters, control=control)
+                        adapter_tensors=adapters, control=control,
+                        enhance_tokens=CONTEXT if args.enhance else 0)
     else:
         from .pipeline import load
 
@@ -406,7 +421,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     int8_compute=args.int8_compute)
         _fill_defaults(args, pipe.defaults)
         check_size(args.width, args.height, pipe.grid)
-        plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens, image=encode)
+        plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens, image=encode,
+                              enhance_tokens=CONTEXT if args.enhance else 0)
     print(format_plan(plan))
     return 0
 

@@ -41,6 +41,8 @@ PARAM_TYPES: dict[str, type] = {
     "control": str, "control_sha256": str, "control_image_sha256": str, "control_scale": float,  # ControlNet
     "control_preprocess": str,
     "loras": list,  # [{"name": file name, "sha256": first 16 hex digits, "scale": float}, ...] (not the files)
+    # run --enhance: `prompt` is the enhanced text (what --from-png draws again), these say what it came from
+    "original_prompt": str, "enhance_seed": int, "enhance_temperature": float,
 }
 LORA_KEYS = {"name": str, "sha256": str, "scale": float}
 

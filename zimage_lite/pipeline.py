@@ -25,6 +25,7 @@ from . import __version__
 from .components import COMPONENTS, REGISTRY
 from .config import MAX_TEXT_TOKENS, DiTConfig, ModelConfig
 from .control import ControlFile, ControlRequest, control_latents, control_request
+from .enhance import DEFAULT_MAX_TOKENS, Enhanced, enhance
 from .errors import BudgetError, OptionError
 from .image import to_pil
 from .init_image import InitImage, init_request
@@ -66,7 +67,7 @@ from .sampling import (
 from .text import PromptTokenizer, Tokens
 from .weights.checks import check_vocabulary
 from .weights.comfy_quant import Int8ComputeSource
-from .weights.components import ModelFiles, open_component, resolve_model, scheduler_config
+from .weights.components import ModelFiles, open_component, open_language_model, resolve_model, scheduler_config
 from .weights.gguf_source import GGUFSource
 from .weights.load import load_module
 from .weights.sources import TensorSource
@@ -185,21 +186,28 @@ class ZImagePipeline:
         return recipe_label(cfg, self.tensor_table(which), file_type)
 
     def make_plan(self, width: int, height: int, cfg: float, caption_tokens: int = MAX_TEXT_TOKENS,
-                  image: bool = False) -> plan.Plan:
+                  image: bool = False, enhance_tokens: int = 0) -> plan.Plan:
         """The memory plan for one image, from the tensors the files really hold: which blocks stay resident,
         attention chunking, VAE tiling, host memory; with keep_loaded, every stage beside the other components.
-        `image`: an init image is encoded first (img2img, inpainting)."""
+        `image`: an init image is encoded first (img2img, inpainting); `enhance_tokens`: the prompt enhancer first."""
         config = ModelConfig(dit=self.dit_config, text_encoder=self._open("text_encoder")[0],
                              vae=self._open("vae")[0])
+        text = (source_table(open_language_model(self.files.text_encoder)[1]) if enhance_tokens  # the whole LM's
+                else self.tensor_table("text_encoder"))
         if self._budget is None:
             self._budget = usable_budget(str(self.device), self.vram, self.ram)
         return plan.plan_for(config, self.weight_format("dit"), width, height, guidance_on(cfg), str(self.device),
                              self.vram, self.ram, DTYPE_NAMES[self.dtype], self.weight_format("text_encoder"),
                              caption_tokens=caption_tokens, dit_tensors=self.tensor_table("dit"),
-                             text_tensors=self.tensor_table("text_encoder"), keep_loaded=self.keep_loaded,
-                             budget=self._budget, model_name=self.files.name, encode=image,
+                             text_tensors=text, keep_loaded=self.keep_loaded, budget=self._budget,
+                             model_name=self.files.name, encode=image, enhance_tokens=enhance_tokens,
                              adapter_tensors=self.loras.table() if self.loras else None,
                              control=(self.control.config, self.tensor_table("controlnet")) if self.control else None)
+
+    def enhance(self, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0, temperature: float = 0.0,
+                system: str | Path | None = None) -> Enhanced:
+        """`prompt` rewritten by the text encoder run as an LM (enhance.py): `.prompt`, `.params()`, tokens/s."""
+        return enhance(self, prompt, max_tokens, seed, temperature, system)
 
     def _drop_stale(self, new: plan.Plan) -> None:
         """Kept models placed under a plan whose stage differs from the new one (another size moves blocks between

@@ -21,6 +21,7 @@ from .plan import (
     _stage_plan,
     _vae,
     _vae_floor,
+    enhance_stage,
 )
 from .residency import Beside, BlockStage, floor
 from .sizes import DTYPE_BYTES, ComponentBytes, component_bytes
@@ -30,7 +31,8 @@ CONTROL_STREAMS = 3  # c on the image tokens, then c and x over the unified sequ
 
 def control_stages(req: PlanRequest, text_in: BlockStage, text_sizes: ComponentBytes, dit_in: BlockStage,
                    dit_sizes: ComponentBytes) -> tuple[StagePlan, ...]:
-    """The stages of a controlled run: (vae_encode: the control image), text encoder, DiT, ControlNet, VAE."""
+    """The stages of a controlled run: (enhance), (vae_encode: the control image), text encoder, DiT, ControlNet,
+    VAE. The enhancer and the encoder are loaded for their stage only (beside what the others keep, keep_loaded)."""
     cfg, table = req.control
     sizes = component_bytes(cfg, table, req.dtype, "the ControlNet")
     sequence = (2 if req.cfg else 1) * dit_in.seq * cfg.dim * DTYPE_BYTES[req.dtype]
@@ -50,6 +52,7 @@ def control_stages(req: PlanRequest, text_in: BlockStage, text_sizes: ComponentB
         vae = _vae(req)
         if req.encode:
             encode = (_vae(req, encode=True),)
+        enhance = (enhance_stage(req),) if req.enhance_tokens else ()
     else:  # as plan._stages with keep_loaded, the ControlNet kept beside the others
         text_kept, text_transient = floor(text_in, req.kind)
         vae_weights, vae_transient = _vae_floor(replace(req, budget=0, control=None))
@@ -64,7 +67,8 @@ def control_stages(req: PlanRequest, text_in: BlockStage, text_sizes: ComponentB
         vae = _vae(req, loaded)
         if req.encode:
             encode = (_vae(req, loaded + vae.loaded_bytes, encode=True),)
-    stages = _finish((*encode, text, dit, control, vae), req)
+        enhance = (enhance_stage(req, Beside(loaded + vae.loaded_bytes, 0)),) if req.enhance_tokens else ()
+    stages = _finish((*enhance, *encode, text, dit, control, vae), req)
     if req.keep_loaded or req.kind != "cuda":  # kept host memory counted by _finish; on cpu the peak has it all
         return stages
     # cuda: each of the two holds the other's pinned chunks (and host-only tensors) on the host too

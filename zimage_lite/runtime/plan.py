@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig
+from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig, TextEncoderConfig
 from ..errors import BudgetError, OptionError
 from ..options import check_size, grid_of
 from ..quant.chunks import DEVICE_CHUNK, DEVICE_CHUNK_TEMP_BYTES, MAX_WORKERS
@@ -32,6 +32,7 @@ from .budget import device_kind, resolve_dtype, usable_budget
 from .residency import ALONE, Beside, BlockCost, BlockStage, NoFit, floor, place
 from .sizes import (
     DTYPE_BYTES,
+    DTYPE_TYPES,
     FLOATS,
     QUANT_LADDER,
     ComponentBytes,
@@ -47,6 +48,7 @@ from .units import format_option_size, format_size
 from .vae_plan import vae_passes
 
 F32 = 4
+TRANSIENT = ("vae_encode", "enhance")  # stages whose model is loaded for that stage only, even with keep_loaded
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class PlanRequest:
         """The device type: `cuda` for `cuda:1` too."""
         return device_kind(self.device)
     encode: bool = False  # also plan the VAE encoder's stage (an input image to encode)
+    enhance_tokens: int = 0  # the prompt enhancer's context (prompt + new tokens): plan its stage first; 0: none
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,28 @@ def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     return _block_stage("text_encoder", sizes, act, c.num_attention_heads, seq, req), sizes
 
 
+def kv_cache_bytes(c: TextEncoderConfig, tokens: int, elem: int) -> int:
+    """What models.qwen3.KVCache allocates for `tokens` positions of every layer, `elem` bytes per value."""
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * tokens * c.head_dim * elem
+
+
+def enhance_stage(req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
+    """The prompt enhancer: the text encoder as a causal LM (every layer, the final norm; text_tensors must hold
+    them). Activations: the KV cache for the whole context, the prompt's pass (as the text stage's), the fp32 logits
+    and probabilities, and the tied head in the compute dtype unless it is a view of the host table (cpu, stored so)."""
+    c, elem, seq = req.config.text_encoder, DTYPE_BYTES[req.dtype], req.enhance_tokens
+    table = _tables(req)[1]
+    sizes = component_bytes(c, table, req.dtype, f"the {req.text_quant} text encoder", lm=True)
+    kv = kv_cache_bytes(c, seq, elem)
+    q, k = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    prompt = seq * max(2 * c.hidden_size + 3 * c.intermediate_size, 2 * c.hidden_size + 2 * q + 2 * k) * elem
+    view = req.kind == "cpu" and table["embed_tokens.weight"][1] == DTYPE_TYPES[req.dtype]
+    head = 0 if view else c.vocab_size * c.hidden_size * elem
+    act = kv + prompt + 2 * c.vocab_size * F32 + head
+    stage = _block_stage("enhance", sizes, act, c.num_attention_heads, seq, replace(req, cfg=False))
+    return _stage_plan(stage, sizes, req, beside)
+
+
 def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.dit, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
     sizes = component_bytes(c, _tables(req)[0], req.dtype, f"the {req.quant} DiT", req.adapter_tensors)
@@ -288,7 +313,8 @@ def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
         return control_stages(req, text_in, text_sizes, dit_in, dit_sizes)
     if not req.keep_loaded:
         encode = (_vae(req, encode=True),) if req.encode else ()
-        return _finish((*encode, _stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req),
+        enhance = (enhance_stage(req),) if req.enhance_tokens else ()
+        return _finish((*enhance, *encode, _stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req),
                         _vae(req)), req)
     # keep_loaded: after the first image all three stay loaded, so each stage runs beside the others' weights. The DiT
     # is placed first (it runs every step), then the text encoder, then the VAE, each beside what the placed ones
@@ -302,13 +328,16 @@ def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
     vae = _vae(req, dit.loaded_bytes + text.loaded_bytes)
     # the encoder is loaded for its stage only, beside everything the others keep after the first image
     encode = (_vae(req, dit.loaded_bytes + text.loaded_bytes + vae.loaded_bytes, encode=True),) if req.encode else ()
-    return _finish((*encode, text, dit, vae), req)
+    # the enhancer too, for its stage only, beside what the others keep
+    kept = Beside(dit.loaded_bytes + text.loaded_bytes + vae.loaded_bytes, 0)
+    enhance = (enhance_stage(req, kept),) if req.enhance_tokens else ()
+    return _finish((*enhance, *encode, text, dit, vae), req)
 
 
 def _finish(stages: tuple[StagePlan, ...], req: PlanRequest) -> tuple[StagePlan, ...]:
     """Each stage with what the others keep beside it (keep_loaded) and its host memory."""
-    kept = [s.loaded_bytes if req.keep_loaded and s.name != "vae_encode" else 0 for s in stages]
-    kept_host = [s.pinned_bytes + s.host_weight_bytes if req.keep_loaded and s.name != "vae_encode" else 0
+    kept = [s.loaded_bytes if req.keep_loaded and s.name not in TRANSIENT else 0 for s in stages]
+    kept_host = [s.pinned_bytes + s.host_weight_bytes if req.keep_loaded and s.name not in TRANSIENT else 0
                  for s in stages]
     out = []
     for s, own, own_host in zip(stages, kept, kept_host, strict=True):
@@ -396,12 +425,14 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
              caption_tokens: int = MAX_TEXT_TOKENS, dit_tensors: TensorTable | None = None,
              text_tensors: TensorTable | None = None, keep_loaded: bool = False,
              budget: tuple[int, int] | None = None, model_name: str | None = None, encode: bool = False,
-             adapter_tensors: TensorTable | None = None, control: tuple[Any, TensorTable] | None = None) -> Plan:
+             adapter_tensors: TensorTable | None = None, control: tuple[Any, TensorTable] | None = None,
+             enhance_tokens: int = 0) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
     `ram` is what the run may use. Missing budgets come from the device (`cuda:1`: device 1); `ram` is ignored on
     cuda. `budget` = (bytes, headroom) as `usable_budget` gave them earlier, instead of asking again. With tensor
     tables, `quant` / `text_quant` are the files' labels (PlanRequest). `encode`: an init image is encoded first.
-    `adapter_tensors`: the LoRAs' side paths on the DiT (loras.py `Loras.table`)."""
+    `adapter_tensors`: the LoRAs' side paths on the DiT (loras.py `Loras.table`). `enhance_tokens`: plan the prompt
+    enhancer's stage first, for that context."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise OptionError(f"--preset {preset_or_config!r}: use one of {', '.join(PRESETS)}")
@@ -417,4 +448,5 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
         config=config, budget=budget, quant=quant, text_quant=text_quant or "BF16", width=width, height=height,
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,
         headroom=headroom, model_name=name, dit_tensors=dit_tensors, text_tensors=text_tensors,
-        keep_loaded=keep_loaded, encode=encode, adapter_tensors=adapter_tensors, control=control))
+        keep_loaded=keep_loaded, encode=encode, adapter_tensors=adapter_tensors, control=control,
+        enhance_tokens=enhance_tokens))

@@ -98,8 +98,9 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  kept loaded beside it: {gib(s.kept_bytes)} of the other components {where}")
         lines.append(f"  stage peak: {gib(s.peak_bytes)} {where}")
         lines.append(_host(s, cuda))
-        if s.name == "text_encoder":
-            lines.append(f"  transfer per prompt: {gib(s.transfer_bytes)} ({moved})")
+        if s.name in ("text_encoder", "enhance"):
+            per = "prompt" if s.name == "text_encoder" else "token generated"
+            lines.append(f"  transfer per {per}: {gib(s.transfer_bytes)} ({moved})")
     top = max(plan.stages, key=lambda s: s.peak_bytes)
     host = max(plan.stages, key=lambda s: s.host_bytes)
     lines += ["", f"peak device memory: {gib(plan.peak_bytes)} ({top.name})",

@@ -113,8 +113,9 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=16)
-def layout(cfg: ComponentConfig) -> Layout:
-    """The layout of the DiT or text encoder of `cfg`: its schedule and state dict, read from the model itself."""
+def layout(cfg: ComponentConfig, lm: bool = False) -> Layout:
+    """The layout of the DiT or text encoder of `cfg`: its schedule and state dict, read from the model itself.
+    `lm`: the text encoder as the prompt enhancer's causal LM (every layer and the final norm)."""
     import torch
     from torch import nn
 
@@ -122,7 +123,7 @@ def layout(cfg: ComponentConfig) -> Layout:
 
     cls = next(c.model for c in REGISTRY.values() if isinstance(cfg, c.config))
     with torch.device("meta"):
-        model = cls(cfg)
+        model = cls(cfg, lm=True) if lm else cls(cfg)
     modules = dict(model.named_modules())
     host = tuple(f"{m}." for m in getattr(model, "HOST_ONLY", ()))
     shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
@@ -220,11 +221,11 @@ class ComponentBytes:
 
 
 def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: str,
-                    adapters: TensorTable | None = None) -> ComponentBytes:
+                    adapters: TensorTable | None = None, lm: bool = False) -> ComponentBytes:
     """What the runtime holds of component `cfg` stored as `table`, computing in `dtype`; `what` names the file or
     component in the error for a tensor the table lacks. `adapters`: the LoRA side paths' tensors (loras.py
-    `Loras.table`), each counted with the block whose name it starts with."""
-    lay, elem, plain = layout(cfg), DTYPE_BYTES[dtype], DTYPE_TYPES[dtype]
+    `Loras.table`), each counted with the block whose name it starts with. `lm`: the prompt enhancer's text encoder."""
+    lay, elem, plain = layout(cfg, lm), DTYPE_BYTES[dtype], DTYPE_TYPES[dtype]
     missing = [n for n in lay.shapes if n not in table]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -164,11 +164,15 @@ def _text_encoder_config(stored: TensorSource, names: list[str], path: Path) -> 
     s = _probe("text_encoder", stored, names, path, probe)
     vocab, hidden = s["embed_tokens.weight"]
     head_dim = s["layers.0.self_attn.q_norm.weight"][0]
-    n_layers = _count(names, r"(?:^|\.)(?:layers|blk)\.(\d+)\.")
+    arch = (stored.meta("general.architecture") if isinstance(stored, GGUFSource) else None) or "qwen3"
+    # A GGUF cut for image generation (no last layer) still says how many layers the model has: the image path
+    # reads the second-to-last of those, not of the ones stored.
+    block_count = stored.meta(f"{arch}.block_count") if isinstance(stored, GGUFSource) else None
+    n_layers = max(_count(names, r"(?:^|\.)(?:layers|blk)\.(\d+)\."),
+                   block_count if isinstance(block_count, int) and not isinstance(block_count, bool) else 0)
     if n_layers < 2:
         raise CheckpointError(f"{path}: the text encoder has {n_layers} layer(s); Z-Image reads the output of the "
                               f"second-to-last, so at least 2 are needed")
-    arch = (stored.meta("general.architecture") if isinstance(stored, GGUFSource) else None) or "qwen3"
     return dataclasses.replace(
         base, hidden_size=hidden, intermediate_size=s["layers.0.mlp.gate_proj.weight"][0],
         num_hidden_layers=n_layers, num_attention_heads=s["layers.0.self_attn.q_proj.weight"][0] // head_dim,
@@ -261,6 +265,40 @@ def open_dit(path: Path) -> tuple[DiTConfig, TensorSource]:
 def open_text_encoder(path: Path) -> tuple[TextEncoderConfig, TensorSource]:
     comp = open_component(path, "text_encoder")
     return comp.config, comp.source
+
+
+def _lm_names(comp: Component) -> list[str]:
+    with torch.device("meta"):
+        return [n for n, _ in REGISTRY["text_encoder"].model(comp.config, lm=True).named_parameters()]
+
+
+def lm_lacks(comp: Component) -> list[str]:
+    """What a text encoder lacks to run as the enhancer's causal LM (the final norm, the last layer); [] if nothing."""
+    expected, names = _lm_names(comp), [n for n in comp.stored.names() if not UNUSED.search(n)]
+    last = f"layers.{comp.config.num_hidden_layers - 1}."
+    lacks = []
+    for what, group in (("the final norm (norm.weight)", ["norm.weight"]),
+                        (f"the last layer ({last[:-1]})", [n for n in expected if n.startswith(last)])):
+        try:
+            translate("text_encoder", group, names, str(comp.path))
+        except CheckpointError:
+            lacks.append(what)
+    return lacks
+
+
+def open_language_model(path: Path, option: str = "--text-encoder") -> tuple[TextEncoderConfig, RenamedSource]:
+    """The text encoder as the whole causal LM the prompt enhancer runs: every layer and the final norm, under
+    official names (the output head is the tied embedding table). CheckpointError naming what the file lacks (files
+    cut for image generation drop the last layer and the final norm) and which file has it."""
+    comp = open_component(path, "text_encoder", option)
+    expected, names = _lm_names(comp), [n for n in comp.stored.names() if not UNUSED.search(n)]
+    lacks = lm_lacks(comp)
+    if lacks:
+        raise CheckpointError(
+            f"{path} ({option}) cannot enhance prompts: it lacks {' and '.join(lacks)}, which image generation never "
+            f"reads and some text-encoder files leave out. Enhance with the official text_encoder/ folder "
+            f"(Tongyi-MAI/Z-Image-Turbo) or a GGUF written from it by `zimage-lite quantize`")
+    return comp.config, RenamedSource(comp.stored, translate("text_encoder", expected, names, str(path))[1])
 
 
 def open_vae(path: Path) -> tuple[VAEConfig, TensorSource]:

@@ -22,7 +22,7 @@ from ..errors import ZImageLiteError
 from ..runtime.units import format_si
 from .checks import check_path
 from .comfy_quant import ComfyQuantSource
-from .components import Component, identify, open_component, open_stored, single_files
+from .components import Component, identify, lm_lacks, open_component, open_stored, single_files
 from .control_files import describe_controlnet, is_controlnet
 from .gguf_source import GGUFSource
 from .lora import check_shapes, implied_dit, is_lora, read_lora, summary
@@ -106,6 +106,9 @@ def _verdicts(comp: Component, gguf: bool, arch: str | None) -> dict[str, str]:
     except ZImageLiteError as e:
         mine = f"no ({str(e).removeprefix(str(comp.path)).lstrip(': ')})"
     out = {"zimage-lite": mine}
+    if comp.kind == "text_encoder" and mine == "yes":  # the prompt enhancer runs every layer and the final norm
+        lacks = lm_lacks(comp)
+        out["zimage-lite enhance"] = f"no (lacks {' and '.join(lacks)})" if lacks else "yes"
     if comp.path.is_dir():  # a sharded component folder: the diffusers/transformers layout, for those libraries
         lib = "transformers" if comp.kind == "text_encoder" else "diffusers"
         native = comp.layout in ("official", "transformers", "diffusers")

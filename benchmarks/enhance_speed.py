@@ -1,0 +1,95 @@
+"""Prompt-enhancer speed on the full-size text encoder: prefill and generation tokens/s, load time, peak RSS.
+
+    flock /work/wt/fullsize.lock nice -n 5 python benchmarks/enhance_speed.py \
+        --text-encoder .bench_cache/turbo-text-encoder-Q4_K_M.gguf --json benchmarks/results/cpu-enhance.json
+
+The model is the benchmark cache's random full-size turbo folder (run.py builds it) with the given text encoder file.
+Random weights never end their answer, so each run generates exactly --new tokens (no stop token). The prompt is our
+system prompt and a short request, cut to --prompt-tokens (the cache's small tokenizer spends about three times the
+tokens Qwen's would on the same text; ~280 with Qwen's). Two modes, each in its own child process (its own peak
+RSS): `unpacked`, the decoder layers dequantized once into the compute dtype (what the enhancer does on the CPU when
+they fit the budget), and `packed`, every quantized weight dequantized again at each token (when they do not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.run import DEFAULT_CACHE, append_rows, child, machine, model_folder  # noqa: E402
+
+REQUEST = "a cat on a chair by the window, morning"
+MODES = ("unpacked", "packed")
+
+
+def worker(spec: dict) -> dict:
+    import zimage_lite
+    from zimage_lite.enhance import encode_chat, generate, plan_stage, unpack_layers
+    from zimage_lite.enhance_options import CONTEXT, system_prompt
+    from zimage_lite.models.qwen3 import Qwen3Encoder
+    from zimage_lite.runtime.placement import place
+    from zimage_lite.weights.components import open_language_model
+
+    te = Path(spec["text_encoder"])
+    pipe = zimage_lite.load(spec["model"], text_encoder=te, device="cpu", dtype=spec["dtype"])
+    cfg, source = open_language_model(te)
+    ids = encode_chat(pipe.tokenizer.tokenizer, system_prompt(), REQUEST, CONTEXT)[0][:spec["prompt_tokens"]]
+    stage, unpack = plan_stage(pipe, cfg, source, len(ids) + spec["new"])
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = Qwen3Encoder(cfg, lm=True)
+    model = place(model, source, stage, pipe.device, pipe.dtype, "text encoder (enhancer)")
+    if spec["mode"] == "unpacked":
+        if not unpack:
+            raise SystemExit("the plan does not hold the layers dequantized under this budget")
+        unpack_layers(model, pipe.dtype)
+    model.head  # noqa: B018  (made once, before timing: loading, not prefill)
+    load = time.perf_counter() - t0
+    new, prefill, decode = generate(model, ids, spec["new"], set(), pipe.device, pipe.dtype)
+    with open("/proc/self/status") as f:
+        hwm = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+    return {"prompt_tokens": len(ids), "new_tokens": len(new), "load_seconds": load,
+            "prefill_seconds": prefill, "prefill_tokens_per_second": len(ids) / prefill,
+            "generate_seconds": decode, "tokens_per_second": (len(new) - 1) / decode,
+            "resident_blocks": len(stage.resident), "streamed_blocks": len(stage.streamed),
+            "host_peak_bytes": hwm}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--text-encoder", type=Path, default=DEFAULT_CACHE / "turbo-text-encoder-Q4_K_M.gguf")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--preset", default="turbo", help="turbo (default) or demo (a seconds-long smoke run)")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--new", type=int, default=32, help="tokens generated in the unpacked mode (packed: a quarter)")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--worker")
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    rows = []
+    for mode in args.modes.split(","):
+        spec = {"mode": mode, "model": str(model_folder(args.preset, args.cache)), "dtype": args.dtype,
+                "text_encoder": str(args.text_encoder.resolve()), "prompt_tokens": args.prompt_tokens,
+                "new": args.new if mode == "unpacked" else max(2, args.new // 4)}
+        result = child([sys.executable, __file__, "--worker", json.dumps(spec)])
+        row = {"component": "enhance", "mode": mode, "quant": args.text_encoder.name, "dtype": args.dtype,
+               **result, "command": " ".join(sys.argv), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.json:
+        append_rows(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
