@@ -90,7 +90,6 @@ class Event:
     image: Image.Image | None = None
     info: dict[str, Any] = field(default_factory=dict)
     denoised: torch.Tensor | None = None  # step events: the denoised estimate x0 = x_t - sigma_t * v (preview.py)
-
     @cached_property
     def preview(self) -> Image.Image | None:
         """Step events: a small RGB preview of `denoised` (half the image's size), made when first read."""
