@@ -311,10 +311,10 @@ def test_nonfinite_vae_encoder_weight_is_named(ckpt, tmp_path, capsys):
 
 def test_ordinary_finite_weights_are_not_called_large(ckpt, tmp_path, capsys, monkeypatch):
     """NaN from a stage whose weights are all finite and ordinary: no claim that they are too large."""
-    import zimage_lite.pipeline as pipeline
+    import zimage_lite.stage_models as stage_models
 
-    real = pipeline.finite
-    monkeypatch.setattr(pipeline, "finite", lambda t: real(t) and t.dim() != 4)  # the DiT prediction "overflows"
+    real = stage_models.finite
+    monkeypatch.setattr(stage_models, "finite", lambda t: real(t) and t.dim() != 4)  # the DiT prediction "overflows"
     err = refused(capsys, run_argv(ckpt, tmp_path), "the DiT produced NaN/inf", "ordinary size",
                   "an input or an intermediate overflowed", watch=(tmp_path,))
     assert "weights that large" not in err

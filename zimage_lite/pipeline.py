@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .components import COMPONENTS, REGISTRY
+from .components import COMPONENTS
 from .config import MAX_TEXT_TOKENS, DiTConfig, ModelConfig
 from .control import ControlFile, ControlRequest, control_latents, control_request
 from .enhance import DEFAULT_MAX_TOKENS, Enhanced, enhance
@@ -49,10 +49,8 @@ from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import device_kind, usable_budget
 from .runtime.memory import is_out_of_memory, map_large_host_blocks, peak_bytes, reset_peak, trim_host
-from .runtime.numerics import finite, nonfinite_error
-from .runtime.placement import place
 from .runtime.plan_format import format_plan
-from .runtime.sizes import TensorTable, layout, recipe_label, source_table
+from .runtime.sizes import source_table
 from .runtime.units import parse_size
 from .sampling import (
     combine_cfg,
@@ -64,13 +62,11 @@ from .sampling import (
     model_time,
     scale_noise,
 )
+from .stage_models import StageModels
 from .text import PromptTokenizer, Tokens
 from .weights.checks import check_vocabulary
-from .weights.comfy_quant import Int8ComputeSource
-from .weights.components import ModelFiles, open_component, open_language_model, resolve_model, scheduler_config
-from .weights.gguf_source import GGUFSource
+from .weights.components import ModelFiles, open_language_model, resolve_model, scheduler_config
 from .weights.load import load_module
-from .weights.sources import TensorSource
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -116,27 +112,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[plan.resolve_dtype(dtype, str(device))]
 
 
-class ZImagePipeline:
+class ZImagePipeline(StageModels):
     def __init__(self, files: ModelFiles, device: torch.device, dtype: torch.dtype, keep_loaded: bool = False,
                  vram: int | None = None, ram: int | None = None,
                  loras: Sequence[tuple[str | Path, float]] = (), control: str | Path | None = None,
                  int8_compute: bool = False) -> None:
-        self.files, self.device, self.dtype, self.keep_loaded = files, device, dtype, keep_loaded
-        self.int8_compute = int8_compute  # GGML-quantized Linears converted to int8 rows at load (comfy_quant.py)
+        super().__init__(files, device, dtype, keep_loaded, int8_compute)
         self.vram, self.ram = vram, ram
         map_large_host_blocks()  # freed stage memory goes back to the OS: host memory as the plan counts it
-        self.plan: plan.Plan | None = None
         # (bytes, headroom) for tensors, fixed at the first plan: measured again later, free memory would no longer
         # count what kept models (keep_loaded) already hold, and each image would plan for less
         self._budget: tuple[int, int] | None = None
-        # The VAE never runs in plain fp16 (it overflows); fp32 unless bf16 compute was chosen.
-        self.vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
         self.tokenizer = PromptTokenizer(files.tokenizer, MAX_TEXT_TOKENS)
         self.scheduler = scheduler_config(files)
-        # (config, source) per component, opened once: the index stays, the maps go at each stage's end
-        self._sources: dict[str, tuple[Any, TensorSource]] = {}
-        self._tables: dict[str, TensorTable] = {}  # per component, from the headers: the files do not change
-        self._models: dict[str, torch.nn.Module] = {}
         self.dit_config: DiTConfig = self._open("dit")[0]
         self.loras = Loras.read(loras, self.dit_config)  # checked now; their tensors are read as the DiT loads
         self.control = ControlFile.open(control, self.dit_config) if control is not None else None
@@ -149,41 +137,7 @@ class ZImagePipeline:
         self.defaults: ModelConfig = defaults_of(self.dit_config)
         self.grid = grid_of(self.dit_config, self._open("vae")[0].scale)
 
-    # -- components -------------------------------------------------------------------------------------------
-    def _open(self, which: str) -> tuple[Any, TensorSource]:
-        """(config, source) of a component; headers are read once per pipeline. The source maps its files when a
-        tensor is read, and `_close_source` unmaps them."""
-        if which not in self._sources:
-            comp = open_component(getattr(self.files, which), which)
-            source = comp.source
-            if self.int8_compute and which in ("dit", "text_encoder"):
-                source = Int8ComputeSource(source, layout(comp.config).linears)
-            self._sources[which] = comp.config, source
-        return self._sources[which]
-
-    def _close_source(self, which: str) -> None:
-        """Unmap a component's files when its stage ends: every page the stage read through the map would stay
-        resident (the text encoder's through all DiT steps). Config and index stay; the next read maps again.
-        Called with keep_loaded too: a kept model's weights hold the pages they view by themselves, and the open
-        (cached in components.identify, shared) must not hold them past the pipeline."""
-        if which in self._sources:
-            self._sources[which][1].close()
-
-    def tensor_table(self, which: str) -> TensorTable:
-        """A component's typed tensor table (official name -> (shape, stored type)), from its file headers: what
-        the planner sizes, tensor by tensor."""
-        if which not in self._tables:
-            self._tables[which] = source_table(self._open(which)[1])
-        return self._tables[which]
-
-    def weight_format(self, which: str) -> str:
-        """What a component's file is, in one word: the recipe its GGUF metadata names (Q4_K_M, Q8_0, ...), else
-        the type most of its block weights are stored in (Q4_K, BF16, int8, nf4). Labels the plan and the PNG."""
-        cfg, src = self._open(which)
-        stored = getattr(src, "inner", src)
-        file_type = stored.meta("general.file_type") if isinstance(stored, GGUFSource) else None
-        return recipe_label(cfg, self.tensor_table(which), file_type)
-
+    # -- planning ----------------------------------------------------------------------------------------------
     def make_plan(self, width: int, height: int, cfg: float, caption_tokens: int = MAX_TEXT_TOKENS,
                   image: bool = False, enhance_tokens: int = 0) -> plan.Plan:
         """The memory plan for one image, from the tensors the files really hold: which blocks stay resident,
@@ -208,54 +162,6 @@ class ZImagePipeline:
         """`prompt` rewritten by the text encoder run as an LM (enhance.py): `.prompt`, `.params()`, tokens/s."""
         return enhance(self, prompt, max_tokens, seed, temperature, system)
 
-    def _drop_stale(self, new: plan.Plan) -> None:
-        """Kept models placed under a plan whose stage differs from the new one (another size moves blocks between
-        resident and streamed, or changes attention chunking) are freed, to be placed again."""
-        def placed(p: plan.Plan, which: str) -> tuple:
-            stage = p.stage(which)
-            return stage.resident, stage.streamed, stage.attention, stage.attention_chunk
-
-        for which in list(self._models):
-            if self.plan is None or placed(self.plan, which) != placed(new, which):
-                self._free(which)
-
-    def _load(self, which: str) -> torch.nn.Module:
-        if which in self._models:
-            return self._models[which]
-        cfg, src = self._open(which)
-        label, cls = REGISTRY[which].label, REGISTRY[which].model
-        with torch.device("meta"):
-            model = cls(cfg)
-        if which == "dit" and self.loras:  # side paths on the DiT's linears, placed with their blocks
-            src = self.loras.attach(model, src, self.dtype)
-        stage = self.plan.stage(which) if self.plan else None
-        if which == "vae":
-            model = load_module(model, src, self.vae_dtype, self.device, label)
-        else:
-            model = place(model, src, stage, self.device, self.dtype, label)
-            if which in ("dit", "controlnet") and stage is not None:
-                model.set_attention_chunk(stage.attention_chunk if stage.attention == "chunked" else None)
-        self._models[which] = model
-        return model
-
-    def _release(self, which: str) -> None:
-        """The end of a stage: unmap its files; free the component (its pinned host chunks first) and the
-        dequantize scratch unless models are kept loaded."""
-        self._close_source(which)
-        release_scratch()  # sized for this stage's largest weight: the next stage plans its own
-        if not self.keep_loaded:
-            self._free(which)
-        trim_host()
-
-    def _free(self, which: str) -> None:
-        model = self._models.pop(which, None)
-        close = getattr(getattr(model, "runner", None), "close", None)
-        if close is not None:
-            close()
-        release_scratch()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     @torch.inference_mode()
     def encode(self, prompt: str) -> torch.Tensor:
         """Caption features (L, hidden) of one prompt."""
@@ -265,18 +171,6 @@ class ZImagePipeline:
         feats = self._load("text_encoder")(tokens.ids, self.device, self.dtype)
         self._check_finite("text_encoder", feats)
         return feats
-
-    def _check_finite(self, which: str, output: torch.Tensor, model: type[torch.nn.Module] | None = None,
-                      label: str | None = None) -> None:
-        """One isfinite on what a stage hands on (the latent's or the image's size, never the weights). On NaN/inf:
-        free what is loaded, then find out why from that component's weights (runtime/numerics.py); `model` and
-        `label` for a model of the component other than its run model (the VAE encoder)."""
-        if finite(output):
-            return
-        for loaded in list(self._models):
-            self._free(loaded)
-        config, source = self._open(which)
-        raise nonfinite_error(which, config, source, self.vae_dtype if which == "vae" else self.dtype, model, label)
 
     # -- generation -------------------------------------------------------------------------------------------
     def run_params(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
