@@ -13,15 +13,10 @@ an error leaves nothing behind.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import gguf
 import torch
@@ -31,13 +26,10 @@ from zimage_lite.components import REGISTRY
 from zimage_lite.config import read_json
 from zimage_lite.errors import CheckpointError, Interrupted, OptionError, UnsupportedQuantError, ZImageLiteError
 from zimage_lite.output import check_output, write_atomic
-from zimage_lite.quant.formats import quantize
 from zimage_lite.quant.recipes import (
     INT8_TARGETS,
     TARGETS,
     Target,
-    TensorPlan,
-    control_plan,
     dit_linear_weights,
     dit_plan,
     dit_shapes,
@@ -48,11 +40,20 @@ from zimage_lite.runtime.memory import peak_bytes
 from zimage_lite.runtime.units import format_si, gib
 from zimage_lite.weights.components import LAYOUT_HINT, UNUSED, identify, open_component
 from zimage_lite.weights.gguf_source import GGUFSource
-from zimage_lite.weights.load import load_tensor
 from zimage_lite.weights.names import translate
-from zimage_lite.weights.sources import RenamedSource, TensorSource
+from zimage_lite.weights.sources import RenamedSource
 
-from . import bnb, convrot, recipes
+from . import bnb, convrot, recipes, writing
+from .controlnet import convert_controlnet, open_controlnet
+from .writing import (
+    Result,
+    SourceInput,
+    digest,
+    provenance,
+    release_pages,
+    write_file,
+    write_gguf,
+)
 
 READABLE = {"F32", "F16", "BF16"}
 FILE_NAMES = {"dit": "z_image_turbo-{t}.gguf", "text_encoder": "Qwen3-4B-{t}.gguf",
@@ -62,53 +63,7 @@ COMPONENTS = {"dit": "dit", "text-encoder": "text_encoder", "text_encoder": "tex
               "controlnet": "controlnet"}
 
 
-@dataclass
-class Result:
-    path: Path
-    nbytes: int
-    histogram: dict[str, int]
-    seconds: float
-    fallbacks: dict[tuple[str, str], int] = field(default_factory=dict)  # (recipe's type, written type): tensors
-    short_rows: tuple[int, ...] = ()  # the row lengths that made them fall back
-
-
 # ---- sources ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SourceInput:
-    """One component to convert: its config and tensor source (official names) from components.py's openers."""
-
-    component: str  # "dit" or "text_encoder"
-    config: Any  # DiTConfig or TextEncoderConfig
-    source: TensorSource
-    root: Path  # the component folder or the single file
-    digest: str  # sha256 of the config/index files or of the file's header: cheap provenance
-    raw_config: dict | None  # config.json as stored, when there is one
-    tokenizer: Path | None  # tokenizer.json, when one lies beside the source
-    shapes: dict[str, tuple[int, ...]]  # official name -> shape of every tensor the output is made of
-
-
-def _digest(root: Path, stored: TensorSource) -> str:
-    """sha256 of what identifies the source cheaply: a folder's config and index files (or its safetensors
-    headers when it has no index), a single file's header (safetensors JSON header, GGUF metadata and infos)."""
-    h = hashlib.sha256()
-    if root.is_file():
-        if isinstance(stored, GGUFSource):
-            length = int(stored.reader.data_offset)
-        else:
-            with open(root, "rb") as f:
-                length = 8 + int.from_bytes(f.read(8), "little")
-        with open(root, "rb") as f:
-            h.update(f.read(length))
-        return h.hexdigest()
-    for p in sorted(root.glob("*.json")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
-    if not any(root.glob("*.safetensors.index.json")):
-        for p in sorted(root.glob("*.safetensors")):
-            with open(p, "rb") as f:
-                h.update(f.read(8 + int.from_bytes(f.read(8), "little")))
-    return h.hexdigest()
 
 
 def _open(root: Path, component: str, tokenizer: Path) -> SourceInput:
@@ -121,7 +76,7 @@ def _open(root: Path, component: str, tokenizer: Path) -> SourceInput:
     _, mapping = translate(component, list(expected), names, str(root))
     raw = read_json(root / "config.json") if root.is_dir() and (root / "config.json").is_file() else None
     return SourceInput(component, comp.config, RenamedSource(comp.stored, mapping), root,
-                       _digest(root, comp.stored), raw, tokenizer if tokenizer.is_file() else None, expected)
+                       digest(root, comp.stored), raw, tokenizer if tokenizer.is_file() else None, expected)
 
 
 def open_inputs(src: Path, component: str | None) -> list[SourceInput]:
@@ -159,31 +114,6 @@ def open_inputs(src: Path, component: str | None) -> list[SourceInput]:
 # ---- memory: hand back the source's mapped pages --------------------------------------------------------------------
 
 
-def release_pages(root: Path) -> None:
-    """Drop this process' resident pages of every memory map of a file under `root` (MADV_DONTNEED).
-
-    The source tensors are views of file mappings (safe_open maps private copy-on-write, GGUFReader read-only);
-    their pages stay counted in RSS until unmapped, which would make the peak the size of the whole checkpoint.
-    Dropping them is safe because the converter never writes to a source tensor (a copy-on-write page it had
-    written would be lost): a later access reads the page again from the page cache. Linux only.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    prefix = str(Path(root).resolve())
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
-        return
-    for line in lines:
-        fields = line.split(None, 5)
-        shared_writable = fields[1][1] == "w" and fields[1][3] == "s" if len(fields) > 1 else True
-        if len(fields) == 6 and fields[5].strip().startswith(prefix) and not shared_writable:
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4 = MADV_DONTNEED
-
-
 # ---- reading ---------------------------------------------------------------------------------------------------------
 
 
@@ -198,52 +128,7 @@ def check_readable(inp: SourceInput, target: Target) -> None:
                 f"safetensors or a BF16/F16 GGUF")
 
 
-def read(source: TensorSource, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """One official tensor as a float tensor of `shape`; a read error names the file."""
-    try:
-        t = load_tensor(source, name, torch.Size(shape))
-    except OSError as e:
-        raise CheckpointError(f"{source.where(name)}: tensor {name} cannot be read ({e})") from None
-    return t  # check_readable let float types only through: never a packed QTensor
-
-
-def read_plan(inp: SourceInput, tp: TensorPlan) -> torch.Tensor:
-    parts = [read(inp.source, p, inp.shapes[p]) for p in tp.parts]
-    t = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]  # fused qkv: q, k, v rows in that order
-    return t.reshape(tp.shape)
-
-
 # ---- writing ---------------------------------------------------------------------------------------------------------
-
-
-def write_gguf(path: Path, arch: str, plan: list[TensorPlan], metadata: Callable[[gguf.GGUFWriter], None],
-               inp: SourceInput, bar: tqdm) -> None:
-    """Stream `plan` into a GGUF file at `path`: all tensor infos first, then each tensor as it is quantized."""
-    writer = gguf.GGUFWriter(path, arch)
-    try:
-        metadata(writer)
-        for tp in plan:
-            writer.add_tensor_info(tp.name, tp.byte_shape, gguf.np.dtype(gguf.np.uint8), tp.nbytes, raw_dtype=tp.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for tp in plan:
-            data = quantize(read_plan(inp, tp), tp.qtype, name=tp.name)
-            writer.write_tensor_data(data)
-            del data
-            release_pages(inp.root)
-            bar.update(tp.nbytes)
-        writer.flush()
-    finally:
-        writer.close()
-
-
-def _provenance(writer: gguf.GGUFWriter, inp: SourceInput, recipe: str) -> None:
-    import zimage_lite
-
-    writer.add_string("zimage_lite.source_sha256", inp.digest)
-    writer.add_string("zimage_lite.recipe", recipe)
-    writer.add_string("zimage_lite.version", zimage_lite.__version__)
 
 
 def convert_dit(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
@@ -254,41 +139,9 @@ def convert_dit(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_file_type(int(target.ftype))
         w.add_name("Z-Image-Turbo")
-        _provenance(w, inp, recipe)
+        provenance(w, inp, recipe)
 
-    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "lumina2", plan, metadata, inp, bar))
-
-
-def open_controlnet(src: Path) -> SourceInput:
-    """A ControlNet (alibaba-pai single file or diffusers folder) as the runtime opens it; its config (a single
-    file's derived for the full-size DiT's 30 layers) is written into the GGUF."""
-    from zimage_lite.models.controlnet import ZImageControlNet
-    from zimage_lite.weights.control_files import open_control
-
-    config, source = open_control(src, None)
-    with torch.device("meta"):
-        shapes = {n: tuple(t.shape) for n, t in ZImageControlNet(config).state_dict().items()}
-    return SourceInput("controlnet", config, source, src, _digest(src, source.inner), None, None, shapes)
-
-
-def convert_controlnet(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
-    import json
-
-    from zimage_lite.config import config_to_dict
-    from zimage_lite.weights.control_files import GGUF_CONFIG_KEY
-
-    plan = control_plan(inp.shapes, target)
-    recipe = f"{target.name}: the DiT's mix (control embedder and control-refiner blocks BF16)"
-
-    def metadata(w: gguf.GGUFWriter) -> None:
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_file_type(int(target.ftype))
-        w.add_name("Z-Image-Turbo-Fun-Controlnet-Union")
-        w.add_string(GGUF_CONFIG_KEY, json.dumps(config_to_dict(inp.config)))
-        _provenance(w, inp, recipe)
-
-    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "zimage_controlnet", plan, metadata, inp,
-                                                                     bar))
+    return write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "lumina2", plan, metadata, inp, bar))
 
 
 def convert_text_encoder(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
@@ -322,20 +175,9 @@ def convert_text_encoder(inp: SourceInput, target: Target, out: Path, force: boo
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         if tokens is not None:
             tokens(w)
-        _provenance(w, inp, recipe)
+        provenance(w, inp, recipe)
 
-    return _write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "qwen3", plan, metadata, inp, bar))
-
-
-def _write_file(out: Path, force: bool, plan: list[TensorPlan], write: Callable[[Path, tqdm], None]) -> Result:
-    start = time.perf_counter()
-    total = sum(t.nbytes for t in plan)
-    with tqdm(total=total, desc=out.name, unit="B", unit_scale=True, disable=None) as bar:
-        write_atomic(out, lambda tmp: write(tmp, bar), force, needed=total)
-    fell = [t for t in plan if t.fell_back]
-    return Result(out, out.stat().st_size, recipes.type_histogram(plan), time.perf_counter() - start,
-                  dict(Counter((t.wanted.name, t.qtype.name) for t in fell)),
-                  tuple(sorted({t.shape[-1] for t in fell})))
+    return write_file(out, force, plan, lambda tmp, bar: write_gguf(tmp, "qwen3", plan, metadata, inp, bar))
 
 
 def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Result:
@@ -364,7 +206,7 @@ def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
             bar.update(sum(e.nbytes for e in group.entries))
 
         bnb.write_safetensors(tmp / "diffusion_pytorch_model.safetensors", plan,
-                              lambda name: read(inp.source, name, shapes[name]), metadata, dtype, on_group)
+                              lambda name: writing.read(inp.source, name, shapes[name]), metadata, dtype, on_group)
 
     with tqdm(total=total, desc=out.name, unit="B", unit_scale=True, disable=None) as bar:
         write_atomic(out, write, force, folder=True, needed=total)
@@ -377,7 +219,7 @@ def convert_int8(inp: SourceInput, target: Target, out: Path, force: bool) -> Re
     import zimage_lite
 
     groups, parts = convrot.int8_plan(inp.component, inp.shapes, target.name)
-    fused = convrot.read_fused(lambda name, shape: read(inp.source, name, shape), inp.shapes, parts)
+    fused = convrot.read_fused(lambda name, shape: writing.read(inp.source, name, shape), inp.shapes, parts)
     metadata = {"format": "pt", "zimage_lite.source_sha256": inp.digest, "zimage_lite.version": zimage_lite.__version__,
                 "zimage_lite.recipe": f"{target.name}: ComfyUI int8_tensorwise, per-row scales"}
     total = bnb.predicted_bnb_size(groups)
