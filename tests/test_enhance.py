@@ -308,7 +308,8 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(lm_model, capsys
 
 def test_the_plan_has_an_enhance_stage_with_its_kv_cache(capsys):
     from zimage_lite.config import PRESETS
-    from zimage_lite.runtime.plan import kv_cache_bytes, plan_for
+    from zimage_lite.runtime.plan import plan_for
+    from zimage_lite.runtime.sizes import kv_cache_bytes
 
     cfg = PRESETS["turbo"].text_encoder
     cache = KVCache(cfg, cfg.num_hidden_layers, 8, CPU, torch.bfloat16)  # the allocation the plan counts

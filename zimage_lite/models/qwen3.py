@@ -29,7 +29,7 @@ def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 class KVCache:
     """Keys and values of every layer for one sequence, allocated once for `length` positions: (layers, kv heads,
-    length, head_dim) each (runtime/plan.py kv_cache_bytes counts them). `pos` counts the positions filled; the model
+    length, head_dim) each (runtime/sizes.py kv_cache_bytes counts them). `pos` counts the positions filled; the model
     advances it after each pass."""
 
     def __init__(self, cfg: TextEncoderConfig, layers: int, length: int, device: torch.device | str,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig, TextEncoderConfig
+from ..config import MAX_TEXT_TOKENS, PRESETS, SEQ_MULTI_OF, ModelConfig
 from ..errors import BudgetError, OptionError
 from ..options import check_size, grid_of
 from ..quant.chunks import DEVICE_CHUNK, DEVICE_CHUNK_TEMP_BYTES, MAX_WORKERS
@@ -40,6 +40,7 @@ from .sizes import (
     bits_per_weight,
     component_bytes,
     format_rank,
+    kv_cache_bytes,
     normalize_format,
     recipe_table,
     vae_largest_weight,
@@ -211,11 +212,6 @@ def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     # The embedding table stays on the host; only the prompt's rows come over (and the features go back).
     act = batch * (max(mlp, attn) + seq * c.hidden_size * elem)
     return _block_stage("text_encoder", sizes, act, c.num_attention_heads, seq, req), sizes
-
-
-def kv_cache_bytes(c: TextEncoderConfig, tokens: int, elem: int) -> int:
-    """What models.qwen3.KVCache allocates for `tokens` positions of every layer, `elem` bytes per value."""
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * tokens * c.head_dim * elem
 
 
 def enhance_stage(req: PlanRequest, beside: Beside = ALONE) -> StagePlan:

@@ -265,3 +265,8 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
 def vae_largest_weight(c: VAEConfig) -> int:
     """Weights of the VAE decoder's largest tensor: a 3x3 convolution at its widest level."""
     return max(c.block_out_channels) ** 2 * 9
+
+
+def kv_cache_bytes(c: TextEncoderConfig, tokens: int, elem: int) -> int:
+    """What models.qwen3.KVCache allocates for `tokens` positions of every layer, `elem` bytes per value."""
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * tokens * c.head_dim * elem
