@@ -108,8 +108,8 @@ def test_kv_cache_equals_the_uncached_run(lm_model, chat_ids):
         for t in cached:
             last = model.logits(torch.tensor([t]), cache, CPU, torch.float32)
         full = model.logits(torch.tensor(seq), None, CPU, torch.float32)
-    # measured max |diff| 1.9e-6 on logits of max 2.4 (fp32 summation order of SDPA over the cache vs the whole
-    # sequence); tolerance 2e-5
+    # measured max |diff| 3.8e-6 on logits of max |4.9| (fp32 summation order: SDPA over the cache vs the whole
+    # sequence); tolerance 2e-5, 5x that
     assert cache.pos == len(seq)
     torch.testing.assert_close(last, full, rtol=0, atol=2e-5)
 
