@@ -233,7 +233,7 @@ def interrupt(hook: tuple[str, str, int], argv: list[str], sig: signal.Signals, 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_quantize_leaves_nothing(tiny_model, tmp_path, sig):
-    code, err = interrupt(("quantize.convert", "read", 3), ["quantize", tiny_model, "--type", "Q8_0", "--out",
+    code, err = interrupt(("quantize.writing", "read", 3), ["quantize", tiny_model, "--type", "Q8_0", "--out",
                                                            tmp_path], sig, tmp_path)
     assert code == 128 + sig and "nothing was written" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
