@@ -241,7 +241,7 @@ def test_signal_mid_quantize_leaves_nothing(tiny_model, tmp_path, sig):
 
 def test_signal_in_the_second_component_says_what_was_written(tiny_model, tmp_path):
     nth = len(dit_shapes(TINY.dit)) + 3  # a read of the text encoder: the DiT file is complete
-    code, err = interrupt(("quantize.convert", "read", nth), ["quantize", tiny_model, "--type", "Q8_0",
+    code, err = interrupt(("quantize.writing", "read", nth), ["quantize", tiny_model, "--type", "Q8_0",
                                                              "--component", "all", "--out", tmp_path],
                           signal.SIGINT, tmp_path)
     dit = tmp_path / "z_image_turbo-Q8_0.gguf"
