@@ -4,6 +4,7 @@ CUDA's torch._int_mm (skipped without a GPU)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -71,3 +72,30 @@ def test_cuda_int_mm_matches_float_route():
     want = int8_linear(x, q, s, 256, bias, route="float")
     got = int8_linear(x, q, s, 256, bias)
     assert float((got - want).norm() / want.norm()) < 0.03  # as on the CPU (same arithmetic)
+
+
+def test_onednn_copy_is_planned_and_goes_with_its_weight(monkeypatch):
+    """The route's blocked weight copy is memory the plan counts on the CPU (sizes.component_bytes), and a streamed
+    block dropped to `meta` (runtime/streamer.LazyBlocks) drops it too: it must not outlive the weight."""
+    from tests.fixtures import TINY
+    from zimage_lite.quant.qlinear import QLinear, QTensor
+    from zimage_lite.runtime.sizes import component_bytes, recipe_table
+
+    monkeypatch.setenv(ROUTE_ENV, "onednn")
+    x, q, s, bias = _layer(CONVROT)
+    layer = QLinear(QTensor(q.view(torch.uint8), CONVROT, tuple(q.shape), (s,)), bias)
+    layer(x)
+    assert layer._packed_weight is not None
+    layer.to("meta")
+    assert layer._packed_weight is None
+
+    table = recipe_table(TINY.dit, "int8-convrot")
+    onednn = component_bytes(TINY.dit, table, "fp32", "the DiT", kind="cpu").blocks
+    monkeypatch.setenv(ROUTE_ENV, "int_mm")
+    plain = component_bytes(TINY.dit, table, "fp32", "the DiT", kind="cpu").blocks
+    int8 = [sum(math.prod(shape) for n, (shape, fmt) in table.items()
+                if n.startswith(b.name + ".") and fmt == CONVROT.name) for b in plain]
+    assert any(int8)
+    # one more aligned copy of each int8 weight per block; nothing more, nothing less (alignment adds < 64 B each)
+    for a, b, n in zip(onednn, plain, int8, strict=True):
+        assert n <= a.held - b.held < n + 64 * 16

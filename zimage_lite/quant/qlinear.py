@@ -134,6 +134,11 @@ class QLinear(nn.Module):
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         return y if self.lora is None else self.lora.add_to(y, x)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """Moving the weight (a streamed block dropped to `meta`, a device move) drops oneDNN's copy with it."""
+        self._packed_weight = self._packed_for = None
+        return super()._apply(fn, recurse)
+
     def _packed(self, route: str) -> torch.Tensor | None:
         """oneDNN's blocked copy of the int8 weight, made at the first call after the weight was (re)placed."""
         if route != "onednn":

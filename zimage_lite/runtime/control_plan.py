@@ -34,7 +34,7 @@ def control_stages(req: PlanRequest, text_in: BlockStage, text_sizes: ComponentB
     """The stages of a controlled run: (enhance), (vae_encode: the control image), text encoder, DiT, ControlNet,
     VAE. The enhancer and the encoder are loaded for their stage only (beside what the others keep, keep_loaded)."""
     cfg, table = req.control
-    sizes = component_bytes(cfg, table, req.dtype, "the ControlNet")
+    sizes = component_bytes(cfg, table, req.dtype, "the ControlNet", kind=req.kind)
     sequence = (2 if req.cfg else 1) * dit_in.seq * cfg.dim * DTYPE_BYTES[req.dtype]
     hints = len(cfg.control_layers_places) * sequence
     dit_in = replace(dit_in, activations=dit_in.activations + hints)

@@ -205,7 +205,7 @@ def _stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside:
 
 def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.text_encoder, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
-    sizes = component_bytes(c, _tables(req)[1], req.dtype, f"the {req.text_quant} text encoder")
+    sizes = component_bytes(c, _tables(req)[1], req.dtype, f"the {req.text_quant} text encoder", kind=req.kind)
     seq, q, kv = req.caption_tokens, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     mlp = seq * (2 * c.hidden_size + 3 * c.intermediate_size) * elem  # residual, normed, gate, up, act(gate)*up
     attn = seq * (2 * c.hidden_size + 2 * q + 2 * kv) * elem  # residual, normed, q, k, v, attention output
@@ -220,7 +220,8 @@ def enhance_stage(req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
     and probabilities, and the tied head in the compute dtype unless it is a view of the host table (cpu, stored so)."""
     c, elem, seq = req.config.text_encoder, DTYPE_BYTES[req.dtype], req.enhance_tokens
     table = _tables(req)[1]
-    sizes = component_bytes(c, table, req.dtype, f"the {req.text_quant} text encoder", lm=True)
+    sizes = component_bytes(c, table, req.dtype, f"the {req.text_quant} text encoder", lm=True,
+                            kind=req.kind)
     kv = kv_cache_bytes(c, seq, elem)
     q, k = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     prompt = seq * max(2 * c.hidden_size + 3 * c.intermediate_size, 2 * c.hidden_size + 2 * q + 2 * k) * elem
@@ -233,7 +234,8 @@ def enhance_stage(req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
 
 def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.dit, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
-    sizes = component_bytes(c, _tables(req)[0], req.dtype, f"the {req.quant} DiT", req.adapter_tensors)
+    sizes = component_bytes(c, _tables(req)[0], req.dtype, f"the {req.quant} DiT", req.adapter_tensors,
+                            kind=req.kind)
     # a LoRA side path's (tokens, rank) product beside the linear's output
     rank = max((shape[0] for n, (shape, _) in (req.adapter_tensors or {}).items() if n.endswith(".down")), default=0)
     # Tokens (zimage_spec.md §4.3): image N = (H/16)(W/16) padded to 32; caption Lp <= 512 padded to 32; S = Np + Lp.

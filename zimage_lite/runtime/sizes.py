@@ -221,11 +221,13 @@ class ComponentBytes:
 
 
 def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: str,
-                    adapters: TensorTable | None = None, lm: bool = False) -> ComponentBytes:
-    """What the runtime holds of component `cfg` stored as `table`, computing in `dtype`; `what` names the file or
-    component in the error for a tensor the table lacks. `adapters`: the LoRA side paths' tensors (loras.py
-    `Loras.table`), each counted with the block whose name it starts with. `lm`: the prompt enhancer's text encoder."""
+                    adapters: TensorTable | None = None, lm: bool = False, kind: str = "cpu") -> ComponentBytes:
+    """What the runtime holds of component `cfg` stored as `table`, computing in `dtype` on a `kind` device; `what`
+    names the file or component in the error for a tensor the table lacks. `adapters`: the LoRA side paths' tensors
+    (loras.py `Loras.table`), each counted with the block whose name it starts with. `lm`: the prompt enhancer's text
+    encoder. On the CPU, int8-row weights run by oneDNN hold its blocked copy beside them (quant/qlinear.py)."""
     lay, elem, plain = layout(cfg, lm), DTYPE_BYTES[dtype], DTYPE_TYPES[dtype]
+    prepacked = kind == "cpu" and any(fmt in INT8_ROWS_NAMES for _, fmt in table.values()) and _onednn_on_cpu()
     missing = [n for n in lay.shapes if n not in table]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -239,7 +241,8 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
     def held(name: str) -> int:
         shape, fmt = table[name]
         if packed(name):
-            return packed_bytes(shape, fmt)
+            copy = aligned(math.prod(shape)) if prepacked and fmt in INT8_ROWS_NAMES else 0
+            return packed_bytes(shape, fmt) + copy
         return aligned(math.prod(lay.shapes[name]) * elem)
 
     side = {n: aligned(math.prod(shape) * elem) for n, (shape, _) in (adapters or {}).items()}
@@ -260,6 +263,13 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
         host_only=sum(held(n) for n in host_copy),
         largest_packed=max((math.prod(lay.shapes[n]) for n in lay.linears if packed(n)), default=0),
         largest_read=max(reads, default=0), adapters=sum(side.values()))
+
+
+def _onednn_on_cpu() -> bool:
+    """Whether int8-row weights take the oneDNN route on this CPU (its choice is made once per machine)."""
+    from ..quant.int8_compute import route_for
+
+    return route_for("cpu") == "onednn"
 
 
 def vae_largest_weight(c: VAEConfig) -> int:
