@@ -8,13 +8,14 @@ CPU (BF16 streamed and cast as the planner decides); int8 files run on the integ
 
     flock /work/wt/fullsize.lock nice -n 5 python -m benchmarks.int8_quality --cache /work/main/.bench_cache
 
-Writes benchmarks/results/int8-quality.json (one row per DiT, with the machine).
+Writes benchmarks/results/int8-quality.json (one row per DiT, each with the machine, as report.py reads them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -69,9 +70,10 @@ def main() -> None:
                      "rel_err_vs_bf16": round(err, 5), "step_s": round(step_s, 1),
                      "wall_s": round(time.perf_counter() - start, 1)})
         print(json.dumps(rows[-1]), flush=True)
-    OUT.write_text(json.dumps({"machine": machine(), "threads": torch.get_num_threads(),
-                               "int8_route": describe_route("cpu"), "prompt": PROMPT, "seed": SEED,
-                               "rows": rows}, indent=1) + "\n")
+    common = {"component": "int8_quality", "machine": machine(), "threads": torch.get_num_threads(),
+              "int8_route": describe_route("cpu"), "prompt": PROMPT, "seed": SEED, "date": time.strftime("%Y-%m-%d"),
+              "command": f"python -m benchmarks.int8_quality {' '.join(sys.argv[1:])}".strip()}
+    OUT.write_text(json.dumps([{**common, **r} for r in rows], indent=1) + "\n")
 
 
 if __name__ == "__main__":

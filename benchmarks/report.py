@@ -10,7 +10,18 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from zimage_lite.runtime.units import gb, gib
+from zimage_lite.runtime.units import gb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's root
+
+from benchmarks.report_peers import (  # noqa: E402
+    _cell,
+    control_plan_table,
+    control_table,
+    int8_quality_table,
+    roofs_table,
+    sdcpp_table,
+)
 
 HEADER = """# Benchmarks
 
@@ -27,11 +38,6 @@ resident and against diffusers' group offloading, memory per stage against the p
 # A pipeline run's events and the plan's stages they belong to
 EVENT_PLAN = {"encoded": "text_encoder", "step": "dit", "decoded": "vae"}
 PEAKS = ("peak_device_bytes", "peak_reserved_bytes", "host_peak_bytes", "pinned_bytes", "pinned_peak_bytes")
-
-
-def _cell(n: float | None) -> str:
-    """A GiB table cell; empty where nothing was measured."""
-    return gib(n, unit=False) if n else ""
 
 
 def steady(times: list[float]) -> float:
@@ -163,57 +169,6 @@ def image_table(rows: list[dict]) -> list[str]:
     out = ["| DiT recipe | max abs diff (levels of 255) | mean abs diff |", "|---|---:|---:|"]
     for r in rows:
         out.append(f"| {r['quant']} | {r['max_abs_diff']:.0f} | {r['mean_abs_diff']:.2f} |")
-    return out
-
-
-def sdcpp_table(rows: list[dict]) -> list[str]:
-    """Whole images, ours and sd.cpp's in run order; each of ours against sd.cpp's on the same DiT file and round,
-    or on its Q8_0 file for a format sd.cpp cannot run on the CPU (INT8 ConvRot), marked so."""
-    peer = {(r["quant"], r["round"]): r for r in rows if r["impl"] == "stable-diffusion.cpp"}
-    steps = rows[0]["steps"]
-    out = ["| round | impl | DiT file | compute | load s | text encoder s | s/step | VAE s | "
-           f"whole image s ({steps} step{'s' * (steps > 1)}) | est. 8 steps s | peak RSS GiB | "
-           "÷ sd.cpp: text encoder, step, VAE, whole, RSS |", "|---:|---|---|---|" + "---:|" * 7 + "---|"]
-    for r in rows:
-        step = sum(r["step_times"]) / len(r["step_times"])
-        whole = r["total_seconds"]
-        other = None if r["impl"] == "stable-diffusion.cpp" else (peer.get((r["quant"], r["round"]))
-                                                                  or peer.get(("Q8_0", r["round"])))
-        ratios = ""
-        if other:
-            pairs = [(r["text_encoder_seconds"], other["text_encoder_seconds"]),
-                     (step, sum(other["step_times"]) / len(other["step_times"])),
-                     (r["vae_seconds"], other["vae_seconds"]), (whole, other["total_seconds"]),
-                     (r["peak_rss_bytes"], other["peak_rss_bytes"])]
-            ratios = ", ".join(f"{a / b:.2f}" if a else "n/a" for a, b in pairs)  # n/a: a figure not measured
-            ratios += f" (vs its {other['quant']})" if other["quant"] != r["quant"] else ""
-        out.append(f"| {r['round']} | {r['impl']} | {r['dit_file']} | {r['dtype']} | {r['load_seconds']:.0f} | "
-                   f"{r['text_encoder_seconds']:.1f} | {step:.1f} | {r['vae_seconds']:.1f} | {whole:.0f} | "
-                   f"{whole + (8 - steps) * step:.0f} | {_cell(r['peak_rss_bytes'])} | {ratios} |")
-    loads = [f"{r['load_average_before']:.1f}-{r['load_average_after']:.1f}" for r in rows
-             if "load_average_before" in r]
-    if loads:
-        out += ["", f"Load average (1 min) before-after each run, in order: {', '.join(loads)}."]
-    tokens = sorted({r["tokens"] for r in rows if r.get("tokens")})
-    if tokens:  # the random checkpoint's tokenizer is small: more tokens than the real vocabulary gives
-        out += ["", f"Caption tokens, ours: {', '.join(map(str, tokens))} (the random checkpoint's small "
-                "tokenizer). sd.cpp tokenizes the same prompt with its built-in Qwen vocabulary and does not log the "
-                "count: fewer tokens, so its text encoder (and, slightly, its DiT) does less work than ours here."]
-    return out
-
-
-def roofs_table(rows: list[dict]) -> list[str]:
-    fp32 = next((r["gflops"] for r in rows if r["route"].startswith("fp32") and "gflops" in r), None)
-    out = ["| route | M x K x N | threads | GFLOP/s (best) | GFLOP/s (median) | ÷ fp32 |",
-           "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        shape = " x ".join(map(str, r["shape"]))
-        if "error" in r:
-            out.append(f"| {r['route']} | {shape} | {r['threads']} | not available: {r['error'][:120]} | | |")
-            continue
-        ratio = f"{r['gflops'] / fp32:.2f}" if fp32 else ""
-        out.append(f"| {r['route']} | {shape} | {r['threads']} | {r['gflops']:.0f} | {r['gflops_median']:.0f} | "
-                   f"{ratio} |")
     return out
 
 
@@ -378,6 +333,23 @@ def render(rows: list[dict]) -> str:
             lines += [f"## GEMM roofs of the CPU: one {' x '.join(map(str, first['shape']))} matmul per route", "",
                       "The full-size DiT's FFN up-projection at 512x512. Weights prepacked where the route has a "
                       "packed form (not timed); the best of several calls (the machine is shared)."]
+        elif component == "controlnet":
+            lines += [f"## ControlNet per step: the full-size DiT with and without a random {first['blocks']}-block "
+                      f"ControlNet, cpu, {first['width']}x{first['height']}", "",
+                      "One process holds the DiT and the ControlNet (resident); each round one forward without "
+                      "control, then one with; the first round is dropped."]
+        elif component == "control_plan":
+            lines += [f"## Memory plan under a ControlNet: Turbo Q4_K_M at {first['size']}x{first['size']}, --vram "
+                      f"{first['vram']}, cuda", "",
+                      "From shapes alone (the alibaba-pai 2.1-family layouts, BF16 as published), as `zimage-lite "
+                      "plan --control FILE` prints it: the DiT's and the ControlNet's blocks placed beside each "
+                      "other for the denoising steps."]
+        elif component == "int8_quality":
+            lines += [f"## INT8 against BF16: one full-size DiT forward at {first['size']}x{first['size']}, cpu, "
+                      "fp32 compute", "",
+                      "The first of 8 steps from the same noise and caption features with each DiT file; the relative "
+                      "L2 error of the step's update against the BF16 DiT's. Random weights: no outliers for the "
+                      f"rotation to tame. int8 route: {first.get('int8_route', 'n/a')}."]
         elif component == "gpu_run":
             lines.append(f"## GPU check: DiT {first['quant']}, {first['device']}, {first['width']}x{first['height']}, "
                          f"{first['steps']} steps, {first['dtype']} compute")
@@ -391,7 +363,8 @@ def render(rows: list[dict]) -> str:
                   "vae": vae_table, "enhance": enhance_table,
                   "image": image_table, "quantize": quantize_table, "gpu_tests": gpu_tests_table,
                   "gpu_weights": gpu_weights_table, "gpu_run": gpu_run_table, "pipeline": gpu_run_table,
-                  "sdcpp": sdcpp_table, "roofs": roofs_table,
+                  "sdcpp": sdcpp_table, "roofs": roofs_table, "controlnet": control_table,
+                  "control_plan": control_plan_table, "int8_quality": int8_quality_table,
                   "gpu_targets": gpu_targets_table,
                   "gpu_error": gpu_error_table}[component](rs)
         lines.append("")

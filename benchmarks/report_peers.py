@@ -1,0 +1,91 @@
+"""BENCHMARKS.md tables of the CPU comparisons added with issues 13-15 (report.py renders them): stable-diffusion.cpp
+beside ours, the GEMM roofs, INT8 against BF16, and the ControlNet's step cost and memory plan."""
+
+from __future__ import annotations
+
+from zimage_lite.runtime.units import gib
+
+
+def _cell(n: float | None) -> str:
+    """A GiB table cell; empty where nothing was measured."""
+    return gib(n, unit=False) if n else ""
+
+
+def sdcpp_table(rows: list[dict]) -> list[str]:
+    """Whole images, ours and sd.cpp's in run order; each of ours against sd.cpp's on the same DiT file and round,
+    or on its Q8_0 file for a format sd.cpp cannot run on the CPU (INT8 ConvRot), marked so."""
+    peer = {(r["quant"], r["round"]): r for r in rows if r["impl"] == "stable-diffusion.cpp"}
+    steps = rows[0]["steps"]
+    out = ["| round | impl | DiT file | compute | load s | text encoder s | s/step | VAE s | "
+           f"whole image s ({steps} step{'s' * (steps > 1)}) | est. 8 steps s | peak RSS GiB | "
+           "÷ sd.cpp: text encoder, step, VAE, whole, RSS |", "|---:|---|---|---|" + "---:|" * 7 + "---|"]
+    for r in rows:
+        step = sum(r["step_times"]) / len(r["step_times"])
+        whole = r["total_seconds"]
+        other = None if r["impl"] == "stable-diffusion.cpp" else (peer.get((r["quant"], r["round"]))
+                                                                  or peer.get(("Q8_0", r["round"])))
+        ratios = ""
+        if other:
+            pairs = [(r["text_encoder_seconds"], other["text_encoder_seconds"]),
+                     (step, sum(other["step_times"]) / len(other["step_times"])),
+                     (r["vae_seconds"], other["vae_seconds"]), (whole, other["total_seconds"]),
+                     (r["peak_rss_bytes"], other["peak_rss_bytes"])]
+            ratios = ", ".join(f"{a / b:.2f}" if a else "n/a" for a, b in pairs)  # n/a: a figure not measured
+            ratios += f" (vs its {other['quant']})" if other["quant"] != r["quant"] else ""
+        out.append(f"| {r['round']} | {r['impl']} | {r['dit_file']} | {r['dtype']} | {r['load_seconds']:.0f} | "
+                   f"{r['text_encoder_seconds']:.1f} | {step:.1f} | {r['vae_seconds']:.1f} | {whole:.0f} | "
+                   f"{whole + (8 - steps) * step:.0f} | {_cell(r['peak_rss_bytes'])} | {ratios} |")
+    loads = [f"{r['load_average_before']:.1f}-{r['load_average_after']:.1f}" for r in rows
+             if "load_average_before" in r]
+    if loads:
+        out += ["", f"Load average (1 min) before-after each run, in order: {', '.join(loads)}."]
+    tokens = sorted({r["tokens"] for r in rows if r.get("tokens")})
+    if tokens:  # the random checkpoint's tokenizer is small: more tokens than the real vocabulary gives
+        out += ["", f"Caption tokens, ours: {', '.join(map(str, tokens))} (the random checkpoint's small "
+                "tokenizer). sd.cpp tokenizes the same prompt with its built-in Qwen vocabulary and does not log the "
+                "count: fewer tokens, so its text encoder (and, slightly, its DiT) does less work than ours here."]
+    return out
+
+
+def roofs_table(rows: list[dict]) -> list[str]:
+    fp32 = next((r["gflops"] for r in rows if r["route"].startswith("fp32") and "gflops" in r), None)
+    out = ["| route | M x K x N | threads | GFLOP/s (best) | GFLOP/s (median) | ÷ fp32 |",
+           "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        shape = " x ".join(map(str, r["shape"]))
+        if "error" in r:
+            out.append(f"| {r['route']} | {shape} | {r['threads']} | not available: {r['error'][:120]} | | |")
+            continue
+        ratio = f"{r['gflops'] / fp32:.2f}" if fp32 else ""
+        out.append(f"| {r['route']} | {shape} | {r['threads']} | {r['gflops']:.0f} | {r['gflops_median']:.0f} | "
+                   f"{ratio} |")
+    return out
+
+
+def control_table(rows: list[dict]) -> list[str]:
+    out = ["| ControlNet blocks | DiT | forwards kept | s/forward without | s/forward with | with ÷ without |",
+           "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        m = r["mean_step_seconds"]
+        out.append(f"| {r['blocks']} | {r['quant']}, {r['dtype']} | {len(r['step_seconds']['none']) - 1} | "
+                   f"{m['none']:.1f} | {m['control']:.1f} | {r['ratio']:.2f} |")
+    return out
+
+
+def control_plan_table(rows: list[dict]) -> list[str]:
+    out = ["| release | control blocks | ControlNet GiB | DiT resident / streamed | ControlNet resident / streamed | "
+           "device peak GiB | host peak GiB | copied per step GiB |", "|---|---:|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        d, c = r["dit"], r["controlnet"]
+        out.append(f"| {r['release']} | {r['control_blocks']} | {_cell(r['control_bytes'])} | {d['resident']} / "
+                   f"{d['streamed']} | {c['resident']} / {c['streamed']} | {_cell(r['peak_device'])} | "
+                   f"{_cell(r['peak_host'])} | {_cell(r['transfer_per_step'])} |")
+    return out
+
+
+def int8_quality_table(rows: list[dict]) -> list[str]:
+    out = ["| DiT file | relative error vs BF16 (one forward) | step s | run s (load included) |",
+           "|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['dit']} | {r['rel_err_vs_bf16']:.4f} | {r['step_s']:.1f} | {r['wall_s']:.0f} |")
+    return out
