@@ -39,6 +39,7 @@ from zimage_lite.quant.recipes import (
 from zimage_lite.runtime.memory import peak_bytes
 from zimage_lite.runtime.units import format_si, gib
 from zimage_lite.weights.components import LAYOUT_HINT, UNUSED, identify, open_component
+from zimage_lite.weights.control_files import is_controlnet
 from zimage_lite.weights.gguf_source import GGUFSource
 from zimage_lite.weights.names import translate
 from zimage_lite.weights.sources import RenamedSource
@@ -97,6 +98,8 @@ def open_inputs(src: Path, component: str | None) -> list[SourceInput]:
     comp = identify(src)
     if comp.kind is None:
         names = sorted(comp.stored.names())
+        if is_controlnet(names):  # a Fun ControlNet file given without --component: read off its tensor names
+            return [open_controlnet(src)]
         raise CheckpointError(f"{src}: unknown layout: not a Z-Image DiT or a Qwen3 text encoder in any known "
                               f"name layout (found {', '.join(names[:3]) or 'no tensors'}, ...)")
     label = {"dit": "a DiT", "text_encoder": "a text encoder", "vae": "a VAE"}[comp.kind]
@@ -269,6 +272,9 @@ def convert(src: Path, type_name: str, component: str | None = None, out: Path |
     target = TARGETS[type_name]
     inputs = open_inputs(Path(src), component)
     int8 = target.name in INT8_TARGETS
+    if int8 and any(i.component == "controlnet" for i in inputs):
+        raise UnsupportedQuantError(f"--type {type_name}: INT8 files are written for the DiT and the text encoder; "
+                                    "for a ControlNet choose a GGUF type such as Q8_0 or Q4_K_M")
     if not target.is_gguf and not int8 and any(i.component != "dit" for i in inputs):
         raise UnsupportedQuantError(f"--type {type_name}: bitsandbytes files are written for the DiT only; for the "
                                     "text encoder choose a GGUF type such as Q8_0 or Q4_K_M")

@@ -246,3 +246,18 @@ def test_unknown_preprocessor_is_refused(tiny_model, controlnets, tmp_path, caps
     refused(capsys, ["run", "x", "--model", str(tiny_model), "--control", str(controlnets["1.0"][1]),
                      "--control-image", str(tmp_path / "photo.png"), "--control-preprocess", "sobel", "--out",
                      str(tmp_path / "o.png")], "--control-preprocess 'sobel'", "canny", watch=(tmp_path,))
+
+
+def test_quantize_finds_a_controlnet_file_and_refuses_int8_for_it(controlnets, tmp_path, capsys):
+    """A single ControlNet file is read off its tensor names without --component; INT8 (ComfyUI) files exist for the
+    DiT and the text encoder only: refused by name before anything is written."""
+    from quantize.convert import convert
+
+    single = controlnets["2.1"][1]
+    [res] = convert(single, "Q8_0", out=tmp_path / "c.gguf")
+    assert res.path.is_file()
+    out = tmp_path / "int8"
+    out.mkdir()
+    for kind in ("int8-convrot", "int8-rowwise"):
+        refused(capsys, ["quantize", str(single), "--type", kind, "--out", str(out / "c.safetensors")], f"--type {kind}",
+                "ControlNet", "Q8_0", watch=(out,))
