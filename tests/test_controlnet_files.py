@@ -259,5 +259,5 @@ def test_quantize_finds_a_controlnet_file_and_refuses_int8_for_it(controlnets, t
     out = tmp_path / "int8"
     out.mkdir()
     for kind in ("int8-convrot", "int8-rowwise"):
-        refused(capsys, ["quantize", str(single), "--type", kind, "--out", str(out / "c.safetensors")], f"--type {kind}",
-                "ControlNet", "Q8_0", watch=(out,))
+        argv = ["quantize", str(single), "--type", kind, "--out", str(out / "c.safetensors")]
+        refused(capsys, argv, f"--type {kind}", "ControlNet", "Q8_0", watch=(out,))
