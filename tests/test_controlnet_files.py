@@ -261,3 +261,22 @@ def test_quantize_finds_a_controlnet_file_and_refuses_int8_for_it(controlnets, t
     for kind in ("int8-convrot", "int8-rowwise"):
         argv = ["quantize", str(single), "--type", kind, "--out", str(out / "c.safetensors")]
         refused(capsys, argv, f"--type {kind}", "ControlNet", "Q8_0", watch=(out,))
+
+
+@pytest.mark.parametrize("change,names", [({"control_in_dim": 20}, ["control_in_dim", "16", "33"]),
+                                          ({"add_control_noise_refiner": None}, ["control_refiner_layers_places"])])
+def test_a_config_that_cannot_run_is_refused(controlnets, tmp_path, change, names):
+    """A diffusers folder whose config no ControlNet of these releases has: one error naming the field at open,
+    not an IndexError or a shape error mid-run."""
+    import json
+    import shutil
+
+    from zimage_lite.errors import CheckpointError
+
+    folder = tmp_path / "cn"
+    shutil.copytree(controlnets["2.1"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError) as e:
+        open_control(folder, TINY.dit)
+    assert all(n in str(e.value) for n in names), str(e.value)

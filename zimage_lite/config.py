@@ -362,6 +362,13 @@ class ControlNetConfig:
             return f'"control_layers_places" {list(self.control_layers_places)} must start with 0'
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             return f'"dim" {self.dim}, "n_heads" {self.n_heads} and "n_kv_heads" {self.n_kv_heads} do not divide'
+        if self.control_in_dim not in (16, 33):
+            return f'"control_in_dim" is {self.control_in_dim}; expected 16 (1.0) or 33 (2.x: latents, mask, image)'
+        refiners = {None: 0, "control_layers": len(self.control_layers_places),
+                    "control_noise_refiner": self.n_refiner_layers}[self.add_control_noise_refiner]
+        if len(self.control_refiner_layers_places) > refiners:
+            return (f'"control_refiner_layers_places" {list(self.control_refiner_layers_places)} names more layers '
+                    f"than the {refiners} blocks that make refiner hints")
         return None
 
     @property

@@ -123,6 +123,16 @@ class ControlPass:
 
     def __enter__(self) -> ControlPass:
         self._blocks = self._stack.enter_context(self.net.runner.run())
+        try:
+            self._refine()
+        except BaseException:  # no __exit__ follows a failed __enter__: give the blocks back here
+            self._stack.close()
+            raise
+        return self
+
+    def _refine(self) -> None:
+        """2.x: the control-refiner hints, from the first blocks of the pass (2.0: the control layers, run again
+        after)."""
         mode, state = self.net.cfg.add_control_noise_refiner, self._state
         if mode is not None:
             n = len(self.net.control_layers) if mode == "control_layers" else len(self.net.control_noise_refiner)
@@ -132,7 +142,6 @@ class ControlPass:
             if mode == "control_layers":  # the control layers run again on the unified sequence: a second pass
                 self._stack.close()
                 self._blocks = self._stack.enter_context(self.net.runner.run())
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()

@@ -59,6 +59,8 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gro
     route = route or route_for(x.device)
     q = qweight.view(torch.int8)
     n, k = q.shape
+    if route == "int_mm" and x.is_cuda and (n % 8 or k % 8):  # cuBLASLt's int8 GEMM: both multiples of 8
+        route = "float"
     if route == "float":
         w = q.float().mul_(scale.reshape(n, 1))
         w = rotate(w, groupsize) if groupsize else w
