@@ -288,6 +288,13 @@ def test_bad_enhance_options_are_refused(option, capsys, tmp_path):
             watch=(tmp_path,))
 
 
+@pytest.mark.parametrize("option", [["--max-tokens", "50"], ["--temperature", "0.7"], ["--system", "s.txt"]])
+def test_enhancer_options_without_enhance_are_refused(option, capsys, tmp_path):
+    """`run` with an enhancer option but no --enhance would silently ignore it."""
+    refused(capsys, ["run", "x", "--out", str(tmp_path / "o.png"), *option], option[0], "--enhance",
+            watch=(tmp_path,))
+
+
 def test_a_missing_system_file_is_refused(tmp_path, capsys):
     refused(capsys, ["enhance", "x", "--system", str(tmp_path / "nope.txt")], "--system", "nope.txt")
 

@@ -50,16 +50,24 @@ def add_enhance_args(p: Any, run: bool = False) -> None:
         p.add_argument("--enhance", action="store_true",
                        help="rewrite the prompt with the text encoder first (see `zimage-lite enhance`); the image "
                             "stores both, and --from-png re-runs the enhanced prompt without enhancing again")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+    # `run`: None when not given, so that an enhancer option without --enhance is refused, not ignored
+    p.add_argument("--max-tokens", type=int, default=None if run else DEFAULT_MAX_TOKENS,
                    help=f"enhancer: most new tokens (default {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=float, default=None if run else 0.0,
                    help="enhancer: 0 = greedy (default, reproducible); above 0 samples, seeded by --seed")
     p.add_argument("--system", type=Path, metavar="FILE",
                    help="enhancer: a UTF-8 file replacing zimage-lite's system prompt")
 
 
 def check_enhance_args(args: Any) -> None:
-    """The enhancer's options, checked before anything loads."""
+    """The enhancer's options, checked before anything loads (`run`: each needs --enhance, then its default)."""
+    if not getattr(args, "enhance", True):
+        given = [o for o, v in (("--max-tokens", args.max_tokens), ("--temperature", args.temperature),
+                                ("--system", args.system)) if v is not None]
+        if given:
+            raise OptionError(f"{given[0]} is an enhancer option: add --enhance, or leave {given[0]} out")
+    args.max_tokens = DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens
+    args.temperature = 0.0 if args.temperature is None else args.temperature
     check_max_tokens(args.max_tokens)
     check_temperature(args.temperature)
     if args.system is not None:
