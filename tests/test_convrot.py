@@ -221,3 +221,21 @@ def test_int8_compute_converts_gguf_linears(int8_files, tmp_path):
     a, b = plain.text_to_image("a fox", **kw), converted.text_to_image("a fox", **kw)
     # mean |diff| in 8-bit levels: measured 0.34; tolerance 3
     assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() < 3
+    # the image says it ran so: --from-png runs it so again
+    assert converted.run_params("a fox", **kw)["int8_compute"] is True
+    assert "int8_compute" not in plain.run_params("a fox", **kw)
+
+
+def test_from_png_keeps_int8_compute(int8_files, tmp_path):
+    from zimage_lite.cli import build_parser
+    from zimage_lite.image import save_image
+    from zimage_lite.rerun import apply_image_params
+
+    model, _, _ = int8_files
+    pipe = zimage_lite.load(model, device="cpu", dtype="fp32", int8_compute=True)
+    png = tmp_path / "a.png"
+    save_image(pipe.text_to_image("a fox", width=32, height=32, steps=1, seed=7), png,
+               pipe.run_params("a fox", width=32, height=32, steps=1, seed=7))
+    args = build_parser().parse_args(["run", "--from-png", str(png)])
+    apply_image_params(args, set())
+    assert args.int8_compute is True

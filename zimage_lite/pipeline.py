@@ -206,7 +206,8 @@ class ZImagePipeline(StageModels):
             "seed": secrets.randbelow(2**63) if seed is None else check_seed(seed), "steps": steps, "cfg": cfg,
             "cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation, "width": width,
             "height": height, **(init.params() if init else {}), "model": self.files.model or self.files.name,
-            **({"loras": self.loras.params()} if self.loras else {})}
+            **({"loras": self.loras.params()} if self.loras else {}),
+            **({"int8_compute": True} if self.int8_compute else {})}  # a bool: read_params keeps it as it comes
         for which in COMPONENTS:  # only what overrode the model's own files: the model names the rest
             if which in self.files.overridden:
                 params[which] = os.path.abspath(getattr(self.files, which))

@@ -17,7 +17,7 @@ from .image import read_params
 # stored key -> the `run` option's dest (the keys are named as generate()'s keywords, as the options are)
 APPLIED = ("prompt", "negative", "seed", "steps", "cfg", "cfg_normalization", "cfg_truncation", "width", "height",
            "model", "dit", "text_encoder", "vae", "dtype", "device", "strength", "control_scale",
-           "control_preprocess")
+           "control_preprocess", "int8_compute")
 PATHS = {"dit", "text_encoder", "vae"}
 
 
