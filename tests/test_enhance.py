@@ -331,3 +331,8 @@ def test_the_plan_has_an_enhance_stage_with_its_kv_cache(capsys):
                  "--enhance"]) == 0
     out = capsys.readouterr().out
     assert "enhance: 36 blocks" in out and "transfer per token generated" in out
+
+
+def test_int8_compute_is_refused_where_it_would_be_ignored(capsys):
+    refused(capsys, ["enhance", "x", "--int8-compute"], "--int8-compute", "enhance")
+    refused(capsys, ["plan", "--preset", "turbo", "--int8-compute"], "--int8-compute", "--model")

@@ -6,6 +6,7 @@ import argparse
 
 from .config import PRESETS, ModelConfig
 from .enhance_options import CONTEXT
+from .errors import OptionError
 from .options import (
     TURBO_GRID,
     check_budgets,
@@ -64,6 +65,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     vram = parse_size(args.vram, "--vram") if args.vram else None
     ram = parse_size(args.ram, "--ram") if args.ram else None
     if args.model is None or args.preset is not None:
+        if args.int8_compute:  # converts the files' GGUF linears: a preset has no files
+            raise OptionError("--int8-compute plans from files: give --model (and --dit), not --preset")
         preset = args.preset or "turbo"
         fill_defaults(args, PRESETS.get(preset, PRESETS["turbo"]))  # plan_for names an unknown preset
         if args.device == "auto":  # the budget that applies depends on the device auto finds
@@ -82,6 +85,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
             opened = ControlFile.open(args.control, PRESETS.get(preset, PRESETS["turbo"]).dit)
             control = opened.config, source_table(opened.source)
+            opened.source.close()
         plan = plan_for(preset, args.quant, args.width, args.height, guidance_on(args.cfg), args.device,
                         vram, ram, args.dtype, args.text_quant, caption_tokens=args.prompt_tokens, encode=encode,
                         adapter_tensors=adapters, control=control,

@@ -95,6 +95,8 @@ def cmd_enhance(args: Any) -> int:
 
     prompt = check_text(prompt_from(args.prompt, None), "PROMPT")
     check_enhance_args(args)
+    if args.int8_compute:  # the enhancer reads the text encoder's file as it is stored
+        raise OptionError("--int8-compute applies to `run` and `plan`, not to `enhance`: leave it out")
     seed = check_seed(args.seed)
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram)
