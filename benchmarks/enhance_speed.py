@@ -9,12 +9,15 @@ system prompt and a short request, cut to --prompt-tokens (the cache's small tok
 tokens Qwen's would on the same text; ~280 with Qwen's). Two modes, each in its own child process (its own peak
 RSS): `unpacked`, the decoder layers dequantized once into the compute dtype (what the enhancer does on the CPU when
 they fit the budget), and `packed`, every quantized weight dequantized again at each token (when they do not).
+--decode-route picks how `unpacked` holds the layers (quant/decode_linear.py): "packed" (int4/int8 weight-only
+kernels, the CPU default) or "float" (dequantized to the compute dtype); each row records it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.run import DEFAULT_CACHE, append_rows, child, machine, model_folder  # noqa: E402
+from zimage_lite.quant.decode_linear import ROUTE_ENV, decode_route  # noqa: E402
 
 REQUEST = "a cat on a chair by the window, morning"
 MODES = ("unpacked", "packed")
@@ -37,6 +41,8 @@ def worker(spec: dict) -> dict:
     from zimage_lite.runtime.placement import place
     from zimage_lite.weights.components import open_language_model
 
+    if spec.get("decode_route"):
+        os.environ[ROUTE_ENV] = spec["decode_route"]
     te = Path(spec["text_encoder"])
     pipe = zimage_lite.load(spec["model"], text_encoder=te, device="cpu", dtype=spec["dtype"])
     cfg, source = open_language_model(te)
@@ -71,6 +77,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new", type=int, default=32, help="tokens generated in the unpacked mode (packed: a quarter)")
     p.add_argument("--dtype", default="bf16")
+    p.add_argument("--decode-route", choices=("packed", "float"), help="default: the CPU's (decode_route)")
     p.add_argument("--json", type=Path)
     p.add_argument("--worker")
     args = p.parse_args()
@@ -81,9 +88,11 @@ def main() -> None:
     for mode in args.modes.split(","):
         spec = {"mode": mode, "model": str(model_folder(args.preset, args.cache)), "dtype": args.dtype,
                 "text_encoder": str(args.text_encoder.resolve()), "prompt_tokens": args.prompt_tokens,
-                "new": args.new if mode == "unpacked" else max(2, args.new // 4)}
+                "new": args.new if mode == "unpacked" else max(2, args.new // 4),
+                "decode_route": args.decode_route or decode_route("cpu")}
         result = child([sys.executable, __file__, "--worker", json.dumps(spec)])
-        row = {"component": "enhance", "mode": mode, "quant": args.text_encoder.name, "dtype": args.dtype,
+        row = {"component": "enhance", "mode": mode, "decode_route": spec["decode_route"],
+               "quant": args.text_encoder.name, "dtype": args.dtype, "load_average": os.getloadavg(),
                **result, "command": " ".join(sys.argv), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -169,8 +169,12 @@ def test_streamed_blocks_generate_the_same_ids(lm_model, chat_ids, tmp_path):
 
 def test_packed_layers_are_dequantized_once(lm_model, lm_q8, tmp_path, monkeypatch):
     """On the CPU, with room for the layers in the compute dtype, the enhancer dequantizes the Q8_0 Linears once
-    (no QLinear runs per token) and answers as the packed model does."""
+    (no QLinear runs per token) and answers as the packed model does. The float decode route: the packed one
+    (test_decode_pack.py) requantizes Q8_0 to int8 rows, which changes the tiny random model's greedy ids."""
+    from zimage_lite.quant.decode_linear import ROUTE_ENV
     from zimage_lite.quant.qlinear import QLinear
+
+    monkeypatch.setenv(ROUTE_ENV, "float")
 
     system = tmp_path / "system.txt"
     system.write_text(SHORT_SYSTEM, encoding="utf-8")

@@ -178,10 +178,11 @@ def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> tupl
     from .config import ModelConfig
     from .errors import BudgetError
     from .pipeline import DTYPE_NAMES
+    from .quant.decode_linear import decode_route, plan_type
     from .runtime import plan
     from .runtime.budget import usable_budget
     from .runtime.residency import Beside, NoFit
-    from .runtime.sizes import DTYPE_TYPES, source_table
+    from .runtime.sizes import DTYPE_TYPES, FLOATS, source_table
     from .runtime.units import format_size
 
     if pipe._budget is None:
@@ -195,8 +196,17 @@ def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> tupl
     # Decoding runs every weight once per token, so a packed weight is dequantized at every token (Q4_K: ~1.4 G
     # weights/s on 2 CPU cores, 2.5 s a token at 4B). On the CPU, when every layer fits in the compute dtype, they are
     # dequantized once and held so (the embedding table stays packed: only rows are read, and the head is made once).
+    # With the weight-only integer kernels (quant/decode_linear.py: int4 from Q4_K, int8 rows else) the layers are
+    # held in those packed forms instead: 0.6-1 byte a weight, read directly by each token's matrix-vector products.
     table = req.text_tensors
-    unpacked = {n: (shape, DTYPE_TYPES[req.dtype] if n.startswith("layers.") else t) for n, (shape, t) in table.items()}
+    packed = decode_route(pipe.device) == "packed"
+
+    def unpacked_type(n: str, shape: tuple[int, ...], t: str) -> str:
+        if not n.startswith("layers."):
+            return t
+        return plan_type(shape, t) if packed and t not in FLOATS and len(shape) == 2 else DTYPE_TYPES[req.dtype]
+
+    unpacked = {n: (shape, unpacked_type(n, shape, t)) for n, (shape, t) in table.items()}
     tries = ((unpacked, True), (table, False)) if pipe.device.type == "cpu" else ((table, False),)
     for tensors, unpack in tries:
         try:
@@ -213,12 +223,19 @@ def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> tupl
 
 
 def unpack_layers(model: Qwen3Encoder, dtype: torch.dtype) -> None:
-    """Every packed Linear of the decoder layers replaced by a plain Linear holding its weight dequantized once."""
+    """Every packed Linear of the decoder layers replaced, once: on the CPU with the weight-only integer kernels by
+    a `DecodeLinear` (quant/decode_linear.py), else by a plain Linear holding its weight dequantized to `dtype`."""
+    from .quant.decode_linear import decode_route, to_decode
+
+    packed = decode_route(next(model.parameters()).device) == "packed"
     for layer in model.layers:
         for name, m in list(layer.named_modules()):
             if isinstance(m, QLinear) and m.lora is None and m.bias is None:
-                linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
-                w = dequantize(m.weight, m.qtype, m.shape, dtype, state=m.state)
-                linear.weight = nn.Parameter(w, requires_grad=False)
+                if packed:
+                    new: nn.Module = to_decode(m)
+                else:
+                    new = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+                    w = dequantize(m.weight, m.qtype, m.shape, dtype, state=m.state)
+                    new.weight = nn.Parameter(w, requires_grad=False)
                 parent, _, child = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, child, linear)
+                setattr(layer.get_submodule(parent) if parent else layer, child, new)
