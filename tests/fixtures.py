@@ -14,8 +14,10 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from zimage_lite.config import DiTConfig, ModelConfig, TextEncoderConfig, VAEConfig
 from zimage_lite.demo import write_checkpoint
@@ -302,3 +304,22 @@ def make_lm_checkpoint(folder: Path, cfg: ModelConfig = KQ_TEXT, seed: int = 0) 
             state[name] = t.to(torch.bfloat16).contiguous()
         save_file(state, str(shard), metadata={"format": "pt"})
     return root
+
+
+# --- input pictures ---------------------------------------------------------------------------------------------
+
+def picture(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth test picture (gradients and a disc): an init image whose VAE posterior is not pure noise, a control
+    map stand-in with an edge map's structure."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    r = np.clip(255 * x / w + rng.normal(0, 8, (h, w)), 0, 255)
+    g = np.clip(255 * y / h, 0, 255)
+    b = np.where((x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 3) ** 2, 230, 40)
+    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
+
+
+def mask_picture(w: int, h: int) -> Image.Image:
+    arr = np.zeros((h, w), np.uint8)
+    arr[h // 4: 3 * h // 4, w // 8: w // 2] = 255  # white: repaint
+    return Image.fromarray(arr, "L")

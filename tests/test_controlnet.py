@@ -10,8 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from fixtures import PROMPTS, make_controlnet, optional, rel_err
-from PIL import Image
+from fixtures import PROMPTS, make_controlnet, mask_picture, optional, picture, rel_err
 
 import zimage_lite
 from zimage_lite.runtime.plan import minimum_budget
@@ -28,22 +27,6 @@ LATENT_TOL = 1e-5
 IMAGE_TOL = 1
 # Streamed against resident: the same arithmetic, measured 0; tolerance 0 levels and 1e-6 on the latents.
 STREAM_TOL = 1e-6
-
-
-def picture(w: int, h: int, seed: int = 0) -> Image.Image:
-    """A control map stand-in: smooth gradients and a disc (an edge map's structure, not noise)."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    rng = np.random.default_rng(seed)
-    r = np.clip(255 * x / w + rng.normal(0, 8, (h, w)), 0, 255)
-    g = np.clip(255 * y / h, 0, 255)
-    b = np.where((x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 3) ** 2, 230, 40)
-    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
-
-
-def mask(w: int, h: int) -> Image.Image:
-    arr = np.zeros((h, w), np.uint8)
-    arr[h // 4: 3 * h // 4, w // 8: w // 2] = 255  # white: repaint
-    return Image.fromarray(arr, "L")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +109,7 @@ INPAINT = [("2.1", 1, 64, 64, 0.0), ("2.1", 0, 48, 80, 3.0), ("2.0", 0, 64, 64, 
 @pytest.mark.parametrize("kind,single,width,height,cfg", INPAINT)
 def test_control_inpaint_matches_diffusers(tiny_model, controlnets, kind, single, width, height, cfg):
     folder, control = controlnets[kind][0], controlnets[kind][single]
-    ctrl, image, m = picture(width, height, seed=3), picture(width, height, seed=5), mask(width, height)
+    ctrl, image, m = picture(width, height, seed=3), picture(width, height, seed=5), mask_picture(width, height)
     neg = "blurry" if cfg else ""
     lat, got, done = ours(tiny_model, control, PROMPTS["cjk"], control_image=ctrl, image=image, mask=m, width=width,
                           height=height, seed=7, cfg=cfg, negative=neg)
@@ -176,7 +159,7 @@ def test_cuda_control_matches_the_cpu(tiny_model, controlnets, vram):
         request = probe.make_plan(128, 96, 0.0, probe.tokenizer.encode("x").ids.shape[0], image=True).request
         vram = minimum_budget(replace(request, budget=1)) + request.headroom
     gpu = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram=vram, control=control)
-    for m in (None, mask(128, 96)):
+    for m in (None, mask_picture(128, 96)):
         extra = {"image": picture(128, 96, seed=7), "mask": m} if m is not None else {}
         a = next(e for e in gpu.generate("x", control_image=image, seed=5, steps=3, **extra) if e.stage == "decoded")
         b = next(e for e in cpu.generate("x", control_image=image, seed=5, steps=3, **extra) if e.stage == "decoded")

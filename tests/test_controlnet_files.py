@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fixtures import PROMPTS, TINY, make_controlnet, optional, refused, rel_err
+from fixtures import PROMPTS, TINY, make_controlnet, mask_picture, optional, picture, refused, rel_err
 from PIL import Image
 from safetensors.torch import save_file
-from test_controlnet import assert_same, mask, picture, theirs
+from test_controlnet import assert_same, theirs
 
 import zimage_lite
 from zimage_lite.cli import main
@@ -139,7 +139,7 @@ def test_a_dit_as_controlnet_is_refused(tiny_model, tmp_path, capsys):
 def test_bad_control_options_are_refused(tiny_model, controlnets, tmp_path, capsys, kind, extra, names):
     pose, m = tmp_path / "pose.png", tmp_path / "mask.png"
     picture(64, 64).save(pose)
-    mask(64, 64).save(m)
+    mask_picture(64, 64).save(m)
     argv = ["run", "x", "--model", str(tiny_model), "--out", str(tmp_path / "o.png")]
     if kind:
         argv += ["--control", str(controlnets[kind][1])]
@@ -152,7 +152,7 @@ def test_cli_runs_and_reruns_from_png(tiny_model, controlnets, tmp_path, capsys)
     pose, image, m = tmp_path / "pose.png", tmp_path / "photo.png", tmp_path / "mask.png"
     picture(80, 64, seed=1).save(pose)
     picture(64, 48, seed=2).save(image)
-    mask(64, 48).save(m)
+    mask_picture(64, 48).save(m)
     out = tmp_path / "a.png"
     assert main(["run", "a fox", "--model", str(tiny_model), "--control", str(single), "--control-image", str(pose),
                  "--image", str(image), "--mask", str(m), "--width", "64", "--height", "48", "--seed", "3",

@@ -10,8 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from fixtures import PROMPTS, load_dequantized, optional, rel_err
-from PIL import Image
+from fixtures import PROMPTS, load_dequantized, mask_picture, optional, picture, rel_err
 
 import zimage_lite
 from zimage_lite.runtime.plan import minimum_budget
@@ -31,22 +30,6 @@ IMAGE_TOL = 1
 # (measured latents 2.4e-7 with a mask, 0 without) and tiled decoding moves a pixel by a level (measured 1).
 TILED_LATENT_TOL = 2e-6
 TILED_IMAGE_TOL = 2
-
-
-def _picture(w: int, h: int, seed: int = 0) -> Image.Image:
-    """A smooth test picture (gradients and a disc), so the VAE posterior is not pure noise."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    rng = np.random.default_rng(seed)
-    r = np.clip(255 * x / w + rng.normal(0, 8, (h, w)), 0, 255)
-    g = np.clip(255 * y / h, 0, 255)
-    b = np.where((x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 3) ** 2, 230, 40)
-    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
-
-
-def _mask(w: int, h: int) -> Image.Image:
-    arr = np.zeros((h, w), np.uint8)
-    arr[h // 4: 3 * h // 4, w // 8: w // 2] = 255  # white: repaint
-    return Image.fromarray(arr, "L")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +84,7 @@ IMG2IMG = [  # (prompt, width, height, strength, cfg)
 @needs_pipeline
 @pytest.mark.parametrize("lang,width,height,strength,cfg", IMG2IMG)
 def test_img2img_matches_diffusers(img2img, ours, lang, width, height, strength, cfg):
-    image = _picture(width, height)
+    image = picture(width, height)
     lat, got, done = _ours(ours, PROMPTS[lang], image, width=width, height=height, steps=8, seed=7, cfg=cfg,
                            negative="blurry" if cfg else "", strength=strength)
     want_lat, want = _theirs(img2img, PROMPTS[lang], image, width=width, height=height, cfg=cfg,
@@ -115,7 +98,7 @@ def test_img2img_matches_diffusers(img2img, ours, lang, width, height, strength,
 def test_img2img_other_steps_and_weak_guidance(img2img, ours, steps, strength, cfg):
     """Step counts whose sigmas round differently in float64 (3, 9), and guidance at 0 < cfg <= 1, which diffusers
     runs (the official code does not)."""
-    image = _picture(64, 64, seed=8)
+    image = picture(64, 64, seed=8)
     lat, got, _ = _ours(ours, PROMPTS["en"], image, steps=steps, seed=2, cfg=cfg, negative="dark" if cfg else "",
                         strength=strength)
     want_lat, want = _theirs(img2img, PROMPTS["en"], image, steps=steps, seed=2, cfg=cfg,
@@ -125,7 +108,7 @@ def test_img2img_other_steps_and_weak_guidance(img2img, ours, steps, strength, c
 
 @needs_pipeline
 def test_img2img_default_strength_is_diffusers(img2img, ours):
-    image = _picture(64, 48, seed=3)
+    image = picture(64, 48, seed=3)
     lat, got, done = _ours(ours, PROMPTS["en"], image, steps=8, seed=11)
     want_lat, want = _theirs(img2img, PROMPTS["en"], image, seed=11)  # diffusers' own default, 0.6
     _assert_same(lat, got, want_lat, want)
@@ -142,7 +125,7 @@ INPAINT = [  # (prompt, width, height, strength, cfg)
 @needs_pipeline
 @pytest.mark.parametrize("lang,width,height,strength,cfg", INPAINT)
 def test_inpaint_matches_diffusers(inpaint, ours, lang, width, height, strength, cfg):
-    image, mask = _picture(width, height, seed=5), _mask(width, height)
+    image, mask = picture(width, height, seed=5), mask_picture(width, height)
     kw = {} if strength is None else {"strength": strength}
     lat, got, done = _ours(ours, PROMPTS[lang], image, mask, width=width, height=height, steps=8, seed=7, cfg=cfg,
                            negative="blurry" if cfg else "", **kw)
@@ -160,7 +143,7 @@ def test_q8_dit_matches_diffusers_on_dequantized_weights(tiny_model, img2img, tm
     q8 = zimage_lite.load(tiny_model, dit=res.path, device="cpu", dtype="fp32")
     ref = diffusers.ZImageImg2ImgPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     load_dequantized(ref.transformer, res.path)
-    image = _picture(64, 64, seed=9)
+    image = picture(64, 64, seed=9)
     lat, got, _ = _ours(q8, PROMPTS["en"], image, strength=0.7, steps=8, seed=5)
     want_lat, want = _theirs(ref, PROMPTS["en"], image, strength=0.7, seed=5)
     _assert_same(lat, got, want_lat, want)
@@ -170,7 +153,7 @@ def test_q8_dit_matches_diffusers_on_dequantized_weights(tiny_model, img2img, tm
 def test_smallest_budget_equals_resident(tiny_model, size, what):
     """At the smallest budget the DiT streams (64 px) or the VAE encodes and decodes in tiles (128 px, where the VAE
     stages are the largest): the resident, untiled run's result."""
-    image, mask = _picture(size, size, seed=2), _mask(size, size)
+    image, mask = picture(size, size, seed=2), mask_picture(size, size)
     resident = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", ram="64GB")
     tokens = resident.tokenizer.encode("x").ids.shape[0]
     ram = minimum_budget(replace(resident.make_plan(size, size, 0.0, tokens, image=True).request, budget=1))
@@ -190,7 +173,7 @@ def test_smallest_budget_equals_resident(tiny_model, size, what):
 def test_strength_one_is_not_text_to_image(ours):
     """strength 1 starts from pure noise, but the posterior draw comes first: not the text-to-image noise."""
     t2i = next(e for e in ours.generate("x", width=64, height=64, steps=2, seed=4) if e.stage == "decoded")
-    i2i = _ours(ours, "x", _picture(64, 64), width=64, height=64, steps=2, seed=4, strength=1.0)[0]
+    i2i = _ours(ours, "x", picture(64, 64), width=64, height=64, steps=2, seed=4, strength=1.0)[0]
     assert not torch.equal(t2i.latents, i2i)
 
 
@@ -211,7 +194,7 @@ def test_every_weight_format_and_dtype(kq_model, tmp_path, fmt):
         dit = convert(kq_model, fmt, out=tmp_path)[0].path
     ref = zimage_lite.load(kq_model, device="cpu", dtype="fp32")
     ours = zimage_lite.load(kq_model, dit=dit, device="cpu", dtype=dtype)
-    image, mask = _picture(64, 48, seed=4), _mask(64, 48)
+    image, mask = picture(64, 48, seed=4), mask_picture(64, 48)
     for m in (None, mask):
         a = _ours(ref, "x", image, m, strength=0.7, steps=4, seed=2)[1]
         b, done = _ours(ours, "x", image, m, strength=0.7, steps=4, seed=2)[1:]
@@ -226,7 +209,7 @@ def test_cuda_img2img_and_inpainting_match_the_cpu(tiny_model, vram):
     """The same seed gives the same image on a GPU and on the CPU (the posterior sample and the noise come from one
     seeded CPU generator), resident and at the smallest --vram (DiT streamed, VAE tiled). Bound as
     test_streaming's CUDA-vs-CPU check: 2 levels (never run here: no GPU was lent)."""
-    image, mask = _picture(128, 96, seed=6), _mask(128, 96)
+    image, mask = picture(128, 96, seed=6), mask_picture(128, 96)
     cpu = zimage_lite.load(tiny_model, device="cpu", dtype="fp32")
     if vram == "smallest":
         probe = zimage_lite.load(tiny_model, device="cuda", dtype="fp32", vram="600MB")
