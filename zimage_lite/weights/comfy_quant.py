@@ -20,7 +20,7 @@ from ..errors import CheckpointError
 from ..quant.convrot import CONVROT, ROWWISE, Int8Rows, parse_comfy_quant, quantize_weight, row_scales
 from ..quant.formats import FLOAT_TYPES, SUPPORTED_TYPES
 from ..quant.qlinear import QTensor
-from .sources import SafetensorsSource, TensorSource
+from .sources import SafetensorsSource, SideTensorSource, TensorSource
 
 TAG = ".comfy_quant"
 GGML_QUANTIZED = frozenset(t.name for t in SUPPORTED_TYPES if t not in FLOAT_TYPES)  # what --int8-compute converts
@@ -30,7 +30,7 @@ def has_comfy_quant(stored: TensorSource) -> bool:
     return any(n.endswith(TAG) for n in stored.names())
 
 
-class ComfyQuantSource(TensorSource):
+class ComfyQuantSource(SideTensorSource):
     """A safetensors source whose `comfy_quant`-tagged layers come back as packed int8 QTensors."""
 
     def __init__(self, inner: SafetensorsSource) -> None:
@@ -60,18 +60,6 @@ class ComfyQuantSource(TensorSource):
             hidden |= {tag, scale}
         self._hidden = hidden
         self._names = [n for n in inner.names() if n not in hidden]
-
-    def names(self) -> Iterable[str]:
-        return self._names
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.inner and name not in self._hidden
-
-    def where(self, name: str) -> Path:
-        return self.inner.where(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.inner.shape(name)

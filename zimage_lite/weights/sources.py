@@ -171,7 +171,28 @@ _BNB_4BIT_STATE = re.compile(r"^(.+\.weight)\.(absmax|quant_map|nested_absmax|ne
 _BNB_INT8_STATE = re.compile(r"^(.+)\.(SCB|weight_format)$")
 
 
-class BnbSource(TensorSource):
+class SideTensorSource(TensorSource):
+    """A safetensors file whose quantized weights carry side tensors (scales, tags, quant states) that belong to the
+    weight: those are hidden from `names()` and `in`; a subclass fills `_hidden` and `_names` when it opens."""
+
+    inner: SafetensorsSource
+    _hidden: set[str]
+    _names: list[str]
+
+    def names(self) -> Iterable[str]:
+        return self._names
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inner and name not in self._hidden
+
+    def where(self, name: str) -> Path:
+        return self.inner.where(name)
+
+
+class BnbSource(SideTensorSource):
     """A bitsandbytes folder as diffusers/transformers save it (see quantize/bnb.py for the keys), under its own
     names: each quantized weight comes back as one `QTensor` (packed bytes, BnbType, logical shape, scale tensors)
     and the tensors that hold its state (`.SCB`, `.weight_format`, `.weight.absmax`, `.weight.quant_map`,
@@ -254,18 +275,6 @@ class BnbSource(TensorSource):
                                       f"{qtype.name} weight {weight} of shape {list(shape)} needs {expected}: the "
                                       f"file is corrupt")
         return qtype, shape, state, (weight, *extra)
-
-    def names(self) -> Iterable[str]:
-        return self._names
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.inner and name not in self._hidden
-
-    def where(self, name: str) -> Path:
-        return self.inner.where(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._packed[name][1] if name in self._packed else self.inner.shape(name)
