@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import ZImageLiteError
+from ..output import write_atomic
 from .convrot import rotate
 
 ROUTES = ("onednn", "int_mm", "float")
@@ -170,10 +172,11 @@ def cpu_route() -> dict:
     gflops = time_routes()
     best = max(gflops, key=lambda r: gflops[r])  # "float" included: an integer route must beat it
     entry = {"route": best, "gflops": gflops, "machine": key}
-    try:
+    text = json.dumps(known | {key: entry}, indent=1) + "\n"
+    try:  # a temporary file renamed over the old one: a run killed mid-write, or two at once, leave a whole file
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(known | {key: entry}, indent=1) + "\n", encoding="utf-8")
-    except OSError:
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), force=True, option="the route cache")
+    except (OSError, ZImageLiteError):
         pass  # a read-only cache: measured again next run
     return entry
 
