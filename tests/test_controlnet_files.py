@@ -25,9 +25,9 @@ needs_pipeline = pytest.mark.skipif(diffusers is None or transformers is None,
 
 # Q8_0 ControlNet (and F32 DiT), ours dequantizing per matmul against diffusers on the dequantized weights: the same
 # weights in the same precision, measured latents 2.1e-7 and 0 levels; the parity tolerances apply. Against diffusers
-# on the unquantized ControlNet (the quantization error itself): measured latents 4.6e-3, 1 level; tolerance 0.05.
+# on the unquantized ControlNet (the quantization error itself): measured latents 4.6e-3, 1 level; tolerance 0.03.
 Q8_LATENT_TOL = 1e-5
-Q8_VS_F32_TOL = 0.05
+Q8_VS_F32_TOL = 0.03
 
 
 @pytest.fixture(scope="module")
