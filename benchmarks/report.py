@@ -156,12 +156,23 @@ def dequant_table(rows: list[dict]) -> list[str]:
 
 
 def enhance_table(rows: list[dict]) -> list[str]:
-    out = ["| layers | prompt tokens | prefill tokens/s | tokens generated | generation tokens/s | load s | "
-           "peak RSS GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| runtime | layers | output head | prompt tokens | prefill tokens/s | tokens generated | "
+           "generation tokens/s | load s | peak RSS GiB | load average |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        how = "dequantized once (bf16)" if r["mode"] == "unpacked" else "packed, dequantized per token"
-        out.append(f"| {how} | {r['prompt_tokens']} | {r['prefill_tokens_per_second']:.1f} | {r['new_tokens']} | "
-                   f"{r['tokens_per_second']:.2f} | {r['load_seconds']:.0f} | {_cell(r['peak_rss_bytes'])} |")
+        if r["mode"] == "llama.cpp":
+            runtime, how, head = r["version"], "ggml" + (" (repacked)" if r.get("repack") else ""), "ggml"
+        else:
+            runtime = "zimage-lite"
+            how = ("packed, dequantized per token" if r["mode"] == "packed"
+                   else "int4/int8 weight-only kernels" if r.get("decode_route") == "packed"
+                   else f"dequantized once ({r['dtype']})")
+            head = r.get("head") or r["dtype"]
+        load = f"{r['load_seconds']:.0f}" if "load_seconds" in r else ""
+        avg = " ".join(f"{x:.1f}" for x in r["load_average"]) if r.get("load_average") else ""
+        out.append(f"| {runtime} | {how} | {head} | {r['prompt_tokens']} | {r['prefill_tokens_per_second']:.1f} | "
+                   f"{r['new_tokens']} | {r['tokens_per_second']:.2f} | {load} | {_cell(r['peak_rss_bytes'])} | "
+                   f"{avg} |")
     return out
 
 
@@ -313,7 +324,9 @@ def render(rows: list[dict]) -> str:
                       f"{first['dtype']} compute, CPU", "",
                       "Random weights, so every run generates the asked number of tokens (no stop token); the "
                       "prompt is our system prompt and a request, cut to the length shown. Generation tokens/s "
-                      "counts the tokens after the first (which the prefill pass yields). Target: 2 tokens/s."]
+                      "counts the tokens after the first (which the prefill pass yields); llama.cpp's, "
+                      "llama-bench's generation with the prompt's tokens already in its context. Target: 2 "
+                      "tokens/s. Rows before the load-average column existed were taken on a shared machine."]
         elif component == "pipeline":
             lines.append(f"## Whole pipeline per stage against the plan: {first['preset']}, DiT and text encoder "
                          f"{first['quant']}, {first['device']}, {first['width']}x{first['height']}, {first['steps']} "

@@ -17,14 +17,14 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
     peer = {(r["quant"], r["round"]): r for r in rows if r["impl"] == "stable-diffusion.cpp"}
     steps = rows[0]["steps"]
     out = ["| round | impl | DiT file | compute | load s | text encoder s | s/step | VAE s | "
-           f"whole image s ({steps} step{'s' * (steps > 1)}) | est. 8 steps s | peak RSS GiB | "
-           "÷ sd.cpp: text encoder, step, VAE, whole, RSS |", "|---:|---|---|---|" + "---:|" * 7 + "---|"]
+           f"whole image s ({steps} step{'s' * (steps > 1)}) | est. 8 steps s | peak RSS GiB | DiT GFLOP/s | "
+           "÷ sd.cpp: text encoder, step, VAE, whole, RSS |", "|---:|---|---|---|" + "---:|" * 8 + "---|"]
     for r in rows:
         step = sum(r["step_times"]) / len(r["step_times"])
         whole = r["total_seconds"]
         other = None if r["impl"] == "stable-diffusion.cpp" else (peer.get((r["quant"], r["round"]))
                                                                   or peer.get(("Q8_0", r["round"])))
-        ratios = ""
+        ratios, rate = "", f"{r['dit_step_flops'] / step / 1e9:.0f}" if r.get("dit_step_flops") else ""
         if other:
             pairs = [(r["text_encoder_seconds"], other["text_encoder_seconds"]),
                      (step, sum(other["step_times"]) / len(other["step_times"])),
@@ -34,14 +34,25 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
             ratios += f" (vs its {other['quant']})" if other["quant"] != r["quant"] else ""
         out.append(f"| {r['round']} | {r['impl']} | {r['dit_file']} | {r['dtype']} | {r['load_seconds']:.0f} | "
                    f"{r['text_encoder_seconds']:.1f} | {step:.1f} | {r['vae_seconds']:.1f} | {whole:.0f} | "
-                   f"{whole + (8 - steps) * step:.0f} | {_cell(r['peak_rss_bytes'])} | {ratios} |")
+                   f"{whole + (8 - steps) * step:.0f} | {_cell(r['peak_rss_bytes'])} | {rate} | {ratios} |")
     loads = [f"{r['load_average_before']:.1f}-{r['load_average_after']:.1f}" for r in rows
              if "load_average_before" in r]
     if loads:
         out += ["", f"Load average (1 min) before-after each run, in order: {', '.join(loads)}."]
-    tokens = sorted({r["tokens"] for r in rows if r.get("tokens")})
-    if tokens:  # the random checkpoint's tokenizer is small: more tokens than the real vocabulary gives
-        out += ["", f"Caption tokens, ours: {', '.join(map(str, tokens))} (the random checkpoint's small "
+    flops = sorted({r["dit_step_flops"] for r in rows if r.get("dit_step_flops")})
+    if flops:
+        out += ["", f"DiT GFLOP/s: one forward's FLOPs ({', '.join(f'{f / 1e12:.2f}' for f in flops)} TFLOP: the "
+                "blocks' Linears at 2 per weight per token and attention's two S x S x dim products, "
+                "benchmarks/sdcpp.py `dit_step_flops`) over the measured s/step; compare with the GEMM roofs "
+                "below."]
+    qwen = sorted({r["tokens"] for r in rows if r.get("tokens") and r.get("tokenizer") == "qwen"})
+    small = sorted({r["tokens"] for r in rows if r.get("tokens") and r.get("tokenizer") != "qwen"})
+    if qwen:
+        out += ["", f"Caption tokens, ours: {', '.join(map(str, qwen))}, tokenized with Qwen's own merges rebuilt "
+                "from sd.cpp's source (benchmarks/qwen_tokenizer.py) and the same chat template: what sd.cpp "
+                "encodes (it does not log the count)."]
+    if small:  # the random checkpoint's tokenizer is small: more tokens than the real vocabulary gives
+        out += ["", f"Caption tokens, ours: {', '.join(map(str, small))} (the random checkpoint's small "
                 "tokenizer). sd.cpp tokenizes the same prompt with its built-in Qwen vocabulary and does not log the "
                 "count: fewer tokens, so its text encoder (and, slightly, its DiT) does less work than ours here."]
     return out

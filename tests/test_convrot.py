@@ -239,3 +239,19 @@ def test_from_png_keeps_int8_compute(int8_files, tmp_path):
     args = build_parser().parse_args(["run", "--from-png", str(png)])
     apply_image_params(args, set())
     assert args.int8_compute is True
+
+
+def test_int8_compute_with_streamed_blocks_is_refused(int8_files, tmp_path, capsys):
+    """A streamed block is read again at every step on the CPU, so its conversion would be repeated: refused by
+    name with what to do; at a budget that keeps every block resident the same run goes."""
+    model, _, _ = int8_files
+    [q8] = [r.path for r in convert(model, "Q8_0", component="dit", out=tmp_path)]
+    argv = ["run", "a fox", "--model", str(model), "--dit", str(q8), "--int8-compute", "--device", "cpu", "--dtype",
+            "fp32", "--width", "32", "--height", "32", "--steps", "1"]
+    out = tmp_path / "out"
+    out.mkdir()
+    refused(capsys, [*argv, "--ram", "20MiB", "--out", str(out / "a.png")], "--int8-compute", "--ram", "dit",
+            "streams", watch=(out,))
+    from zimage_lite.cli import main
+
+    assert main([*argv, "--ram", "60MiB", "--out", str(out / "a.png")]) == 0

@@ -101,3 +101,38 @@ def test_the_decode_route_is_forced_by_its_variable(monkeypatch):
     monkeypatch.setenv(ROUTE_ENV, "int3")
     with pytest.raises(OptionError, match=ROUTE_ENV):
         decode_route("cpu")
+
+
+@needs_ops
+def test_the_head_is_int8_rows_of_a_quantized_table_converted_by_chunks(lm_model, lm_q8, monkeypatch):  # noqa: F811
+    """A Q8_0 embedding table becomes an int8-row head, chunk by chunk (DEQUANT_CHUNK_WEIGHTS) yet equal to the whole
+    table's conversion; the plan holds it so and counts its bytes exactly; the bf16 table of the safetensors file
+    keeps a float head (the layers' rule: only packed weights change form)."""
+    import zimage_lite.quant.decode_linear as dl
+    from zimage_lite.enhance import hold_for_decoding, plan_stage
+    from zimage_lite.quant.decode_linear import int8_rows
+    from zimage_lite.weights.components import open_language_model
+
+    monkeypatch.delenv(ROUTE_ENV, raising=False)
+    monkeypatch.setattr(dl, "DEQUANT_CHUNK_WEIGHTS", 1000)  # many chunks, a last one shorter than the others
+    model = _ours(lm_q8)
+    emb = model.embed_tokens
+    whole, scale = int8_rows(dequantize(emb.weight, emb.qtype, emb.shape))
+    pipe = zimage_lite.load(lm_model, text_encoder=lm_q8, device="cpu", dtype="fp32")
+    cfg, source = open_language_model(lm_q8)
+    stage = plan_stage(pipe, cfg, source, 64)
+    assert stage.unpacked and stage.head == "int8"
+    hold_for_decoding(model, stage, torch.float32)
+    head = model.head
+    assert isinstance(head, DecodeLinear) and emb.shape[0] % (1000 // emb.shape[1]) != 0
+    assert torch.equal(head.packed, whole) and torch.equal(head.scales, scale)
+    assert sum(b.nbytes for b in head.buffers()) == stored_bytes(tuple(emb.shape), "int8")
+    assert pipe.make_plan(64, 64, 0.0, enhance_tokens=64).stage("enhance") == stage  # `plan --enhance`: one planner
+    float_pipe = zimage_lite.load(lm_model, device="cpu", dtype="fp32")
+    float_stage = float_pipe.make_plan(64, 64, 0.0, enhance_tokens=64).stage("enhance")
+    assert float_stage.head == "fp32"
+    # the activations differ by the two heads alone, each with the mapped table it is read from: an fp32 copy of the
+    # BF16 table against the int8 rows held of the Q8_0 one
+    shape, held = tuple(emb.shape), sum(b.nbytes for b in head.buffers())
+    assert (float_stage.activation_bytes - stage.activation_bytes
+            == emb.shape[0] * emb.shape[1] * 4 + stored_bytes(shape, "BF16") - held - stored_bytes(shape, "Q8_0"))

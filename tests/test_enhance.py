@@ -159,7 +159,7 @@ def test_streamed_blocks_generate_the_same_ids(lm_model, chat_ids, tmp_path):
     """A --ram budget that streams decoder layers (LazyBlocks) through the cached passes: the same answer."""
     system = tmp_path / "system.txt"
     system.write_text(SHORT_SYSTEM, encoding="utf-8")
-    pipe = zimage_lite.load(lm_model, device="cpu", dtype="fp32", ram="155MiB")
+    pipe = zimage_lite.load(lm_model, device="cpu", dtype="fp32", ram="230MiB")
     stage = pipe.make_plan(64, 64, 0.0, enhance_tokens=len(chat_ids) + 12).stage("enhance")
     assert stage.streamed  # precondition: this budget streams decoder layers
     resident = zimage_lite.load(lm_model, device="cpu", dtype="fp32")

@@ -105,3 +105,28 @@ def test_our_run_row_has_stage_times_and_the_whole_runs_peak(tmp_path):
     assert row["vae_seconds"] > 0 and row["tokens"] > 0 and row["total_seconds"] > row["load_seconds"]
     # the run's peak is not the last stage's: the DiT and text encoder weights (GGUF, mapped) were resident before
     assert row["peak_rss_bytes"] >= max(row["stage_peak_bytes"].values()) > 50 * 2**20
+
+
+def test_dit_step_flops_counts_the_blocks_linears_and_attention():
+    """The FLOPs behind the report's DiT GFLOP/s: torch's FLOP counter on one demo step sees the blocks' Linears
+    (matmuls); the formula's remainder is attention's 4 x S^2 x dim per layer, restated here (the CPU's SDPA kernel
+    is not counted by torch)."""
+    import re
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import zimage_lite
+    from benchmarks.sdcpp import dit_step_flops
+
+    pipe = zimage_lite.load("demo", device="cpu", dtype="fp32")
+    with FlopCounterMode(display=False) as counter:
+        events = list(pipe.generate("a lighthouse on a cliff at dusk", width=256, height=256, steps=1, seed=0,
+                                    cfg=0.0))
+    tokens = next(e.info["tokens"] for e in events if e.stage == "encoded")
+    blocks = re.compile(r"ZImageDiT\.(layers|noise_refiner|context_refiner)\.\d+")
+    linear = sum(v.get(torch.ops.aten.mm, 0) for k, v in counter.get_flop_counts().items() if blocks.fullmatch(k))
+    cfg, pad = pipe.dit_config, 32
+    image, text = (256 // 16) ** 2, -(-tokens // pad) * pad
+    attention = 4 * cfg.dim * (cfg.n_layers * (image + text) ** 2 + cfg.n_refiner_layers * (image ** 2 + text ** 2))
+    assert linear > 0 and dit_step_flops(cfg, (256, 256), tokens) == linear + attention

@@ -152,12 +152,14 @@ def _dump(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A small byte-level BPE with Qwen's normalizer, split rule, and special tokens at Qwen's ids."""
-    tok = qwen_byte_level(Tokenizer(models.BPE()))
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False, special_tokens=[])
-    tok.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+def write_tokenizer(folder: Path, bpe: models.BPE | None = None) -> None:
+    """A byte-level BPE with Qwen's normalizer, split rule, and special tokens at Qwen's ids: `bpe` (the benchmarks
+    pass Qwen's own merges), else a small one trained here."""
+    tok = qwen_byte_level(Tokenizer(bpe if bpe is not None else models.BPE()))
+    if bpe is None:
+        trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False, special_tokens=[])
+        tok.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
     data = json.loads(tok.to_str())
     data["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
                               "use_regex": False}

@@ -145,14 +145,13 @@ def enhance(pipe: ZImagePipeline, prompt: str, max_tokens: int = DEFAULT_MAX_TOK
         warnings.warn(EnhanceWarning(f"the prompt is {cut} tokens with the system prompt and template; the enhancer "
                                      f"holds {context} with --max-tokens {max_tokens}: its end was cut to "
                                      f"{len(ids)}"), stacklevel=2)
-    stage, unpack = plan_stage(pipe, cfg, source, len(ids) + max_tokens)
+    stage = plan_stage(pipe, cfg, source, len(ids) + max_tokens)
     with torch.device("meta"):
         model = Qwen3Encoder(cfg, lm=True)
     stop = {i for t in STOP_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
     try:
         model = place(model, source, stage, pipe.device, pipe.dtype, "text encoder (enhancer)")
-        if unpack:
-            unpack_layers(model, pipe.dtype)
+        hold_for_decoding(model, stage, pipe.dtype)
         new, prefill, decode = generate(model, ids, max_tokens, stop, pipe.device, pipe.dtype, temperature, seed)
     finally:
         close = getattr(getattr(model, "runner", None), "close", None)
@@ -171,18 +170,19 @@ def enhance(pipe: ZImagePipeline, prompt: str, max_tokens: int = DEFAULT_MAX_TOK
                     temperature)
 
 
-def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> tuple[Any, bool]:
-    """The `enhance` stage of the memory plan for a context of `tokens`, beside the models the pipeline keeps
-    loaded, and whether its layers are to be unpacked (`unpack_layers`); BudgetError when even streaming every
-    block does not fit."""
+def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> Any:
+    """The `enhance` stage of the memory plan (runtime/enhance_plan.py) for a context of `tokens`, beside the models
+    the pipeline keeps loaded: what `plan --enhance` prints. BudgetError when even streaming every block does not
+    fit."""
     from .config import ModelConfig
     from .errors import BudgetError
     from .pipeline import DTYPE_NAMES
-    from .quant.decode_linear import decode_route, plan_type
     from .runtime import plan
     from .runtime.budget import usable_budget
+    from .runtime.enhance_plan import enhance_stage
+    from .runtime.plan import with_host
     from .runtime.residency import Beside, NoFit
-    from .runtime.sizes import DTYPE_TYPES, FLOATS, source_table
+    from .runtime.sizes import source_table
     from .runtime.units import format_size
 
     if pipe._budget is None:
@@ -193,33 +193,25 @@ def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> tupl
                            dtype=DTYPE_NAMES[pipe.dtype], headroom=headroom, text_tensors=source_table(source),
                            enhance_tokens=tokens)
     kept = Beside(sum(pipe.plan.stage(w).loaded_bytes for w in pipe._models) if pipe.plan else 0, 0)
-    # Decoding runs every weight once per token, so a packed weight is dequantized at every token (Q4_K: ~1.4 G
-    # weights/s on 2 CPU cores, 2.5 s a token at 4B). On the CPU, when every layer fits in the compute dtype, they are
-    # dequantized once and held so (the embedding table stays packed: only rows are read, and the head is made once).
-    # With the weight-only integer kernels (quant/decode_linear.py: int4 from Q4_K, int8 rows else) the layers are
-    # held in those packed forms instead: 0.6-1 byte a weight, read directly by each token's matrix-vector products.
-    table = req.text_tensors
-    packed = decode_route(pipe.device) == "packed"
+    try:
+        return with_host(replace(enhance_stage(req, kept), kept_bytes=kept.kept), req.kind)
+    except NoFit as e:
+        option = "--vram" if pipe.device.type == "cuda" else "--ram"
+        raise BudgetError(f"{option} {format_size(budget + headroom)} is too small for the prompt enhancer "
+                          f"({e.parts}); use a smaller quant of the text encoder (a Q4_K_M GGUF) or fewer "
+                          f"--max-tokens") from None
 
-    def unpacked_type(n: str, shape: tuple[int, ...], t: str) -> str:
-        if not n.startswith("layers."):
-            return t
-        return plan_type(shape, t) if packed and t not in FLOATS and len(shape) == 2 else DTYPE_TYPES[req.dtype]
 
-    unpacked = {n: (shape, unpacked_type(n, shape, t)) for n, (shape, t) in table.items()}
-    tries = ((unpacked, True), (table, False)) if pipe.device.type == "cpu" else ((table, False),)
-    for tensors, unpack in tries:
-        try:
-            stage = plan.enhance_stage(replace(req, text_tensors=tensors), kept)
-        except NoFit as e:
-            failed = e
-            continue
-        if not (unpack and stage.streamed):
-            return stage, unpack
-    option = "--vram" if pipe.device.type == "cuda" else "--ram"
-    raise BudgetError(f"{option} {format_size(budget + headroom)} is too small for the prompt enhancer "
-                      f"({failed.parts}); use a smaller quant of the text encoder (a Q4_K_M GGUF) or fewer "
-                      f"--max-tokens")
+def hold_for_decoding(model: Qwen3Encoder, stage: Any, dtype: torch.dtype) -> None:
+    """The placed model as the plan's stage holds it for decoding: its layers converted once when `stage.unpacked`
+    (`unpack_layers`), its head as int8 rows when `stage.head` says so (else made at its first use)."""
+    from .quant.decode_linear import DecodeLinear
+
+    if stage.unpacked:
+        unpack_layers(model, dtype)
+    if stage.head == "int8":
+        with torch.no_grad():
+            model.set_head(DecodeLinear.head_of(model.embed_tokens))
 
 
 def unpack_layers(model: Qwen3Encoder, dtype: torch.dtype) -> None:

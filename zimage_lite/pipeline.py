@@ -51,7 +51,7 @@ from .runtime.budget import device_kind, usable_budget
 from .runtime.memory import is_out_of_memory, map_large_host_blocks, peak_bytes, reset_peak, trim_host
 from .runtime.plan_format import format_plan
 from .runtime.sizes import source_table
-from .runtime.units import parse_size
+from .runtime.units import format_size, parse_size
 from .sampling import (
     combine_cfg,
     euler_step,
@@ -149,13 +149,27 @@ class ZImagePipeline(StageModels):
                 else self.tensor_table("text_encoder"))
         if self._budget is None:
             self._budget = usable_budget(str(self.device), self.vram, self.ram)
-        return plan.plan_for(config, self.weight_format("dit"), width, height, guidance_on(cfg), str(self.device),
+        made = plan.plan_for(config, self.weight_format("dit"), width, height, guidance_on(cfg), str(self.device),
                              self.vram, self.ram, DTYPE_NAMES[self.dtype], self.weight_format("text_encoder"),
                              caption_tokens=caption_tokens, dit_tensors=self.tensor_table("dit"),
                              text_tensors=text, keep_loaded=self.keep_loaded, budget=self._budget,
                              model_name=self.files.name, encode=image, enhance_tokens=enhance_tokens,
                              adapter_tensors=self.loras.table() if self.loras else None,
                              control=(self.control.config, self.tensor_table("controlnet")) if self.control else None)
+        self._check_int8_streaming(made)
+        return made
+
+    def _check_int8_streaming(self, made: plan.Plan) -> None:
+        """--int8-compute converts a block's Linears as the block is read; on the CPU a streamed block is read from
+        the file again at every use (every step), so it would be converted again each time: refused."""
+        streamed = [s for s in made.stages if s.name in ("dit", "text_encoder") and s.streamed
+                    and getattr(self._open(s.name)[1], "converts", False)]
+        if self.device.type == "cpu" and streamed:
+            s, ram = streamed[0], format_size(made.request.budget + made.request.headroom)
+            raise OptionError(f"--int8-compute: under --ram {ram} the plan streams {len(s.streamed)} of the "
+                              f"{s.name.replace('_', ' ')}'s {len(s.blocks)} blocks, each converted to int8 again "
+                              f"at every use; raise --ram until `zimage-lite plan` shows none streamed, or leave "
+                              f"--int8-compute off")
 
     def enhance(self, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0, temperature: float = 0.0,
                 system: str | Path | None = None) -> Enhanced:

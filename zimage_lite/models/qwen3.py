@@ -121,7 +121,7 @@ class Qwen3Encoder(nn.Module):
         if lm:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.runner: Runner = Resident(self.layers)
-        self._head: torch.Tensor | None = None
+        self._head: nn.Module | None = None
 
     def schedule(self) -> list[Block]:
         """The decoder layers in execution order: what the planner sizes and placement places."""
@@ -167,17 +167,25 @@ class Qwen3Encoder(nn.Module):
         if cache is not None:
             cache.pos += ids.shape[0]
         h = self.norm(x[-1:])  # only the last position's logits are needed
-        return F.linear(h, self.head)[0].float()
+        return self.head(h)[0].float()
 
     @property
-    def head(self) -> torch.Tensor:
-        """The tied output head: the embedding table in the compute dtype on the compute device (where the final
-        norm is), made at the first call and kept: a view when the host table is stored in that dtype, else a copy
-        (dequantized once when the table is packed, not at every token)."""
+    def head(self) -> nn.Module:
+        """The tied output head, a Linear over the embedding table in the compute dtype on the compute device (where
+        the final norm is), made at the first call and kept: a view when the host table is stored in that dtype,
+        else a copy (dequantized once when the table is packed, not at every token). `set_head` puts another form
+        of the same table in its place before that (the enhancer's int8 rows, quant/decode_linear.py)."""
         if self._head is None:
             emb, w = self.embed_tokens, self.norm.weight  # the norm is placed in the compute dtype and device
             if isinstance(emb, QEmbedding):
-                self._head = dequantize(emb.weight, emb.qtype, emb.shape, w.dtype).to(w.device)
+                weight = dequantize(emb.weight, emb.qtype, emb.shape, w.dtype).to(w.device)
             else:
-                self._head = emb.weight.to(device=w.device, dtype=w.dtype)
+                weight = emb.weight.to(device=w.device, dtype=w.dtype)
+            head = nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False, device="meta")
+            head.weight = nn.Parameter(weight, requires_grad=False)
+            self.set_head(head)
         return self._head
+
+    def set_head(self, head: nn.Module) -> None:
+        """Use `head` (hidden -> vocab logits) as the output head: a form of the tied embedding table."""
+        self._head = head

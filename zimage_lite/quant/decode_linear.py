@@ -24,8 +24,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
-from .formats import _half, _nibbles, _scale_min_k4, dequantize
-from .qlinear import QLinear
+from .formats import DEQUANT_CHUNK_WEIGHTS, _half, _nibbles, _scale_min_k4, dequantize
+from .qlinear import QEmbedding, QLinear
 
 ROUTE_ENV = "ZIMAGE_LITE_DECODE_ROUTE"
 ROUTES = ("packed", "float")
@@ -81,6 +81,22 @@ class DecodeLinear(nn.Module):
             return cls("int4", torch._convert_weight_to_int4pack_for_cpu(q, 1), pairs, m.shape)
         q8, scale = int8_rows(dequantize(m.weight, m.qtype, m.shape, torch.float32, state=m.state))
         return cls("int8", q8, scale, m.shape)
+
+    @classmethod
+    def head_of(cls, embedding: nn.Module) -> DecodeLinear:
+        """The output head tied to an embedding table (a QEmbedding's GGML rows or an nn.Embedding's float weight)
+        as int8 rows, converted a chunk of rows at a time: the fp32 transient stays at DEQUANT_CHUNK_WEIGHTS weights,
+        not the 1.5 GB the whole Qwen3-4B table would take."""
+        table = embedding.weight
+        n, k = shape = (table.shape[0], embedding.shape[1] if isinstance(embedding, QEmbedding) else table.shape[1])
+        packed, scales = torch.empty(shape, dtype=torch.int8), torch.empty(n)
+        step = max(1, DEQUANT_CHUNK_WEIGHTS // k)
+        for i in range(0, n, step):
+            rows = table[i:i + step]
+            if isinstance(embedding, QEmbedding):
+                rows = dequantize(rows, embedding.qtype, (rows.shape[0], k))
+            packed[i:i + step], scales[i:i + step] = int8_rows(rows)
+        return cls("int8", packed, scales, shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from .enhance_plan import enhance_stage
 from .plan import (
     PlanRequest,
     StagePlan,
-    _block_stage,
-    _finish,
-    _stage_plan,
-    _vae,
-    _vae_floor,
-    enhance_stage,
+    block_stage,
+    finish_stages,
+    stage_plan,
+    vae_beside,
+    vae_floor,
 )
 from .residency import Beside, BlockStage, floor
 from .sizes import DTYPE_BYTES, ComponentBytes, component_bytes
@@ -38,38 +38,38 @@ def control_stages(req: PlanRequest, text_in: BlockStage, text_sizes: ComponentB
     sequence = (2 if req.cfg else 1) * dit_in.seq * cfg.dim * DTYPE_BYTES[req.dtype]
     hints = len(cfg.control_layers_places) * sequence
     dit_in = replace(dit_in, activations=dit_in.activations + hints)
-    control_in = _block_stage("controlnet", sizes, dit_in.activations + CONTROL_STREAMS * sequence, cfg.n_heads,
-                              dit_in.seq, req)
+    control_in = block_stage("controlnet", sizes, dit_in.activations + CONTROL_STREAMS * sequence, cfg.n_heads,
+                             dit_in.seq, req)
     control_kept, control_transient = floor(control_in, req.kind)
     encode: tuple[StagePlan, ...] = ()
     if not req.keep_loaded:
-        dit = _stage_plan(dit_in, dit_sizes, req, Beside(control_kept, control_transient))
-        control = _stage_plan(control_in, sizes, req,
-                              Beside(dit.loaded_bytes, dit.scratch_bytes + dit.activation_bytes))
+        dit = stage_plan(dit_in, dit_sizes, req, Beside(control_kept, control_transient))
+        control = stage_plan(control_in, sizes, req,
+                             Beside(dit.loaded_bytes, dit.scratch_bytes + dit.activation_bytes))
         dit, control = (replace(dit, partner_bytes=control.loaded_bytes),
                         replace(control, partner_bytes=dit.loaded_bytes))
-        text = _stage_plan(text_in, text_sizes, req)
-        vae = _vae(req)
+        text = stage_plan(text_in, text_sizes, req)
+        vae = vae_beside(req)
         if req.encode:
-            encode = (_vae(req, encode=True),)
+            encode = (vae_beside(req, encode=True),)
         enhance = (enhance_stage(req),) if req.enhance_tokens else ()
     else:  # as plan._stages with keep_loaded, the ControlNet kept beside the others
         text_kept, text_transient = floor(text_in, req.kind)
-        vae_weights, vae_transient = _vae_floor(replace(req, budget=0, control=None))
+        vae_weights, vae_transient = vae_floor(replace(req, budget=0, control=None))
         transient = max(text_transient, vae_transient, control_transient)
-        dit = _stage_plan(dit_in, dit_sizes, req, Beside(text_kept + vae_weights + control_kept, transient))
+        dit = stage_plan(dit_in, dit_sizes, req, Beside(text_kept + vae_weights + control_kept, transient))
         dit_transient = dit.scratch_bytes + dit.activation_bytes
-        control = _stage_plan(control_in, sizes, req, Beside(dit.loaded_bytes + text_kept + vae_weights,
-                                                             max(dit_transient, text_transient, vae_transient)))
-        text = _stage_plan(text_in, text_sizes, req, Beside(dit.loaded_bytes + control.loaded_bytes + vae_weights,
-                                                            max(dit_transient, vae_transient)))
+        control = stage_plan(control_in, sizes, req, Beside(dit.loaded_bytes + text_kept + vae_weights,
+                                                            max(dit_transient, text_transient, vae_transient)))
+        text = stage_plan(text_in, text_sizes, req, Beside(dit.loaded_bytes + control.loaded_bytes + vae_weights,
+                                                           max(dit_transient, vae_transient)))
         loaded = dit.loaded_bytes + control.loaded_bytes + text.loaded_bytes
-        vae = _vae(req, loaded)
+        vae = vae_beside(req, loaded)
         if req.encode:
-            encode = (_vae(req, loaded + vae.loaded_bytes, encode=True),)
+            encode = (vae_beside(req, loaded + vae.loaded_bytes, encode=True),)
         enhance = (enhance_stage(req, Beside(loaded + vae.loaded_bytes, 0)),) if req.enhance_tokens else ()
-    stages = _finish((*enhance, *encode, text, dit, control, vae), req)
-    if req.keep_loaded or req.kind != "cuda":  # kept host memory counted by _finish; on cpu the peak has it all
+    stages = finish_stages((*enhance, *encode, text, dit, control, vae), req)
+    if req.keep_loaded or req.kind != "cuda":  # kept host memory counted by finish_stages; on cpu the peak: all
         return stages
     # cuda: each of the two holds the other's pinned chunks (and host-only tensors) on the host too
     host = {s.name: s.pinned_bytes + s.host_weight_bytes for s in stages}

@@ -32,7 +32,6 @@ from .budget import device_kind, resolve_dtype, usable_budget
 from .residency import ALONE, Beside, BlockCost, BlockStage, NoFit, floor, place
 from .sizes import (
     DTYPE_BYTES,
-    DTYPE_TYPES,
     FLOATS,
     QUANT_LADDER,
     ComponentBytes,
@@ -40,7 +39,6 @@ from .sizes import (
     bits_per_weight,
     component_bytes,
     format_rank,
-    kv_cache_bytes,
     normalize_format,
     recipe_table,
     vae_largest_weight,
@@ -113,6 +111,8 @@ class StagePlan:
     kept_host_bytes: int = 0  # keep_loaded, cuda: the other components' pinned chunks and host-only tensors
     tile_host_bytes: int = 0  # cuda, tiled VAE: the full feature maps it keeps in host memory
     partner_bytes: int = 0  # DiT <-> ControlNet: what the other model of the denoising steps keeps on the device
+    unpacked: bool = False  # enhance, cpu: the decoder layers converted once for decoding (enhance_plan.py)
+    head: str = ""  # enhance: the output head's form (enhance_plan.head_form): "view", "int8" or the dtype
     adapter_bytes: int = 0  # LoRA side paths: in the blocks' bytes on cuda (their host copy, made for placement, in
     # staging_bytes), in weight_bytes on cpu (the loaded blocks' tensors are views of the one host copy)
 
@@ -153,7 +153,7 @@ class Plan:
                    if s.name in ("dit", "controlnet"))
 
 
-def _tables(req: PlanRequest) -> tuple[TensorTable, TensorTable]:
+def tensor_tables(req: PlanRequest) -> tuple[TensorTable, TensorTable]:
     """The DiT's and the text encoder's tensor tables: the files', or the recipes' for a preset."""
     c = req.config
     dit = req.dit_tensors if req.dit_tensors is not None else recipe_table(c.dit, req.quant)
@@ -179,7 +179,7 @@ def _scores_fn(req: PlanRequest, batch: int, heads: int, seq: int) -> Callable[[
     return lambda chunk: batch * heads * (chunk or seq) * seq * F32
 
 
-def _block_stage(name: str, sizes: ComponentBytes, act: int, heads: int, seq: int, req: PlanRequest) -> BlockStage:
+def block_stage(name: str, sizes: ComponentBytes, act: int, heads: int, seq: int, req: PlanRequest) -> BlockStage:
     """A block stage's needs. On cuda a streamed block is copied as it is held (packed or cast), its LoRA side paths
     with it; on cpu it is read from the memory map as stored, the host-only tensors are device memory like the rest,
     and the side paths stay in the one host copy that every placed block views."""
@@ -191,7 +191,7 @@ def _block_stage(name: str, sizes: ComponentBytes, act: int, heads: int, seq: in
                       act, _scores_fn(req, 2 if req.cfg else 1, heads, seq), seq)
 
 
-def _stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
+def stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
     r = place(st, req.kind, req.budget, beside)
     cuda = req.kind == "cuda"
     return StagePlan(
@@ -205,36 +205,18 @@ def _stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside:
 
 def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.text_encoder, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
-    sizes = component_bytes(c, _tables(req)[1], req.dtype, f"the {req.text_quant} text encoder", kind=req.kind)
+    sizes = component_bytes(c, tensor_tables(req)[1], req.dtype, f"the {req.text_quant} text encoder", kind=req.kind)
     seq, q, kv = req.caption_tokens, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     mlp = seq * (2 * c.hidden_size + 3 * c.intermediate_size) * elem  # residual, normed, gate, up, act(gate)*up
     attn = seq * (2 * c.hidden_size + 2 * q + 2 * kv) * elem  # residual, normed, q, k, v, attention output
     # The embedding table stays on the host; only the prompt's rows come over (and the features go back).
     act = batch * (max(mlp, attn) + seq * c.hidden_size * elem)
-    return _block_stage("text_encoder", sizes, act, c.num_attention_heads, seq, req), sizes
-
-
-def enhance_stage(req: PlanRequest, beside: Beside = ALONE) -> StagePlan:
-    """The prompt enhancer: the text encoder as a causal LM (every layer, the final norm; text_tensors must hold
-    them). Activations: the KV cache for the whole context, the prompt's pass (as the text stage's), the fp32 logits
-    and probabilities, and the tied head in the compute dtype unless it is a view of the host table (cpu, stored so)."""
-    c, elem, seq = req.config.text_encoder, DTYPE_BYTES[req.dtype], req.enhance_tokens
-    table = _tables(req)[1]
-    sizes = component_bytes(c, table, req.dtype, f"the {req.text_quant} text encoder", lm=True,
-                            kind=req.kind)
-    kv = kv_cache_bytes(c, seq, elem)
-    q, k = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    prompt = seq * max(2 * c.hidden_size + 3 * c.intermediate_size, 2 * c.hidden_size + 2 * q + 2 * k) * elem
-    view = req.kind == "cpu" and table["embed_tokens.weight"][1] == DTYPE_TYPES[req.dtype]
-    head = 0 if view else c.vocab_size * c.hidden_size * elem
-    act = kv + prompt + 2 * c.vocab_size * F32 + head
-    stage = _block_stage("enhance", sizes, act, c.num_attention_heads, seq, replace(req, cfg=False))
-    return _stage_plan(stage, sizes, req, beside)
+    return block_stage("text_encoder", sizes, act, c.num_attention_heads, seq, req), sizes
 
 
 def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.dit, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
-    sizes = component_bytes(c, _tables(req)[0], req.dtype, f"the {req.quant} DiT", req.adapter_tensors,
+    sizes = component_bytes(c, tensor_tables(req)[0], req.dtype, f"the {req.quant} DiT", req.adapter_tensors,
                             kind=req.kind)
     # a LoRA side path's (tokens, rank) product beside the linear's output
     rank = max((shape[0] for n, (shape, _) in (req.adapter_tensors or {}).items() if n.endswith(".down")), default=0)
@@ -248,7 +230,7 @@ def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     rope = seq * (c.head_dim // 2) * 2 * F32  # complex64 table, shared by the CFG pair
     latent = 3 * c.in_channels * (req.height // req.config.vae.scale) * (req.width // req.config.vae.scale) * F32
     act = batch * (max(ffn, attn) + n_cap * c.cap_feat_dim * elem + seq * rank * elem) + rope + latent
-    return _block_stage("dit", sizes, act, c.n_heads, seq, req), sizes
+    return block_stage("dit", sizes, act, c.n_heads, seq, req), sizes
 
 
 def _vae_stage(req: PlanRequest, encode: bool = False) -> StagePlan:
@@ -265,7 +247,7 @@ def _vae_stage(req: PlanRequest, encode: bool = False) -> StagePlan:
                  f"{'image' if encode else 'latent'} {format_size(p.beside)}")
 
 
-def _vae(req: PlanRequest, beside: int = 0, encode: bool = False) -> StagePlan:
+def vae_beside(req: PlanRequest, beside: int = 0, encode: bool = False) -> StagePlan:
     """The VAE stage with `beside` bytes of other components kept loaded, and what it stages through the host on
     cuda: its largest weight as read (F32 at most) and cast, and the decoded image (uint8 tensor and PIL copy)."""
     try:
@@ -289,7 +271,7 @@ def _least(fits: Callable[[int], bool]) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _vae_floor(req: PlanRequest) -> tuple[int, int]:
+def vae_floor(req: PlanRequest) -> tuple[int, int]:
     """(VAE weights, least transient of its stage: smallest tile with the latent and the image)."""
     weights = _vae_stage(replace(req, budget=2**62)).weight_bytes
 
@@ -304,46 +286,52 @@ def _vae_floor(req: PlanRequest) -> tuple[int, int]:
 
 
 def _stages(req: PlanRequest) -> tuple[StagePlan, ...]:
+    from .enhance_plan import enhance_stage  # these build on this module's stage helpers
+
     (text_in, text_sizes), (dit_in, dit_sizes) = _text_stage(req), _dit_stage(req)
-    if req.control is not None:  # control_plan builds on this module's stage helpers
+    if req.control is not None:
         from .control_plan import control_stages
 
         return control_stages(req, text_in, text_sizes, dit_in, dit_sizes)
     if not req.keep_loaded:
-        encode = (_vae(req, encode=True),) if req.encode else ()
+        encode = (vae_beside(req, encode=True),) if req.encode else ()
         enhance = (enhance_stage(req),) if req.enhance_tokens else ()
-        return _finish((*enhance, *encode, _stage_plan(text_in, text_sizes, req), _stage_plan(dit_in, dit_sizes, req),
-                        _vae(req)), req)
+        return finish_stages((*enhance, *encode, stage_plan(text_in, text_sizes, req),
+                              stage_plan(dit_in, dit_sizes, req), vae_beside(req)), req)
     # keep_loaded: after the first image all three stay loaded, so each stage runs beside the others' weights. The DiT
     # is placed first (it runs every step), then the text encoder, then the VAE, each beside what the placed ones
     # keep and the least the others need (their smallest weights, and room for their smallest transient).
     text_kept, text_transient = floor(text_in, req.kind)
-    vae_weights, vae_transient = _vae_floor(replace(req, budget=0))  # the same for every budget: cached
-    dit = _stage_plan(dit_in, dit_sizes, req, Beside(text_kept + vae_weights, max(text_transient, vae_transient)))
+    vae_weights, vae_transient = vae_floor(replace(req, budget=0))  # the same for every budget: cached
+    dit = stage_plan(dit_in, dit_sizes, req, Beside(text_kept + vae_weights, max(text_transient, vae_transient)))
     dit_transient = dit.scratch_bytes + dit.activation_bytes
-    text = _stage_plan(text_in, text_sizes, req,
-                       Beside(dit.loaded_bytes + vae_weights, max(dit_transient, vae_transient)))
-    vae = _vae(req, dit.loaded_bytes + text.loaded_bytes)
+    text = stage_plan(text_in, text_sizes, req,
+                      Beside(dit.loaded_bytes + vae_weights, max(dit_transient, vae_transient)))
+    vae = vae_beside(req, dit.loaded_bytes + text.loaded_bytes)
     # the encoder is loaded for its stage only, beside everything the others keep after the first image
-    encode = (_vae(req, dit.loaded_bytes + text.loaded_bytes + vae.loaded_bytes, encode=True),) if req.encode else ()
+    loaded = dit.loaded_bytes + text.loaded_bytes + vae.loaded_bytes
+    encode = (vae_beside(req, loaded, encode=True),) if req.encode else ()
     # the enhancer too, for its stage only, beside what the others keep
-    kept = Beside(dit.loaded_bytes + text.loaded_bytes + vae.loaded_bytes, 0)
+    kept = Beside(loaded, 0)
     enhance = (enhance_stage(req, kept),) if req.enhance_tokens else ()
-    return _finish((*enhance, *encode, text, dit, vae), req)
+    return finish_stages((*enhance, *encode, text, dit, vae), req)
 
 
-def _finish(stages: tuple[StagePlan, ...], req: PlanRequest) -> tuple[StagePlan, ...]:
+def finish_stages(stages: tuple[StagePlan, ...], req: PlanRequest) -> tuple[StagePlan, ...]:
     """Each stage with what the others keep beside it (keep_loaded) and its host memory."""
     kept = [s.loaded_bytes if req.keep_loaded and s.name not in TRANSIENT else 0 for s in stages]
     kept_host = [s.pinned_bytes + s.host_weight_bytes if req.keep_loaded and s.name not in TRANSIENT else 0
                  for s in stages]
-    out = []
-    for s, own, own_host in zip(stages, kept, kept_host, strict=True):
-        s = replace(s, kept_bytes=sum(kept) - own, kept_host_bytes=sum(kept_host) - own_host)
-        host = (s.peak_bytes if req.kind == "cpu" else s.pinned_bytes + s.host_weight_bytes + s.staging_bytes
-                + s.tile_host_bytes + s.kept_host_bytes)
-        out.append(replace(s, host_bytes=host))
-    return tuple(out)
+    return tuple(with_host(replace(s, kept_bytes=sum(kept) - own, kept_host_bytes=sum(kept_host) - own_host), req.kind)
+                 for s, own, own_host in zip(stages, kept, kept_host, strict=True))
+
+
+def with_host(s: StagePlan, kind: str) -> StagePlan:
+    """The stage with its host memory: on cpu its peak; on cuda its pinned chunks, host-only tensors, staging, the
+    tiled VAE's maps and what the other components keep in host memory."""
+    host = (s.peak_bytes if kind == "cpu" else s.pinned_bytes + s.host_weight_bytes + s.staging_bytes
+            + s.tile_host_bytes + s.kept_host_bytes)
+    return replace(s, host_bytes=host)
 
 
 def minimum_budget(req: PlanRequest) -> int:
@@ -394,7 +382,7 @@ def _too_small(req: PlanRequest) -> str:
     except NoFit as e:
         binding = e
     tries = [f"{option} {format_option_size(need + req.headroom, round_up=True)}"]
-    dit_table = _tables(req)[0]
+    dit_table = tensor_tables(req)[0]
     smaller = [q for q in QUANT_LADDER if format_rank(q, req.config.dit) < bits_per_weight(req.config.dit, dit_table)]
     quant = next((q for q in smaller if _fits(replace(req, quant=q, dit_tensors=None))), None)
     if quant:

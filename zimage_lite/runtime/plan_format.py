@@ -101,6 +101,12 @@ def format_plan(plan: Plan) -> str:
         if s.name in ("text_encoder", "enhance"):
             per = "prompt" if s.name == "text_encoder" else "token generated"
             lines.append(f"  transfer per {per}: {gib(s.transfer_bytes)} ({moved})")
+        if s.name == "enhance":
+            layers = ("converted once for decoding" if s.unpacked
+                      else "dequantized at each token where packed, as the image path runs them")
+            head = {"view": "a view of the host embedding table", "int8": "int8 rows made once"}.get(
+                s.head, f"{s.head} copy of the embedding table made once")
+            lines.append(f"  decoding: layers {layers}; output head {head}")
     top = max(plan.stages, key=lambda s: s.peak_bytes)
     host = max(plan.stages, key=lambda s: s.host_bytes)
     lines += ["", f"peak device memory: {gib(plan.peak_bytes)} ({top.name})",

@@ -95,6 +95,11 @@ class Int8ComputeSource(TensorSource):
         self._convert = {n: _int8_type(inner.shape(n)) for n in inner.names()
                          if n in linears and inner.qtype(n) in GGML_QUANTIZED and len(inner.shape(n)) == 2}
 
+    @property
+    def converts(self) -> bool:
+        """Whether any weight of the file is converted (a file with no GGML-quantized Linear reads as stored)."""
+        return bool(self._convert)
+
     def names(self) -> Iterable[str]:
         return self.inner.names()
 
