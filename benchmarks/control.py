@@ -25,11 +25,11 @@ from benchmarks.run import (  # noqa: E402
     CAPTION_TOKENS,
     DEFAULT_CACHE,
     DTYPES,
-    _touch,
-    append_rows,
     child,
+    emit,
     machine,
     model_folder,
+    touch_weights,
     weights_file,
 )
 
@@ -37,7 +37,7 @@ from benchmarks.run import (  # noqa: E402
 def worker(spec: dict) -> dict:
     """In the child: the DiT and the ControlNet, `rounds` rounds of one forward without and one with control."""
     from zimage_lite.config import ControlNetConfig
-    from zimage_lite.demo import _meta_shapes, _random_state
+    from zimage_lite.demo import meta_shapes, random_state
     from zimage_lite.models.controlnet import ZImageControlNet, controlled
     from zimage_lite.models.dit import ZImageDiT
     from zimage_lite.sampling import get_noise
@@ -49,14 +49,14 @@ def worker(spec: dict) -> dict:
     with torch.device("meta"):
         dit = ZImageDiT(cfg)
     dit = load_module(dit, src, dtype, "cpu", "DiT")
-    _touch(dit)
+    touch_weights(dit)
     n = spec["blocks"]
     ccfg = ControlNetConfig(control_layers_places=tuple(range(0, cfg.n_layers, cfg.n_layers // n))[:n],
                             control_refiner_layers_places=(0, 1), control_in_dim=33,
                             add_control_noise_refiner="control_noise_refiner", dim=cfg.dim, n_heads=cfg.n_heads,
                             n_kv_heads=cfg.n_kv_heads)
     net = ZImageControlNet(ccfg)
-    net.load_state_dict({k: v.to(dtype) for k, v in _random_state(_meta_shapes(net), 0, dtype).items()})
+    net.load_state_dict({k: v.to(dtype) for k, v in random_state(meta_shapes(net), 0, dtype).items()})
     net = net.to(dtype).eval().requires_grad_(False)
     torch.manual_seed(0)
     latents = get_noise(0, 16, spec["height"], spec["width"]).to(dtype)
@@ -105,9 +105,7 @@ def main() -> int:
            "component": "controlnet", "preset": args.preset, "machine": machine(),
            "command": f"python benchmarks/control.py {' '.join(sys.argv[1:])}", "date": time.strftime("%Y-%m-%d")}
     row.pop("weights")
-    print(json.dumps(row), flush=True)
-    if args.json:
-        append_rows(Path(args.json), [row])
+    emit(row, args.json)
     return 0
 
 

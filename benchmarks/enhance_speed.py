@@ -42,7 +42,7 @@ MODES = ("unpacked", "packed")
 
 def worker(spec: dict) -> dict:
     import zimage_lite
-    from zimage_lite.enhance import encode_chat, generate, hold_for_decoding, plan_stage
+    from zimage_lite.enhance import encode_chat, generate, hold_for_decoding
     from zimage_lite.enhance_options import CONTEXT, system_prompt
     from zimage_lite.models.qwen3 import Qwen3Encoder
     from zimage_lite.runtime.placement import place
@@ -54,7 +54,7 @@ def worker(spec: dict) -> dict:
     pipe = zimage_lite.load(spec["model"], text_encoder=te, device="cpu", dtype=spec["dtype"])
     cfg, source = open_language_model(te)
     ids = encode_chat(pipe.tokenizer.tokenizer, system_prompt(), REQUEST, CONTEXT)[0][:spec["prompt_tokens"]]
-    stage = plan_stage(pipe, cfg, source, len(ids) + spec["new"])
+    stage = pipe.enhance_stage(cfg, source, len(ids) + spec["new"])
     if spec["mode"] == "unpacked" and not stage.unpacked:
         raise SystemExit("the plan does not hold the layers converted for decoding under this budget")
     stage = replace(stage, unpacked=spec["mode"] == "unpacked", head=spec.get("head") or stage.head)
@@ -62,7 +62,7 @@ def worker(spec: dict) -> dict:
     with torch.device("meta"):
         model = Qwen3Encoder(cfg, lm=True)
     model = place(model, source, stage, pipe.device, pipe.dtype, "text encoder (enhancer)")
-    hold_for_decoding(model, stage, pipe.dtype)
+    hold_for_decoding(model, stage, pipe.dtype, te)
     model.head  # noqa: B018  (made once, before timing: loading, not prefill)
     load = time.perf_counter() - t0
     new, prefill, decode = generate(model, ids, spec["new"], set(), pipe.device, pipe.dtype)

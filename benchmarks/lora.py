@@ -27,11 +27,11 @@ from benchmarks.run import (  # noqa: E402
     CAPTION_TOKENS,
     DEFAULT_CACHE,
     DTYPES,
-    _touch,
-    append_rows,
     child,
+    emit,
     machine,
     model_folder,
+    touch_weights,
     weights_file,
 )
 
@@ -84,7 +84,7 @@ def worker(spec: dict) -> dict:
         if n:
             src = Loras.read([(p, 1.0) for p in spec["loras"][:n]], cfg).attach(model, src, dtype)
         models[n] = load_module(model, src, dtype, "cpu", "DiT")
-        _touch(models[n])
+        touch_weights(models[n])
     torch.manual_seed(0)
     latents = get_noise(0, 16, spec["height"], spec["width"]).to(dtype)
     cap = torch.randn(CAPTION_TOKENS, spec["cap_dim"]).to(dtype)
@@ -131,9 +131,7 @@ def main() -> int:
            "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     for key in ("weights", "loras", "cap_dim"):
         row.pop(key)
-    print(json.dumps(row), flush=True)
-    if args.json:
-        append_rows(Path(args.json), [row])
+    emit(row, args.json)
     return 0
 
 

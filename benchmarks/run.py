@@ -65,6 +65,14 @@ def append_rows(path: Path, rows: list[dict]) -> None:
     path.write_text(json.dumps(old + rows, indent=1) + "\n")
 
 
+def emit(row: dict, json_path: str | Path | None) -> None:
+    """A measured row: printed as a JSON line, and added to `json_path` when one is given (row by row, so that a
+    failure later keeps what was measured)."""
+    print(json.dumps(row), flush=True)
+    if json_path:
+        append_rows(Path(json_path), [row])
+
+
 # ---- the weights ------------------------------------------------------------------------------------------------
 def model_folder(preset: str, cache: Path) -> Path:
     """The official-layout folder for `preset`, written once into the cache."""
@@ -159,7 +167,7 @@ def worker(spec: dict) -> dict:
         forward, model = _ours(spec, device, dtype)
     else:
         forward, model = _diffusers(spec, device, dtype)
-    _touch(model)
+    touch_weights(model)
     load_seconds = time.perf_counter() - t0
     torch.manual_seed(0)
     latents = get_noise(0, 16, spec["height"], spec["width"]).to(device, dtype)
@@ -213,7 +221,8 @@ def _pipeline(spec: dict, device: torch.device) -> dict:
     t0 = time.perf_counter()
     te = Path(spec["text_encoder"]) if spec.get("text_encoder") else None
     pipe = zimage_lite.load(spec["model"], dit=Path(spec["weights"]), text_encoder=te, device=spec["device"],
-                            dtype=spec["dtype"], vram=spec.get("vram"), ram=spec.get("ram"))
+                            dtype=spec["dtype"], vram=spec.get("vram"), ram=spec.get("ram"),
+                            int8_compute=spec.get("int8_compute", False))
     if device.type == "cuda":
         torch.zeros(1, device=device)  # the CUDA context's host memory belongs to the baseline, not to a stage
     reset_peak(host)
@@ -248,7 +257,7 @@ def _interleaved(spec: dict, device: torch.device, dtype: torch.dtype) -> dict:
         dit = ZImageDiT(PRESETS[spec["preset"]].dit)
     dit.load_state_dict(model.state_dict(), strict=True, assign=True)  # official names on both sides
     dit.eval()
-    _touch(model)
+    touch_weights(model)
     torch.manual_seed(0)
     latents = get_noise(0, 16, spec["height"], spec["width"]).to(device, dtype)
     cap = torch.randn(CAPTION_TOKENS, spec["cap_dim"]).to(device, dtype)
@@ -265,7 +274,7 @@ def _interleaved(spec: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return {"step_seconds": times}
 
 
-def _touch(model: torch.nn.Module) -> None:
+def touch_weights(model: torch.nn.Module) -> None:
     """Read one value per 4 KiB page of every weight, so that weights still in a memory map are paged in now
     (counted as loading) and not during the first step (which would count disk/page-cache reads as compute)."""
     with torch.inference_mode():
@@ -385,33 +394,6 @@ def _quality(row: dict, cache: Path) -> None:
         row["rel_error_vs_bf16"] = float((out - ref).norm() / ref.norm())
 
 
-def image_quality(args: argparse.Namespace) -> Iterator[dict]:
-    """The tiny K-quant fixture (tests/fixtures.py) rendered from each recipe's DiT file vs from its F32 weights."""
-    import numpy as np
-
-    import zimage_lite
-    from quantize.convert import convert
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fixtures import KQUANT, PROMPTS, make_checkpoint
-
-    cache = Path(args.cache) / "kquant-tiny"
-    if not (cache / "model_index.json").is_file():
-        make_checkpoint(cache, KQUANT)
-    kwargs = dict(width=128, height=128, steps=8, seed=1)
-    ref = np.asarray(zimage_lite.load(cache, device="cpu", dtype="fp32").text_to_image(PROMPTS["en"], **kwargs),
-                     dtype=np.float32)
-    for quant in args.quant.split(","):
-        out = Path(args.cache) / f"kquant-tiny-{quant}.gguf"
-        if not out.is_file():
-            convert(cache, quant, component="dit", out=out)
-        img = zimage_lite.load(cache, dit=out, device="cpu", dtype="fp32").text_to_image(PROMPTS["en"], **kwargs)
-        diff = np.abs(np.asarray(img, dtype=np.float32) - ref)
-        yield {"component": "image", "quant": quant, "width": 128, "height": 128, "steps": 8,
-               "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-               "command": f"python benchmarks/run.py {' '.join(sys.argv[1:])}"}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="demo", choices=["demo", "turbo"])
@@ -438,11 +420,13 @@ def main() -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     info = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
-    for row in image_quality(args) if args.image_quality else measure(args):
-        row = {**row, **info}
-        print(json.dumps(row), flush=True)
-        if args.json:  # row by row, so a failure later keeps what was measured
-            append_rows(Path(args.json), [row])
+    rows = measure(args)
+    if args.image_quality:
+        from benchmarks.image_quality import image_quality
+
+        rows = image_quality(args)
+    for row in rows:
+        emit({**row, **info}, args.json)
     return 0
 
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.qwen_tokenizer import qwen_model  # noqa: E402
-from benchmarks.run import DEFAULT_CACHE, PROMPT, append_rows, child, machine, model_folder, weights_file  # noqa: E402
+from benchmarks.run import DEFAULT_CACHE, PROMPT, child, emit, machine, model_folder, weights_file  # noqa: E402
 from zimage_lite.config import PRESETS, SEQ_MULTI_OF, DiTConfig  # noqa: E402
 
 # ours Q4_K_M and Q8_0 in fp32 (what a CPU without native bf16 computes in) against sd.cpp on the same DiT files,
@@ -122,7 +122,8 @@ def dit_step_flops(cfg: DiTConfig, size: tuple[int, int], caption: int) -> float
 def run_ours(folder: Path, files: dict, dtype: str, size: tuple[int, int], steps: int, preset: str) -> dict:
     """One image through our public API (run.py's `pipeline` worker): stage seconds from its events."""
     spec = {"impl": "pipeline", "model": str(folder), "weights": files["dit"], "text_encoder": files["text_encoder"],
-            "device": "cpu", "dtype": dtype, "width": size[0], "height": size[1], "steps": steps}
+            "device": "cpu", "dtype": dtype.removesuffix("+int8"), "width": size[0], "height": size[1],
+            "steps": steps, "int8_compute": dtype.endswith("+int8")}
     r = child([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--worker", json.dumps(spec)])
     events = r.pop("events")
     tokens = next((e["tokens"] for e in events if e.get("tokens")), None)
@@ -155,12 +156,14 @@ def held(lock: str | None) -> Iterator[None]:
 
 
 def parse_runs(text: str) -> list[tuple[str, str, str]]:
-    """'ours:Q4_K_M:fp32,sdcpp:Q8_0' -> [(impl, DiT label, dtype)]; sd.cpp computes in what its kernels choose."""
+    """'ours:Q4_K_M:fp32,sdcpp:Q8_0,ours:Q4_K_M:fp32+int8' -> [(impl, DiT label, dtype)]; sd.cpp computes in what
+    its kernels choose; a dtype ending in +int8 runs ours with --int8-compute (the GGUF's Linears converted to int8
+    rows at load, integer matmuls)."""
     runs = []
     for item in text.split(","):
         impl, quant, *dtype = item.strip().split(":")
         if impl not in ("ours", "sdcpp") or len(dtype) > 1 or (impl == "sdcpp" and dtype):
-            raise SystemExit(f"--runs {item!r}: expected ours:QUANT:DTYPE or sdcpp:QUANT")
+            raise SystemExit(f"--runs {item!r}: expected ours:QUANT:DTYPE[+int8] or sdcpp:QUANT")
         runs.append((impl, quant, dtype[0] if dtype else ("fp32" if impl == "ours" else "ggml")))
     return runs
 
@@ -215,9 +218,7 @@ def main() -> int:
                          **run_sdcpp(binary, files, size, args.steps, args.threads, cache / "sdcpp" / "out.png")}
             row = {**r, "quant": quant, "dtype": dtype, "round": round_ + 1, "dit_file": Path(files["dit"]).name,
                    "load_average_before": load, "load_average_after": os.getloadavg()[0], **info}
-            print(json.dumps(row), flush=True)
-            if args.json:  # row by row, so a failure later keeps what was measured
-                append_rows(Path(args.json), [row])
+            emit(row, args.json)
     return 0
 
 

@@ -36,7 +36,7 @@ from zimage_lite.quant.recipes import (
     te_plan,
     te_shapes,
 )
-from zimage_lite.runtime.memory import peak_bytes
+from zimage_lite.runtime.memory import peak_bytes, release_pages
 from zimage_lite.runtime.units import format_si, gib
 from zimage_lite.weights.components import LAYOUT_HINT, UNUSED, identify, open_component
 from zimage_lite.weights.control_files import is_controlnet
@@ -51,7 +51,6 @@ from .writing import (
     SourceInput,
     digest,
     provenance,
-    release_pages,
     write_file,
     write_gguf,
 )

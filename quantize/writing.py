@@ -4,9 +4,7 @@ source's pages handed back after each)."""
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from zimage_lite.errors import CheckpointError
 from zimage_lite.output import write_atomic
 from zimage_lite.quant.formats import quantize
 from zimage_lite.quant.recipes import TensorPlan
+from zimage_lite.runtime.memory import release_pages
 from zimage_lite.weights.gguf_source import GGUFSource
 from zimage_lite.weights.load import load_tensor
 from zimage_lite.weights.sources import TensorSource
@@ -73,31 +72,6 @@ def digest(root: Path, stored: TensorSource) -> str:
             with open(p, "rb") as f:
                 h.update(f.read(8 + int.from_bytes(f.read(8), "little")))
     return h.hexdigest()
-
-
-def release_pages(root: Path) -> None:
-    """Drop this process' resident pages of every memory map of a file under `root` (MADV_DONTNEED).
-
-    The source tensors are views of file mappings (safe_open maps private copy-on-write, GGUFReader read-only);
-    their pages stay counted in RSS until unmapped, which would make the peak the size of the whole checkpoint.
-    Dropping them is safe because the converter never writes to a source tensor (a copy-on-write page it had
-    written would be lost): a later access reads the page again from the page cache. Linux only.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    prefix = str(Path(root).resolve())
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
-        return
-    for line in lines:
-        fields = line.split(None, 5)
-        shared_writable = fields[1][1] == "w" and fields[1][3] == "s" if len(fields) > 1 else True
-        if len(fields) == 6 and fields[5].strip().startswith(prefix) and not shared_writable:
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4 = MADV_DONTNEED
 
 
 def read(source: TensorSource, name: str, shape: tuple[int, ...]) -> torch.Tensor:

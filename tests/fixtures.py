@@ -249,7 +249,7 @@ def make_controlnet(folder: Path, kind: str, dit: DiTConfig = TINY.dit, seed: in
     from safetensors.torch import save_file
 
     from zimage_lite.config import ControlNetConfig
-    from zimage_lite.demo import _meta_shapes, _random_state
+    from zimage_lite.demo import meta_shapes, random_state
     from zimage_lite.models.controlnet import ZImageControlNet
 
     config = {"control_layers_places": list(range(dit.n_layers)), "dim": dit.dim, "n_heads": dit.n_heads,
@@ -257,8 +257,8 @@ def make_controlnet(folder: Path, kind: str, dit: DiTConfig = TINY.dit, seed: in
               "qk_norm": True, "all_patch_size": [2], "all_f_patch_size": [1], **CONTROL_KINDS[kind]}
     cfg = ControlNetConfig.from_dict(config)
     with torch.device("meta"):
-        shapes = _meta_shapes(ZImageControlNet(cfg))
-    state = _random_state(shapes, seed, torch.float32)
+        shapes = meta_shapes(ZImageControlNet(cfg))
+    state = random_state(shapes, seed, torch.float32)
     out = folder / f"controlnet-{kind}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"_class_name": "ZImageControlNetModel", **config}))
@@ -266,11 +266,11 @@ def make_controlnet(folder: Path, kind: str, dit: DiTConfig = TINY.dit, seed: in
     single = dict(state)
     if kind == "2.0":
         with torch.device("meta"):
-            extra = _meta_shapes(ZImageControlNet(dataclasses.replace(cfg, add_control_noise_refiner=CONTROL_KINDS[
+            extra = meta_shapes(ZImageControlNet(dataclasses.replace(cfg, add_control_noise_refiner=CONTROL_KINDS[
                 "2.1"]["add_control_noise_refiner"])))
         refiner = {n: s for n, s in extra.items() if n.startswith("control_noise_refiner.")}
         single.update({n: torch.zeros(t.shape) if "before_proj" in n else t
-                       for n, t in _random_state(refiner, seed, torch.float32).items()})
+                       for n, t in random_state(refiner, seed, torch.float32).items()})
     path = folder / f"Z-Image-Turbo-Fun-Controlnet-{kind}.safetensors"
     save_file(single, str(path))
     return out, path

@@ -36,24 +36,27 @@ def main(size: int, dtype: str, device: str) -> None:
     option = "vram" if dev.type == "cuda" else "ram"  # the budget that applies on this device
     probe = zimage_lite.load("demo", device=device, dtype=dtype, **{option: "64GB"})
     chat = len(encode_chat(probe.tokenizer.tokenizer, system_prompt(), PROMPT, CONTEXT)[0])
-    request = probe.make_plan(size, size, 0.0, 40, image=True, enhance_tokens=chat + ENHANCE_TOKENS).request
-    least = minimum_budget(replace(request, budget=1))
-    budget = least + request.headroom  # --vram counts the CUDA context too
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
-    pipe = zimage_lite.load("demo", device=device, dtype=dtype, **{option: budget})
+    # the image and the enhancer each under the smallest budget for its own stages (--vram counts the CUDA context)
+    image_req = probe.make_plan(size, size, 0.0, 40, image=True).request
+    text_req = probe.make_plan(size, size, 0.0, 40, enhance_tokens=chat + ENHANCE_TOKENS).request
+    image_least = minimum_budget(replace(image_req, budget=1))
+    text_least = minimum_budget(replace(text_req, budget=1, enhance_tokens=chat + ENHANCE_TOKENS))
+    pipe = zimage_lite.load("demo", device=device, dtype=dtype, **{option: image_least + image_req.headroom})
+    enhancer = zimage_lite.load("demo", device=device, dtype=dtype, **{option: text_least + text_req.headroom})
     for run in range(2):
         trim(dev)
         reset_peak(dev)
         base = peak_bytes(dev)
         for event in pipe.generate(PROMPT, steps=2, seed=1, image=picture, strength=1.0):
-            report(run, pipe.plan.stage(STAGES[event.stage]), least, event.peak_bytes - base, dev)
+            report(run, pipe.plan.stage(STAGES[event.stage]), image_least, event.peak_bytes - base, dev)
         trim(dev)
         reset_peak(dev)
         base = peak_bytes(dev)
-        enhanced = pipe.enhance(PROMPT, max_tokens=ENHANCE_TOKENS)
+        enhanced = enhancer.enhance(PROMPT, max_tokens=ENHANCE_TOKENS)
         assert enhanced.prompt_tokens == chat and enhanced.new_tokens == ENHANCE_TOKENS  # random weights: no stop
-        stage = pipe.make_plan(size, size, 0.0, enhance_tokens=chat + ENHANCE_TOKENS).stage("enhance")
-        report(run, stage, least, peak_bytes(dev) - base, dev)
+        stage = enhancer.make_plan(size, size, 0.0, enhance_tokens=chat + ENHANCE_TOKENS).stage("enhance")
+        report(run, stage, text_least, peak_bytes(dev) - base, dev)
 
 
 def trim(dev: torch.device) -> None:

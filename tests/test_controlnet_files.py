@@ -158,7 +158,7 @@ def test_cli_runs_and_reruns_from_png(tiny_model, controlnets, tmp_path, capsys)
                  "--image", str(image), "--mask", str(m), "--width", "64", "--height", "48", "--seed", "3",
                  "--control-scale", "0.6", "--out", str(out), "--device", "cpu", "--dtype", "fp32"]) == 0
     err = capsys.readouterr().err
-    assert "warning: --control-image is 80x64: resized to 64x48" in err
+    assert err.count("warning: --control-image is 80x64: resized to 64x48") == 1  # once, not per request made
     params = read_params(out)
     assert params["control"] == single.name and len(params["control_sha256"]) == 16
     assert params["control_scale"] == 0.6 and "control_image_sha256" in params and "mask_sha256" in params
@@ -172,6 +172,17 @@ def test_cli_runs_and_reruns_from_png(tiny_model, controlnets, tmp_path, capsys)
     assert main(["run", "--from-png", str(out), "--control", str(single), "--control-image", str(pose), "--image",
                  str(image), "--mask", str(m), "--out", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert "not the one" not in capsys.readouterr().err
+    # other inputs than the image was made from: a note for each (the run goes on), as for img2img's --image
+    other_pose, other_net = tmp_path / "pose2.png", controlnets["2.0"][1]
+    picture(80, 64, seed=5).convert("RGBA").save(other_pose)  # read with a conversion note, as --image is
+    assert main(["run", "--from-png", str(out), "--control", str(other_net), "--control-image", str(other_pose),
+                 "--image", str(image), "--mask", str(m), "--out", str(tmp_path / "c.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: --control-image {other_pose} is not the one {out} was made from" in err
+    assert f"note: --control {other_net} is not the ControlNet {out} was made with" in err
+    assert "note: --control-image: RGBA converted to RGB" in err
+    assert "note: --image" not in err and "note: --mask" not in err
 
 
 def test_control_image_sets_the_size(tiny_model, controlnets):

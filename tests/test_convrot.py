@@ -207,7 +207,12 @@ def test_missing_weight_scale_is_refused(int8_files, tmp_path, capsys):
                      str(tmp_path / "x.png")], gone, watch=(tmp_path,))
 
 
-def test_int8_compute_converts_gguf_linears(int8_files, tmp_path):
+@pytest.mark.parametrize("route", ["onednn", "int_mm", "float"])
+def test_int8_compute_converts_gguf_linears(int8_files, tmp_path, monkeypatch, route):
+    """Each int8 route forced in turn (the machine's own choice is whichever it timed fastest)."""
+    from zimage_lite.quant.int8_compute import ROUTE_ENV
+
+    monkeypatch.setenv(ROUTE_ENV, route)
     model, _, _ = int8_files
     [q8] = [r.path for r in convert(model, "Q8_0", component="dit", out=tmp_path)]
     kw = dict(width=32, height=32, steps=2, seed=7)
@@ -219,8 +224,8 @@ def test_int8_compute_converts_gguf_linears(int8_files, tmp_path):
     assert table["layers.0.feed_forward.w2.weight"][1] == "F16"  # 682 inputs fit no Q8_0 block: F16, left alone
     assert table["noise_refiner.0.attention.to_q.weight"][1] == "BF16"  # float in the file: left alone
     a, b = plain.text_to_image("a fox", **kw), converted.text_to_image("a fox", **kw)
-    # mean |diff| in 8-bit levels: measured 0.34; tolerance 3
-    assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() < 3
+    # mean |diff| in 8-bit levels: measured 0.345 (onednn and int_mm: the same integers), 0.255 (float); tolerance 2.5
+    assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() < 2.5
     # the image says it ran so: --from-png runs it so again
     assert converted.run_params("a fox", **kw)["int8_compute"] is True
     assert "int8_compute" not in plain.run_params("a fox", **kw)

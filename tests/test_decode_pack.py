@@ -109,7 +109,7 @@ def test_the_head_is_int8_rows_of_a_quantized_table_converted_by_chunks(lm_model
     table's conversion; the plan holds it so and counts its bytes exactly; the bf16 table of the safetensors file
     keeps a float head (the layers' rule: only packed weights change form)."""
     import zimage_lite.quant.decode_linear as dl
-    from zimage_lite.enhance import hold_for_decoding, plan_stage
+    from zimage_lite.enhance import hold_for_decoding
     from zimage_lite.quant.decode_linear import int8_rows
     from zimage_lite.weights.components import open_language_model
 
@@ -120,7 +120,7 @@ def test_the_head_is_int8_rows_of_a_quantized_table_converted_by_chunks(lm_model
     whole, scale = int8_rows(dequantize(emb.weight, emb.qtype, emb.shape))
     pipe = zimage_lite.load(lm_model, text_encoder=lm_q8, device="cpu", dtype="fp32")
     cfg, source = open_language_model(lm_q8)
-    stage = plan_stage(pipe, cfg, source, 64)
+    stage = pipe.enhance_stage(cfg, source, 64)
     assert stage.unpacked and stage.head == "int8"
     hold_for_decoding(model, stage, torch.float32)
     head = model.head

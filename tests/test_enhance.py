@@ -320,7 +320,7 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(lm_model, capsys
 def test_the_plan_has_an_enhance_stage_with_its_kv_cache(capsys):
     from zimage_lite.config import PRESETS
     from zimage_lite.runtime.plan import plan_for
-    from zimage_lite.runtime.sizes import kv_cache_bytes
+    from zimage_lite.runtime.sizes import kv_cache_bytes, stored_bytes
 
     cfg = PRESETS["turbo"].text_encoder
     cache = KVCache(cfg, cfg.num_hidden_layers, 8, CPU, torch.bfloat16)  # the allocation the plan counts
@@ -329,8 +329,12 @@ def test_the_plan_has_an_enhance_stage_with_its_kv_cache(capsys):
                     enhance_tokens=CONTEXT)
     enhance, text = plan.stage("enhance"), plan.stage("text_encoder")
     assert plan.stages[0] is enhance and len(enhance.blocks) == 36 and len(text.blocks) == 35
-    # the whole context's cache (0.6 GB) and the bf16 head (Q6_K table dequantized once, 0.78 GB) are in it
-    assert enhance.activation_bytes > kv_cache_bytes(cfg, CONTEXT, 2) + cfg.vocab_size * cfg.hidden_size * 2
+    # the whole context's cache (0.6 GB), the head as int8 rows (0.39 GB) and the mapped Q6_K table it is made from
+    # (0.32 GB) are in it
+    vocab = (cfg.vocab_size, cfg.hidden_size)
+    assert enhance.head == "int8" and enhance.unpacked
+    assert enhance.activation_bytes > (kv_cache_bytes(cfg, CONTEXT, 2) + stored_bytes(vocab, "int8")
+                                       + stored_bytes(vocab, "Q6_K"))
     assert main(["plan", "--preset", "turbo", "--device", "cpu", "--ram", "16GB", "--text-quant", "Q4_K_M",
                  "--enhance"]) == 0
     out = capsys.readouterr().out

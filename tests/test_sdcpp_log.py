@@ -72,7 +72,8 @@ def _row(impl: str, quant: str, step: float, rss: int) -> dict:
 
 
 def test_report_puts_ours_beside_sdcpp_on_the_same_file_and_the_roofs():
-    rows = [_row("zimage-lite", "Q4_K_M", 50.0, 2**30), _row("stable-diffusion.cpp", "Q4_K_M", 100.0, 2**31),
+    ours = {**_row("zimage-lite", "Q4_K_M", 50.0, 2**30), "dit_step_flops": 5e12, "tokens": 44, "tokenizer": "qwen"}
+    rows = [ours, _row("stable-diffusion.cpp", "Q4_K_M", 100.0, 2**31),
             {"component": "roofs", "route": "fp32 F.linear", "shape": [4, 8, 16], "threads": 2, "gflops": 100.0,
              "gflops_median": 90.0, "command": "python benchmarks/roofs.py", "date": "2026-12-02",
              "machine": {"cpu": "x", "cores": 2, "gpu": None, "torch": "2"}},
@@ -82,14 +83,16 @@ def test_report_puts_ours_beside_sdcpp_on_the_same_file_and_the_roofs():
     md = render(rows)
     assert "## stable-diffusion.cpp beside ours: whole images, cpu, 512x512, 2 step(s), 2 threads" in md
     assert "Note: shared machine" in md
-    # ours: whole 135 s, est. 8 steps 135 + 6 x 50; against sd.cpp: text encoder 1, step 0.5, VAE 1, whole 135/235
-    assert "| 1 | zimage-lite | turbo-dit-Q4_K_M.gguf | fp32 | 5 | 10.0 | 50.0 | 20.0 | 135 | 435 | 1.00 | " \
+    # ours: whole 135 s, est. 8 steps 135 + 6 x 50, 5 TFLOP in 50 s; against sd.cpp: text encoder 1, step 0.5, VAE 1,
+    # whole 135/235
+    assert "| 1 | zimage-lite | turbo-dit-Q4_K_M.gguf | fp32 | 5 | 10.0 | 50.0 | 20.0 | 135 | 435 | 1.00 | 100 | " \
            "1.00, 0.50, 1.00, 0.57, 0.50 |" in md
+    assert "one forward's FLOPs (5.00 TFLOP" in md and "Caption tokens, ours: 44, tokenized with Qwen's own" in md
     assert "| int8 x | 4 x 8 x 16 | 2 | 250 | 240 | 2.50 |" in md
     # a format sd.cpp cannot run on the CPU is set beside sd.cpp's Q8_0 and says so
     convrot = {**_row("zimage-lite", "int8-convrot", 25.0, 2**30), "dit_file": "c.safetensors"}
     md = render([convrot, _row("stable-diffusion.cpp", "Q8_0", 100.0, 2**31)])
-    assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0 | 25.0 | 20.0 | 85 | 235 | 1.00 | " \
+    assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0 | 25.0 | 20.0 | 85 | 235 | 1.00 |  | " \
            "1.00, 0.25, 1.00, 0.36, 0.50 (vs its Q8_0) |" in md
 
 

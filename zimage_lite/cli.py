@@ -232,16 +232,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_control_args(args.control, args.control_image, args.control_scale, args.strength, args.control_preprocess)
     controls = {"control_image": args.control_image, "control_scale": args.control_scale,
                 "control_preprocess": args.control_preprocess}
-    image, mask = (args.image, args.mask) if args.control else _image_inputs(args)  # 2.x: inpaint inputs
+    image, mask = _control_inputs(args, controls) if args.control else _image_inputs(args)
     pipe = load(args.model, dit=args.dit, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
                 dtype=args.dtype, vram=args.vram, ram=args.ram, loras=args.loras, control=args.control,
                 int8_compute=args.int8_compute)
+    stored = getattr(args, "stored", {}).get("control_sha256")
+    if stored and pipe.control is not None and pipe.control.sha256 != stored:
+        print(f"note: --control {args.control} is not the ControlNet {args.from_png} was made with: the result "
+              "will differ", file=sys.stderr)
     prompt, enhanced = enhance_for_run(pipe, args, prompt, seed)  # --enhance: the prompt to draw, and the original
-    # the output's metadata as the run will write it (paths, hashes): checked before the run, not after
-    check_image_output(out, args.force, enhanced | pipe.run_params(
-        prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps, seed=seed, cfg=args.cfg,
-        cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation, image=image, mask=mask,
-        strength=args.strength, **controls))
+    # the output's metadata as the run will write it (paths, hashes): checked before the run, not after; its
+    # warnings (an input resized) are the run's own, which `generate` gives once
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = pipe.run_params(prompt, negative=args.negative, width=args.width, height=args.height,
+                               steps=args.steps, seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
+                               cfg_truncation=args.cfg_truncation, image=image, mask=mask, strength=args.strength,
+                               **controls)
+    check_image_output(out, args.force, enhanced | meta)
     # checked against the model, its defaults filled in: the run starts with the first event
     events = pipe.generate(prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
                            seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
@@ -322,7 +330,7 @@ def _image_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
     check_image_options(args.image, args.mask, args.strength)
     if args.image is None:
         return None, None
-    from .init_image import init_request, pixels_sha256
+    from .init_image import init_request
     from .inputs import load_image, load_mask
 
     image = load_image(args.image)
@@ -330,12 +338,36 @@ def _image_inputs(args: argparse.Namespace) -> tuple[Any, Any]:
     for note in image.notes + (mask.notes if mask else []):
         print(f"note: {note}", file=sys.stderr)
     init_request(image.image, mask.image if mask else None, args.strength, args.width, args.height, args.steps)
-    for key, option, loaded in (("image_sha256", "--image", image), ("mask_sha256", "--mask", mask)):
-        stored = getattr(args, "stored", {}).get(key)  # --from-png: the inputs the image was made from
-        if stored and loaded and pixels_sha256(loaded.image) != stored:
-            print(f"note: {option} {args.image if option == '--image' else args.mask} is not the one "
-                  f"{args.from_png} was made from: the result will differ", file=sys.stderr)
+    _compare_stored(args, {"image": image, "mask": mask})
     return image.image, mask.image if mask else None
+
+
+def _control_inputs(args: argparse.Namespace, controls: dict[str, Any]) -> tuple[Any, Any]:
+    """With --control: the control image (into `controls`) and a 2.x ControlNet's --image and --mask, read before
+    the model loads, their notes printed, compared with the hashes a --from-png image stored."""
+    from .inputs import load_image, load_mask
+
+    loaded = {"control_image": load_image(args.control_image, "--control-image") if args.control_image else None,
+              "image": load_image(args.image) if args.image is not None else None,
+              "mask": load_mask(args.mask) if args.mask is not None else None}
+    for item in loaded.values():
+        for note in item.notes if item else ():
+            print(f"note: {note}", file=sys.stderr)
+    _compare_stored(args, loaded)
+    if loaded["control_image"]:
+        controls["control_image"] = loaded["control_image"].image
+    return tuple(item.image if item else None for item in (loaded["image"], loaded["mask"]))  # type: ignore[return-value]
+
+
+def _compare_stored(args: argparse.Namespace, loaded: dict[str, Any]) -> None:
+    """--from-png: a note for each input image whose pixels are not those the image was made from."""
+    from .init_image import pixels_sha256
+
+    for key, item in loaded.items():
+        stored = getattr(args, "stored", {}).get(f"{key}_sha256")  # the inputs the image was made from
+        if stored and item and pixels_sha256(item.image) != stored:
+            print(f"note: --{key.replace('_', '-')} {getattr(args, key)} is not the one {args.from_png} was made "
+                  "from: the result will differ", file=sys.stderr)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,

@@ -27,11 +27,11 @@ from PIL import Image
 from .canny import PREPROCESSORS, canny
 from .config import ControlNetConfig, DiTConfig
 from .errors import OptionError
-from .init_image import _opened, pixels_sha256
+from .init_image import opened_image, pixels_sha256
 from .inputs import check_mask_size, default_size, image_tensor, mask_tensor, to_mode
 from .options import TURBO_GRID, Grid
 from .weights.control_files import open_control
-from .weights.lora import _sha256
+from .weights.lora import file_sha256
 from .weights.sources import TensorSource
 
 CONTROL_SCALE = 0.75  # diffusers' controlnet_conditioning_scale default
@@ -62,14 +62,14 @@ class ControlFile:
         """sha256 of the file (of a folder: of its .safetensors files in name order), first 16 hex digits."""
         if self._sha is None:
             files = sorted(self.path.glob("*.safetensors")) if self.path.is_dir() else [self.path]
-            self._sha = _sha256(files[0]) if len(files) == 1 else _sha256_of(files)
+            self._sha = file_sha256(files[0]) if len(files) == 1 else _sha256_of(files)
         return self._sha[:SHA_SHOWN]
 
 
 def _sha256_of(files: list[Path]) -> str:
     import hashlib
 
-    return hashlib.sha256("".join(_sha256(f) for f in files).encode()).hexdigest()
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def control_request(control: ControlFile | None, image: Image.Image | str | Path
         missing = "--image" if image is None else "--mask"
         raise OptionError(f"ControlNet inpainting with --control {control.path.name} needs both --image and --mask: "
                           f"give {missing} too (white = repaint)")
-    ctrl = to_mode(_opened(control_image, "--control-image", []), "RGB", "--control-image").image
+    ctrl = to_mode(opened_image(control_image, "--control-image", []), "RGB", "--control-image").image
     edges = canny(ctrl) if control_preprocess else None
     if width is None and height is None:
         width, height = default_size(ctrl, grid.cell)
@@ -137,8 +137,8 @@ def control_request(control: ControlFile | None, image: Image.Image | str | Path
         raise OptionError("--width and --height go together with --control-image (or give neither: its size)")
     inpaint = gray = None
     if image is not None:
-        inpaint = to_mode(_opened(image, "--image", []), "RGB", "--image").image
-        gray = to_mode(_opened(mask, "--mask", []), "L", "--mask").image
+        inpaint = to_mode(opened_image(image, "--image", []), "RGB", "--image").image
+        gray = to_mode(opened_image(mask, "--mask", []), "L", "--mask").image
         check_mask_size(gray, inpaint)
     for option, picture in (("--control-image", ctrl), ("--image", inpaint)):
         if picture is not None and picture.size != (width, height):

@@ -112,7 +112,7 @@ def _random_tensor(name: str, shape: tuple[int, ...], g: torch.Generator) -> tor
     return torch.randn(shape, generator=g) / fan_in**0.5
 
 
-def _random_state(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def random_state(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Random tensors for `shapes`; each tensor's values depend only on the seed and its name."""
     out = {}
     for n, s in shapes.items():
@@ -121,7 +121,7 @@ def _random_state(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dt
     return out
 
 
-def _meta_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+def meta_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
     return {prefix + n: tuple(p.shape) for n, p in module.named_parameters()}
 
 
@@ -131,13 +131,13 @@ def _write_sharded(folder: Path, stem: str, shapes: dict[str, tuple[int, ...]], 
     folder.mkdir(parents=True, exist_ok=True)
     names = list(shapes)
     if shards <= 1:
-        save_file(_random_state(shapes, seed, dtype), str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+        save_file(random_state(shapes, seed, dtype), str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
         return
     weight_map, start, total = {}, 0, 0
     for i in range(shards):
         end = len(names) if i == shards - 1 else (len(names) * (i + 1)) // shards
         fname = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = _random_state({n: shapes[n] for n in names[start:end]}, seed, dtype)
+        part = random_state({n: shapes[n] for n in names[start:end]}, seed, dtype)
         total += sum(t.numel() * t.element_size() for t in part.values())
         save_file(part, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in part})
@@ -203,7 +203,7 @@ def write_checkpoint(folder: Path, cfg: ModelConfig = DEMO, seed: int = 0, shard
     _dump(folder / "transformer" / "config.json", {
         "_class_name": "ZImageTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
         **config_to_dict(cfg.dit)})
-    _write_sharded(folder / "transformer", "diffusion_pytorch_model", _meta_shapes(dit), seed, transformer_dtype,
+    _write_sharded(folder / "transformer", "diffusion_pytorch_model", meta_shapes(dit), seed, transformer_dtype,
                    shards)
 
     t = cfg.text_encoder
@@ -218,7 +218,7 @@ def write_checkpoint(folder: Path, cfg: ModelConfig = DEMO, seed: int = 0, shard
         "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
         "use_cache": True, "use_sliding_window": False, "vocab_size": t.vocab_size,
     })
-    te_shapes = _meta_shapes(te, "model.")
+    te_shapes = meta_shapes(te, "model.")
     te_shapes["model.norm.weight"] = (t.hidden_size,)
     _write_sharded(folder / "text_encoder", "model", te_shapes, seed + 1, text_dtype, shards)
     write_tokenizer(folder / "tokenizer")
@@ -235,6 +235,6 @@ def write_checkpoint(folder: Path, cfg: ModelConfig = DEMO, seed: int = 0, shard
         "up_block_types": ["UpDecoderBlock2D"] * len(v.block_out_channels), "use_post_quant_conv": False,
         "use_quant_conv": False,
     })
-    vae_shapes = {**_meta_shapes(vae_encoder), **_meta_shapes(vae)}
+    vae_shapes = {**meta_shapes(vae_encoder), **meta_shapes(vae)}
     _write_sharded(folder / "vae", "diffusion_pytorch_model", vae_shapes, seed + 2, vae_dtype, 1)
     return folder

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,13 +146,13 @@ def enhance(pipe: ZImagePipeline, prompt: str, max_tokens: int = DEFAULT_MAX_TOK
         warnings.warn(EnhanceWarning(f"the prompt is {cut} tokens with the system prompt and template; the enhancer "
                                      f"holds {context} with --max-tokens {max_tokens}: its end was cut to "
                                      f"{len(ids)}"), stacklevel=2)
-    stage = plan_stage(pipe, cfg, source, len(ids) + max_tokens)
+    stage = pipe.enhance_stage(cfg, source, len(ids) + max_tokens)
     with torch.device("meta"):
         model = Qwen3Encoder(cfg, lm=True)
     stop = {i for t in STOP_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
     try:
         model = place(model, source, stage, pipe.device, pipe.dtype, "text encoder (enhancer)")
-        hold_for_decoding(model, stage, pipe.dtype)
+        hold_for_decoding(model, stage, pipe.dtype, pipe.files.text_encoder)
         new, prefill, decode = generate(model, ids, max_tokens, stop, pipe.device, pipe.dtype, temperature, seed)
     finally:
         close = getattr(getattr(model, "runner", None), "close", None)
@@ -170,53 +171,32 @@ def enhance(pipe: ZImagePipeline, prompt: str, max_tokens: int = DEFAULT_MAX_TOK
                     temperature)
 
 
-def plan_stage(pipe: ZImagePipeline, cfg: Any, source: Any, tokens: int) -> Any:
-    """The `enhance` stage of the memory plan (runtime/enhance_plan.py) for a context of `tokens`, beside the models
-    the pipeline keeps loaded: what `plan --enhance` prints. BudgetError when even streaming every block does not
-    fit."""
-    from .config import ModelConfig
-    from .errors import BudgetError
-    from .pipeline import DTYPE_NAMES
-    from .runtime import plan
-    from .runtime.budget import usable_budget
-    from .runtime.enhance_plan import enhance_stage
-    from .runtime.plan import with_host
-    from .runtime.residency import Beside, NoFit
-    from .runtime.sizes import source_table
-    from .runtime.units import format_size
-
-    if pipe._budget is None:
-        pipe._budget = usable_budget(str(pipe.device), pipe.vram, pipe.ram)
-    budget, headroom = pipe._budget
-    config = ModelConfig(dit=pipe.dit_config, text_encoder=cfg, vae=pipe._open("vae")[0])
-    req = plan.PlanRequest(config, budget, text_quant=pipe.weight_format("text_encoder"), device=str(pipe.device),
-                           dtype=DTYPE_NAMES[pipe.dtype], headroom=headroom, text_tensors=source_table(source),
-                           enhance_tokens=tokens)
-    kept = Beside(sum(pipe.plan.stage(w).loaded_bytes for w in pipe._models) if pipe.plan else 0, 0)
-    try:
-        return with_host(replace(enhance_stage(req, kept), kept_bytes=kept.kept), req.kind)
-    except NoFit as e:
-        option = "--vram" if pipe.device.type == "cuda" else "--ram"
-        raise BudgetError(f"{option} {format_size(budget + headroom)} is too small for the prompt enhancer "
-                          f"({e.parts}); use a smaller quant of the text encoder (a Q4_K_M GGUF) or fewer "
-                          f"--max-tokens") from None
-
-
-def hold_for_decoding(model: Qwen3Encoder, stage: Any, dtype: torch.dtype) -> None:
+def hold_for_decoding(model: Qwen3Encoder, stage: Any, dtype: torch.dtype, mapped: Path | None = None) -> None:
     """The placed model as the plan's stage holds it for decoding: its layers converted once when `stage.unpacked`
-    (`unpack_layers`), its head as int8 rows when `stage.head` says so (else made at its first use)."""
+    (`unpack_layers`), its head made now (int8 rows when `stage.head` says so). `mapped`: the file or folder the
+    weights are read from, whose pages each conversion read are handed back as it goes (runtime/memory.py
+    `release_pages`): the converted copies are what the plan counts, not the file's pages under them."""
     from .quant.decode_linear import DecodeLinear
+    from .runtime.memory import release_pages
+
+    def release() -> None:
+        if mapped is not None:
+            release_pages(mapped)
 
     if stage.unpacked:
-        unpack_layers(model, dtype)
+        unpack_layers(model, dtype, release)
     if stage.head == "int8":
         with torch.no_grad():
             model.set_head(DecodeLinear.head_of(model.embed_tokens))
+    if stage.head != "view":  # a view reads the table at every token: its pages stay
+        model.head  # noqa: B018  (made once, here)
+        release()
 
 
-def unpack_layers(model: Qwen3Encoder, dtype: torch.dtype) -> None:
+def unpack_layers(model: Qwen3Encoder, dtype: torch.dtype, after_layer: Callable[[], None] = lambda: None) -> None:
     """Every packed Linear of the decoder layers replaced, once: on the CPU with the weight-only integer kernels by
-    a `DecodeLinear` (quant/decode_linear.py), else by a plain Linear holding its weight dequantized to `dtype`."""
+    a `DecodeLinear` (quant/decode_linear.py), else by a plain Linear holding its weight dequantized to `dtype`;
+    `after_layer` is called as each layer is done."""
     from .quant.decode_linear import decode_route, to_decode
 
     packed = decode_route(next(model.parameters()).device) == "packed"
@@ -231,3 +211,4 @@ def unpack_layers(model: Qwen3Encoder, dtype: torch.dtype) -> None:
                     new.weight = nn.Parameter(w, requires_grad=False)
                 parent, _, child = name.rpartition(".")
                 setattr(layer.get_submodule(parent) if parent else layer, child, new)
+        after_layer()

@@ -61,7 +61,7 @@ def init_request(image: Image.Image | str | Path | None, mask: Image.Image | str
         raise OptionError(f"--strength {strength:g} with --steps {steps} runs no DiT step; use --strength "
                           f"{1 / steps:.3g} or more (one step) or more steps")
     notes: list[str] = []
-    image, mask = _opened(image, "--image", notes), _opened(mask, "--mask", notes)
+    image, mask = opened_image(image, "--image", notes), opened_image(mask, "--mask", notes)
     rgb = to_mode(image, "RGB", "--image")
     notes += rgb.notes
     if width is None and height is None:
@@ -85,7 +85,7 @@ def init_request(image: Image.Image | str | Path | None, mask: Image.Image | str
     return InitImage(rgb.image, gray, float(strength), start, width, height, tuple(notes))
 
 
-def _opened(image: Image.Image | str | Path | None, option: str, notes: list[str]) -> Image.Image | None:
+def opened_image(image: Image.Image | str | Path | None, option: str, notes: list[str]) -> Image.Image | None:
     """A PIL image as given, or the file a path names (read as the CLI reads it)."""
     if image is None:
         return None

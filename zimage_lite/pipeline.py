@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,29 @@ class ZImagePipeline(StageModels):
                              control=(self.control.config, self.tensor_table("controlnet")) if self.control else None)
         self._check_int8_streaming(made)
         return made
+
+    def enhance_stage(self, cfg: Any, source: Any, tokens: int) -> plan.StagePlan:
+        """The prompt enhancer's stage of the plan (runtime/enhance_plan.py: what `plan --enhance` prints) for a
+        context of `tokens`, beside the models this pipeline keeps loaded; BudgetError when even streaming every
+        block does not fit."""
+        from .runtime.enhance_plan import enhance_stage
+        from .runtime.residency import Beside, NoFit
+
+        if self._budget is None:
+            self._budget = usable_budget(str(self.device), self.vram, self.ram)
+        budget, headroom = self._budget
+        config = ModelConfig(dit=self.dit_config, text_encoder=cfg, vae=self._open("vae")[0])
+        req = plan.PlanRequest(config, budget, text_quant=self.weight_format("text_encoder"), device=str(self.device),
+                               dtype=DTYPE_NAMES[self.dtype], headroom=headroom, text_tensors=source_table(source),
+                               enhance_tokens=tokens)
+        kept = Beside(sum(self.plan.stage(w).loaded_bytes for w in self._models) if self.plan else 0, 0)
+        try:
+            return plan.with_host(replace(enhance_stage(req, kept), kept_bytes=kept.kept), req.kind)
+        except NoFit as e:
+            option = "--vram" if self.device.type == "cuda" else "--ram"
+            raise BudgetError(f"{option} {format_size(budget + headroom)} is too small for the prompt enhancer "
+                              f"({e.parts}); use a smaller quant of the text encoder (a Q4_K_M GGUF) or fewer "
+                              f"--max-tokens") from None
 
     def _check_int8_streaming(self, made: plan.Plan) -> None:
         """--int8-compute converts a block's Linears as the block is read; on the CPU a streamed block is read from

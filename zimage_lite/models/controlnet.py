@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..config import ControlNetConfig, DiTConfig
-from .dit import DiTState, TransformerBlock, ZImageDiT, _joined, patchify
+from .dit import DiTState, TransformerBlock, ZImageDiT, joined, patchify
 from .layers import Block, Resident, schedule_of
 
 
@@ -114,7 +114,7 @@ class ControlPass:
         cfg = net.cfg.block_config()
         tokens = net.control_all_x_embedder[cfg.embedder_key](patchify(context[0], cfg.patch_size))
         tokens[state.n_img[0]:] = dit.x_pad_token.to(tokens.dtype)
-        self.c = _joined([tokens] * len(state.img_spans))
+        self.c = joined([tokens] * len(state.img_spans))
         self.x = state.img  # the control's image stream: refined with the refiner hints (2.x)
         self.refiner_hints: dict[int, torch.Tensor] | None = None
         self._stack = ExitStack()
@@ -169,7 +169,7 @@ class ControlPass:
                 c = next(self._blocks)(c, state.img_rope, state.img_spans, state.adaln)
         else:
             x = self.x
-        c_all, x_all = ZImageDiT._unified(c, cap, state), ZImageDiT._unified(x, cap, state)
+        c_all, x_all = ZImageDiT.unified(c, cap, state), ZImageDiT.unified(x, cap, state)
         _, hints = self._run(len(self.net.control_layers), c_all, x_all, state.rope, state.spans, state.adaln)
         return {layer: hints[i] * self.scale for i, layer in enumerate(self.net.cfg.control_layers_places)}
 

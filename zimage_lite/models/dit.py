@@ -75,7 +75,7 @@ class Attention(nn.Module):
         q = apply_rope(self.norm_q(self.to_q(x).view(s, self.n_heads, self.head_dim)), rope)
         k = apply_rope(self.norm_k(self.to_k(x).view(s, self.n_kv_heads, self.head_dim)), rope)
         v = self.to_v(x).view(s, self.n_kv_heads, self.head_dim)
-        out = _joined([
+        out = joined([
             attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None],
                       chunk=self.chunk)[0].transpose(0, 1)
             for qi, ki, vi in zip(q.split(spans), k.split(spans), v.split(spans), strict=True)])
@@ -275,9 +275,9 @@ class ZImageDiT(nn.Module):
         # The items' tokens run back to back through each block: one pass over (one dequantization of) each
         # weight for all of them; attention stays within each item, so this equals running them one by one.
         return DiTState(
-            img=_joined([it.img for it in items]), cap=_joined([it.cap for it in items]),
-            img_rope=_joined([it.img_rope for it in items]), cap_rope=_joined([it.cap_rope for it in items]),
-            rope=_joined([torch.cat([it.img_rope, it.cap_rope]) for it in items]),
+            img=joined([it.img for it in items]), cap=joined([it.cap for it in items]),
+            img_rope=joined([it.img_rope for it in items]), cap_rope=joined([it.cap_rope for it in items]),
+            rope=joined([torch.cat([it.img_rope, it.cap_rope]) for it in items]),
             img_spans=[it.img.shape[0] for it in items], cap_spans=[it.cap.shape[0] for it in items],
             n_img=[it.n_img for it in items], adaln=adaln, shape=tuple(latents.shape[1:]))
 
@@ -305,18 +305,18 @@ class ZImageDiT(nn.Module):
                     cap = block(cap, state.cap_rope, state.cap_spans)
                 else:
                     if x is None:
-                        x = self._unified(img, cap, state)
+                        x = self.unified(img, cap, state)
                         hints = control.hints(img, cap, state) if control is not None else hints
                     x = block(x, state.rope, state.spans, state.adaln)
                     if i - 2 * n_ref in hints:
                         x = x + hints[i - 2 * n_ref]
-        return replace(state, img=img, cap=cap, x=self._unified(img, cap, state) if x is None else x)
+        return replace(state, img=img, cap=cap, x=self.unified(img, cap, state) if x is None else x)
 
     @staticmethod
-    def _unified(img: torch.Tensor, cap: torch.Tensor, state: DiTState) -> torch.Tensor:
+    def unified(img: torch.Tensor, cap: torch.Tensor, state: DiTState) -> torch.Tensor:
         """Each item's image tokens, then its caption tokens; items back to back."""
         pairs = zip(img.split(state.img_spans), cap.split(state.cap_spans), strict=True)
-        return _joined([torch.cat(pair) for pair in pairs])
+        return joined([torch.cat(pair) for pair in pairs])
 
     def final(self, state: DiTState) -> torch.Tensor:
         """Final layer on each item's real image tokens, then unpatchify: (B, C, H, W) in the compute dtype."""
@@ -337,7 +337,7 @@ class ZImageDiT(nn.Module):
         return self.final(self.blocks(self.embed(latents, t, cap_feats)))
 
 
-def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
     """The parts back to back; a single part as it is (no copy: batch 1 is the common case)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 

@@ -24,7 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
-from .formats import DEQUANT_CHUNK_WEIGHTS, _half, _nibbles, _scale_min_k4, dequantize
+from .formats import DEQUANT_CHUNK_WEIGHTS, block_half, dequantize, nibbles, scale_min_k4
 from .qlinear import QEmbedding, QLinear
 
 ROUTE_ENV = "ZIMAGE_LITE_DECODE_ROUTE"
@@ -49,10 +49,10 @@ def q4k_to_int4(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor
     with w = scale * (q - 8) + zero, exactly the file's dequantization (formats._q4_k)."""
     n, k = shape
     b = raw.reshape(-1, 144)  # block_q4_K: half d, half dmin, 12 bytes of scales and mins, 128 of nibbles
-    q = _nibbles(b[:, 16:].view(-1, 4, 32)).reshape(n, k).to(torch.int32)
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    scale = (_half(b, 0) * sc).reshape(n, k // GROUP)
-    zero = (8 * scale - (_half(b, 2) * mn).reshape(n, k // GROUP))
+    q = nibbles(b[:, 16:].view(-1, 4, 32)).reshape(n, k).to(torch.int32)
+    sc, mn = scale_min_k4(b[:, 4:16])
+    scale = (block_half(b, 0) * sc).reshape(n, k // GROUP)
+    zero = (8 * scale - (block_half(b, 2) * mn).reshape(n, k // GROUP))
     return q, scale, zero
 
 

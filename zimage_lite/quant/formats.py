@@ -41,7 +41,7 @@ DEQUANT_CHUNK_WEIGHTS = 1 << 20  # CPU: 4 MB fp32 temporaries per chunk (fastest
 # ---- byte-level helpers (blocks: (n, type_size) uint8)
 
 
-def _half(blocks: torch.Tensor, at: int) -> torch.Tensor:
+def block_half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     """The ggml_half at byte `at` of each block as (n, 1) fp32. The copy is 2 bytes a block, and makes any
     alignment of the file's bytes fine for the fp16 view."""
     return blocks[:, at:at + 2].contiguous().view(torch.float16).float()
@@ -65,7 +65,7 @@ def _bits(b: torch.Tensor) -> torch.Tensor:
     return _fields(b, tuple(range(8)), 1)
 
 
-def _nibbles(b: torch.Tensor) -> torch.Tensor:
+def nibbles(b: torch.Tensor) -> torch.Tensor:
     """(..., k) bytes -> (..., 2k): the low nibbles, then the high nibbles (element j, element j + k)."""
     return _fields(b, (0, 4), 4).flatten(-2)
 
@@ -85,7 +85,7 @@ def _qh32(b: torch.Tensor) -> torch.Tensor:
     return _bits(b).transpose(1, 2).flatten(1)
 
 
-def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins, as get_scale_min_k4 in ggml-quants.c."""
     d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
     sc = torch.cat([d & 0x3F, (md & 0xF) | ((d >> 2) & 0x30)], dim=1)
@@ -99,36 +99,36 @@ def _scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     # block_q8_0: {half d; int8 qs[32]}; x = q * d
-    return b[:, 2:].view(torch.int8).float().mul_(_half(b, 0))
+    return b[:, 2:].view(torch.int8).float().mul_(block_half(b, 0))
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     # block_q4_0: {half d; uint8 qs[16]}; x = d * (q - 8)
-    return _signed(_nibbles(b[:, 2:]), 8).mul_(_half(b, 0))
+    return _signed(nibbles(b[:, 2:]), 8).mul_(block_half(b, 0))
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
     # block_q4_1: {half d; half m; uint8 qs[16]}; x = d * q + m
-    return _nibbles(b[:, 4:]).float().mul_(_half(b, 0)).add_(_half(b, 2))
+    return nibbles(b[:, 4:]).float().mul_(block_half(b, 0)).add_(block_half(b, 2))
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
     # block_q5_0: {half d; uint8 qh[4]; uint8 qs[16]}; x = d * (q - 16)
-    q = _nibbles(b[:, 6:]).bitwise_or_(_qh32(b[:, 2:6]) << 4)
-    return _signed(q, 16).mul_(_half(b, 0))
+    q = nibbles(b[:, 6:]).bitwise_or_(_qh32(b[:, 2:6]) << 4)
+    return _signed(q, 16).mul_(block_half(b, 0))
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
     # block_q5_1: {half d; half m; uint8 qh[4]; uint8 qs[16]}; x = d * q + m
-    q = _nibbles(b[:, 8:]).bitwise_or_(_qh32(b[:, 4:8]) << 4)
-    return q.float().mul_(_half(b, 0)).add_(_half(b, 2))
+    q = nibbles(b[:, 8:]).bitwise_or_(_qh32(b[:, 4:8]) << 4)
+    return q.float().mul_(block_half(b, 0)).add_(block_half(b, 2))
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
     # block_q2_K: {uint8 scales[16]; uint8 qs[64]; half d; half dmin}; per 128: byte l has elements l, +32, +64, +96
     sc = b[:, :16]
-    dl = (_half(b, 80) * (sc & 0xF).float()).unsqueeze(2)
-    ml = (_half(b, 82) * (sc >> 4).float()).unsqueeze(2)
+    dl = (block_half(b, 80) * (sc & 0xF).float()).unsqueeze(2)
+    ml = (block_half(b, 82) * (sc >> 4).float()).unsqueeze(2)
     q = _crumbs(b[:, 16:80].view(-1, 2, 32)).view(-1, 16, 16).float()
     return q.mul_(dl).sub_(ml).view(-1, 256)
 
@@ -136,9 +136,9 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
 def _q3_k(b: torch.Tensor) -> torch.Tensor:
     # block_q3_K: {uint8 hmask[32]; uint8 qs[64]; uint8 scales[12]; half d}; a clear hmask bit means q - 4
     s = b[:, 96:108]
-    low = _nibbles(s[:, :8])  # scales 0-7 in the low nibbles, 8-15 in the high ones
+    low = nibbles(s[:, :8])  # scales 0-7 in the low nibbles, 8-15 in the high ones
     high = _crumbs(s[:, 8:12])  # bits 4-5 of scale j: byte j % 4, bit 2 * (j // 4)
-    dl = (_half(b, 108) * _signed(low | (high << 4), 32)).unsqueeze(2)
+    dl = (block_half(b, 108) * _signed(low | (high << 4), 32)).unsqueeze(2)
     ql = _crumbs(b[:, 32:96].view(-1, 2, 32))
     q = ql - ((_bits(b[:, :32]) ^ 1) << 2).view(ql.shape)  # uint8 wraps; read as int8 below
     return q.view(torch.int8).float().view(-1, 16, 16).mul_(dl).view(-1, 256)
@@ -146,28 +146,28 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
 
 def _k4(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Q4_K/Q5_K tail: x = (d * scale) * q - dmin * min, per sub-block of 32."""
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    d = (_half(b, 0) * sc).unsqueeze(2)
-    dm = (_half(b, 2) * mn).unsqueeze(2)
+    sc, mn = scale_min_k4(b[:, 4:16])
+    d = (block_half(b, 0) * sc).unsqueeze(2)
+    dm = (block_half(b, 2) * mn).unsqueeze(2)
     return q.float().view(-1, 8, 32).mul_(d).sub_(dm).view(-1, 256)
 
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
     # block_q4_K: {half d; half dmin; uint8 scales[12]; uint8 qs[128]}; per 64: low nibbles, then high nibbles
-    return _k4(b, _nibbles(b[:, 16:].view(-1, 4, 32)))
+    return _k4(b, nibbles(b[:, 16:].view(-1, 4, 32)))
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
     # block_q5_K: {half d; half dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]}; qh bit k: element 32k + i
-    ql = _nibbles(b[:, 48:].view(-1, 4, 32)).view(-1, 8, 32)
+    ql = nibbles(b[:, 48:].view(-1, 4, 32)).view(-1, 8, 32)
     return _k4(b, ql.bitwise_or_(_bits(b[:, 16:48]) << 4))
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
     # block_q6_K: {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d}; x = d * scale * (q - 32)
-    ql = _nibbles(b[:, :128].view(-1, 2, 64))  # per 128: two nibble planes of 64
+    ql = nibbles(b[:, :128].view(-1, 2, 64))  # per 128: two nibble planes of 64
     qh = _crumbs(b[:, 128:192].view(-1, 2, 32))
-    d = (_half(b, 208) * b[:, 192:208].view(torch.int8).float()).unsqueeze(2)
+    d = (block_half(b, 208) * b[:, 192:208].view(torch.int8).float()).unsqueeze(2)
     return _signed(ql.bitwise_or_(qh << 4), 32).view(-1, 16, 16).mul_(d).view(-1, 256)
 
 

@@ -5,7 +5,7 @@ weights/s on 2 CPU cores, 2.5 s a token at 4B). On the CPU the layers are first 
 (`decode_table`: int4 from Q4_K and int8 rows else with the weight-only kernels of quant/decode_linear.py, the compute
 dtype without them), converted once at load (enhance.unpack_layers), and kept so when every layer then stays
 resident; else the stored table, dequantized at each token. The output head is the tied embedding table, held as
-`head_form` says. The enhancer runs this very plan (enhance.plan_stage), and `plan --enhance` prints it.
+`head_form` says. The enhancer runs this very plan (ZImagePipeline.enhance_stage), and `plan --enhance` prints it.
 """
 
 from __future__ import annotations

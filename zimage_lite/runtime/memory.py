@@ -6,6 +6,7 @@ import ctypes
 import functools
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -133,3 +134,29 @@ def pinned_layout(sizes: list[int], count: int | None = None) -> tuple[list[tupl
     candidates = [smallest << k for k in range(MAX_CHUNK_DOUBLINGS + 1)]
     chunk = min(candidates, key=lambda c: sum(_first_fit([sizes[0]] * n, c)[1]))  # ties: the smallest chunk
     return _first_fit(sizes, chunk)
+
+
+def release_pages(root: Path) -> None:
+    """Drop this process' resident pages of every memory map of a file under `root` (MADV_DONTNEED).
+
+    Weights read through a file's mapping (safe_open maps private copy-on-write, GGUFReader read-only) keep their
+    pages counted in RSS until unmapped, even once the tensor made from them (a cast, a converted copy) is all that
+    is used: the quantize tool reading a whole checkpoint, the enhancer converting its layers. Dropping them is safe
+    for sources nobody writes to (a copy-on-write page written to would be lost): a later access reads the page
+    again from the page cache. Linux only.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    prefix = str(Path(root).resolve())
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return
+    for line in lines:
+        fields = line.split(None, 5)
+        shared_writable = fields[1][1] == "w" and fields[1][3] == "s" if len(fields) > 1 else True
+        if len(fields) == 6 and fields[5].strip().startswith(prefix) and not shared_writable:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4 = MADV_DONTNEED

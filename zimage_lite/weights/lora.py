@@ -88,7 +88,7 @@ def _examples(keys: list[str]) -> str:
     return ", ".join(sorted(keys)[:EXAMPLES])
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -277,7 +277,7 @@ def read_lora(path: Path | str, dit: DiTConfig | None = None) -> LoraFile:
             adapters[name] = Adapter(d, u, a)
             keys[name] = group["down"]
     fused = any(targets[m][0][1] is not None for m in groups)
-    lora = LoraFile(path, _format(prefixes, styles, fused), adapters, tuple(skipped), _sha256(path),
+    lora = LoraFile(path, _format(prefixes, styles, fused), adapters, tuple(skipped), file_sha256(path),
                     tuple(duplicates), keys)
     if dit is not None:
         check_shapes(lora, dit)
