@@ -12,11 +12,12 @@ The model is the benchmark cache's random full-size turbo folder (run.py builds 
 Random weights never end their answer, so each run generates exactly --new tokens (no stop token). The prompt is our
 system prompt and a short request, cut to --prompt-tokens (the cache's small tokenizer spends about three times the
 tokens Qwen's would on the same text; ~280 with Qwen's). Two modes, each in its own child process (its own peak
-RSS): `unpacked`, the decoder layers dequantized once into the compute dtype (what the enhancer does on the CPU when
-they fit the budget), and `packed`, every quantized weight dequantized again at each token (when they do not).
+RSS): `unpacked`, the decoder layers converted once for decoding (what the enhancer does on the CPU when they fit
+the budget), and `packed`, every quantized weight dequantized again at each token (when they do not).
 --decode-route picks how `unpacked` holds the layers (quant/decode_linear.py): "packed" (int4/int8 weight-only
-kernels, the CPU default) or "float" (dequantized to the compute dtype); --head how the output head is held (the
-plan's by default: int8 rows with the packed route when the table is stored quantized); each row records both.
+kernels, the CPU default) or "float" (dequantized to the compute dtype); --head how the output head is held, int8
+rows or a copy in the compute dtype (the plan's by default: int8 rows with the packed route when the table is stored
+quantized); each row records both.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.run import DEFAULT_CACHE, append_rows, child, machine, model_folder  # noqa: E402
+from benchmarks.run import DEFAULT_CACHE, child, emit, machine, model_folder  # noqa: E402
 from zimage_lite.quant.decode_linear import ROUTE_ENV, decode_route  # noqa: E402
 
 REQUEST = "a cat on a chair by the window, morning"
@@ -57,7 +58,8 @@ def worker(spec: dict) -> dict:
     stage = pipe.enhance_stage(cfg, source, len(ids) + spec["new"])
     if spec["mode"] == "unpacked" and not stage.unpacked:
         raise SystemExit("the plan does not hold the layers converted for decoding under this budget")
-    stage = replace(stage, unpacked=spec["mode"] == "unpacked", head=spec.get("head") or stage.head)
+    head = {"copy": spec["dtype"]}.get(spec.get("head"), spec.get("head")) or stage.head
+    stage = replace(stage, unpacked=spec["mode"] == "unpacked", head=head)
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = Qwen3Encoder(cfg, lm=True)
@@ -100,8 +102,9 @@ def main() -> None:
     p.add_argument("--new", type=int, default=32, help="tokens generated in the unpacked mode (packed: a quarter)")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--decode-route", choices=("packed", "float"), help="default: the CPU's (decode_route)")
-    p.add_argument("--head", choices=("int8", "bf16", "fp32"),
-                   help="how the output head is held (default: the plan's, enhance_plan.head_form)")
+    p.add_argument("--head", choices=("int8", "copy"),
+                   help="how the output head is held: int8 rows or a copy in the compute dtype (default: the plan's, "
+                        "enhance_plan.head_form)")
     p.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench (built as the module docstring says): "
                    "a row for it on the same file, before ours")
     p.add_argument("--json", type=Path)
@@ -110,14 +113,12 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
-    rows = []
     if args.llama_bench:
         row = {"component": "enhance", "mode": "llama.cpp", "quant": args.text_encoder.name, "dtype": "ggml",
                "load_average": os.getloadavg(), **llama_bench(args.llama_bench, args.text_encoder,
                                                                args.prompt_tokens, args.new),
                "command": " ".join(sys.argv), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        emit(row, args.json)
     for mode in filter(None, args.modes.split(",")):
         spec = {"mode": mode, "model": str(model_folder(args.preset, args.cache)), "dtype": args.dtype,
                 "text_encoder": str(args.text_encoder.resolve()), "prompt_tokens": args.prompt_tokens,
@@ -127,10 +128,7 @@ def main() -> None:
         row = {"component": "enhance", "mode": mode, "decode_route": spec["decode_route"],
                "quant": args.text_encoder.name, "dtype": args.dtype, "load_average": os.getloadavg(),
                **result, "command": " ".join(sys.argv), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    if args.json:
-        append_rows(args.json, rows)
+        emit(row, args.json)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from zimage_lite.runtime.units import gb
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repository's root
 
 from benchmarks.report_peers import (  # noqa: E402
-    _cell,
     control_plan_table,
     control_table,
+    gib_cell,
     int8_quality_table,
     roofs_table,
     sdcpp_table,
@@ -96,7 +96,7 @@ def dit_table(rows: list[dict]) -> list[str]:
         err = f"{r['rel_error_vs_bf16']:.4f}" if "rel_error_vs_bf16" in r else ""
         settings = "GGUF loader" if r["settings"] == "gguf" else r["settings"]
         out.append(f"| {r['impl']} | {r['quant']} | {settings} | {r['step_seconds']:.2f} | {ratio} | "
-                   f"{_cell(r['peak_rss_bytes'])} | {rss} | {own} | {_cell(r.get('peak_device_bytes'))} | "
+                   f"{gib_cell(r['peak_rss_bytes'])} | {rss} | {own} | {gib_cell(r.get('peak_device_bytes'))} | "
                    f"{r['load_seconds']:.1f} | {err} |")
     return out
 
@@ -104,7 +104,7 @@ def dit_table(rows: list[dict]) -> list[str]:
 def quantize_table(rows: list[dict]) -> list[str]:
     out = ["| recipe | seconds | peak RSS GiB | file GB |", "|---|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['quant']} | {r['total_seconds']:.0f} | {_cell(r['peak_rss_bytes'])} | "
+        out.append(f"| {r['quant']} | {r['total_seconds']:.0f} | {gib_cell(r['peak_rss_bytes'])} | "
                    f"{gb(r['file_bytes'], unit=False)} |")
     return out
 
@@ -171,7 +171,7 @@ def enhance_table(rows: list[dict]) -> list[str]:
         load = f"{r['load_seconds']:.0f}" if "load_seconds" in r else ""
         avg = " ".join(f"{x:.1f}" for x in r["load_average"]) if r.get("load_average") else ""
         out.append(f"| {runtime} | {how} | {head} | {r['prompt_tokens']} | {r['prefill_tokens_per_second']:.1f} | "
-                   f"{r['new_tokens']} | {r['tokens_per_second']:.2f} | {load} | {_cell(r['peak_rss_bytes'])} | "
+                   f"{r['new_tokens']} | {r['tokens_per_second']:.2f} | {load} | {gib_cell(r['peak_rss_bytes'])} | "
                    f"{avg} |")
     return out
 
@@ -227,8 +227,8 @@ def gpu_run_table(rows: list[dict]) -> list[str]:
         d = ok[r["settings"]]
         ratio = f"{d['step_seconds'] / capped:.2f}" if capped else ""
         out.append(f"| {r['impl']} | {_settings(r)} | {d['step_seconds']:.3f} | {d['first_seconds']:.3f} | {ratio} | "
-                   f"{_cell(d['peak_device_bytes'])} | {_cell(d['peak_reserved_bytes'])} | "
-                   f"{_cell(r['host_peak_bytes'])} | {d['load_seconds']:.1f} |")
+                   f"{gib_cell(d['peak_device_bytes'])} | {gib_cell(d['peak_reserved_bytes'])} | "
+                   f"{gib_cell(r['host_peak_bytes'])} | {d['load_seconds']:.1f} |")
     out += ["", "Our runs per stage against the plan (planned host: what the plan says the stage holds in RAM; above "
             "baseline: the stage's peak RSS minus the RSS before any weight was read (interpreter, torch, CUDA "
             "context); pinned: bytes torch's pinned host allocator held at the stage's end; wall: the stage's "
@@ -241,11 +241,12 @@ def gpu_run_table(rows: list[dict]) -> list[str]:
             continue
         for stage, f in stage_figures(r["events"]).items():
             plan = r["plan"].get(EVENT_PLAN.get(stage, stage), {})
-            out.append(f"| {r['settings']} | {stage} | {_cell(plan.get('peak_bytes'))} | "
-                       f"{_cell(f['peak_device_bytes'])} | {_cell(f['peak_reserved_bytes'])} | "
-                       f"{_cell(plan.get('host_bytes'))} | {_cell(plan.get('pinned_bytes'))} | "
-                       f"{_cell(f['host_peak_bytes'])} | {_cell(f['host_peak_bytes'] - r['baseline_rss_bytes'])} | "
-                       f"{_cell(f['pinned_bytes'])} | {f['wall_seconds']:.1f} |")
+            out.append(f"| {r['settings']} | {stage} | {gib_cell(plan.get('peak_bytes'))} | "
+                       f"{gib_cell(f['peak_device_bytes'])} | {gib_cell(f['peak_reserved_bytes'])} | "
+                       f"{gib_cell(plan.get('host_bytes'))} | {gib_cell(plan.get('pinned_bytes'))} | "
+                       f"{gib_cell(f['host_peak_bytes'])} | "
+                       f"{gib_cell(f['host_peak_bytes'] - r['baseline_rss_bytes'])} | "
+                       f"{gib_cell(f['pinned_bytes'])} | {f['wall_seconds']:.1f} |")
     for r in rows:
         if "plan_text" in r and r["settings"] == "capped":
             out += ["", "The capped run's plan, as `zimage-lite plan` prints it:", "", "```", r["plan_text"], "```"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from zimage_lite.runtime.units import gib
 
 
-def _cell(n: float | None) -> str:
+def gib_cell(n: float | None) -> str:
     """A GiB table cell; empty where nothing was measured."""
     return gib(n, unit=False) if n else ""
 
@@ -34,7 +34,7 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
             ratios += f" (vs its {other['quant']})" if other["quant"] != r["quant"] else ""
         out.append(f"| {r['round']} | {r['impl']} | {r['dit_file']} | {r['dtype']} | {r['load_seconds']:.0f} | "
                    f"{r['text_encoder_seconds']:.1f} | {step:.1f} | {r['vae_seconds']:.1f} | {whole:.0f} | "
-                   f"{whole + (8 - steps) * step:.0f} | {_cell(r['peak_rss_bytes'])} | {rate} | {ratios} |")
+                   f"{whole + (8 - steps) * step:.0f} | {gib_cell(r['peak_rss_bytes'])} | {rate} | {ratios} |")
     loads = [f"{r['load_average_before']:.1f}-{r['load_average_after']:.1f}" for r in rows
              if "load_average_before" in r]
     if loads:
@@ -88,9 +88,9 @@ def control_plan_table(rows: list[dict]) -> list[str]:
            "device peak GiB | host peak GiB | copied per step GiB |", "|---|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:
         d, c = r["dit"], r["controlnet"]
-        out.append(f"| {r['release']} | {r['control_blocks']} | {_cell(r['control_bytes'])} | {d['resident']} / "
-                   f"{d['streamed']} | {c['resident']} / {c['streamed']} | {_cell(r['peak_device'])} | "
-                   f"{_cell(r['peak_host'])} | {_cell(r['transfer_per_step'])} |")
+        out.append(f"| {r['release']} | {r['control_blocks']} | {gib_cell(r['control_bytes'])} | {d['resident']} / "
+                   f"{d['streamed']} | {c['resident']} / {c['streamed']} | {gib_cell(r['peak_device'])} | "
+                   f"{gib_cell(r['peak_host'])} | {gib_cell(r['transfer_per_step'])} |")
     return out
 
 

@@ -255,8 +255,13 @@ def test_int8_compute_with_streamed_blocks_is_refused(int8_files, tmp_path, caps
             "fp32", "--width", "32", "--height", "32", "--steps", "1"]
     out = tmp_path / "out"
     out.mkdir()
-    refused(capsys, [*argv, "--ram", "20MiB", "--out", str(out / "a.png")], "--int8-compute", "--ram", "dit",
+    refused(capsys, [*argv, "--ram", "20MiB", "--out", str(out / "a.png")], "--int8-compute", "--ram", "DiT",
             "streams", watch=(out,))
     from zimage_lite.cli import main
 
+    # `plan` shows the plan and says run would refuse it
+    assert main(["plan", "--model", str(model), "--dit", str(q8), "--int8-compute", "--device", "cpu", "--dtype",
+                 "fp32", "--width", "32", "--height", "32", "--ram", "20MiB"]) == 0
+    captured = capsys.readouterr()
+    assert "note: --int8-compute: under --ram" in captured.err and "streamed" in captured.out
     assert main([*argv, "--ram", "60MiB", "--out", str(out / "a.png")]) == 0

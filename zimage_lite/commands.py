@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .config import PRESETS, ModelConfig
 from .enhance_options import CONTEXT
@@ -100,6 +101,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         check_size(args.width, args.height, pipe.grid)
         plan = pipe.make_plan(args.width, args.height, args.cfg, args.prompt_tokens, image=encode,
                               enhance_tokens=CONTEXT if args.enhance else 0)
+        if (refused := pipe.int8_streaming(plan)) is not None:  # `run` refuses this plan: say so with it
+            print(f"note: {refused}", file=sys.stderr)
     print(format_plan(plan))
     return 0
 

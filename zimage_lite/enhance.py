@@ -3,11 +3,12 @@ prompt into the long, specific description the DiT was trained on.
 
 The text encoder file already on disk is the model: every layer, the final norm and the tied head
 (`Qwen3Encoder(cfg, lm=True)`, models/qwen3.py), placed as the plan's `enhance` stage says (blocks resident or
-streamed, weights packed), loaded for this stage only. The chat is Qwen3's template with thinking switched off
-(`<think>\\n\\n</think>\\n\\n` after the assistant tag, as `apply_chat_template(..., enable_thinking=False)` renders
-it), so the answer is the prompt alone. The prompt runs in one pass into a KV cache, then one token per pass until
-`<|im_end|>` (or `<|endoftext|>`) or `max_tokens`. Greedy unless `temperature > 0`, which samples from a CPU
-generator seeded with `seed`: one seed, one text, on every device.
+streamed; on the CPU, layers converted once for decoding when they all stay resident), loaded for this stage only.
+The chat is Qwen3's template with thinking switched off (`<think>\\n\\n</think>\\n\\n` after the assistant tag, as
+`apply_chat_template(..., enable_thinking=False)` renders it), so the answer is the prompt alone. The prompt runs
+in one pass into a KV cache, then one token per pass until `<|im_end|>` (or `<|endoftext|>`) or `max_tokens`.
+Greedy unless `temperature > 0`, which samples from a CPU generator seeded with `seed`: one seed, one text, on
+every device.
 """
 
 from __future__ import annotations
@@ -174,8 +175,9 @@ def enhance(pipe: ZImagePipeline, prompt: str, max_tokens: int = DEFAULT_MAX_TOK
 def hold_for_decoding(model: Qwen3Encoder, stage: Any, dtype: torch.dtype, mapped: Path | None = None) -> None:
     """The placed model as the plan's stage holds it for decoding: its layers converted once when `stage.unpacked`
     (`unpack_layers`), its head made now (int8 rows when `stage.head` says so). `mapped`: the file or folder the
-    weights are read from, whose pages each conversion read are handed back as it goes (runtime/memory.py
-    `release_pages`): the converted copies are what the plan counts, not the file's pages under them."""
+    weights are read from, whose resident pages are handed back after each conversion (runtime/memory.py
+    `release_pages`; whatever is read again comes back from the page cache): the converted copies are what the plan
+    counts, not the file's pages under them."""
     from .quant.decode_linear import DecodeLinear
     from .runtime.memory import release_pages
 
@@ -188,7 +190,7 @@ def hold_for_decoding(model: Qwen3Encoder, stage: Any, dtype: torch.dtype, mappe
     if stage.head == "int8":
         with torch.no_grad():
             model.set_head(DecodeLinear.head_of(model.embed_tokens))
-    if stage.head != "view":  # a view reads the table at every token: its pages stay
+    if stage.head != "view":  # a view reads the whole table at every token: nothing to hand back
         model.head  # noqa: B018  (made once, here)
         release()
 

@@ -156,7 +156,6 @@ class ZImagePipeline(StageModels):
                              model_name=self.files.name, encode=image, enhance_tokens=enhance_tokens,
                              adapter_tensors=self.loras.table() if self.loras else None,
                              control=(self.control.config, self.tensor_table("controlnet")) if self.control else None)
-        self._check_int8_streaming(made)
         return made
 
     def enhance_stage(self, cfg: Any, source: Any, tokens: int) -> plan.StagePlan:
@@ -182,17 +181,17 @@ class ZImagePipeline(StageModels):
                               f"({e.parts}); use a smaller quant of the text encoder (a Q4_K_M GGUF) or fewer "
                               f"--max-tokens") from None
 
-    def _check_int8_streaming(self, made: plan.Plan) -> None:
-        """--int8-compute converts a block's Linears as the block is read; on the CPU a streamed block is read from
-        the file again at every use (every step), so it would be converted again each time: refused."""
-        streamed = [s for s in made.stages if s.name in ("dit", "text_encoder") and s.streamed
-                    and getattr(self._open(s.name)[1], "converts", False)]
-        if self.device.type == "cpu" and streamed:
-            s, ram = streamed[0], format_size(made.request.budget + made.request.headroom)
-            raise OptionError(f"--int8-compute: under --ram {ram} the plan streams {len(s.streamed)} of the "
-                              f"{s.name.replace('_', ' ')}'s {len(s.blocks)} blocks, each converted to int8 again "
-                              f"at every use; raise --ram until `zimage-lite plan` shows none streamed, or leave "
-                              f"--int8-compute off")
+    def int8_streaming(self, made: plan.Plan) -> str | None:
+        """Why `made` does not suit --int8-compute, or None: it converts a block's Linears as the block is read, and
+        on the CPU a streamed DiT block is read from the file again at every step, so it would be converted again
+        each time (the text encoder's run once per prompt: no more than loading them)."""
+        s = made.stage("dit")
+        if not (self.device.type == "cpu" and s.streamed and getattr(self._open("dit")[1], "converts", False)):
+            return None
+        ram = format_size(made.request.budget + made.request.headroom)
+        return (f"--int8-compute: under --ram {ram} the plan streams {len(s.streamed)} of the DiT's {len(s.blocks)} "
+                f"blocks, each converted to int8 again at every step; raise --ram until `zimage-lite plan "
+                f"--int8-compute` shows none of them streamed, or leave --int8-compute off")
 
     def enhance(self, prompt: str, max_tokens: int = DEFAULT_MAX_TOKENS, seed: int = 0, temperature: float = 0.0,
                 system: str | Path | None = None) -> Enhanced:
@@ -280,6 +279,8 @@ class ZImagePipeline(StageModels):
         longest = max(tokens.ids.shape[0], neg_tokens.ids.shape[0] if neg_tokens else 0)
         new_plan = self.make_plan(params["width"], params["height"], cfg, caption_tokens=longest,
                                   image=init is not None or ctrl is not None)
+        if (refused := self.int8_streaming(new_plan)) is not None:
+            raise OptionError(refused)
         self._drop_stale(new_plan)
         self.plan = new_plan
         try:

@@ -147,7 +147,9 @@ def release_pages(root: Path) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    prefix = str(Path(root).resolve())
+    root = Path(root)
+    # the files themselves, resolved (a folder of linked shards maps their targets), matched exactly
+    files = {str(p.resolve()) for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file()}
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
@@ -157,6 +159,6 @@ def release_pages(root: Path) -> None:
     for line in lines:
         fields = line.split(None, 5)
         shared_writable = fields[1][1] == "w" and fields[1][3] == "s" if len(fields) > 1 else True
-        if len(fields) == 6 and fields[5].strip().startswith(prefix) and not shared_writable:
+        if len(fields) == 6 and fields[5].strip() in files and not shared_writable:
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4 = MADV_DONTNEED
