@@ -120,9 +120,6 @@ class ZImagePipeline(StageModels):
         super().__init__(files, device, dtype, keep_loaded, int8_compute)
         self.vram, self.ram = vram, ram
         map_large_host_blocks()  # freed stage memory goes back to the OS: host memory as the plan counts it
-        # (bytes, headroom) for tensors, fixed at the first plan: measured again later, free memory would no longer
-        # count what kept models (keep_loaded) already hold, and each image would plan for less
-        self._budget: tuple[int, int] | None = None
         self.tokenizer = PromptTokenizer(files.tokenizer, MAX_TEXT_TOKENS)
         self.scheduler = scheduler_config(files)
         self.dit_config: DiTConfig = self._open("dit")[0]
@@ -138,6 +135,12 @@ class ZImagePipeline(StageModels):
         self.grid = grid_of(self.dit_config, self._open("vae")[0].scale)
 
     # -- planning ----------------------------------------------------------------------------------------------
+    @cached_property
+    def budget(self) -> tuple[int, int]:
+        """(bytes, headroom) for tensors, fixed at the first plan: measured again later, free memory would no longer
+        count what kept models (keep_loaded) already hold, and each image would plan for less."""
+        return usable_budget(str(self.device), self.vram, self.ram)
+
     def make_plan(self, width: int, height: int, cfg: float, caption_tokens: int = MAX_TEXT_TOKENS,
                   image: bool = False, enhance_tokens: int = 0) -> plan.Plan:
         """The memory plan for one image, from the tensors the files really hold: which blocks stay resident,
@@ -147,16 +150,13 @@ class ZImagePipeline(StageModels):
                              vae=self._open("vae")[0])
         text = (source_table(open_language_model(self.files.text_encoder)[1]) if enhance_tokens  # the whole LM's
                 else self.tensor_table("text_encoder"))
-        if self._budget is None:
-            self._budget = usable_budget(str(self.device), self.vram, self.ram)
-        made = plan.plan_for(config, self.weight_format("dit"), width, height, guidance_on(cfg), str(self.device),
+        return plan.plan_for(config, self.weight_format("dit"), width, height, guidance_on(cfg), str(self.device),
                              self.vram, self.ram, DTYPE_NAMES[self.dtype], self.weight_format("text_encoder"),
                              caption_tokens=caption_tokens, dit_tensors=self.tensor_table("dit"),
-                             text_tensors=text, keep_loaded=self.keep_loaded, budget=self._budget,
+                             text_tensors=text, keep_loaded=self.keep_loaded, budget=self.budget,
                              model_name=self.files.name, encode=image, enhance_tokens=enhance_tokens,
                              adapter_tensors=self.loras.table() if self.loras else None,
                              control=(self.control.config, self.tensor_table("controlnet")) if self.control else None)
-        return made
 
     def enhance_stage(self, cfg: Any, source: Any, tokens: int) -> plan.StagePlan:
         """The prompt enhancer's stage of the plan (runtime/enhance_plan.py: what `plan --enhance` prints) for a
@@ -165,9 +165,7 @@ class ZImagePipeline(StageModels):
         from .runtime.enhance_plan import enhance_stage
         from .runtime.residency import Beside, NoFit
 
-        if self._budget is None:
-            self._budget = usable_budget(str(self.device), self.vram, self.ram)
-        budget, headroom = self._budget
+        budget, headroom = self.budget
         config = ModelConfig(dit=self.dit_config, text_encoder=cfg, vae=self._open("vae")[0])
         req = plan.PlanRequest(config, budget, text_quant=self.weight_format("text_encoder"), device=str(self.device),
                                dtype=DTYPE_NAMES[self.dtype], headroom=headroom, text_tensors=source_table(source),
