@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.run import append_rows, machine  # noqa: E402
 from zimage_lite.quant import formats  # noqa: E402
+from zimage_lite.quant.chunks import Temps  # noqa: E402
 
 SHAPE = (10240, 3840)
 TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q4_K", "int8", "nf4")
@@ -66,7 +67,10 @@ def _packed(name: str, w: torch.Tensor, out: torch.Tensor):
         size = GGML_QUANT_SIZES[qtype][1]
 
         def whole():
-            return formats.KERNELS[qtype](raw.view(-1, size)).to(torch.bfloat16)
+            blocks = raw.view(-1, size)
+            x = torch.empty(blocks.shape[0], GGML_QUANT_SIZES[qtype][0])
+            formats.KERNELS[qtype](blocks, x, Temps(x.device, keep=False))
+            return x.to(torch.bfloat16)
 
     def runtime():
         return formats.dequantize(raw, qtype, SHAPE, torch.bfloat16, state=state, out=out)

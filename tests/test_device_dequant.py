@@ -3,6 +3,7 @@ temporaries within DEVICE_CHUNK_TEMP_BYTES a weight (the plan counts both).
 
 On the CPU the GPU's chunking runs on CPU tensors (`run_on` told the device is a GPU): the same torch ops, so the
 same bits and the same temporaries. The CUDA test at the end measures the real peak and skips without a GPU.
+On the CPU itself the chunk workers carve those temporaries from a buffer each keeps (chunks.Temps).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def gpu_chunking(monkeypatch):
         real(torch.device("cuda"), n, step, noted, device_step)
 
     monkeypatch.setattr(formats, "run_on", as_gpu)
+    monkeypatch.setattr(chunks, "temps", lambda device: chunks.Temps(device, keep=False))  # fresh, as on a GPU
     return seen
 
 
@@ -72,11 +74,11 @@ def test_device_chunks_equal_one_pass(kind, gpu_chunking, monkeypatch):
     assert chunked.data_ptr() == out.data_ptr()  # written into the given buffer
 
 
-# Measured (this test's setup; bf16 and fp16 the same): Q8_0 4.19, Q4_0 6.00, Q4_1 5.00, Q5_0 6.00, Q5_1 5.19,
-# Q2_K 5.50, Q3_K 6.38, Q4_K 5.50, Q5_K 5.50, Q6_K 7.25, int8 4.00, nf4 6.00 (nested too) bytes per weight of a
-# chunk; DEVICE_CHUNK_TEMP_BYTES = 8 bounds them all. The FFN-sized nested nf4 weight checks that no per-tensor state
-# (its absmax, decoded for the whole weight at once before) adds up beyond one chunk.
-@pytest.mark.parametrize("kind,shape", [*(pytest.param(k, (512, 4096), id=k) for k in KINDS),  # 2 chunks
+# Measured (this test's setup, bf16; fp32 results need no fp32 temporary: 0.19-2.52): Q8_0 4.19, Q4_0 5.00, Q4_1
+# 5.00, Q5_0 5.19, Q5_1 5.19, Q2_K 5.50, Q3_K 6.38, Q4_K 5.50, Q5_K 5.50, Q6_K 6.25, int8 4.00, nf4 6.00 (nested
+# too) bytes per weight of a chunk; DEVICE_CHUNK_TEMP_BYTES = 8 bounds them all. The FFN-sized nested nf4 weight
+# checks that no per-tensor state (its absmax, decoded for the whole weight at once before) adds up beyond one chunk.
+@pytest.mark.parametrize("kind,shape", [*(pytest.param(k, (768, 4096), id=k) for k in KINDS),  # 3 chunks
                                         pytest.param("nf4-nested", (10240, 3840), id="nf4-nested-ffn")])
 def test_a_chunks_temporaries_stay_within_the_planned_bound(kind, shape, gpu_chunking, monkeypatch):
     w = _packed(kind, shape)
@@ -87,6 +89,39 @@ def test_a_chunks_temporaries_stay_within_the_planned_bound(kind, shape, gpu_chu
     monkeypatch.setattr(chunks, "DEVICE_CHUNK", 10**9)
     whole = allocated_peak(lambda: dequantize(w.data, w.qtype, shape, torch.bfloat16, state=w.state, out=out))
     assert whole > bound  # precondition: one pass over the same weight breaks the bound (what the GPU did before)
+
+
+def test_cpu_chunk_workers_reuse_their_temporaries_within_the_bound(monkeypatch):
+    """Each CPU worker keeps one buffer for a chunk's temporaries: once warm, every temporary of every chunk is
+    carved from it (a fresh 4 MB temporary is a fresh memory mapping, page faults and all, under the pipeline's
+    malloc settings), and no worker keeps more than one chunk's worth whatever the mix of types."""
+    release_scratch()
+    shape = (768, 4096)  # 3 chunks of DEQUANT_CHUNK_WEIGHTS
+    weights = [_packed(kind, shape) for kind in ("Q4_K", "Q6_K", "Q3_K", "Q5_0", "Q8_0")]
+    out = torch.empty(math.prod(shape), dtype=torch.bfloat16)
+
+    def run():
+        for w in weights:
+            dequantize(w.data, w.qtype, shape, torch.bfloat16, out=out)
+
+    run()
+    run()  # every worker has met the largest chunk
+    arenas = {id(t): t._arena for t in chunks._temps.values()}
+    assert arenas and max(a.numel() for a in arenas.values()) <= (formats.DEQUANT_CHUNK_WEIGHTS
+                                                                  * chunks.DEVICE_CHUNK_TEMP_BYTES)
+    carved, real = [], chunks.Temps.__call__
+
+    def spy(self, shape, dtype):
+        t = real(self, shape, dtype)
+        arena = arenas.get(id(self))
+        carved.append(arena is not None and arena.data_ptr() <= t.data_ptr() < arena.data_ptr() + arena.numel())
+        return t
+
+    monkeypatch.setattr(chunks.Temps, "__call__", spy)
+    run()
+    assert len(carved) > 30 and all(carved)  # 39: 15 chunks of 1 to 5 temporaries
+    release_scratch()
+    assert not chunks._temps
 
 
 def test_dequant_scratch_is_reused_per_device_and_released():

@@ -11,6 +11,7 @@ torch releases the GIL inside ops, so the threads do run in parallel.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -25,6 +26,61 @@ DEVICE_CHUNK = 1 << 20
 # Temporaries per weight of a chunk while it dequantizes, an upper bound over every GGML type, int8 and nf4: measured
 # 4.0 (int8) to 7.25 (Q6_K) bytes, the fp32 kernel result included (tests/test_device_dequant.py).
 DEVICE_CHUNK_TEMP_BYTES = 8
+
+# Each thread's temporaries (Temps), by thread: cleared from any thread by release_temps at a stage's end.
+_temps: dict[int, Temps] = {}
+
+
+class Temps:
+    """The temporaries of one chunk's job, carved from one buffer (the arena) a thread keeps from chunk to chunk.
+    On the CPU a fresh multi-MB temporary is a fresh memory mapping (runtime/memory.map_large_host_blocks) whose page
+    faults cost more than the arithmetic: Q4_K dequantized at 0.7 G weights/s with new temporaries, 1.4 without the
+    mappings (benchmarks/dequant.py). The arena is sized by the chunks: a chunk whose temporaries do not fit gets new
+    tensors, and the next chunk an arena as large as it asked for; so it never holds more than one chunk's
+    temporaries, which the plan counts (DEVICE_CHUNK_TEMP_BYTES). Without `keep` (a GPU, whose caching allocator
+    reuses blocks already) every call is a new tensor."""
+
+    ALIGN = 64
+
+    def __init__(self, device: torch.device, keep: bool) -> None:
+        self.device, self._keep = device, keep
+        self._arena: torch.Tensor | None = None
+        self._asked = 0  # bytes the current chunk has asked for
+
+    def start(self) -> Temps:
+        """A new chunk: the arena's bytes are free again, grown first to what the last chunk asked for."""
+        arena = self._arena
+        # an arena made in inference mode cannot be written outside it (a model run under no_grad)
+        stale = arena is not None and arena.is_inference() and not torch.is_inference_mode_enabled()
+        if self._keep and (arena is None or stale or arena.numel() < self._asked):
+            self._arena = None  # the old arena goes before the new one exists
+            self._arena = torch.empty(max(self._asked, 1), dtype=torch.uint8, device=self.device)
+        self._asked = 0
+        return self
+
+    def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes, at = math.prod(shape) * dtype.itemsize, self._asked
+        self._asked += -(-nbytes // self.ALIGN) * self.ALIGN
+        if self._arena is None or self._asked > self._arena.numel():
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        return self._arena[at:at + nbytes].view(dtype).view(shape)
+
+
+def temps(device: torch.device) -> Temps:
+    """This thread's temporaries for a chunk about to start on `device` (the CPU's buffers kept, handed out from the
+    first again)."""
+    if device.type != "cpu":
+        return Temps(device, keep=False).start()
+    mine = _temps.get(threading.get_ident())
+    if mine is None:
+        mine = _temps[threading.get_ident()] = Temps(device, keep=True)
+    return mine.start()
+
+
+def release_temps() -> None:
+    """Free every thread's kept temporaries (at a stage's end: the next stage's chunks may differ)."""
+    _temps.clear()
+
 
 # Pools live as long as the process: threads start once, not at every Linear, and keep their warm malloc arenas.
 # Keyed by process too: a forked child inherits the dict but not the threads, and would wait on them forever.

@@ -32,13 +32,15 @@ from .convrot import Int8Rows, rotate
 from .kquants import K_QUANT_TYPES, quantize_k
 
 Q = GGMLQuantizationType
-Kernel = Callable[[torch.Tensor], torch.Tensor]  # (n_blocks, type_size) uint8 -> (n_blocks, block_size) fp32
 
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 DEQUANT_CHUNK_WEIGHTS = 1 << 20  # CPU: 4 MB fp32 temporaries per chunk (fastest of 0.25M..4M, see chunks.py)
 
 
-# ---- byte-level helpers (blocks: (n, type_size) uint8)
+# ---- byte-level helpers (blocks: (n, type_size) uint8). `new(shape, dtype)` makes a kernel's temporaries: a chunk
+# worker's kept buffers (chunks.Temps) in `dequantize`, plain allocation when absent.
+New = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+Kernel = Callable[[torch.Tensor, torch.Tensor, New], None]  # (blocks, out (n, block_size) float, new): see below
 
 
 def block_half(blocks: torch.Tensor, at: int) -> torch.Tensor:
@@ -47,42 +49,47 @@ def block_half(blocks: torch.Tensor, at: int) -> torch.Tensor:
     return blocks[:, at:at + 2].contiguous().view(torch.float16).float()
 
 
-def _fields(b: torch.Tensor, shifts: tuple[int, ...], bits: int) -> torch.Tensor:
+def _fields(b: torch.Tensor, shifts: tuple[int, ...], bits: int, new: New | None = None) -> torch.Tensor:
     """(..., k) bytes -> (..., len(shifts), k) uint8: the `bits`-wide field at each shift. One scalar shift and mask
-    per field: several times faster than broadcasting a tensor of shifts."""
-    out = b.new_empty((*b.shape[:-1], len(shifts), b.shape[-1]))
+    per field, written in place: several times faster than broadcasting a tensor of shifts."""
+    shape = (*b.shape[:-1], len(shifts), b.shape[-1])
+    out = new(shape, torch.uint8) if new else b.new_empty(shape)
     mask = (1 << bits) - 1
     for i, shift in enumerate(shifts):
-        if shift + bits >= 8:  # the top field needs no mask
-            torch.bitwise_right_shift(b, shift, out=out[..., i, :])
-        else:
-            torch.bitwise_and(b >> shift if shift else b, mask, out=out[..., i, :])
+        field = out[..., i, :]
+        if shift == 0:
+            torch.bitwise_and(b, mask, out=field)
+            continue
+        torch.bitwise_right_shift(b, shift, out=field)
+        if shift + bits < 8:  # the top field needs no mask
+            field.bitwise_and_(mask)
     return out
 
 
-def _bits(b: torch.Tensor) -> torch.Tensor:
+def _bits(b: torch.Tensor, new: New | None = None) -> torch.Tensor:
     """(n, k) bytes -> (n, 8, k): [j, i] is bit j of byte i (hmask, qh: element k*j + i)."""
-    return _fields(b, tuple(range(8)), 1)
+    return _fields(b, tuple(range(8)), 1, new)
 
 
-def nibbles(b: torch.Tensor) -> torch.Tensor:
+def nibbles(b: torch.Tensor, new: New | None = None) -> torch.Tensor:
     """(..., k) bytes -> (..., 2k): the low nibbles, then the high nibbles (element j, element j + k)."""
-    return _fields(b, (0, 4), 4).flatten(-2)
+    return _fields(b, (0, 4), 4, new).flatten(-2)
 
 
-def _crumbs(b: torch.Tensor) -> torch.Tensor:
+def _crumbs(b: torch.Tensor, new: New | None = None) -> torch.Tensor:
     """(..., k) bytes -> (..., 4k): the 2-bit fields at bits 0, 2, 4, 6, each a run of k elements."""
-    return _fields(b, (0, 2, 4, 6), 2).flatten(-2)
+    return _fields(b, (0, 2, 4, 6), 2, new).flatten(-2)
 
 
 def _signed(q: torch.Tensor, offset: int) -> torch.Tensor:
-    """uint8 levels minus `offset` as fp32: wrap in uint8, read as int8 (exact for results in -128..127)."""
-    return (q - offset).view(torch.int8).float()
+    """uint8 levels minus `offset`, in place, read as int8 (exact for results in -128..127; uint8 wraps)."""
+    return q.sub_(offset).view(torch.int8)
 
 
-def _qh32(b: torch.Tensor) -> torch.Tensor:
+def _qh32(b: torch.Tensor, new: New) -> torch.Tensor:
     """Q5_0/Q5_1 qh: 4 bytes, a little-endian uint32 whose bit j is bit 4 of element j -> (n, 32)."""
-    return _bits(b).transpose(1, 2).flatten(1)
+    bits = _bits(b, new)
+    return new((b.shape[0], 4, 8), torch.uint8).copy_(bits.transpose(1, 2)).view(-1, 32)
 
 
 def scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,82 +100,98 @@ def scale_min_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc.float(), mn.float()
 
 
-# ---- kernels; each mirrors gguf/quants.py's dequantize_blocks operation for operation (fp32, no FMA). The fp32
-# result is allocated once and scaled in place: on CPU, allocating is as slow as the arithmetic at these sizes.
+def _float(q: torch.Tensor, out: torch.Tensor, new: New) -> torch.Tensor:
+    """The integer levels `q` as fp32, shaped as q, in `out` itself when out is fp32, else in an fp32 temporary that
+    `_store` rounds into out once at the end. copy_ converts in place, where a mixed-dtype op would first make an
+    fp32 copy of its integer input (TensorIterator promotes CPU inputs through temporaries)."""
+    x = out if out.dtype == torch.float32 else new(out.shape, torch.float32)
+    return x.view(q.shape).copy_(q)
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
+def _store(x: torch.Tensor, out: torch.Tensor) -> None:
+    if x.data_ptr() != out.data_ptr():
+        out.copy_(x.view(out.shape))
+
+
+# ---- kernels; each mirrors gguf/quants.py's dequantize_blocks operation for operation (fp32, no FMA), and writes
+# its (n, block_size) result into `out` (any float dtype: computed in fp32, rounded once). Every temporary comes
+# from `new`: on the CPU, allocating is as slow as the arithmetic at these sizes.
+
+
+def _q8_0(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q8_0: {half d; int8 qs[32]}; x = q * d
-    return b[:, 2:].view(torch.int8).float().mul_(block_half(b, 0))
+    _store(_float(b[:, 2:].view(torch.int8), out, new).mul_(block_half(b, 0)), out)
 
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
+def _q4_0(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q4_0: {half d; uint8 qs[16]}; x = d * (q - 8)
-    return _signed(nibbles(b[:, 2:]), 8).mul_(block_half(b, 0))
+    _store(_float(_signed(nibbles(b[:, 2:], new), 8), out, new).mul_(block_half(b, 0)), out)
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
+def _q4_1(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q4_1: {half d; half m; uint8 qs[16]}; x = d * q + m
-    return nibbles(b[:, 4:]).float().mul_(block_half(b, 0)).add_(block_half(b, 2))
+    _store(_float(nibbles(b[:, 4:], new), out, new).mul_(block_half(b, 0)).add_(block_half(b, 2)), out)
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
+def _q5_0(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q5_0: {half d; uint8 qh[4]; uint8 qs[16]}; x = d * (q - 16)
-    q = nibbles(b[:, 6:]).bitwise_or_(_qh32(b[:, 2:6]) << 4)
-    return _signed(q, 16).mul_(block_half(b, 0))
+    q = nibbles(b[:, 6:], new).bitwise_or_(_qh32(b[:, 2:6], new).bitwise_left_shift_(4))
+    _store(_float(_signed(q, 16), out, new).mul_(block_half(b, 0)), out)
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
+def _q5_1(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q5_1: {half d; half m; uint8 qh[4]; uint8 qs[16]}; x = d * q + m
-    q = nibbles(b[:, 8:]).bitwise_or_(_qh32(b[:, 4:8]) << 4)
-    return q.float().mul_(block_half(b, 0)).add_(block_half(b, 2))
+    q = nibbles(b[:, 8:], new).bitwise_or_(_qh32(b[:, 4:8], new).bitwise_left_shift_(4))
+    _store(_float(q, out, new).mul_(block_half(b, 0)).add_(block_half(b, 2)), out)
 
 
-def _q2_k(b: torch.Tensor) -> torch.Tensor:
+def _q2_k(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q2_K: {uint8 scales[16]; uint8 qs[64]; half d; half dmin}; per 128: byte l has elements l, +32, +64, +96
     sc = b[:, :16]
     dl = (block_half(b, 80) * (sc & 0xF).float()).unsqueeze(2)
     ml = (block_half(b, 82) * (sc >> 4).float()).unsqueeze(2)
-    q = _crumbs(b[:, 16:80].view(-1, 2, 32)).view(-1, 16, 16).float()
-    return q.mul_(dl).sub_(ml).view(-1, 256)
+    q = _crumbs(b[:, 16:80].view(-1, 2, 32), new).view(-1, 16, 16)
+    _store(_float(q, out, new).mul_(dl).sub_(ml), out)
 
 
-def _q3_k(b: torch.Tensor) -> torch.Tensor:
+def _q3_k(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q3_K: {uint8 hmask[32]; uint8 qs[64]; uint8 scales[12]; half d}; a clear hmask bit means q - 4
     s = b[:, 96:108]
     low = nibbles(s[:, :8])  # scales 0-7 in the low nibbles, 8-15 in the high ones
     high = _crumbs(s[:, 8:12])  # bits 4-5 of scale j: byte j % 4, bit 2 * (j // 4)
-    dl = (block_half(b, 108) * _signed(low | (high << 4), 32)).unsqueeze(2)
-    ql = _crumbs(b[:, 32:96].view(-1, 2, 32))
-    q = ql - ((_bits(b[:, :32]) ^ 1) << 2).view(ql.shape)  # uint8 wraps; read as int8 below
-    return q.view(torch.int8).float().view(-1, 16, 16).mul_(dl).view(-1, 256)
+    dl = (block_half(b, 108) * _signed(low | (high << 4), 32).float()).unsqueeze(2)
+    ql = _crumbs(b[:, 32:96].view(-1, 2, 32), new)
+    low_bit = _bits(b[:, :32], new).bitwise_xor_(1).bitwise_left_shift_(2)
+    q = ql.sub_(low_bit.view(ql.shape)).view(torch.int8)  # uint8 wraps; read as int8
+    _store(_float(q.view(-1, 16, 16), out, new).mul_(dl), out)
 
 
-def _k4(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _k4(b: torch.Tensor, q: torch.Tensor, out: torch.Tensor, new: New) -> None:
     """Q4_K/Q5_K tail: x = (d * scale) * q - dmin * min, per sub-block of 32."""
     sc, mn = scale_min_k4(b[:, 4:16])
     d = (block_half(b, 0) * sc).unsqueeze(2)
     dm = (block_half(b, 2) * mn).unsqueeze(2)
-    return q.float().view(-1, 8, 32).mul_(d).sub_(dm).view(-1, 256)
+    _store(_float(q.view(-1, 8, 32), out, new).mul_(d).sub_(dm), out)
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q4_K: {half d; half dmin; uint8 scales[12]; uint8 qs[128]}; per 64: low nibbles, then high nibbles
-    return _k4(b, nibbles(b[:, 16:].view(-1, 4, 32)))
+    _k4(b, nibbles(b[:, 16:].view(-1, 4, 32), new), out, new)
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q5_K: {half d; half dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]}; qh bit k: element 32k + i
-    ql = nibbles(b[:, 48:].view(-1, 4, 32)).view(-1, 8, 32)
-    return _k4(b, ql.bitwise_or_(_bits(b[:, 16:48]) << 4))
+    ql = nibbles(b[:, 48:].view(-1, 4, 32), new).view(-1, 8, 32)
+    _k4(b, ql.bitwise_or_(_bits(b[:, 16:48], new).bitwise_left_shift_(4)), out, new)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
     # block_q6_K: {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d}; x = d * scale * (q - 32)
-    ql = nibbles(b[:, :128].view(-1, 2, 64))  # per 128: two nibble planes of 64
-    qh = _crumbs(b[:, 128:192].view(-1, 2, 32))
+    ql = nibbles(b[:, :128].view(-1, 2, 64), new)  # per 128: two nibble planes of 64
+    qh = _crumbs(b[:, 128:192].view(-1, 2, 32), new).bitwise_left_shift_(4)
     d = (block_half(b, 208) * b[:, 192:208].view(torch.int8).float()).unsqueeze(2)
-    return _signed(ql.bitwise_or_(qh << 4), 32).view(-1, 16, 16).mul_(d).view(-1, 256)
+    q = _signed(ql.bitwise_or_(qh), 32)
+    _store(_float(q.view(-1, 16, 16), out, new).mul_(d), out)
 
 
 KERNELS: dict[GGMLQuantizationType, Kernel] = {
@@ -268,7 +291,7 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType | BnbType | int, s
     result = _result(shape, dtype, raw.device, out).view(-1, block)
 
     def fill(start: int, stop: int) -> None:
-        result[start:stop] = kernel(blocks[start:stop])
+        kernel(blocks[start:stop], result[start:stop], chunks.temps(raw.device))
 
     _by_chunks(blocks.shape[0], block, raw.device, fill)
     return result.view(shape)
@@ -281,8 +304,11 @@ def _int8_rows(raw: torch.Tensor, qtype: Int8Rows, shape: tuple[int, ...], scale
     out = result.view(q.shape)
 
     def fill(start: int, stop: int) -> None:
-        w = q[start:stop].float().mul_(scale[start:stop])
-        out[start:stop] = rotate(w, qtype.groupsize) if qtype.groupsize else w
+        w = _float(q[start:stop], out[start:stop], chunks.temps(raw.device)).mul_(scale[start:stop])
+        if qtype.groupsize:
+            out[start:stop] = rotate(w, qtype.groupsize)
+        else:
+            _store(w, out[start:stop])
 
     _by_chunks(q.shape[0], q.shape[1], raw.device, fill)
     return out.view(shape)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
+from .chunks import release_temps
 from .convrot import Int8Rows
 from .formats import FLOAT_TYPES, INT8, BnbType, dequantize
 from .int8_compute import int8_linear, prepack, route_for
@@ -50,9 +51,11 @@ def dequant_scratch(device: torch.device, n: int, dtype: torch.dtype) -> torch.T
 
 
 def release_scratch() -> None:
-    """Free this thread's CPU buffer and every device's buffer (when a stage's model is freed)."""
+    """Free this thread's CPU buffer, every device's buffer and the chunk workers' temporaries (when a stage's model
+    is freed)."""
     _held().clear()
     _on_devices.clear()
+    release_temps()
 
 
 @dataclass(frozen=True)
