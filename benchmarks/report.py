@@ -77,7 +77,9 @@ def host_against_plan(r: dict) -> dict[str, float]:
 def _machine(m: dict) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     flags = f" ({' '.join(m['flags'])})" if m.get("flags") else ""  # rows before flags were recorded show none
-    return f"{m['cpu']}{flags}, {m['cores']} cores{gpu}, torch {m['torch']}"
+    limits = (", kernels limited: " + " ".join(f"{k}={v}" for k, v in m["isa_limits"].items())
+              if m.get("isa_limits") else "")
+    return f"{m['cpu']}{flags}{limits}, {m['cores']} cores{gpu}, torch {m['torch']}"
 
 
 def dit_table(rows: list[dict]) -> list[str]:

@@ -15,6 +15,7 @@ from test_controlnet import assert_same, theirs
 
 import zimage_lite
 from zimage_lite.cli import main
+from zimage_lite.control import ControlResizeWarning
 from zimage_lite.image import read_params
 from zimage_lite.weights.control_files import open_control
 
@@ -186,9 +187,11 @@ def test_cli_runs_and_reruns_from_png(tiny_model, controlnets, tmp_path, capsys)
 
 
 def test_control_image_sets_the_size(tiny_model, controlnets):
-    """Without width and height the size is the control image's, rounded down to the grid (16 px)."""
+    """Without width and height the size is the control image's, rounded down to the grid (16 px), and the user is
+    told the image is resized to it."""
     pipe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", control=controlnets["1.0"][1])
-    params = pipe.run_params("x", control_image=picture(70, 50), seed=1)
+    with pytest.warns(ControlResizeWarning, match="70x50: resized to 64x48"):
+        params = pipe.run_params("x", control_image=picture(70, 50), seed=1)
     assert (params["width"], params["height"]) == (64, 48)
     assert rel_err(torch.tensor([params["control_scale"]]), torch.tensor([0.75])) == 0
 

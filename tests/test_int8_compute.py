@@ -40,6 +40,36 @@ def test_routes_match_the_float_route(qtype, route):
     assert err < (0.03 if qtype.groupsize else 0.15)
 
 
+@pytest.mark.parametrize("route", ["onednn", "int_mm"])
+def test_a_blocks_projections_quantize_each_input_once(monkeypatch, route):
+    """q, k and v read one input, w1 and w3 another: a DiT block rotates and quantizes 4 activations, not 7, and its
+    output is the very same as with one quantization per Linear."""
+    from tests.fixtures import KQUANT
+    from zimage_lite.models.dit import TransformerBlock, rope_freqs
+    from zimage_lite.quant import qlinear
+    from zimage_lite.quant.qlinear import QLinear, QTensor
+
+    monkeypatch.setenv(ROUTE_ENV, route)
+    cfg, g = KQUANT.dit, torch.Generator().manual_seed(5)
+    block = TransformerBlock(cfg, modulation=False)
+    for owner in list(block.modules()):
+        for name, linear in list(owner.named_children()):
+            if isinstance(linear, torch.nn.Linear):  # ConvRot where the row fits its groups (w2's 682 does not)
+                qtype = CONVROT if linear.in_features % CONVROT.groupsize == 0 else ROWWISE
+                q, s = quantize_weight(torch.randn(linear.weight.shape, generator=g), qtype)
+                setattr(owner, name, QLinear(QTensor(q.view(torch.uint8), qtype, tuple(q.shape), (s.reshape(-1),)),
+                                             None))
+    x, rope = torch.randn(8, cfg.dim, generator=g), rope_freqs(torch.zeros(8, 3), cfg.axes_dims, cfg.rope_theta)
+    calls, quantize = [], int8_compute.quantize_activations
+    monkeypatch.setattr(int8_compute, "quantize_activations", lambda *a: calls.append(1) or quantize(*a))
+    with torch.inference_mode():
+        shared = block(x, rope, [8])
+        assert len(calls) == 4
+        monkeypatch.setattr(qlinear, "_activations_of", lambda *a: None)  # each Linear quantizes its own input
+        alone = block(x, rope, [8])
+    assert len(calls) == 4 + 7 and torch.equal(shared, alone)
+
+
 def test_route_is_chosen_once_and_remembered(monkeypatch, tmp_path):
     monkeypatch.setenv("ZIMAGE_LITE_CACHE", str(tmp_path))
     monkeypatch.delenv(ROUTE_ENV, raising=False)

@@ -170,9 +170,12 @@ class ZImagePipeline(StageModels):
         req = plan.PlanRequest(config, budget, text_quant=self.weight_format("text_encoder"), device=str(self.device),
                                dtype=DTYPE_NAMES[self.dtype], headroom=headroom, text_tensors=source_table(source),
                                enhance_tokens=tokens)
-        kept = Beside(sum(self.plan.stage(w).loaded_bytes for w in self._models) if self.plan else 0, 0)
+        loaded = [self.plan.stage(w) for w in self._models] if self.plan else []
+        kept = Beside(sum(s.loaded_bytes for s in loaded), 0)
+        kept_host = sum(s.pinned_bytes + s.host_weight_bytes for s in loaded)  # on cuda: their host-side parts
         try:
-            return plan.with_host(replace(enhance_stage(req, kept), kept_bytes=kept.kept), req.kind)
+            stage = enhance_stage(req, kept)
+            return plan.with_host(replace(stage, kept_bytes=kept.kept, kept_host_bytes=kept_host), req.kind)
         except NoFit as e:
             option = "--vram" if self.device.type == "cuda" else "--ram"
             raise BudgetError(f"{option} {format_size(budget + headroom)} is too small for the prompt enhancer "

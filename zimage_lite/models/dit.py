@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FREQUENCY_EMBEDDING_SIZE, SEQ_MULTI_OF, T_EMBED_MID, DiTConfig
+from ..quant.qlinear import shared_input
 from .layers import Block, Resident, RMSNorm, Runner, attention, schedule_of
 
 MAX_PERIOD = 10000.0
@@ -72,9 +73,10 @@ class Attention(nn.Module):
         """x: (S, dim), the tokens of one or more items back to back (`spans`: their lengths). Projections run on
         all tokens at once; attention runs within each item."""
         s = x.shape[0]
-        q = apply_rope(self.norm_q(self.to_q(x).view(s, self.n_heads, self.head_dim)), rope)
-        k = apply_rope(self.norm_k(self.to_k(x).view(s, self.n_kv_heads, self.head_dim)), rope)
-        v = self.to_v(x).view(s, self.n_kv_heads, self.head_dim)
+        with shared_input(x):
+            q = apply_rope(self.norm_q(self.to_q(x).view(s, self.n_heads, self.head_dim)), rope)
+            k = apply_rope(self.norm_k(self.to_k(x).view(s, self.n_kv_heads, self.head_dim)), rope)
+            v = self.to_v(x).view(s, self.n_kv_heads, self.head_dim)
         out = joined([
             attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None],
                       chunk=self.chunk)[0].transpose(0, 1)
@@ -90,7 +92,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp16_guard(self.w2(fp16_guard(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))))
+        with shared_input(x):
+            h = F.silu(self.w1(x), inplace=True).mul_(self.w3(x))
+        return fp16_guard(self.w2(fp16_guard(h)))
 
 
 FP16_MAX = 65504.0

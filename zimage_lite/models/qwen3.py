@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import TextEncoderConfig
 from ..quant.formats import dequantize
-from ..quant.qlinear import QEmbedding
+from ..quant.qlinear import QEmbedding, shared_input
 from .layers import Block, Resident, RMSNorm, Runner, attention, schedule_of
 
 
@@ -67,9 +67,10 @@ class Qwen3Attention(nn.Module):
                 layer: int = 0) -> torch.Tensor:
         s = x.shape[0]
         # q/k norms come before RoPE; everything as (1, heads, S, head_dim) for SDPA.
-        q = self.q_norm(self.q_proj(x).view(s, self.n_heads, self.head_dim)).transpose(0, 1)
-        k = self.k_norm(self.k_proj(x).view(s, self.n_kv, self.head_dim)).transpose(0, 1)
-        v = self.v_proj(x).view(s, self.n_kv, self.head_dim).transpose(0, 1)
+        with shared_input(x):
+            q = self.q_norm(self.q_proj(x).view(s, self.n_heads, self.head_dim)).transpose(0, 1)
+            k = self.k_norm(self.k_proj(x).view(s, self.n_kv, self.head_dim)).transpose(0, 1)
+            v = self.v_proj(x).view(s, self.n_kv, self.head_dim).transpose(0, 1)
         q, k = rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin)
         causal = True
         if cache is not None:
@@ -90,7 +91,9 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        with shared_input(x):
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h)
 
 
 class Qwen3DecoderLayer(nn.Module):

@@ -25,6 +25,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 
 from ..errors import ZImageLiteError
 from ..output import write_atomic
-from .convrot import rotate
+from .convrot import Int8Rows, rotate
+from .formats import dequantize
 
 ROUTES = ("onednn", "int_mm", "float")
 ROUTE_ENV = "ZIMAGE_LITE_INT8_ROUTE"  # forces a route (tests, benchmarks)
@@ -43,8 +45,9 @@ def quantize_activations(x: torch.Tensor, groupsize: int) -> tuple[torch.Tensor,
     """2-D activations -> (rounded values in -128..127 as fp32, fp32 row scales [M, 1]); rotated first when
     `groupsize` > 0. The caller picks the integer dtype its kernel takes."""
     x = rotate(x.float(), groupsize) if groupsize else x.float().clone()  # a copy of our own: worked in place
-    scale = (x.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_(min=1e-30)
-    return x.div_(scale).round_().clamp_(-128, 127), scale
+    # max |x| per row in one pass (no |x| temporary); |x| / scale <= 127 then, so the rounded values need no clamp
+    scale = (torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True) / 127.0).clamp_(min=1e-30)
+    return x.div_(scale).round_(), scale
 
 
 def prepack(qweight: torch.Tensor) -> torch.Tensor:
@@ -52,37 +55,58 @@ def prepack(qweight: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(qweight.view(torch.int8), [1, qweight.shape[1]])
 
 
+@dataclass(frozen=True)
+class Int8Activations:
+    """Activation rows rotated and quantized for one route: made once and shared by the int8 Linears that read the
+    same input (attention's q, k and v; the FFN's two input projections: qlinear.shared_input)."""
+
+    values: torch.Tensor  # [M', K]: int8 (int_mm; on CUDA at least 17 rows) or uint8 holding int8 + 128 (onednn)
+    scale: torch.Tensor  # fp32 [M, 1]
+    rows: int  # M
+    groupsize: int
+    route: str
+
+
+def int8_activations(x: torch.Tensor, groupsize: int, route: str) -> Int8Activations:
+    """x [..., K] for the integer `route`: rotated in groups of `groupsize` (0: not rotated), quantized per row."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_activations(x2, groupsize)
+    if route == "onednn":
+        values = xq.add_(128).to(torch.uint8)
+    elif route == "int_mm":
+        values = xq.to(torch.int8)
+        if x.is_cuda and values.shape[0] <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
+            values = F.pad(values, (0, 0, 0, 17 - values.shape[0]))
+    else:
+        raise ValueError(f"int8 route {route!r}: expected one of {', '.join(ROUTES)}")
+    return Int8Activations(values, xs, x2.shape[0], groupsize, route)
+
+
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, groupsize: int,
                 bias: torch.Tensor | None = None, route: str | None = None,
-                packed: torch.Tensor | None = None) -> torch.Tensor:
+                packed: torch.Tensor | None = None, given: Int8Activations | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) for W = int8 `qweight` [N, K] (uint8 bytes or int8) with fp32 row `scale` [N],
     stored rotated in groups of `groupsize` (0: not rotated). `route`: one of ROUTES (default: `route_for` the
-    device); "onednn" uses `packed` (from `prepack`) when given. The result has x's dtype."""
+    device); "onednn" uses `packed` (from `prepack`) when given; `given`: x already quantized for this groupsize
+    and route (`int8_activations`). The result has x's dtype."""
     route = route or route_for(x.device)
     q = qweight.view(torch.int8)
     n, k = q.shape
     if route == "int_mm" and x.is_cuda and (n % 8 or k % 8):  # cuBLASLt's int8 GEMM: both multiples of 8
         route = "float"
-    if route == "float":
-        w = q.float().mul_(scale.reshape(n, 1))
-        w = rotate(w, groupsize) if groupsize else w
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-    x2 = x.reshape(-1, k)
-    xq, xs = quantize_activations(x2, groupsize)
+    if route == "float":  # the weight dequantized as every packed type is (formats.dequantize)
+        w = dequantize(q.view(torch.uint8), Int8Rows(groupsize), (n, k), x.dtype, state=(scale.reshape(-1),))
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    if given is None or (given.groupsize, given.route) != (groupsize, route):
+        given = int8_activations(x, groupsize, route)
     if route == "onednn":
         w_packed = packed if packed is not None else prepack(q)
         zeros = _zero_points(n, x.device)
-        y = torch.ops.onednn.qlinear_pointwise(xq.add_(128).to(torch.uint8), 1.0, 128, w_packed, scale.float(), zeros,
+        y = torch.ops.onednn.qlinear_pointwise(given.values, 1.0, 128, w_packed, scale.float(), zeros,
                                                None, 1.0, 0, torch.float32, "none", [], "")
-    elif route == "int_mm":
-        xi = xq.to(torch.int8)
-        rows = xi.shape[0]
-        if x.is_cuda and rows <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
-            xi = F.pad(xi, (0, 0, 0, 17 - rows))
-        y = torch._int_mm(xi, q.t())[:rows].float().mul_(scale.reshape(1, n).float())
     else:
-        raise ValueError(f"int8 route {route!r}: expected one of {', '.join(ROUTES)}")
-    y = y.mul_(xs)
+        y = torch._int_mm(given.values, q.t())[:given.rows].float().mul_(scale.reshape(1, n).float())
+    y = y.mul_(given.scale)
     if bias is not None:
         y = y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
@@ -118,7 +142,10 @@ def _machine_key() -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return f"{cpu} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    # the kernels' instruction set: torch's dispatch level ($ATEN_CPU_CAPABILITY lowers it) and oneDNN's limit
+    isa = torch.backends.cpu.get_cpu_capability() + "".join(
+        f" {v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(v))
+    return f"{cpu} | {isa} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def _cache_file() -> Path:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 from .chunks import release_temps
 from .convrot import Int8Rows
 from .formats import FLOAT_TYPES, INT8, BnbType, dequantize
-from .int8_compute import int8_linear, prepack, route_for
+from .int8_compute import Int8Activations, int8_activations, int8_linear, prepack, route_for
 
 QType = GGMLQuantizationType | BnbType | Int8Rows
 
@@ -56,6 +58,34 @@ def release_scratch() -> None:
     _held().clear()
     _on_devices.clear()
     release_temps()
+
+
+# The input that int8 Linears inside `shared_input` rotate and quantize once between them (per thread: the CPU's
+# chunk workers never run Linears)
+_shared = threading.local()
+
+
+@contextmanager
+def shared_input(x: torch.Tensor) -> Iterator[None]:
+    """Within: the int8-row Linears called on `x` itself (the same tensor object) rotate and quantize it once for
+    all of them, per group size and route (attention's q, k and v read one input, the FFN's w1 and w3 another: a
+    DiT block quantizes 4 inputs, not 7). Any other layer is unaffected."""
+    outer = getattr(_shared, "entry", None)
+    _shared.entry = (x, {})
+    try:
+        yield
+    finally:
+        _shared.entry = outer
+
+
+def _activations_of(x: torch.Tensor, groupsize: int, route: str) -> Int8Activations | None:
+    entry = getattr(_shared, "entry", None)
+    if entry is None or entry[0] is not x:
+        return None
+    made = entry[1]
+    if (groupsize, route) not in made:
+        made[groupsize, route] = int8_activations(x, groupsize, route)
+    return made[groupsize, route]
 
 
 @dataclass(frozen=True)
@@ -128,7 +158,9 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.qtype, Int8Rows) and (route := route_for(self.weight.device)) != "float":
-            y = int8_linear(x, self.weight, self.state[0], self.qtype.groupsize, self.bias, route, self._packed(route))
+            given = _activations_of(x, self.qtype.groupsize, route)
+            y = int8_linear(x, self.weight, self.state[0], self.qtype.groupsize, self.bias, route, self._packed(route),
+                            given)
             return y if self.lora is None else self.lora.add_to(y, x)
         # Into the reused buffer (the weight is dead once F.linear returns): on a GPU in chunks of DEVICE_CHUNK
         # weights, so the transient is this buffer and one chunk's temporaries (formats.dequantize).
