@@ -185,20 +185,35 @@ def time_routes(shape: tuple[int, int, int] = _BENCH, reps: int = 3) -> dict[str
     return {name: 0.0 if t != t else round(flops / t / 1e9, 1) for name, t in best.items()}
 
 
+# oneDNN holds a blocked copy of every int8 weight beside it (twice the weights' memory: runtime/sizes.py counts it)
+# and makes it at the weight's first call: it must beat the best route without a copy by this much to be chosen
+# (measured here, AVX512-VNNI: 254 against int_mm's 238 GFLOP/s on the timing product, yet a 512x512 ConvRot step
+# took 74 s against int_mm's 37 s at twice the peak RSS; on AVX2 machines int_mm is a naive loop, ~40x slower)
+ONEDNN_MARGIN = 1.5
+
+
+def choose_route(gflops: dict[str, float]) -> str:
+    """The CPU route from `time_routes`' figures: the fastest ("float" included: an integer route must beat
+    dequantizing), oneDNN only when ONEDNN_MARGIN times faster than the best of the others."""
+    others = {r: g for r, g in gflops.items() if r != "onednn"}
+    best = max(others, key=lambda r: others[r])
+    return "onednn" if gflops.get("onednn", 0.0) > ONEDNN_MARGIN * others[best] else best
+
+
 @functools.cache
 def cpu_route() -> dict:
     """{"route", "gflops": {route: GFLOP/s}, "machine"}: read from the cache folder, else timed (`time_routes`,
-    about a second) and written there. "float" unless an integer route beats it."""
+    about a second) and written there; the route is `choose_route` of the figures."""
     key, path = _machine_key(), _cache_file()
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
-    if isinstance(known.get(key), dict) and known[key].get("route") in ROUTES:
-        return known[key]
+    entry = known.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("gflops"), dict) and set(entry["gflops"]) == set(ROUTES):
+        return entry | {"route": choose_route(entry["gflops"])}  # the rule below applies to earlier timings too
     gflops = time_routes()
-    best = max(gflops, key=lambda r: gflops[r])  # "float" included: an integer route must beat it
-    entry = {"route": best, "gflops": gflops, "machine": key}
+    entry = {"route": choose_route(gflops), "gflops": gflops, "machine": key}
     text = json.dumps(known | {key: entry}, indent=1) + "\n"
     try:  # a temporary file renamed over the old one: a run killed mid-write, or two at once, leave a whole file
         path.parent.mkdir(parents=True, exist_ok=True)
