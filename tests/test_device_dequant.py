@@ -96,20 +96,17 @@ def test_cpu_chunk_workers_reuse_their_temporaries_within_the_bound(monkeypatch)
     carved from it (a fresh 4 MB temporary is a fresh memory mapping, page faults and all, under the pipeline's
     malloc settings), and no worker keeps more than one chunk's worth whatever the mix of types."""
     release_scratch()
-    shape = (768, 4096)  # 3 chunks of DEQUANT_CHUNK_WEIGHTS
+    # two workers, whatever the machine, and 8 equal chunks of DEQUANT_CHUNK_WEIGHTS per weight: in two warm-up runs
+    # each worker meets the type asking the most (the pool hands chunks to either in no fixed order)
+    threads = torch.get_num_threads()
+    shape = (2048, 4096)
     weights = [_packed(kind, shape) for kind in ("Q4_K", "Q6_K", "Q3_K", "Q5_0", "Q8_0")]
     out = torch.empty(math.prod(shape), dtype=torch.bfloat16)
+    carved, real = [], chunks.Temps.__call__
 
     def run():
         for w in weights:
             dequantize(w.data, w.qtype, shape, torch.bfloat16, out=out)
-
-    run()
-    run()  # every worker has met the largest chunk
-    arenas = {id(t): t._arena for t in chunks._temps.values()}
-    assert arenas and max(a.numel() for a in arenas.values()) <= (formats.DEQUANT_CHUNK_WEIGHTS
-                                                                  * chunks.DEVICE_CHUNK_TEMP_BYTES)
-    carved, real = [], chunks.Temps.__call__
 
     def spy(self, shape, dtype):
         t = real(self, shape, dtype)
@@ -117,9 +114,18 @@ def test_cpu_chunk_workers_reuse_their_temporaries_within_the_bound(monkeypatch)
         carved.append(arena is not None and arena.data_ptr() <= t.data_ptr() < arena.data_ptr() + arena.numel())
         return t
 
-    monkeypatch.setattr(chunks.Temps, "__call__", spy)
-    run()
-    assert len(carved) > 30 and all(carved)  # 39: 15 chunks of 1 to 5 temporaries
+    torch.set_num_threads(2)
+    try:
+        run()
+        run()  # every worker has met the largest chunk
+        arenas = {id(t): t._arena for t in chunks._temps.values()}
+        assert arenas and max(a.numel() for a in arenas.values()) <= (formats.DEQUANT_CHUNK_WEIGHTS
+                                                                      * chunks.DEVICE_CHUNK_TEMP_BYTES)
+        monkeypatch.setattr(chunks.Temps, "__call__", spy)
+        run()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(carved) > 80 and all(carved)  # 104: 40 chunks of 1 to 5 temporaries
     release_scratch()
     assert not chunks._temps
 

@@ -104,6 +104,11 @@ def test_onednn_must_beat_the_routes_without_a_weight_copy_by_its_margin(monkeyp
     monkeypatch.setattr(int8_compute, "time_routes", lambda: pytest.fail("timed again"))
     cpu_route.cache_clear()
     assert route_for("cpu") == "int_mm"
+    gflops["onednn"] = None  # another version's file, or a hand-edited one: timed again, not a crash
+    (tmp_path / "int8-route.json").write_text(json.dumps({key: {"route": "onednn", "gflops": gflops, "machine": key}}))
+    monkeypatch.setattr(int8_compute, "time_routes", lambda: {"onednn": 600.0, "int_mm": 150.0, "float": 100.0})
+    cpu_route.cache_clear()
+    assert route_for("cpu") == "onednn"
     cpu_route.cache_clear()
 
 

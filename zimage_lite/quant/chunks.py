@@ -24,7 +24,7 @@ MAX_WORKERS = 8  # worker threads, each holding one chunk's temporaries
 # transient beyond the output is one chunk's temporaries (the planner counts both: runtime/plan.py).
 DEVICE_CHUNK = 1 << 20
 # Temporaries per weight of a chunk while it dequantizes, an upper bound over every GGML type, int8 and nf4: measured
-# 4.0 (int8) to 7.25 (Q6_K) bytes, the fp32 kernel result included (tests/test_device_dequant.py).
+# 4.19 (Q8_0) to 7 (Q5_0) bytes, the fp32 kernel result included (tests/test_device_dequant.py).
 DEVICE_CHUNK_TEMP_BYTES = 8
 
 # Each thread's temporaries (Temps), by thread: cleared from any thread by release_temps at a stage's end.
@@ -36,8 +36,9 @@ class Temps:
     On the CPU a fresh multi-MB temporary is a fresh memory mapping (runtime/memory.map_large_host_blocks) whose page
     faults cost more than the arithmetic: Q4_K dequantized at 0.7 G weights/s with new temporaries, 1.4 without the
     mappings (benchmarks/dequant.py). The arena is sized by the chunks: a chunk whose temporaries do not fit gets new
-    tensors, and the next chunk an arena as large as it asked for; so it never holds more than one chunk's
-    temporaries, which the plan counts (DEVICE_CHUNK_TEMP_BYTES). Without `keep` (a GPU, whose caching allocator
+    tensors (beside the arena, until the chunk ends), and the next chunk an arena as large as it asked for: once
+    warm, an arena holds the largest chunk's temporaries a thread has met, within DEVICE_CHUNK_TEMP_BYTES a weight
+    (the plan counts MAX_WORKERS of them). Without `keep` (a GPU, whose caching allocator
     reuses blocks already) every call is a new tensor."""
 
     ALIGN = 64

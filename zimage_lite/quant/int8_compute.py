@@ -5,6 +5,7 @@ block), quantized per row (symmetric, max|row| / 127), multiplied int8 x int8 wi
 product scaled by the weight's row scale (one per output column) and the activation's row scale.
 
 Routes, chosen once per machine (`route_for`): on CUDA `torch._int_mm` (int8 tensor cores). On the CPU the fastest of
+(oneDNN only by a margin: `choose_route`)
 - "onednn": `torch.ops.onednn.qlinear_pointwise` over a weight prepacked once by `torch.ops.onednn.qlinear_prepack`
   (the non-deprecated oneDNN entry points torch's inductor uses; u8 activations with zero point 128 hold the signed
   int8 values, the weight's row scales go in as per-channel scales and the activation row scales are applied after,
@@ -12,9 +13,9 @@ Routes, chosen once per machine (`route_for`): on CUDA `torch._int_mm` (int8 ten
 - "int_mm": `torch._int_mm` (on some builds a naive loop on the CPU: the timing decides);
 - "float": dequantize to the compute dtype and `F.linear`, as for every other packed type;
 timed on a 1024 x 2048 @ 2048 x 2048 product (a 512x512 image's 1024 tokens) with the current thread count, and
-remembered in the cache folder
-(`int8-route.json`, keyed by CPU, torch version and threads). The deprecated quantized-tensor ops
-(`torch.ops.quantized.linear_dynamic`, fbgemm) quantize activations per tensor, not per row, so they are not routes.
+remembered in the cache folder (`int8-route.json`, keyed by CPU, kernel instruction set, torch version and
+threads). The deprecated quantized-tensor ops (`torch.ops.quantized.linear_dynamic`, fbgemm) quantize activations
+per tensor, not per row, so they are not routes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ _BENCH = (1024, 2048, 2048)  # M, K, N of the timing product (8.6 GFLOP: ~0.15 s
 
 
 def quantize_activations(x: torch.Tensor, groupsize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D activations -> (rounded values in -128..127 as fp32, fp32 row scales [M, 1]); rotated first when
+    """2-D activations -> (rounded values in -127..127 as fp32, fp32 row scales [M, 1]); rotated first when
     `groupsize` > 0. The caller picks the integer dtype its kernel takes."""
     x = rotate(x.float(), groupsize) if groupsize else x.float().clone()  # a copy of our own: worked in place
     # max |x| per row in one pass (no |x| temporary); |x| / scale <= 127 then, so the rounded values need no clamp
@@ -122,7 +123,7 @@ def _zero_points(n: int, device: torch.device) -> torch.Tensor:
 
 def route_for(device: torch.device | str) -> str:
     """The route int8 weights run by on `device`: $ZIMAGE_LITE_INT8_ROUTE, else int_mm on CUDA, else the CPU's
-    measured fastest (`cpu_route`)."""
+    measured choice (`cpu_route`)."""
     forced = os.environ.get(ROUTE_ENV)
     if forced:
         if forced not in ROUTES:
@@ -209,8 +210,11 @@ def cpu_route() -> dict:
         known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
+    known = known if isinstance(known, dict) else {}
     entry = known.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("gflops"), dict) and set(entry["gflops"]) == set(ROUTES):
+    figures = entry.get("gflops") if isinstance(entry, dict) else None
+    if (isinstance(figures, dict) and set(figures) == set(ROUTES)
+            and all(type(g) in (int, float) for g in figures.values())):  # else (another version's file): timed again
         return entry | {"route": choose_route(entry["gflops"])}  # the rule below applies to earlier timings too
     gflops = time_routes()
     entry = {"route": choose_route(gflops), "gflops": gflops, "machine": key}
