@@ -218,8 +218,10 @@ sys.exit(main(sys.argv[4:]))
 def interrupt(hook: tuple[str, str, int], argv: list[str], sig: signal.Signals, folder: Path) -> tuple[int, str]:
     """Start the CLI in a child process, wait until it reaches `hook` (a .part file in `folder` shows that it is
     mid-write), send `sig`; (exit code, stderr)."""
+    # SIGINT at its default in the child: a shell's background job (`make test &`) starts with it ignored
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, hook), *argv], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         if "ready\n" not in proc.stdout:  # reads up to "ready"; the end of output means the child ended early
             pytest.fail(f"the child ended before the signal: {proc.communicate()[1]}")
