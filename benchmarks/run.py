@@ -45,9 +45,6 @@ GNU_TIME = "/usr/bin/time"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 
-ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-
-
 def machine() -> dict:
     cpu, flags = platform.processor(), []
     try:
@@ -60,9 +57,9 @@ def machine() -> dict:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     row = {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
-    # kernels held below what the CPU has (an AVX2-only machine emulated on a newer one): torch's dispatch level
-    # and the libraries' limits, as set in the environment
-    limits = {v: os.environ[v] for v in ISA_LIMITS if os.environ.get(v)}
+    from zimage_lite.quant.int8_compute import isa_limits
+
+    limits = isa_limits()  # kernels held below what the CPU has (an AVX2 machine emulated)
     return {**row, "isa_limits": limits} if limits else row
 
 

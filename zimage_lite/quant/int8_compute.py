@@ -143,10 +143,19 @@ def _machine_key() -> str:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    # the kernels' instruction set: torch's dispatch level ($ATEN_CPU_CAPABILITY lowers it) and oneDNN's limit
-    isa = torch.backends.cpu.get_cpu_capability() + "".join(
-        f" {v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(v))
+    # the kernels' instruction set: torch's dispatch level and the limits set in the environment
+    isa = torch.backends.cpu.get_cpu_capability() + "".join(f" {v}={w}" for v, w in isa_limits().items())
     return f"{cpu} | {isa} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+# Environment variables that hold the kernels below the CPU's instruction set (an AVX2 machine emulated on a newer
+# one): torch's dispatch level, oneDNN's and MKL's limits
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_limits() -> dict[str, str]:
+    """The ISA_LIMITS set in this process's environment."""
+    return {v: os.environ[v] for v in ISA_LIMITS if os.environ.get(v)}
 
 
 def _cache_file() -> Path:
