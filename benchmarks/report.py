@@ -338,8 +338,9 @@ def render(rows: list[dict]) -> str:
             lines += [f"## stable-diffusion.cpp beside ours: whole images, cpu, {first['width']}x{first['height']}, "
                       f"{first['steps']} step(s), {first['threads']} threads", "",
                       f"sd-cli from {next((r['version'] for r in rs if 'version' in r), 'its sdist')}, built "
-                      "natively, reading the very GGUF files our `zimage-lite quantize` wrote (the text encoder "
-                      "Q4_K_M in every row) and the checkpoint's VAE; same prompt, size, steps and seed. Each run "
+                      "natively, reading the very files our `zimage-lite quantize` wrote (the text encoder "
+                      "Q4_K_M where the row names no other) and the checkpoint's VAE; same prompt, size, steps and "
+                      "seed. Each run "
                       "a fresh process; the runs alternate between the two runtimes. Stage seconds: ours from "
                       "the pipeline's events, sd.cpp's from its log; load: reading the weights (ours stage by "
                       "stage, sd.cpp all at the start); whole image: the process's wall time, prompt to image, "

@@ -16,7 +16,8 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
     or on its Q8_0 file for a format sd.cpp cannot run on the CPU (INT8 ConvRot), marked so."""
     peer = {(r["quant"], r["round"]): r for r in rows if r["impl"] == "stable-diffusion.cpp"}
     steps = rows[0]["steps"]
-    out = ["| round | impl | DiT file | compute | load s | text encoder s | s/step | VAE s | "
+    out = ["| round | impl | DiT file (+ text encoder, where named) | compute | load s | text encoder s | s/step | "
+           "VAE s | "
            f"whole image s ({steps} step{'s' * (steps > 1)}) | est. 8 steps s | peak RSS GiB | DiT GFLOP/s | "
            "÷ sd.cpp: text encoder, step, VAE, whole, RSS |", "|---:|---|---|---|" + "---:|" * 8 + "---|"]
     for r in rows:
@@ -32,7 +33,8 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
                      (r["peak_rss_bytes"], other["peak_rss_bytes"])]
             ratios = ", ".join(f"{a / b:.2f}" if a else "n/a" for a, b in pairs)  # n/a: a figure not measured
             ratios += f" (vs its {other['quant']})" if other["quant"] != r["quant"] else ""
-        out.append(f"| {r['round']} | {r['impl']} | {r['dit_file']} | {r['dtype']} | {r['load_seconds']:.0f} | "
+        files = r["dit_file"] + (f" + {r['text_encoder_file']}" if r.get("text_encoder_file") else "")
+        out.append(f"| {r['round']} | {r['impl']} | {files} | {r['dtype']} | {r['load_seconds']:.0f} | "
                    f"{r['text_encoder_seconds']:.1f} | {step:.1f} | {r['vae_seconds']:.1f} | {whole:.0f} | "
                    f"{whole + (8 - steps) * step:.0f} | {gib_cell(r['peak_rss_bytes'])} | {rate} | {ratios} |")
     loads = [f"{r['load_average_before']:.1f}-{r['load_average_after']:.1f}" for r in rows

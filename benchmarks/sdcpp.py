@@ -2,8 +2,10 @@
 
     flock /work/wt/fullsize.lock nice -n 5 python benchmarks/sdcpp.py --width 512 --steps 2 \
         --json benchmarks/results/cpu-sdcpp.json
-    # a DiT file of ours that sd.cpp cannot read (INT8 ConvRot): name it with --dit and add a run for it
-    ... --dit int8-convrot=.bench_cache/turbo-dit-int8-convrot.safetensors --runs ours:int8-convrot:fp32
+    # a DiT file of ours that sd.cpp cannot read (INT8 ConvRot): name it with --dit and add a run for it; --te gives
+    # that label's runs their own text encoder (sd.cpp's and the other runs keep the Q4_K_M GGUF)
+    ... --dit int8-convrot=.bench_cache/turbo-dit-int8-convrot.safetensors --runs ours:int8-convrot:fp32 \
+        --te int8-convrot=.bench_cache/turbo-text-encoder-int8-convrot.safetensors
 
 Both read the very files our `zimage-lite quantize` wrote into the benchmark cache (benchmarks/run.py's
 `weights_file`: the DiT as `--quant`, the Qwen3 text encoder as Q4_K_M) and the random Turbo checkpoint's VAE; same
@@ -186,6 +188,9 @@ def main() -> int:
                    f"separated (default {DEFAULT_RUNS})")
     p.add_argument("--dit", action="append", default=[], metavar="LABEL=FILE",
                    help="a DiT file for the label LABEL in --runs, instead of our GGUF of that type in the cache")
+    p.add_argument("--te", action="append", default=[], metavar="LABEL=FILE",
+                   help="the text encoder file of the runs whose DiT label is LABEL (default: our "
+                        f"{TEXT_ENCODER_QUANT} GGUF)")
     p.add_argument("--preset", default="turbo", choices=["demo", "turbo"], help="demo: the tiny model (a smoke run)")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int)
@@ -210,6 +215,7 @@ def main() -> int:
     # ours reads the weights of `folder` through `ours`: the same files, with Qwen's own tokenizer unless asked not
     ours = qwen_model(folder, cache) if args.tokenizer == "qwen" and args.preset != "demo" else folder
     extra = dict(d.split("=", 1) for d in args.dit)
+    encoders = dict(d.split("=", 1) for d in args.te)
     size = (args.width, args.height or args.width)
     info = {"component": "sdcpp", "preset": args.preset, "width": size[0], "height": size[1], "steps": args.steps,
             "threads": args.threads, "note": args.note, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
@@ -217,7 +223,8 @@ def main() -> int:
     for round_ in range(args.rounds):
         for impl, quant, dtype in parse_runs(args.runs):
             files = {"dit": extra.get(quant) or str(weights_file(folder, quant, cache)[0]),
-                     "text_encoder": str(weights_file(folder, TEXT_ENCODER_QUANT, cache, "text-encoder")[0]),
+                     "text_encoder": encoders.get(quant)
+                     or str(weights_file(folder, TEXT_ENCODER_QUANT, cache, "text-encoder")[0]),
                      "vae": str(folder / "vae" / "diffusion_pytorch_model.safetensors")}
             print(f"round {round_ + 1}: {impl} {quant} {dtype} ...", file=sys.stderr, flush=True)
             with held(args.lock):
@@ -230,6 +237,7 @@ def main() -> int:
                     r = {"impl": "stable-diffusion.cpp", "version": sdcpp_version(binary.parent.parent),
                          **run_sdcpp(binary, files, size, args.steps, args.threads, cache / "sdcpp" / "out.png")}
             row = {**r, "quant": quant, "dtype": dtype, "round": round_ + 1, "dit_file": Path(files["dit"]).name,
+                   "text_encoder_file": Path(files["text_encoder"]).name,
                    "load_average_before": load, "load_average_after": os.getloadavg()[0], "files_read_seconds": warm,
                    **info}
             emit(row, args.json)

@@ -241,6 +241,40 @@ def test_canny_finds_a_square_outline():
     assert (edges[20:44].sum(axis=1) == 2).all()  # each row crosses two sides, 1 px each (non-maximum suppression)
 
 
+def _grown(thin, low, high):
+    """Hysteresis the slow, obvious way: strong pixels, grown through weak ones (8-connected) until nothing changes."""
+    weak, edges = thin > low, thin > high
+    while True:
+        p = np.pad(edges, 1)
+        grown = weak & (p[:-2, :-2] | p[:-2, 1:-1] | p[:-2, 2:] | p[1:-1, :-2] | p[1:-1, 2:] | p[2:, :-2]
+                        | p[2:, 1:-1] | p[2:, 2:] | edges)
+        if np.array_equal(grown, edges):
+            return edges
+        edges = grown
+
+
+def test_hysteresis_keeps_exactly_the_weak_pixels_joined_to_strong_ones():
+    """Labelled components (canny._components) keep what growing the strong pixels one ring at a time keeps: on
+    noise (many small components), on a long snaking weak path with one strong end, and across diagonal joins."""
+    from zimage_lite.canny import _hysteresis
+
+    rng = np.random.default_rng(7)
+    noise = rng.uniform(0, 300, (90, 70)) * (rng.uniform(size=(90, 70)) < 0.55)
+    snake = np.zeros((41, 41))
+    for k in range(10):  # rows 4 apart, joined at alternating ends: one weak path of ~500 pixels
+        snake[4 * k, 1:40] = snake[4 * k + 4, 1:40] = 150
+        snake[4 * k + 1:4 * k + 4, 39 if k % 2 == 0 else 1] = 150
+    snake[0, 1] = 250  # strong at the path's start
+    snake[40, 20] = 0  # a cut in the last row: the piece past it stays out
+    diagonal = np.eye(30)[:, ::-1] * 150
+    diagonal[0, -1] = 250
+    for thin in (noise, snake, diagonal):
+        assert np.array_equal(_hysteresis(thin, 100, 200), _grown(thin, 100, 200))
+    kept = _hysteresis(snake, 100, 200)
+    assert kept[36, 39] and kept[40, 19] and not kept[40, 21]
+    assert _hysteresis(diagonal, 100, 200).sum() == 30
+
+
 def test_control_preprocess_canny_equals_its_map(tiny_model, controlnets):
     """--control-preprocess canny is the run with the canny map as the control image; the image records it."""
     from zimage_lite.canny import canny
@@ -253,6 +287,20 @@ def test_control_preprocess_canny_equals_its_map(tiny_model, controlnets):
     assert torch.equal(a.latents, b.latents) and a.info["control_preprocess"] == "canny"
     c = next(e for e in pipe.generate("x", control_image=photo, seed=2) if e.stage == "decoded")
     assert rel_err(c.latents, a.latents) > 1e-3  # the photo itself gives another image
+
+
+def test_the_command_line_makes_the_canny_map_once(tiny_model, controlnets, tmp_path, monkeypatch):
+    """The run checks its output's metadata before it starts and then runs the same prepared request: the control
+    image is read and its edges found once per image, not once for the check and again for the run."""
+    from zimage_lite import control
+
+    maps = []
+    monkeypatch.setattr(control, "canny", lambda image: maps.append(image) or image.convert("L").convert("RGB"))
+    picture(64, 48, seed=9).save(tmp_path / "photo.png")
+    assert main(["run", "x", "--model", str(tiny_model), "--control", str(controlnets["1.0"][1]), "--control-image",
+                 str(tmp_path / "photo.png"), "--control-preprocess", "canny", "--out", str(tmp_path / "o.png"),
+                 "--device", "cpu", "--dtype", "fp32", "--steps", "1"]) == 0
+    assert len(maps) == 1 and read_params(tmp_path / "o.png")["control_preprocess"] == "canny"
 
 
 def test_unknown_preprocessor_is_refused(tiny_model, controlnets, tmp_path, capsys):

@@ -40,33 +40,54 @@ def test_routes_match_the_float_route(qtype, route):
     assert err < (0.03 if qtype.groupsize else 0.15)
 
 
-@pytest.mark.parametrize("route", ["onednn", "int_mm"])
-def test_a_blocks_projections_quantize_each_input_once(monkeypatch, route):
-    """q, k and v read one input, w1 and w3 another: a DiT block rotates and quantizes 4 activations, not 7, and its
-    output is the very same as with one quantization per Linear."""
+def _dit_block(g):
+    """A DiT block of the K-quant fixture and its call on 8 tokens."""
     from tests.fixtures import KQUANT
     from zimage_lite.models.dit import TransformerBlock, rope_freqs
+
+    cfg = KQUANT.dit
+    block = TransformerBlock(cfg, modulation=False)
+    x, rope = torch.randn(8, cfg.dim, generator=g), rope_freqs(torch.zeros(8, 3), cfg.axes_dims, cfg.rope_theta)
+    return block, lambda: block(x, rope, [8])
+
+
+def _qwen3_layer(g):
+    """A Qwen3 decoder layer of the K-quant fixture (hidden 256, FFN 512) and its call on 8 tokens."""
+    from tests.fixtures import KQUANT
+    from zimage_lite.models.qwen3 import Qwen3Encoder
+
+    cfg = KQUANT.text_encoder
+    encoder = Qwen3Encoder(cfg)
+    cos, sin = encoder._rope(0, 8, "cpu", torch.float32)
+    layer, x = encoder.layers[0], torch.randn(8, cfg.hidden_size, generator=g)
+    return layer, lambda: layer(x, cos, sin)
+
+
+@pytest.mark.parametrize("model", [_dit_block, _qwen3_layer], ids=["dit", "qwen3"])
+@pytest.mark.parametrize("route", ["onednn", "int_mm"])
+def test_a_blocks_projections_quantize_each_input_once(monkeypatch, route, model):
+    """q, k and v read one input, the FFN's two input projections another: a DiT block or a Qwen3 layer rotates and
+    quantizes 4 activations, not 7, and its output is the very same as with one quantization per Linear."""
     from zimage_lite.quant import qlinear
     from zimage_lite.quant.qlinear import QLinear, QTensor
 
     monkeypatch.setenv(ROUTE_ENV, route)
-    cfg, g = KQUANT.dit, torch.Generator().manual_seed(5)
-    block = TransformerBlock(cfg, modulation=False)
-    for owner in list(block.modules()):
+    g = torch.Generator().manual_seed(5)
+    module, call = model(g)
+    for owner in list(module.modules()):
         for name, linear in list(owner.named_children()):
-            if isinstance(linear, torch.nn.Linear):  # ConvRot where the row fits its groups (w2's 682 does not)
+            if isinstance(linear, torch.nn.Linear):  # ConvRot where the row fits its groups (DiT w2's 682 does not)
                 qtype = CONVROT if linear.in_features % CONVROT.groupsize == 0 else ROWWISE
                 q, s = quantize_weight(torch.randn(linear.weight.shape, generator=g), qtype)
                 setattr(owner, name, QLinear(QTensor(q.view(torch.uint8), qtype, tuple(q.shape), (s.reshape(-1),)),
                                              None))
-    x, rope = torch.randn(8, cfg.dim, generator=g), rope_freqs(torch.zeros(8, 3), cfg.axes_dims, cfg.rope_theta)
     calls, quantize = [], int8_compute.quantize_activations
     monkeypatch.setattr(int8_compute, "quantize_activations", lambda *a: calls.append(1) or quantize(*a))
     with torch.inference_mode():
-        shared = block(x, rope, [8])
+        shared = call()
         assert len(calls) == 4
         monkeypatch.setattr(qlinear, "_activations_of", lambda *a: None)  # each Linear quantizes its own input
-        alone = block(x, rope, [8])
+        alone = call()
     assert len(calls) == 4 + 7 and torch.equal(shared, alone)
 
 
@@ -125,6 +146,26 @@ def test_cuda_int_mm_matches_float_route():
     want = int8_linear(x, q, s, 256, bias, route="float")
     got = int8_linear(x, q, s, 256, bias)
     assert float((got - want).norm() / want.norm()) < 0.03  # as on the CPU (same arithmetic)
+
+
+def test_a_shape_the_kernel_cannot_take_runs_float_before_any_quantization(monkeypatch):
+    """CUDA's int8 GEMM wants N and K multiples of 8: such a weight takes the float route, and its Linear decides so
+    before it quantizes the (possibly shared) activations."""
+    from zimage_lite.quant import qlinear
+    from zimage_lite.quant.qlinear import QLinear, QTensor
+
+    shaped = [int8_compute.route_for_shape("int_mm", device, n, k) for device, n, k in
+              [("cuda", 12, 512), ("cuda", 96, 20), ("cuda", 96, 512), ("cpu", 12, 20)]]
+    assert shaped == ["float", "float", "int_mm", "int_mm"]
+    x, q, s, bias = _layer(CONVROT)
+    layer = QLinear(QTensor(q.view(torch.uint8), CONVROT, tuple(q.shape), (s,)), bias)
+    monkeypatch.setenv(ROUTE_ENV, "int_mm")
+    monkeypatch.setattr(qlinear, "route_for_shape", lambda route, device, n, k: "float")  # as CUDA judges 12 x 20
+    calls, quantize = [], int8_compute.quantize_activations
+    monkeypatch.setattr(int8_compute, "quantize_activations", lambda *a: calls.append(1) or quantize(*a))
+    with torch.inference_mode(), qlinear.shared_input(x):
+        got = layer(x)
+    assert calls == [] and torch.equal(got, int8_linear(x, q, s, CONVROT.groupsize, bias, route="float"))
 
 
 def test_onednn_copy_is_planned_and_goes_with_its_weight(monkeypatch):

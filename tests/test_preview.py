@@ -53,6 +53,26 @@ def test_fit_tool_runs_on_a_vae_folder(tiny_model):
     assert result["cells"] == 2 * 8 * 8
 
 
+def test_fit_reads_images_as_every_input_is(tmp_path):
+    """--images are read as the run's inputs are (inputs.open_image, to_mode): a photo stored on its side with an
+    EXIF orientation comes upright, a grey or RGBA one in RGB: the pixels fitted are the ones the user sees."""
+    from zimage_lite.preview_fit import image_pairs
+
+    upright = Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "side.png", exif=exif)
+    upright.save(tmp_path / "upright.png")
+    upright.convert("RGBA").save(tmp_path / "rgba.png")
+    upright.convert("L").save(tmp_path / "grey.png")
+    names = ("upright", "side", "rgba", "grey")
+    pairs = image_pairs(lambda pixels: pixels[:, :, ::8, ::8], [tmp_path / f"{n}.png" for n in names], 8)
+    assert [tuple(p.shape) for _, p in pairs] == [(1, 3, 24, 40)] * 4
+    assert torch.equal(pairs[1][1], pairs[0][1]) and torch.equal(pairs[2][1], pairs[0][1])
+    grey = pairs[3][1]
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 0], grey[:, 2])
+
+
 def test_preview_is_oriented_and_sized_as_the_image():
     """Latent row 0 is the image's top, column 0 its left; the preview is PREVIEW_SCALE pixels per cell."""
     eye = Projection(torch.eye(3), torch.full((3,), -1.0))  # channel c -> colour c, from -1 (black) up

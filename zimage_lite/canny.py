@@ -42,17 +42,41 @@ def _thin(mag: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
     return np.where(keep, mag, 0)
 
 
-def _hysteresis(thin: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Strong pixels, grown through weak ones (8-connected) until nothing changes."""
-    weak = thin > low
-    edges = thin > high
+def _components(mask: np.ndarray) -> np.ndarray:
+    """A label per pixel of `mask`, the same for two pixels exactly when an 8-connected path inside `mask` joins
+    them (the smallest flat index of the component); mask.size outside `mask`. Union-find by rounds: each pixel's
+    root is hooked to the smallest label among its neighbours (`parent`), then every label follows its parents to
+    the root (pointer jumping). A whole branch moves at once, so rounds grow with log(path length), not with it."""
+    h, w = mask.shape
+    outside = mask.size
+    parent = np.arange(outside + 1)  # parent[outside] = outside
+    label = np.where(mask, parent[:-1].reshape(h, w), outside)
+    inside = mask.ravel()
     while True:
-        p = np.pad(edges, 1)
-        grown = weak & (p[:-2, :-2] | p[:-2, 1:-1] | p[:-2, 2:] | p[1:-1, :-2] | p[1:-1, 2:] | p[2:, :-2]
-                        | p[2:, 1:-1] | p[2:, 2:] | edges)
-        if (grown == edges).all():
-            return edges
-        edges = grown
+        p = np.pad(label, 1, constant_values=outside)
+        low = label
+        for dy in range(3):
+            for dx in range(3):
+                low = np.minimum(low, p[dy:dy + h, dx:dx + w])
+        np.minimum.at(parent, label.ravel()[inside], low.ravel()[inside])
+        while True:
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+        settled = parent[label]
+        if np.array_equal(settled, label):
+            return label
+        label = settled
+
+
+def _hysteresis(thin: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The pixels above `low` whose 8-connected component above `low` holds a pixel above `high`."""
+    weak = thin > low
+    label = _components(weak)
+    strong = np.zeros(weak.size + 1, dtype=bool)
+    strong[label[thin > high]] = True
+    return strong[label] & weak
 
 
 def canny(image: Image.Image, low: float = LOW, high: float = HIGH) -> Image.Image:

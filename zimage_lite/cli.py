@@ -241,20 +241,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: --control {args.control} is not the ControlNet {args.from_png} was made with: the result "
               "will differ", file=sys.stderr)
     prompt, enhanced = enhance_for_run(pipe, args, prompt, seed)  # --enhance: the prompt to draw, and the original
-    # the output's metadata as the run will write it (paths, hashes): checked before the run, not after; its
-    # warnings (an input resized) are the run's own, which `generate` gives once
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        meta = pipe.run_params(prompt, negative=args.negative, width=args.width, height=args.height,
-                               steps=args.steps, seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
-                               cfg_truncation=args.cfg_truncation, image=image, mask=mask, strength=args.strength,
-                               **controls)
-    check_image_output(out, args.force, enhanced | meta)
-    # checked against the model, its defaults filled in: the run starts with the first event
-    events = pipe.generate(prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
+    # checked against the model, its defaults filled in, the inputs prepared (once): the output's metadata as the
+    # run will write it (paths, hashes) is checked before the run, not after; the run starts with the first event
+    request = pipe.prepare(prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
                            seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
                            cfg_truncation=args.cfg_truncation, image=image, mask=mask, strength=args.strength,
                            **controls)
+    check_image_output(out, args.force, enhanced | request.params)
+    events = pipe.run(request)
     if args.seed is None:
         print(f"seed: {seed}")
     start = time.perf_counter()

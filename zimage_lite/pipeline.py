@@ -92,6 +92,16 @@ class Event:
         return None if self.denoised is None else preview_image(self.denoised)
 
 
+@dataclass(frozen=True)
+class Request:
+    """A run's arguments checked and the model's defaults filled in (`ZImagePipeline.prepare`): its parameters (what
+    `Event.info` carries and images store), the init image and the control inputs, each read and prepared once."""
+
+    params: dict[str, Any]
+    init: InitImage | None
+    control: ControlRequest | None
+
+
 def resolve_device(device: str) -> torch.device:
     """`auto`, `cpu`, `cuda` or `cuda:N` as a torch device; OptionError for a device this machine does not have."""
     if device == "auto":
@@ -216,14 +226,15 @@ class ZImagePipeline(StageModels):
                    mask: Image.Image | None = None, strength: float | None = None, **control: Any) -> dict[str, Any]:
         """generate()'s arguments checked (OptionError naming the option), the model's defaults filled in, and
         everything an image needs to be made again: the parameters `Event.info` carries and images store."""
-        return self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization, cfg_truncation,
-                             image, mask, strength, control)[0]
+        return self.prepare(prompt, negative, width, height, steps, seed, cfg, cfg_normalization, cfg_truncation,
+                            image, mask, strength, **control).params
 
-    def _request(self, prompt: str, negative: str, width: int | None, height: int | None, steps: int | None,
-                 seed: int | None, cfg: float | None, cfg_normalization: float, cfg_truncation: float,
-                 image: Image.Image | None, mask: Image.Image | None,
-                 strength: float | None, control: dict[str, Any]
-                 ) -> tuple[dict[str, Any], InitImage | None, ControlRequest | None]:
+    def prepare(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
+                steps: int | None = None, seed: int | None = None, cfg: float | None = None,
+                cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, image: Image.Image | None = None,
+                mask: Image.Image | None = None, strength: float | None = None, **control: Any) -> Request:
+        """generate()'s arguments as a `Request` for `run`: checked, images read and prepared (the canny map made)
+        once; its `params` are `run_params`'. The command line checks the output against them before running."""
         d = self.defaults
         steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
         ctrl = control_request(self.control, image, mask, strength, width, height, self.grid, **control)
@@ -251,7 +262,7 @@ class ZImagePipeline(StageModels):
         params.update({"dit_format": self.weight_format("dit"), "text_encoder_format": self.weight_format(
             "text_encoder"), "dtype": DTYPE_NAMES[self.dtype], "device": str(self.device), "version": __version__,
             **(ctrl.params(self.control) if ctrl else {})})
-        return params, init, ctrl
+        return Request(params, init, ctrl)
 
     def generate(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                  steps: int | None = None, seed: int | None = None, cfg: float | None = None,
@@ -267,13 +278,13 @@ class ZImagePipeline(StageModels):
         call. Every event's `info` holds the run parameters (`run_params`). With `load(control=...)`: `control_image`,
         `control_scale` (0.75), `control_preprocess` ("canny"), and with a 2.x ControlNet `image` + `mask` for
         ControlNet inpainting (control.py `control_request`)."""
-        params, init, ctrl = self._request(prompt, negative, width, height, steps, seed, cfg, cfg_normalization,
-                                           cfg_truncation, image, mask, strength, control)
-        return self._generate(params, init, ctrl)
+        return self.run(self.prepare(prompt, negative, width, height, steps, seed, cfg, cfg_normalization,
+                                     cfg_truncation, image, mask, strength, **control))
 
     @torch.inference_mode()
-    def _generate(self, params: dict[str, Any], init: InitImage | None, ctrl: ControlRequest | None = None
-                  ) -> Iterator[Event]:
+    def run(self, request: Request) -> Iterator[Event]:
+        """generate()'s events for a prepared request (`prepare`)."""
+        params, init, ctrl = request.params, request.init, request.control
         cfg = params["cfg"]
         tokens = self.tokenizer.encode(params["prompt"])
         neg_tokens = self.tokenizer.encode(params["negative"]) if guidance_on(cfg) else None

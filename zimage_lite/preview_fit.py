@@ -86,13 +86,13 @@ def random_pairs(decode: Callable[[torch.Tensor], torch.Tensor], channels: int, 
 
 def image_pairs(encode: Callable[[torch.Tensor], torch.Tensor], images: Iterable[Path],
                 scale: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each image (cropped to a multiple of `scale`, at most 512 pixels a side) with its encoded latents."""
-    from .image import open_picture
-    from .inputs import image_tensor
+    """Each image (read as every input image is: upright, in RGB; cropped to a multiple of `scale`, at most 512
+    pixels a side) with its encoded latents."""
+    from .inputs import image_tensor, open_image, to_mode
 
     pairs = []
     for path in images:
-        picture = open_picture(path, "--images")
+        picture = to_mode(open_image(path, "--images").image, "RGB", "--images").image
         w, h = (min(side, 512) // scale * scale for side in picture.size)
         pixels = image_tensor(picture, w, h)
         pairs.append((encode(pixels), pixels))

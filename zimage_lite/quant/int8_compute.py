@@ -90,11 +90,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gro
     stored rotated in groups of `groupsize` (0: not rotated). `route`: one of ROUTES (default: `route_for` the
     device); "onednn" uses `packed` (from `prepack`) when given; `given`: x already quantized for this groupsize
     and route (`int8_activations`). The result has x's dtype."""
-    route = route or route_for(x.device)
     q = qweight.view(torch.int8)
     n, k = q.shape
-    if route == "int_mm" and x.is_cuda and (n % 8 or k % 8):  # cuBLASLt's int8 GEMM: both multiples of 8
-        route = "float"
+    route = route_for_shape(route or route_for(x.device), x.device, n, k)
     if route == "float":  # the weight dequantized as every packed type is (formats.dequantize)
         w = dequantize(q.view(torch.uint8), Int8Rows(groupsize), (n, k), x.dtype, state=(scale.reshape(-1),))
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -111,6 +109,14 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gro
     if bias is not None:
         y = y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def route_for_shape(route: str, device: torch.device | str, n: int, k: int) -> str:
+    """`route` for an N x K int8 weight on `device`: "float" where the integer kernel cannot take the shape (CUDA's
+    cuBLASLt int8 GEMM wants N and K multiples of 8). Asked before the activations are quantized for it."""
+    if route == "int_mm" and torch.device(device).type == "cuda" and (n % 8 or k % 8):
+        return "float"
+    return route
 
 
 @functools.lru_cache(maxsize=4)

@@ -22,7 +22,7 @@ from torch import nn
 from .chunks import release_temps
 from .convrot import Int8Rows
 from .formats import FLOAT_TYPES, INT8, BnbType, dequantize
-from .int8_compute import Int8Activations, int8_activations, int8_linear, prepack, route_for
+from .int8_compute import Int8Activations, int8_activations, int8_linear, prepack, route_for, route_for_shape
 
 QType = GGMLQuantizationType | BnbType | Int8Rows
 
@@ -157,7 +157,9 @@ class QLinear(nn.Module):
         return self.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.qtype, Int8Rows) and (route := route_for(self.weight.device)) != "float":
+        if (isinstance(self.qtype, Int8Rows)
+                and (route := route_for_shape(route_for(self.weight.device), self.weight.device, *self.shape))
+                != "float"):
             given = _activations_of(x, self.qtype.groupsize, route)
             y = int8_linear(x, self.weight, self.state[0], self.qtype.groupsize, self.bias, route, self._packed(route),
                             given)
