@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 
 from quantize.recipes import predicted_sizes
-from zimage_lite.config import DiTConfig
+from zimage_lite.config import PRESETS, DiTConfig, TextEncoderConfig
 from zimage_lite.errors import BudgetError
 from zimage_lite.runtime.plan import plan_for
 from zimage_lite.runtime.sizes import recipe_table, stored_bytes
 from zimage_lite.runtime.units import GIB, gb, gib
 
-RECIPES = ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "int8", "nf4"]
+RECIPES = ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "int8", "nf4", "int8-convrot"]
+DIT_ONLY = ("int8", "nf4")  # bitsandbytes folders: the DiT only; paired with a Q8_0 text encoder
 GPU_TIERS = [4, 6, 8, 12, 16, 24]  # GiB cards
 CPU_TIERS = [8, 16, 32]  # GiB of RAM
 
@@ -42,9 +43,9 @@ def _peak(quant: str, size: int, device: str, budget: int, text_quant: str) -> s
     return gib(plan.peak_bytes, unit=False)
 
 
-def _bnb_bytes(quant: str) -> int:
-    """A bitsandbytes DiT folder: block Linears in int8/nf4 with their scales, everything else BF16."""
-    return sum(stored_bytes(shape, fmt) for shape, fmt in recipe_table(DiTConfig(), quant).values())
+def _recipe_bytes(cfg: DiTConfig | TextEncoderConfig, quant: str) -> int:
+    """A recipe's weights of one component (a bitsandbytes folder, an INT8 safetensors file), tensor by tensor."""
+    return sum(stored_bytes(shape, fmt) for shape, fmt in recipe_table(cfg, quant).values())
 
 
 def table() -> str:
@@ -53,12 +54,13 @@ def table() -> str:
             "resident peak GiB, 512² / 1024² | DiT fully resident from | CPU: DiT fully resident from |",
             "|---|---:|---:|---|---|---|---|"]
     for q in RECIPES:
-        tq = q if q in te else "Q8_0"  # bitsandbytes formats are for the DiT; pair them with a Q8_0 text encoder
+        tq = "Q8_0" if q in DIT_ONLY else q
         small = " / ".join(_peak(q, s, "cuda", 4 * GIB, tq) for s in (512, 1024))
         big = " / ".join(_peak(q, s, "cuda", 128 * GIB, tq) for s in (512, 1024))
         gpu = _resident_tier(q, "cuda", GPU_TIERS, tq)
         cpu = _resident_tier(q, "cpu", CPU_TIERS, tq)
-        dit_gb, te_gb = gb(dit[q] if q in dit else _bnb_bytes(q), unit=False), gb(te.get(tq, 0), unit=False)
+        dit_gb = gb(dit[q] if q in dit else _recipe_bytes(PRESETS["turbo"].dit, q), unit=False)
+        te_gb = gb(te[tq] if tq in te else _recipe_bytes(PRESETS["turbo"].text_encoder, tq), unit=False)
         rows.append(f"| {q} | {dit_gb} | {te_gb}{'' if tq == q else ' (Q8_0)'} | {small} | {big} | "
                     f"{f'{gpu} GB GPU' if gpu else 'streams on 24 GB'} | "
                     f"{f'{cpu} GB RAM' if cpu else 'streams on 32 GB'} |")

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from zimage_lite.runtime.memory import _glibc, map_large_host_blocks, reused_heap
+
 PROBE = Path(__file__).with_name("memory_probe.py")
 CPU_FACTOR, CPU_SLACK = 1.3, 4 * 2**20
 ENHANCE_FACTOR, ENHANCE_SLACK = 1.05, 2**20
@@ -54,3 +56,39 @@ def test_every_cuda_stage_stays_within_its_plan():
     for r in rows:
         assert r["measured"] <= r["planned"] + 2**20, r  # max_memory_allocated: tensors exactly as planned
         assert r["reserved"] <= CUDA_FACTOR * r["planned"] + CUDA_SLACK, r
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+
+
+def _mapping_of(address: int) -> tuple[int, str]:
+    """The size and name of the mapping that holds `address` ("[heap]" for glibc's main heap, "" for anonymous)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split(maxsplit=5)
+            lo, hi = (int(a, 16) for a in span.split("-"))
+            if lo <= address < hi:
+                return hi - lo, rest[4].strip() if len(rest) > 4 else ""
+    raise AssertionError(f"{address:#x} in no mapping")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="glibc's allocator on Linux")
+def test_a_forward_reuses_the_heap_and_gives_it_back_after():
+    """Within `reused_heap` a large block comes from glibc's heap, not a mapping of its own (a DiT forward's
+    activations reuse freed memory); after it, large blocks are mappings again and what was freed inside is back
+    with the OS."""
+    map_large_host_blocks()
+    size = 96 * 2**20
+    start = _rss()
+    with reused_heap():
+        block = torch.ones(size, dtype=torch.uint8)  # touched: resident
+        inside = _mapping_of(block.data_ptr())
+        del block
+        kept = torch.ones(2**20, dtype=torch.uint8)  # a small block still live after: the trim keeps it
+    after = _rss()
+    block = torch.ones(size, dtype=torch.uint8)
+    outside = _mapping_of(block.data_ptr())
+    assert inside[1] == "[heap]" and outside[1] == "" and outside[0] >= size  # a mapping (merged with any beside)
+    assert after - start < 16 * 2**20 and int(kept[-1]) == 1  # the 96 MiB freed inside went back (a trim)

@@ -48,7 +48,14 @@ from .preview import preview_image
 from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import device_kind, usable_budget
-from .runtime.memory import is_out_of_memory, map_large_host_blocks, peak_bytes, reset_peak, trim_host
+from .runtime.memory import (
+    is_out_of_memory,
+    map_large_host_blocks,
+    peak_bytes,
+    reset_peak,
+    reused_heap,
+    trim_host,
+)
 from .runtime.plan_format import format_plan
 from .runtime.sizes import source_table
 from .runtime.units import format_size, parse_size
@@ -359,11 +366,12 @@ class ZImagePipeline(StageModels):
             reset_peak(self.device)
             x = latents.to(self.dtype)
             t = times[i:i + 1].to(self.device)
-            if use_cfg and guidance_active(cfg, float(times[i]), cfg_truncation):
-                out = forward(torch.cat([x, x]), t.repeat(2), [feats, neg_feats])
-                pred = combine_cfg(out[0:1], out[1:2], cfg, cfg_normalization)
-            else:
-                pred = forward(x, t, [feats])
+            with reused_heap():  # the forward's activations reuse freed memory (runtime/memory.py)
+                if use_cfg and guidance_active(cfg, float(times[i]), cfg_truncation):
+                    out = forward(torch.cat([x, x]), t.repeat(2), [feats, neg_feats])
+                    pred = combine_cfg(out[0:1], out[1:2], cfg, cfg_normalization)
+                else:
+                    pred = forward(x, t, [feats])
             self._check_finite("dit", pred)
             denoised = latents + sigmas[i].to(self.device) * pred.float()  # x0 = x_t - sigma v, v = -pred (preview)
             latents = euler_step(latents, pred, sigmas[i].to(self.device), sigmas[i + 1].to(self.device))
