@@ -12,11 +12,10 @@ from quantize.recipes import predicted_sizes
 from zimage_lite.config import PRESETS, DiTConfig, TextEncoderConfig
 from zimage_lite.errors import BudgetError
 from zimage_lite.runtime.plan import plan_for
-from zimage_lite.runtime.sizes import recipe_table, stored_bytes
+from zimage_lite.runtime.sizes import BNB, recipe_table, stored_bytes
 from zimage_lite.runtime.units import GIB, gb, gib
 
 RECIPES = ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "int8", "nf4", "int8-convrot"]
-DIT_ONLY = ("int8", "nf4")  # bitsandbytes folders: the DiT only; paired with a Q8_0 text encoder
 GPU_TIERS = [4, 6, 8, 12, 16, 24]  # GiB cards
 CPU_TIERS = [8, 16, 32]  # GiB of RAM
 
@@ -54,7 +53,7 @@ def table() -> str:
             "resident peak GiB, 512² / 1024² | DiT fully resident from | CPU: DiT fully resident from |",
             "|---|---:|---:|---|---|---|---|"]
     for q in RECIPES:
-        tq = "Q8_0" if q in DIT_ONLY else q
+        tq = "Q8_0" if q in BNB else q  # bitsandbytes folders are DiT-only: paired with a Q8_0 text encoder
         small = " / ".join(_peak(q, s, "cuda", 4 * GIB, tq) for s in (512, 1024))
         big = " / ".join(_peak(q, s, "cuda", 128 * GIB, tq) for s in (512, 1024))
         gpu = _resident_tier(q, "cuda", GPU_TIERS, tq)

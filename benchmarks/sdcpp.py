@@ -8,7 +8,8 @@
         --te int8-convrot=.bench_cache/turbo-text-encoder-int8-convrot.safetensors
 
 Both read the very files our `zimage-lite quantize` wrote into the benchmark cache (benchmarks/run.py's
-`weights_file`: the DiT as `--quant`, the Qwen3 text encoder as Q4_K_M) and the random Turbo checkpoint's VAE; same
+`weights_file`: the DiT as `--quant`, the Qwen3 text encoder as Q4_K_M unless `--te` names another for that label)
+and the random Turbo checkpoint's VAE; same
 prompt, size, step count, seed and threads. Each run is a fresh process under GNU time (peak RSS); runs follow the
 order of `--runs` (ours and sd.cpp alternating), so both see the same machine drift. Our per-stage seconds come from
 the pipeline's events (run.py's `pipeline` worker); sd.cpp's from its log: the text encoder (`get_learned_condition`),
@@ -182,6 +183,23 @@ def parse_runs(text: str) -> list[tuple[str, str, str]]:
     return runs
 
 
+def labelled_files(given: list[str], option: str, labels: set[str]) -> dict[str, str]:
+    """--dit / --te values LABEL=FILE -> {label: file}; SystemExit with one line for a malformed value, a label no
+    run has, or a file that is not there."""
+    out = {}
+    for item in given:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"{option} {item!r}: expected LABEL=FILE, e.g. int8-convrot=model.safetensors")
+        if label not in labels:
+            raise SystemExit(f"{option} {item!r}: no run in --runs has the label {label!r} (they have: "
+                             f"{', '.join(sorted(labels))})")
+        if not Path(path).is_file():
+            raise SystemExit(f"{option} {item!r}: no file {path}")
+        out[label] = path
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=DEFAULT_RUNS, help="in this order: ours:QUANT:DTYPE or sdcpp:QUANT, comma-"
@@ -189,7 +207,7 @@ def main() -> int:
     p.add_argument("--dit", action="append", default=[], metavar="LABEL=FILE",
                    help="a DiT file for the label LABEL in --runs, instead of our GGUF of that type in the cache")
     p.add_argument("--te", action="append", default=[], metavar="LABEL=FILE",
-                   help="the text encoder file of the runs whose DiT label is LABEL (default: our "
+                   help="the text encoder file of the runs (ours and sd.cpp's) whose DiT label is LABEL (default: our "
                         f"{TEXT_ENCODER_QUANT} GGUF)")
     p.add_argument("--preset", default="turbo", choices=["demo", "turbo"], help="demo: the tiny model (a smoke run)")
     p.add_argument("--width", type=int, default=512)
@@ -208,20 +226,21 @@ def main() -> int:
     args = p.parse_args()
     cache = Path(args.cache)
     binary = Path(args.sdcpp or cache / "sdcpp" / "build" / "bin" / "sd-cli")
-    if any(impl == "sdcpp" for impl, _, _ in parse_runs(args.runs)) and not binary.is_file():
+    runs = parse_runs(args.runs)
+    if any(impl == "sdcpp" for impl, _, _ in runs) and not binary.is_file():
         raise SystemExit(f"no sd-cli at {binary}: build it (see the module docstring) or pass --sdcpp")
+    extra, encoders = (labelled_files(given, option, {quant for _, quant, _ in runs})
+                       for given, option in ((args.dit, "--dit"), (args.te, "--te")))
     cache.mkdir(parents=True, exist_ok=True)
     folder = model_folder(args.preset, cache)
     # ours reads the weights of `folder` through `ours`: the same files, with Qwen's own tokenizer unless asked not
     ours = qwen_model(folder, cache) if args.tokenizer == "qwen" and args.preset != "demo" else folder
-    extra = dict(d.split("=", 1) for d in args.dit)
-    encoders = dict(d.split("=", 1) for d in args.te)
     size = (args.width, args.height or args.width)
     info = {"component": "sdcpp", "preset": args.preset, "width": size[0], "height": size[1], "steps": args.steps,
             "threads": args.threads, "note": args.note, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "command": f"python benchmarks/sdcpp.py {shlex.join(sys.argv[1:])}"}
     for round_ in range(args.rounds):
-        for impl, quant, dtype in parse_runs(args.runs):
+        for impl, quant, dtype in runs:
             files = {"dit": extra.get(quant) or str(weights_file(folder, quant, cache)[0]),
                      "text_encoder": encoders.get(quant)
                      or str(weights_file(folder, TEXT_ENCODER_QUANT, cache, "text-encoder")[0]),

@@ -256,7 +256,7 @@ def _grown(thin, low, high):
 def test_hysteresis_keeps_exactly_the_weak_pixels_joined_to_strong_ones():
     """Labelled components (canny._components) keep what growing the strong pixels one ring at a time keeps: on
     noise (many small components), on a long snaking weak path with one strong end, and across diagonal joins."""
-    from zimage_lite.canny import _hysteresis
+    from zimage_lite.canny import hysteresis
 
     rng = np.random.default_rng(7)
     noise = rng.uniform(0, 300, (90, 70)) * (rng.uniform(size=(90, 70)) < 0.55)
@@ -269,10 +269,10 @@ def test_hysteresis_keeps_exactly_the_weak_pixels_joined_to_strong_ones():
     diagonal = np.eye(30)[:, ::-1] * 150
     diagonal[0, -1] = 250
     for thin in (noise, snake, diagonal):
-        assert np.array_equal(_hysteresis(thin, 100, 200), _grown(thin, 100, 200))
-    kept = _hysteresis(snake, 100, 200)
+        assert np.array_equal(hysteresis(thin, 100, 200), _grown(thin, 100, 200))
+    kept = hysteresis(snake, 100, 200)
     assert kept[36, 39] and kept[40, 19] and not kept[40, 21]
-    assert _hysteresis(diagonal, 100, 200).sum() == 30
+    assert hysteresis(diagonal, 100, 200).sum() == 30
 
 
 def test_control_preprocess_canny_equals_its_map(tiny_model, controlnets):

@@ -160,11 +160,13 @@ def test_a_shape_the_kernel_cannot_take_runs_float_before_any_quantization(monke
     x, q, s, bias = _layer(CONVROT)
     layer = QLinear(QTensor(q.view(torch.uint8), CONVROT, tuple(q.shape), (s,)), bias)
     monkeypatch.setenv(ROUTE_ENV, "int_mm")
-    monkeypatch.setattr(qlinear, "route_for_shape", lambda route, device, n, k: "float")  # as CUDA judges 12 x 20
+    asked = []  # judged "float" as CUDA judges a 12 x 20 weight
+    monkeypatch.setattr(qlinear, "route_for_shape", lambda *a: asked.append(a) or "float")
     calls, quantize = [], int8_compute.quantize_activations
     monkeypatch.setattr(int8_compute, "quantize_activations", lambda *a: calls.append(1) or quantize(*a))
     with torch.inference_mode(), qlinear.shared_input(x):
         got = layer(x)
+    assert asked == [("int_mm", torch.device("cpu"), 96, 512)]  # the route, the weight's device, N (out) and K (in)
     assert calls == [] and torch.equal(got, int8_linear(x, q, s, CONVROT.groupsize, bias, route="float"))
 
 

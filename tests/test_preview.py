@@ -12,6 +12,7 @@ from PIL import Image
 
 import zimage_lite
 from zimage_lite.cli import main
+from zimage_lite.errors import OptionError
 from zimage_lite.preview import FLUX, PREVIEW_KEY, PREVIEW_SCALE, PreviewFile, Projection, is_preview, preview_image
 from zimage_lite.preview_fit import fit_projection, fit_vae, random_pairs
 
@@ -65,12 +66,18 @@ def test_fit_reads_images_as_every_input_is(tmp_path):
     upright.save(tmp_path / "upright.png")
     upright.convert("RGBA").save(tmp_path / "rgba.png")
     upright.convert("L").save(tmp_path / "grey.png")
-    names = ("upright", "side", "rgba", "grey")
+    levels = np.asarray(upright.convert("L")).astype(np.uint16) * 257  # the same greys in 16 bits
+    Image.fromarray(levels).save(tmp_path / "grey16.png")  # uint16: mode I;16
+    names = ("upright", "side", "rgba", "grey", "grey16")
     pairs = image_pairs(lambda pixels: pixels[:, :, ::8, ::8], [tmp_path / f"{n}.png" for n in names], 8)
-    assert [tuple(p.shape) for _, p in pairs] == [(1, 3, 24, 40)] * 4
+    assert [tuple(p.shape) for _, p in pairs] == [(1, 3, 24, 40)] * 5
     assert torch.equal(pairs[1][1], pairs[0][1]) and torch.equal(pairs[2][1], pairs[0][1])
     grey = pairs[3][1]
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 0], grey[:, 2])
+    assert torch.equal(pairs[4][1], grey)  # scaled by its range, not clipped to white
+    Image.new("RGB", (6, 30)).save(tmp_path / "thin.png")
+    with pytest.raises(OptionError, match="thin.png: 6x30 is smaller than one latent cell"):
+        image_pairs(lambda pixels: pixels, [tmp_path / "thin.png"], 8)
 
 
 def test_preview_is_oriented_and_sized_as_the_image():

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import render  # noqa: E402
-from benchmarks.sdcpp import parse_runs, parse_sdcpp_log  # noqa: E402
+from benchmarks.sdcpp import labelled_files, parse_runs, parse_sdcpp_log  # noqa: E402
 
 # The tail of sd-cli's stdout (stable-diffusion-cpp-python 0.4.7's vendored sd.cpp, Z-Image Turbo Q4_K_M, 256x256,
 # 2 steps), as captured: progress lines rewritten with carriage returns and an erase-line escape.
@@ -60,6 +60,18 @@ def test_runs_spec():
         ("ours", "Q4_K_M", "fp32"), ("sdcpp", "Q8_0", "ggml"), ("ours", "int8-convrot", "fp32")]
     with pytest.raises(SystemExit, match="sdcpp:Q8_0:fp32"):
         parse_runs("sdcpp:Q8_0:fp32")
+
+
+def test_labelled_files_are_checked_against_the_runs(tmp_path):
+    """--dit / --te LABEL=FILE: a value without '=', a label no run has and a missing file each end the benchmark
+    with one line, before anything runs."""
+    f = tmp_path / "te.safetensors"
+    f.write_bytes(b"x")
+    assert labelled_files([f"int8-convrot={f}"], "--te", {"int8-convrot", "Q8_0"}) == {"int8-convrot": str(f)}
+    for value, said in ((str(f), "expected LABEL=FILE"), (f"Q4_K_M={f}", "no run in --runs has the label 'Q4_K_M'"),
+                        ("Q8_0=missing.gguf", "no file missing.gguf")):
+        with pytest.raises(SystemExit, match=said):
+            labelled_files([value], "--te", {"int8-convrot", "Q8_0"})
 
 
 def _row(impl: str, quant: str, step: float, rss: int) -> dict:

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 # The one place the version is written: pyproject.toml reads it from here (tool.setuptools.dynamic).
 __version__ = "0.1.0"
-__all__ = ["Event", "ZImagePipeline", "load", "read_params", "save_image", "__version__"]
+__all__ = ["Event", "Request", "ZImagePipeline", "load", "read_params", "save_image", "__version__"]
 
 if TYPE_CHECKING:
     from .image import read_params, save_image
-    from .pipeline import Event, ZImagePipeline, load
+    from .pipeline import Event, Request, ZImagePipeline, load
 
-_LAZY = {"Event": "pipeline", "ZImagePipeline": "pipeline", "load": "pipeline", "read_params": "image",
-         "save_image": "image"}
+_LAZY = {"Event": "pipeline", "Request": "pipeline", "ZImagePipeline": "pipeline", "load": "pipeline",
+         "read_params": "image", "save_image": "image"}
 
 
 def __getattr__(name: str) -> Any:

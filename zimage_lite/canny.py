@@ -49,7 +49,7 @@ def _components(mask: np.ndarray) -> np.ndarray:
     the root (pointer jumping). A whole branch moves at once, so rounds grow with log(path length), not with it."""
     h, w = mask.shape
     outside = mask.size
-    parent = np.arange(outside + 1)  # parent[outside] = outside
+    parent = np.arange(outside + 1, dtype=np.int32 if outside < 2**31 - 1 else np.int64)  # parent[outside] = outside
     label = np.where(mask, parent[:-1].reshape(h, w), outside)
     inside = mask.ravel()
     while True:
@@ -70,7 +70,7 @@ def _components(mask: np.ndarray) -> np.ndarray:
         label = settled
 
 
-def _hysteresis(thin: np.ndarray, low: float, high: float) -> np.ndarray:
+def hysteresis(thin: np.ndarray, low: float, high: float) -> np.ndarray:
     """The pixels above `low` whose 8-connected component above `low` holds a pixel above `high`."""
     weak = thin > low
     label = _components(weak)
@@ -83,5 +83,5 @@ def canny(image: Image.Image, low: float = LOW, high: float = HIGH) -> Image.Ima
     """The Canny edge map of `image`: white edges on black, RGB, same size."""
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     gx, gy = _sobel(gray)
-    edges = _hysteresis(_thin(np.abs(gx) + np.abs(gy), gx, gy), low, high)
+    edges = hysteresis(_thin(np.abs(gx) + np.abs(gy), gx, gy), low, high)
     return Image.fromarray((edges * 255).astype(np.uint8), "L").convert("RGB")

@@ -247,7 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                            seed=seed, cfg=args.cfg, cfg_normalization=args.cfg_normalization,
                            cfg_truncation=args.cfg_truncation, image=image, mask=mask, strength=args.strength,
                            **controls)
-    check_image_output(out, args.force, enhanced | request.params)
+    check_image_output(out, args.force, {**enhanced, **request.params})
     events = pipe.run(request)
     if args.seed is None:
         print(f"seed: {seed}")

@@ -12,10 +12,12 @@ import functools
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -48,14 +50,7 @@ from .preview import preview_image
 from .quant.qlinear import release_scratch
 from .runtime import plan
 from .runtime.budget import device_kind, usable_budget
-from .runtime.memory import (
-    is_out_of_memory,
-    map_large_host_blocks,
-    peak_bytes,
-    reset_peak,
-    reused_heap,
-    trim_host,
-)
+from .runtime.memory import is_out_of_memory, map_large_host_blocks, peak_bytes, reset_peak, reused_heap, trim_host
 from .runtime.plan_format import format_plan
 from .runtime.sizes import source_table
 from .runtime.units import format_size, parse_size
@@ -101,12 +96,14 @@ class Event:
 
 @dataclass(frozen=True)
 class Request:
-    """A run's arguments checked and the model's defaults filled in (`ZImagePipeline.prepare`): its parameters (what
-    `Event.info` carries and images store), the init image and the control inputs, each read and prepared once."""
+    """A run's arguments checked, the model's defaults filled in, its images read and prepared once (`prepare`):
+    the parameters (read-only: what `Event.info` carries and images store), the init image, the control inputs.
+    Run by the pipeline that made it; run again, it makes the same image (the seed is drawn once, in `prepare`)."""
 
-    params: dict[str, Any]
+    params: Mapping[str, Any]
     init: InitImage | None
     control: ControlRequest | None
+    pipeline: Any = field(repr=False, compare=False)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -234,14 +231,13 @@ class ZImagePipeline(StageModels):
         """generate()'s arguments checked (OptionError naming the option), the model's defaults filled in, and
         everything an image needs to be made again: the parameters `Event.info` carries and images store."""
         return self.prepare(prompt, negative, width, height, steps, seed, cfg, cfg_normalization, cfg_truncation,
-                            image, mask, strength, **control).params
+                            image, mask, strength, **control).params.copy()
 
     def prepare(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                 steps: int | None = None, seed: int | None = None, cfg: float | None = None,
                 cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, image: Image.Image | None = None,
                 mask: Image.Image | None = None, strength: float | None = None, **control: Any) -> Request:
-        """generate()'s arguments as a `Request` for `run`: checked, images read and prepared (the canny map made)
-        once; its `params` are `run_params`'. The command line checks the output against them before running."""
+        """generate()'s arguments as a `Request` for `run` (its `params` are `run_params`')."""
         d = self.defaults
         steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
         ctrl = control_request(self.control, image, mask, strength, width, height, self.grid, **control)
@@ -269,7 +265,7 @@ class ZImagePipeline(StageModels):
         params.update({"dit_format": self.weight_format("dit"), "text_encoder_format": self.weight_format(
             "text_encoder"), "dtype": DTYPE_NAMES[self.dtype], "device": str(self.device), "version": __version__,
             **(ctrl.params(self.control) if ctrl else {})})
-        return Request(params, init, ctrl)
+        return Request(MappingProxyType(params), init, ctrl, self)
 
     def generate(self, prompt: str, negative: str = "", width: int | None = None, height: int | None = None,
                  steps: int | None = None, seed: int | None = None, cfg: float | None = None,
@@ -291,7 +287,9 @@ class ZImagePipeline(StageModels):
     @torch.inference_mode()
     def run(self, request: Request) -> Iterator[Event]:
         """generate()'s events for a prepared request (`prepare`)."""
-        params, init, ctrl = request.params, request.init, request.control
+        if request.pipeline is not self:
+            raise OptionError("a Request runs on the pipeline whose prepare() made it: prepare it with this one")
+        params, init, ctrl = request.params.copy(), request.init, request.control
         cfg = params["cfg"]
         tokens = self.tokenizer.encode(params["prompt"])
         neg_tokens = self.tokenizer.encode(params["negative"]) if guidance_on(cfg) else None
@@ -366,7 +364,7 @@ class ZImagePipeline(StageModels):
             reset_peak(self.device)
             x = latents.to(self.dtype)
             t = times[i:i + 1].to(self.device)
-            with reused_heap():  # the forward's activations reuse freed memory (runtime/memory.py)
+            with reused_heap() if self.device.type == "cpu" else nullcontext():  # runtime/memory.py
                 if use_cfg and guidance_active(cfg, float(times[i]), cfg_truncation):
                     out = forward(torch.cat([x, x]), t.repeat(2), [feats, neg_feats])
                     pred = combine_cfg(out[0:1], out[1:2], cfg, cfg_normalization)

@@ -86,14 +86,18 @@ def random_pairs(decode: Callable[[torch.Tensor], torch.Tensor], channels: int, 
 
 def image_pairs(encode: Callable[[torch.Tensor], torch.Tensor], images: Iterable[Path],
                 scale: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each image (read as every input image is: upright, in RGB; cropped to a multiple of `scale`, at most 512
-    pixels a side) with its encoded latents."""
-    from .inputs import image_tensor, open_image, to_mode
+    """Each image (read as an init image is: upright, in RGB; each side at most 512 pixels and a multiple of
+    `scale`, resized to that) with its encoded latents. OptionError for an image smaller than `scale`."""
+    from .errors import OptionError
+    from .inputs import image_tensor, load_image
 
     pairs = []
     for path in images:
-        picture = to_mode(open_image(path, "--images").image, "RGB", "--images").image
+        picture = load_image(Path(path), "--images").image
         w, h = (min(side, 512) // scale * scale for side in picture.size)
+        if not w or not h:
+            raise OptionError(f"--images {path}: {picture.width}x{picture.height} is smaller than one latent cell "
+                              f"({scale}x{scale} pixels); give larger images")
         pixels = image_tensor(picture, w, h)
         pairs.append((encode(pixels), pixels))
     return pairs

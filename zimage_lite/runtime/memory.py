@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import resource
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,49 +58,62 @@ HOST_MMAP_THRESHOLD = 1 * 2**20  # blocks from this size up get their own mappin
 @functools.cache
 def map_large_host_blocks() -> bool:
     """Have glibc give every host block of 1 MiB or more its own memory mapping, unmapped when freed, for the rest
-    of the process. By default glibc raises this threshold each time such a block is freed (up to 32 MiB), after
-    which large freed blocks stay in its heap: the next stage's allocations then land beside them and RSS grows past
-    what the plan counts (measured on the demo model at 512 px, fp32: VAE decode after an encode 49.5 MiB against
-    27.5 planned; with the fixed threshold 28.9, and the encode stage 26.42 against 26.41). The cost is a page fault
-    per page of each large allocation, well under 1% of a DiT step. True where it applied (glibc). `trim_host` gives
-    back the smaller blocks at each stage's end."""
-    libc = _glibc()
+    of the process (outside a DiT forward: `reused_heap`). By default glibc raises this threshold each time such a
+    block is freed (up to 32 MiB), after which large freed blocks stay in its heap: the next stage's allocations
+    then land beside them and RSS grows past what the plan counts (measured on the demo model at 512 px, fp32: VAE
+    decode after an encode 49.5 MiB against 27.5 planned; with the fixed threshold 28.9, and the encode stage 26.42
+    against 26.41). The cost is a page fault per page of each large allocation: a fifth of a ConvRot DiT step, which
+    is why DiT forwards run inside `reused_heap`. True where it applied (glibc). `trim_host` gives back the smaller
+    blocks at each stage's end."""
+    libc = glibc()
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD))
 
 
 def trim_host() -> None:
     """At a stage's end, give the OS the heap pages the stage freed (blocks under the mapping threshold, which glibc
     keeps), so the next stage starts from what is live (a few ms)."""
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
 
 
 M_MMAP_MAX = -4  # glibc's mallopt parameter: how many blocks may be mappings at once
-GLIBC_MMAP_MAX = 65536  # its default
+GLIBC_MMAP_MAX = 65536  # its default, unless the environment set another
+_heap_lock = threading.Lock()
+_heap_users = 0  # forwards inside reused_heap now (threads may run two pipelines)
 
 
 @contextmanager
 def reused_heap() -> Iterator[None]:
     """Within: every host block comes from glibc's heap, none from a fresh mapping, so that the many same-sized
-    activations of a DiT forward reuse the memory the previous block freed instead of faulting in new zeroed pages
-    (measured, full-size ConvRot DiT at 512x512 on 2 cores: 37-38 s a step with mappings, 30 s without). After:
-    mappings again (`map_large_host_blocks`) and the heap trimmed, so what the forward freed goes back to the OS and
-    what follows starts from what is live. The forward's peak RSS then also holds the heap's gaps between reused
-    blocks (there 6.6 GiB against 6.4 with mappings). Elsewhere (not glibc) nothing changes."""
-    libc = _glibc()
-    if libc is None or not libc.mallopt(M_MMAP_MAX, 0):
+    activations of a DiT forward on the CPU reuse the memory the previous block freed instead of faulting in new
+    zeroed pages (full-size ConvRot DiT at 512x512, 2 cores, one process alternating: 37.8-40.5 s a step with
+    mappings, 30.5-32.6 s without; fp32 Q4_K_M 119 -> 108-112 s). When the last user leaves: mappings again
+    (`map_large_host_blocks`' threshold still holds) and the heap trimmed, so what the forward freed goes back to
+    the OS and the next stage starts from what is live. The forward's peak RSS also holds the heap's gaps between
+    reused blocks (there +0.1-0.2 GiB over 6.4 GiB; within the DiT stage's plan above the process's baseline).
+    Elsewhere (not glibc) nothing changes."""
+    global _heap_users
+    libc = glibc()
+    if libc is None:
         yield
         return
+    with _heap_lock:
+        _heap_users += 1
+        if _heap_users == 1:
+            libc.mallopt(M_MMAP_MAX, 0)
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
-        libc.malloc_trim(0)
+        with _heap_lock:
+            _heap_users -= 1
+            if _heap_users == 0:
+                libc.mallopt(M_MMAP_MAX, int(os.environ.get("MALLOC_MMAP_MAX_", GLIBC_MMAP_MAX)))
+                libc.malloc_trim(0)
 
 
 @functools.cache
-def _glibc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has mallopt and malloc_trim); None elsewhere (musl, macOS, Windows), whose
     allocators are left as they are."""
     try:
