@@ -113,9 +113,8 @@ def _store(x: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(x.view(out.shape))
 
 
-# ---- kernels; each mirrors gguf/quants.py's dequantize_blocks operation for operation (fp32, no FMA), and writes
-# its (n, block_size) result into `out` (any float dtype: computed in fp32, rounded once). Every temporary comes
-# from `new`: on the CPU, allocating is as slow as the arithmetic at these sizes.
+# ---- kernels: each mirrors gguf/quants.py's dequantize_blocks op for op (fp32, no FMA) into `out` (n, block_size),
+# any float dtype (rounded once); every temporary comes from `new` (on the CPU allocating costs as much as the math)
 
 
 def _q8_0(b: torch.Tensor, out: torch.Tensor, new: New) -> None:
