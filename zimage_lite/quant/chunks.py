@@ -32,15 +32,14 @@ _temps: dict[int, Temps] = {}
 
 
 class Temps:
-    """The temporaries of one chunk's job, carved from one buffer (the arena) a thread keeps from chunk to chunk.
-    On the CPU a fresh multi-MB temporary is a fresh memory mapping (runtime/memory.map_large_host_blocks; outside
-    a DiT forward, `reused_heap`) whose page
-    faults cost more than the arithmetic: Q4_K dequantized at 0.7 G weights/s with new temporaries, 1.4 without the
-    mappings (benchmarks/dequant.py). The arena is sized by the chunks: a chunk whose temporaries do not fit gets new
-    tensors (beside the arena, until the chunk ends), and the next chunk an arena as large as it asked for: once
-    warm, an arena holds the largest chunk's temporaries a thread has met, within DEVICE_CHUNK_TEMP_BYTES a weight
-    (the plan counts MAX_WORKERS of them). Without `keep` (a GPU, whose caching allocator
-    reuses blocks already) every call is a new tensor."""
+    """The temporaries of one chunk's job, carved from one buffer (the arena) a thread keeps from chunk to chunk. On
+    the CPU a fresh multi-MB temporary is a fresh memory mapping (runtime/memory.map_large_host_blocks; not inside a
+    DiT forward: `reused_heap`) whose page faults cost more than the arithmetic: Q4_K dequantized at 0.7 G weights/s
+    with new temporaries, 1.4 without the mappings (benchmarks/dequant.py). The arena is sized by the chunks: a
+    chunk whose temporaries do not fit gets new tensors (beside the arena, until the chunk ends), and the next chunk
+    an arena as large as it asked for: once warm, an arena holds the largest chunk's temporaries a thread has met,
+    within DEVICE_CHUNK_TEMP_BYTES a weight (the plan counts MAX_WORKERS of them). Without `keep` (a GPU, whose
+    caching allocator reuses blocks already) every call is a new tensor."""
 
     ALIGN = 64
 

@@ -83,6 +83,13 @@ _heap_lock = threading.Lock()
 _heap_users = 0  # forwards inside reused_heap now (threads may run two pipelines)
 
 
+def _environment_mmap_max() -> int:
+    """M_MMAP_MAX as the environment set it for this process (glibc reads MALLOC_MMAP_MAX_ at start), else glibc's
+    default."""
+    value = os.environ.get("MALLOC_MMAP_MAX_", "")
+    return int(value) if value.isdigit() else GLIBC_MMAP_MAX
+
+
 @contextmanager
 def reused_heap() -> Iterator[None]:
     """Within: every host block comes from glibc's heap, none from a fresh mapping, so that the many same-sized
@@ -108,7 +115,7 @@ def reused_heap() -> Iterator[None]:
         with _heap_lock:
             _heap_users -= 1
             if _heap_users == 0:
-                libc.mallopt(M_MMAP_MAX, int(os.environ.get("MALLOC_MMAP_MAX_", GLIBC_MMAP_MAX)))
+                libc.mallopt(M_MMAP_MAX, _environment_mmap_max())
                 libc.malloc_trim(0)
 
 
