@@ -268,3 +268,17 @@ def test_from_png_notes_another_image(tiny_model, tmp_path: Path, capsys):
     assert "is not the one" not in capsys.readouterr().err
     assert main([*again, str(tmp_path / "b.png"), "--force"]) == 0
     assert "b.png is not the one" in capsys.readouterr().err
+
+
+def test_a_request_runs_only_on_the_pipeline_that_prepared_it(tiny_model):
+    """`prepare` checks and fills a run against one pipeline's model: another pipeline refuses it in one line, and
+    its parameters cannot be changed past those checks."""
+    import zimage_lite
+    from zimage_lite.errors import OptionError
+
+    one, other = (zimage_lite.load(tiny_model, device="cpu", dtype="fp32") for _ in range(2))
+    request = one.prepare("x", width=64, height=64, steps=1, seed=3)
+    with pytest.raises(OptionError, match="a Request runs on the pipeline whose prepare"):
+        next(other.run(request))
+    with pytest.raises(TypeError):
+        request.params["width"] = 8
