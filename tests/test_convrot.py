@@ -22,7 +22,7 @@ import zimage_lite
 from quantize.convert import convert
 from zimage_lite.errors import CheckpointError, UnsupportedQuantError
 from zimage_lite.models.dit import ZImageDiT
-from zimage_lite.quant.convrot import CONVROT, ROWWISE, quantize_weight
+from zimage_lite.quant.convrot import CONVROT, ROWWISE, quantize_weight, rotate
 from zimage_lite.quant.formats import dequantize
 from zimage_lite.quant.qlinear import QLinear
 from zimage_lite.weights.components import open_component, open_dit
@@ -68,6 +68,16 @@ def test_hadamard_is_the_regular_one():
     h = reference_hadamard(256)
     assert np.allclose(h, h.T) and np.allclose(h @ h.T, np.eye(256))
     assert np.allclose(h[:4, :4] * 16, [[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]])
+
+
+@pytest.mark.parametrize("groupsize", [4, 16, 64, 256, 1024])
+def test_rotation_is_the_dense_hadamard_product(groupsize):
+    """rotate() works in two smaller Hadamard factors (H_a V H_b): the same as each group times the dense H, for
+    every power of 4, the unequal factors (64 = 4 x 16, 1024 = 16 x 64) included. Measured max error 2.6e-7 to
+    7.6e-7 on values ~1 (fp32); held at 5e-6."""
+    x = torch.randn(6, 2 * max(groupsize, 256), generator=torch.Generator().manual_seed(4))
+    ref = x.double().numpy().reshape(6, -1, groupsize) @ reference_hadamard(groupsize)
+    assert np.abs(rotate(x, groupsize).double().numpy() - ref.reshape(6, -1)).max() < 5e-6
 
 
 @pytest.mark.parametrize("qtype", [CONVROT, ROWWISE], ids=lambda t: t.name)

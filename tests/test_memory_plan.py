@@ -109,6 +109,32 @@ def test_a_forward_reuses_the_heap_and_gives_it_back_after():
     assert after - start < 16 * 2**20 and int(kept[-1]) == 1  # the 96 MiB freed inside went back (a trim)
 
 
+def test_reused_heap_keeps_freed_pages_inside_and_restores_glibc_after(monkeypatch):
+    """Inside, glibc's trim threshold is out of reach (a freed block at the heap's top keeps its pages, whether it
+    lies at the top depends on the heap's layout: asserted on the settings); after, both settings are glibc's
+    defaults or what the environment set."""
+    from zimage_lite.runtime import memory
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(memory, "glibc", FakeLibc)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4194304")
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    with reused_heap():
+        inside = dict(calls)
+    after = dict(calls)
+    assert inside == {memory.M_MMAP_MAX: 0, memory.M_TRIM_THRESHOLD: 2**31 - 1}
+    assert after == {memory.M_MMAP_MAX: 65536, memory.M_TRIM_THRESHOLD: 4194304, "trim": 0}
+
+
 def test_each_dit_forward_on_the_cpu_reuses_the_heap(tiny_model, monkeypatch):
     """The pipeline runs every DiT step inside `reused_heap` (and nothing else: the VAE's large maps stay mapped)."""
     from contextlib import contextmanager

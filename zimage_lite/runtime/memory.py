@@ -78,16 +78,20 @@ def trim_host() -> None:
 
 
 M_MMAP_MAX = -4  # glibc's mallopt parameter: how many blocks may be mappings at once
-GLIBC_MMAP_MAX = 65536  # its default, unless the environment set another
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter: a free leaving more than this at the heap's top gives it back
+# glibc's defaults (a fixed mapping threshold turns off its sliding trim threshold), unless the environment set others
+GLIBC_DEFAULTS = {M_MMAP_MAX: ("MALLOC_MMAP_MAX_", 65536), M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", 128 * 1024)}
+KEEP_HEAP_TOP = 2**31 - 1  # the trim threshold inside reused_heap (mallopt takes an int): never trimmed by a free
 _heap_lock = threading.Lock()
 _heap_users = 0  # forwards inside reused_heap now (threads may run two pipelines)
 
 
-def _environment_mmap_max() -> int:
-    """M_MMAP_MAX as the environment set it for this process (glibc reads MALLOC_MMAP_MAX_ at start), else glibc's
-    default."""
-    value = os.environ.get("MALLOC_MMAP_MAX_", "")
-    return int(value) if value.isdigit() else GLIBC_MMAP_MAX
+def _environment_setting(param: int) -> int:
+    """The mallopt `param` as the environment set it for this process (glibc reads MALLOC_..._ at start), else
+    glibc's default."""
+    name, default = GLIBC_DEFAULTS[param]
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else default
 
 
 @contextmanager
@@ -95,7 +99,9 @@ def reused_heap() -> Iterator[None]:
     """Within: every host block comes from glibc's heap, none from a fresh mapping, so that the many same-sized
     activations of a DiT forward on the CPU reuse the memory the previous block freed instead of faulting in new
     zeroed pages (full-size ConvRot DiT at 512x512, 2 cores, one process alternating: 37.8-40.5 s a step with
-    mappings, 30.5-32.6 s without; fp32 Q4_K_M 119 -> 108-112 s). When the last user leaves: mappings again
+    mappings, 30.5-32.6 s without; fp32 Q4_K_M 119 -> 108-112 s), and a free at the heap's top keeps its pages
+    (else glibc gives back each freed 44 MB FFN activation and faults it in again for the next: 28.7-31.7 -> 26.0-28.1
+    s a ConvRot step). When the last user leaves: mappings again
     (`map_large_host_blocks`' threshold still holds) and the heap trimmed, so what the forward freed goes back to
     the OS and the next stage starts from what is live. The forward's peak RSS also holds the heap's gaps between
     reused blocks (there +0.1-0.2 GiB over 6.4 GiB; within the DiT stage's plan above the process's baseline).
@@ -109,13 +115,15 @@ def reused_heap() -> Iterator[None]:
         _heap_users += 1
         if _heap_users == 1:
             libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, KEEP_HEAP_TOP)
     try:
         yield
     finally:
         with _heap_lock:
             _heap_users -= 1
             if _heap_users == 0:
-                libc.mallopt(M_MMAP_MAX, _environment_mmap_max())
+                for param in GLIBC_DEFAULTS:
+                    libc.mallopt(param, _environment_setting(param))
                 libc.malloc_trim(0)
 
 
