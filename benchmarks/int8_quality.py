@@ -1,10 +1,12 @@
 """INT8 (ConvRot and plain rows) against BF16, Q8_0 and Q4_K_M on the full-size DiT: error of one forward, step time.
 
 One DiT step of the pipeline per DiT file, same prompt, seed and text encoder (so the caption features are the same
-for every row): the step's latents are noise + (sigma_1 - sigma_0) * prediction, so the relative L2 error of
-(latents - noise) against the BF16 DiT's is the relative error of the DiT forward. Each DiT computes in fp32 on the
-CPU (BF16 streamed and cast as the planner decides); int8 files run on the integer route `info` names, and
-`--int8-compute` rows convert the Q8_0 file at load. Full-size weights: run under the shared lock, e.g.
+for every row but the --int8-compute ones): the step's latents are noise + (sigma_1 - sigma_0) * prediction, so the
+relative L2 error of (latents - noise) against the BF16 DiT's is the relative error of the DiT forward. Each DiT
+computes in fp32 on the CPU (BF16 streamed and cast as the planner decides); int8 files run on the integer route
+`info` names, and `--int8-compute` rows convert the GGUF file at load (and, as the option does, the Q4_K_M text
+encoder: their caption features differ from the other rows' by that conversion). Full-size weights: run under
+the shared lock, e.g.
 
     flock /work/wt/fullsize.lock nice -n 5 python -m benchmarks.int8_quality --cache /work/main/.bench_cache
 
@@ -53,7 +55,8 @@ def main() -> None:
     rows_wanted = {"BF16": (None, False), "int8-convrot": (c / "turbo-dit-int8-convrot.safetensors", False),
                    "int8-rowwise": (c / "turbo-dit-int8-rowwise.safetensors", False),
                    "Q8_0": (c / "turbo-dit-Q8_0.gguf", False), "Q8_0 --int8-compute": (c / "turbo-dit-Q8_0.gguf", True),
-                   "Q4_K_M": (c / "turbo-dit-Q4_K_M.gguf", False)}
+                   "Q4_K_M": (c / "turbo-dit-Q4_K_M.gguf", False),
+                   "Q4_K_M --int8-compute": (c / "turbo-dit-Q4_K_M.gguf", True)}
     h = w = args.size // 8
     noise = get_noise(torch.Generator("cpu").manual_seed(SEED), 16, args.size, args.size).float()
     assert noise.shape[-2:] == (h, w)

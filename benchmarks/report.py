@@ -366,7 +366,9 @@ def render(rows: list[dict]) -> str:
                       "fp32 compute", "",
                       "The first of 8 steps from the same noise and caption features with each DiT file; the relative "
                       "L2 error of the step's update against the BF16 DiT's. Random weights: no outliers for the "
-                      f"rotation to tame. int8 route: {first.get('int8_route', 'n/a')}."]
+                      "rotation to tame. Rows marked --int8-compute convert the Q4_K_M text encoder too (the option "
+                      "covers both), so their error holds that conversion's as well. "
+                      f"int8 route: {first.get('int8_route', 'n/a')}."]
         elif component == "gpu_run":
             lines.append(f"## GPU check: DiT {first['quant']}, {first['device']}, {first['width']}x{first['height']}, "
                          f"{first['steps']} steps, {first['dtype']} compute")

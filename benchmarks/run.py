@@ -95,10 +95,13 @@ def model_folder(preset: str, cache: Path) -> Path:
 
 
 def weights_file(folder: Path, quant: str, cache: Path, component: str = "dit") -> tuple[Path, dict | None]:
-    """A component's weights for `quant`: the folder itself for BF16, else our GGUF (written and measured once)."""
+    """A component's weights for `quant`: the folder itself for BF16, else our GGUF or, for ComfyUI's int8 types,
+    safetensors (written and measured once)."""
+    from zimage_lite.quant.recipes import INT8_TARGETS
+
     if quant.upper() == "BF16":
         return folder / ("transformer" if component == "dit" else component.replace("-", "_")), None
-    out = cache / f"{folder.name}-{component}-{quant}.gguf"
+    out = cache / f"{folder.name}-{component}-{quant}{'.safetensors' if quant in INT8_TARGETS else '.gguf'}"
     row = None
     if not out.is_file():
         cmd = [sys.executable, "-m", "zimage_lite", "quantize", str(folder), "--type", quant, "--component",

@@ -241,6 +241,38 @@ def test_int8_compute_converts_gguf_linears(int8_files, tmp_path, monkeypatch, r
     assert "int8_compute" not in plain.run_params("a fox", **kw)
 
 
+def _resident_bytes_of(path: Path) -> int:
+    """This process's resident bytes in memory maps of `path` (/proc/self/smaps)."""
+    total, inside, target = 0, False, str(path.resolve())
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line: range, perms, ..., [path]
+                inside = len(head) >= 6 and head[5] == target
+            elif inside and head[:1] == ["Rss:"]:
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux: resident pages per mapping")
+def test_int8_compute_leaves_no_file_pages_resident_under_its_copy(int8_files, tmp_path):
+    """A converted weight is an int8 copy: the GGUF pages it was read from leave the process's RSS (the plan
+    counts the copy only; full size, the Q4_K_M DiT's 4.6 GiB stayed resident beside it)."""
+    from zimage_lite.runtime.sizes import layout
+    from zimage_lite.weights.comfy_quant import Int8ComputeSource
+
+    model, _, _ = int8_files
+    [q8] = [r.path for r in convert(model, "Q8_0", component="dit", out=tmp_path)]
+    comp = open_component(q8, "dit")
+    source = Int8ComputeSource(comp.source, layout(comp.config).linears)
+    name = "layers.0.feed_forward.w1.weight"
+    stored = comp.source.get(name)
+    assert int(stored.data.sum()) >= 0 and _resident_bytes_of(q8) >= stored.data.numel()  # read: resident
+    converted = source.get(name)
+    assert converted.qtype == CONVROT and _resident_bytes_of(q8) == 0
+    source.close()
+
+
 def test_from_png_keeps_int8_compute(int8_files, tmp_path):
     from zimage_lite.cli import build_parser
     from zimage_lite.image import save_image

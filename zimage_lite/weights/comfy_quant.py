@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 from ..quant.convrot import CONVROT, ROWWISE, Int8Rows, parse_comfy_quant, quantize_weight, row_scales
 from ..quant.formats import FLOAT_TYPES, SUPPORTED_TYPES
 from ..quant.qlinear import QTensor
+from ..runtime.memory import release_pages
 from .sources import SafetensorsSource, SideTensorSource, TensorSource
 
 TAG = ".comfy_quant"
@@ -128,6 +129,9 @@ class Int8ComputeSource(TensorSource):
             return t
         qtype = self._convert[name]
         q, scale = quantize_weight(t.dequantize(torch.float32), qtype)
+        # the converted copy is what the plan counts: the file's pages it was read from leave the process's RSS
+        # (else the whole GGUF stays resident beside its int8 copy: +4.6 GiB measured for the Q4_K_M DiT)
+        release_pages(self.inner.where(name))
         return QTensor(q.view(torch.uint8), qtype, tuple(t.shape), (scale.reshape(-1),))
 
 
