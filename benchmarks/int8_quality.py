@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     common = {"component": "int8_quality", "machine": machine(), "threads": torch.get_num_threads(),
               "int8_route": describe_route("cpu"), "prompt": PROMPT, "seed": SEED, "date": time.strftime("%Y-%m-%d"),
-              "command": f"python -m benchmarks.int8_quality {' '.join(sys.argv[1:])}".strip()}
+              "command": f"python -m benchmarks.int8_quality {shlex.join(sys.argv[1:])}".strip()}
     OUT.write_text(json.dumps([{**common, **r} for r in rows], indent=1) + "\n")
 
 

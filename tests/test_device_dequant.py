@@ -17,12 +17,13 @@ from fixtures import allocated_peak
 from gguf import GGMLQuantizationType as Q
 
 from zimage_lite.quant import chunks, formats
+from zimage_lite.quant.convrot import CONVROT
 from zimage_lite.quant.formats import INT8, BnbType, bnb_sizes, dequantize, quantize
 from zimage_lite.quant.qlinear import QLinear, QTensor, dequant_scratch, release_scratch
 
 cuda = pytest.mark.cuda  # skipped without a GPU (conftest); benchmarks/gpu_check.sh selects these
 GGML = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-KINDS = (*(t.name for t in GGML), "int8", "nf4", "nf4-nested")
+KINDS = (*(t.name for t in GGML), "int8", "int8-convrot", "nf4", "nf4-nested")
 
 
 def _packed(kind: str, shape: tuple[int, int], seed: int = 0, device: str = "cpu") -> QTensor:
@@ -32,9 +33,9 @@ def _packed(kind: str, shape: tuple[int, int], seed: int = 0, device: str = "cpu
     if kind in Q.__members__:
         qtype, w = Q[kind], torch.randn(shape, generator=g).to(device)
         return QTensor(torch.from_numpy(quantize(w, qtype)), qtype, shape)
-    if kind == "int8":
+    if kind in ("int8", "int8-convrot"):  # bitsandbytes int8; ComfyUI's int8 rows, rotated back as dequantized
         q = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8).view(torch.uint8)
-        return QTensor(q, INT8, shape, (torch.rand(shape[0], generator=g) + 0.5,))
+        return QTensor(q, INT8 if kind == "int8" else CONVROT, shape, (torch.rand(shape[0], generator=g) + 0.5,))
     qtype = BnbType("nf4", 64, 256 if kind == "nf4-nested" else 0)
     sizes = bnb_sizes(qtype, shape)
     codes = lambda n: torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)  # noqa: E731
@@ -75,8 +76,9 @@ def test_device_chunks_equal_one_pass(kind, gpu_chunking, monkeypatch):
 
 
 # Measured (this test's setup, bf16; fp32 results need no fp32 temporary: 0.19-2.52): Q8_0 4.19, Q4_0 5.00, Q4_1
-# 5.00, Q5_0 5.19, Q5_1 5.19, Q2_K 5.50, Q3_K 6.38, Q4_K 5.50, Q5_K 5.50, Q6_K 6.25, int8 4.00, nf4 6.00 (nested
-# too) bytes per weight of a chunk; DEVICE_CHUNK_TEMP_BYTES = 8 bounds them all. The FFN-sized nested nf4 weight
+# 5.00, Q5_0 5.19, Q5_1 5.19, Q2_K 5.50, Q3_K 6.38, Q4_K 5.50, Q5_K 5.50, Q6_K 6.25, int8 4.00, int8-convrot 6.00
+# (over 8 with the rotation written to a new tensor), nf4 6.00 (nested too) bytes per weight of a chunk;
+# DEVICE_CHUNK_TEMP_BYTES = 8 bounds them all. The FFN-sized nested nf4 weight
 # checks that no per-tensor state (its absmax, decoded for the whole weight at once before) adds up beyond one chunk.
 @pytest.mark.parametrize("kind,shape", [*(pytest.param(k, (768, 4096), id=k) for k in KINDS),  # 3 chunks
                                         pytest.param("nf4-nested", (10240, 3840), id="nf4-nested-ffn")])

@@ -110,9 +110,9 @@ def test_a_forward_reuses_the_heap_and_gives_it_back_after():
 
 
 def test_reused_heap_keeps_freed_pages_inside_and_restores_glibc_after(monkeypatch):
-    """Inside, glibc's trim threshold is out of reach (a freed block at the heap's top keeps its pages, whether it
-    lies at the top depends on the heap's layout: asserted on the settings); after, both settings are glibc's
-    defaults or what the environment set."""
+    """Inside, no trimming on free (a freed block at the heap's top keeps its pages; whether it lies at the top
+    depends on the heap's layout: asserted on the settings); after, both settings are glibc's defaults or what the
+    environment set."""
     from zimage_lite.runtime import memory
 
     calls = []
@@ -131,8 +131,13 @@ def test_reused_heap_keeps_freed_pages_inside_and_restores_glibc_after(monkeypat
     with reused_heap():
         inside = dict(calls)
     after = dict(calls)
-    assert inside == {memory.M_MMAP_MAX: 0, memory.M_TRIM_THRESHOLD: 2**31 - 1}
-    assert after == {memory.M_MMAP_MAX: 65536, memory.M_TRIM_THRESHOLD: 4194304, "trim": 0}
+    assert (memory.M_TRIM_THRESHOLD, memory.M_MMAP_MAX, memory.M_MMAP_THRESHOLD) == (-1, -4, -3)  # malloc.h
+    assert inside == {-4: 0, -1: -1}  # no mappings; no trimming on free (-1: mallopt(3))
+    assert after == {-4: 65536, -1: 4194304, "trim": 0}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", str(2**32))  # more than mallopt's int carries: held to its top
+    with reused_heap():
+        pass
+    assert calls[-2] == (-1, 2**31 - 1)
 
 
 def test_each_dit_forward_on_the_cpu_reuses_the_heap(tiny_model, monkeypatch):

@@ -305,9 +305,8 @@ def _int8_rows(raw: torch.Tensor, qtype: Int8Rows, shape: tuple[int, ...], scale
     def fill(start: int, stop: int) -> None:
         w = _float(q[start:stop], out[start:stop], chunks.temps(raw.device)).mul_(scale[start:stop])
         if qtype.groupsize:
-            out[start:stop] = rotate(w, qtype.groupsize)
-        else:
-            _store(w, out[start:stop])
+            rotate(w, qtype.groupsize, out=w)  # in place: no second chunk-sized temporary
+        _store(w, out[start:stop])
 
     _by_chunks(q.shape[0], q.shape[1], raw.device, fill)
     return out.view(shape)

@@ -79,19 +79,19 @@ def trim_host() -> None:
 
 M_MMAP_MAX = -4  # glibc's mallopt parameter: how many blocks may be mappings at once
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter: a free leaving more than this at the heap's top gives it back
+NO_TRIM = -1  # M_TRIM_THRESHOLD's value that turns the trimming on free off (mallopt(3))
 # glibc's defaults (a fixed mapping threshold turns off its sliding trim threshold), unless the environment set others
 GLIBC_DEFAULTS = {M_MMAP_MAX: ("MALLOC_MMAP_MAX_", 65536), M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", 128 * 1024)}
-KEEP_HEAP_TOP = 2**31 - 1  # the trim threshold inside reused_heap (mallopt takes an int): never trimmed by a free
 _heap_lock = threading.Lock()
 _heap_users = 0  # forwards inside reused_heap now (threads may run two pipelines)
 
 
 def _environment_setting(param: int) -> int:
     """The mallopt `param` as the environment set it for this process (glibc reads MALLOC_..._ at start), else
-    glibc's default."""
+    glibc's default; held to what mallopt's int argument carries."""
     name, default = GLIBC_DEFAULTS[param]
     value = os.environ.get(name, "")
-    return int(value) if value.isdigit() else default
+    return min(int(value), 2**31 - 1) if value.isdigit() else default
 
 
 @contextmanager
@@ -99,13 +99,13 @@ def reused_heap() -> Iterator[None]:
     """Within: every host block comes from glibc's heap, none from a fresh mapping, so that the many same-sized
     activations of a DiT forward on the CPU reuse the memory the previous block freed instead of faulting in new
     zeroed pages (full-size ConvRot DiT at 512x512, 2 cores, one process alternating: 37.8-40.5 s a step with
-    mappings, 30.5-32.6 s without; fp32 Q4_K_M 119 -> 108-112 s), and a free at the heap's top keeps its pages
-    (else glibc gives back each freed 44 MB FFN activation and faults it in again for the next: 28.7-31.7 -> 26.0-28.1
-    s a ConvRot step). When the last user leaves: mappings again
-    (`map_large_host_blocks`' threshold still holds) and the heap trimmed, so what the forward freed goes back to
-    the OS and the next stage starts from what is live. The forward's peak RSS also holds the heap's gaps between
-    reused blocks (there +0.1-0.2 GiB over 6.4 GiB; within the DiT stage's plan above the process's baseline).
-    Elsewhere (not glibc) nothing changes."""
+    mappings, 30.5-32.6 s without; fp32 Q4_K_M 119 -> 108-112 s); and a free never trims the heap's top (else glibc
+    gives back each freed 44 MB FFN activation there and faults it in again for the next: 28.7-31.7 -> 26.0-28.1 s
+    a ConvRot step). When the last user leaves: both settings as they were (mappings again above
+    `map_large_host_blocks`' threshold, trimming on free) and the heap trimmed, so what the forward freed goes back
+    to the OS and the next stage starts from what is live. The forward's peak RSS also holds the heap's gaps
+    between reused blocks (ConvRot fp32 at 512x512: 6.22 GiB above the process's baseline against the DiT stage's
+    6.30 planned). Elsewhere (not glibc) nothing changes."""
     global _heap_users
     libc = glibc()
     if libc is None:
@@ -115,7 +115,7 @@ def reused_heap() -> Iterator[None]:
         _heap_users += 1
         if _heap_users == 1:
             libc.mallopt(M_MMAP_MAX, 0)
-            libc.mallopt(M_TRIM_THRESHOLD, KEEP_HEAP_TOP)
+            libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM)
     try:
         yield
     finally:
