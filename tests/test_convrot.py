@@ -264,21 +264,26 @@ def _resident_bytes_of(path: Path) -> int:
     return total
 
 
+W1 = "layers.0.feed_forward.w1.weight"
+
+
+def _converting(int8_files, tmp_path: Path):
+    """(a Q8_0 DiT file of the int8 test model, an --int8-compute source over it, w1 as stored there)."""
+    from zimage_lite.runtime.sizes import layout
+    from zimage_lite.weights.comfy_quant import Int8ComputeSource
+
+    [q8] = [r.path for r in convert(int8_files[0], "Q8_0", component="dit", out=tmp_path)]
+    comp = open_component(q8, "dit")
+    return q8, Int8ComputeSource(comp.source, layout(comp.config).linears), comp.source.get(W1)
+
+
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux: resident pages per mapping")
 def test_int8_compute_leaves_no_file_pages_resident_under_its_copy(int8_files, tmp_path):
     """A converted weight is an int8 copy: the GGUF pages it was read from leave the process's RSS (the plan
     counts the copy only; full size, the Q4_K_M DiT's 4.6 GiB stayed resident beside it)."""
-    from zimage_lite.runtime.sizes import layout
-    from zimage_lite.weights.comfy_quant import Int8ComputeSource
-
-    model, _, _ = int8_files
-    [q8] = [r.path for r in convert(model, "Q8_0", component="dit", out=tmp_path)]
-    comp = open_component(q8, "dit")
-    source = Int8ComputeSource(comp.source, layout(comp.config).linears)
-    name = "layers.0.feed_forward.w1.weight"
-    stored = comp.source.get(name)
+    q8, source, stored = _converting(int8_files, tmp_path)
     assert int(stored.data.sum()) >= 0 and _resident_bytes_of(q8) >= stored.data.numel()  # read: resident
-    converted = source.get(name)
+    converted = source.get(W1)
     assert converted.qtype == CONVROT and _resident_bytes_of(q8) == 0
     source.close()
 
@@ -289,20 +294,13 @@ def test_int8_compute_converts_a_chunk_of_rows_at_a_time(int8_files, tmp_path, m
     whole weight at once 2.80 MB, 14x the bound of 20 bytes a chunk weight)."""
     from fixtures import allocated_peak
 
-    from zimage_lite.runtime.sizes import layout
     from zimage_lite.weights import comfy_quant
-    from zimage_lite.weights.comfy_quant import Int8ComputeSource
 
-    model, _, _ = int8_files
-    [q8] = [r.path for r in convert(model, "Q8_0", component="dit", out=tmp_path)]
-    comp = open_component(q8, "dit")
-    source = Int8ComputeSource(comp.source, layout(comp.config).linears)
-    name = "layers.0.feed_forward.w1.weight"
-    stored = comp.source.get(name)
+    _, source, stored = _converting(int8_files, tmp_path)
     whole_q, whole_scale = quantize_weight(stored.dequantize(torch.float32), CONVROT)
     monkeypatch.setattr(comfy_quant, "CONVERT_CHUNK_WEIGHTS", 48 * stored.shape[1])  # 15 chunks
-    peak = allocated_peak(lambda: source.get(name))
-    converted = source.get(name)
+    peak = allocated_peak(lambda: source.get(W1))
+    converted = source.get(W1)
     assert torch.equal(converted.data.view(torch.int8), whole_q)
     assert torch.equal(converted.state[0], whole_scale.reshape(-1))
     output = converted.data.numel() + 4 * converted.shape[0]
