@@ -33,6 +33,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--ram", help="--ram for the run (default: what the machine has free)")
     p.add_argument("--vram", help="--vram for the run, on a GPU")
+    p.add_argument("--int8-compute", action="store_true", help="run with --int8-compute (GGUF linears to int8)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--json", help="append the row to this JSON file (a list)")
     args = p.parse_args()
@@ -43,9 +44,10 @@ def main() -> int:
     spec = {"impl": "pipeline", "preset": args.preset, "model": str(folder), "weights": files["dit"],
             "text_encoder": files["text-encoder"],
             "device": args.device, "dtype": args.dtype, "width": args.width, "height": args.height or args.width,
-            "steps": args.steps, "ram": args.ram, "vram": args.vram}
+            "steps": args.steps, "ram": args.ram, "vram": args.vram, "int8_compute": args.int8_compute}
     row = {**{k: v for k, v in spec.items() if k != "model"}, "component": "pipeline", "impl": "zimage-lite",
-           "quant": args.quant, "settings": f"--ram {args.ram}" if args.ram else "default budget",
+           "quant": args.quant, "settings": " ".join([f"--ram {args.ram}" if args.ram else "default budget"]
+                                 + ["--int8-compute"] * args.int8_compute),
            **child([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--worker", json.dumps(spec)]),
            "command": f"python benchmarks/pipeline_memory.py {' '.join(sys.argv[1:])}",
            "machine": machine(), "date": time.strftime("%Y-%m-%d")}
