@@ -13,7 +13,6 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -364,7 +363,7 @@ class ZImagePipeline(StageModels):
             reset_peak(self.device)
             x = latents.to(self.dtype)
             t = times[i:i + 1].to(self.device)
-            with reused_heap() if self.device.type == "cpu" else nullcontext():  # runtime/memory.py
+            with reused_heap(self.device):  # runtime/memory.py
                 if use_cfg and guidance_active(cfg, float(times[i]), cfg_truncation):
                     out = forward(torch.cat([x, x]), t.repeat(2), [feats, neg_feats])
                     pred = combine_cfg(out[0:1], out[1:2], cfg, cfg_normalization)

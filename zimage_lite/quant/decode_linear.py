@@ -24,6 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
+from .convrot import row_scale
 from .formats import DEQUANT_CHUNK_WEIGHTS, block_half, dequantize, nibbles, scale_min_k4
 from .qlinear import QEmbedding, QLinear
 
@@ -59,8 +60,8 @@ def q4k_to_int4(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A float [N, K] weight -> (int8 [N, K], fp32 row scales [N]), symmetric per row."""
     w = w.float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_(min=1e-30)
-    return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    scale = row_scale(w)
+    return (w / scale).round_().clamp_(-127, 127).to(torch.int8), scale.reshape(-1)
 
 
 class DecodeLinear(nn.Module):

@@ -95,7 +95,7 @@ def _environment_setting(param: int) -> int:
 
 
 @contextmanager
-def reused_heap() -> Iterator[None]:
+def reused_heap(device: torch.device | str = "cpu") -> Iterator[None]:
     """Within: every host block comes from glibc's heap, none from a fresh mapping, so that the many same-sized
     activations of a DiT forward on the CPU reuse the memory the previous block freed instead of faulting in new
     zeroed pages (full-size ConvRot DiT at 512x512, 2 cores, one process alternating: 37.8-40.5 s a step with
@@ -105,10 +105,10 @@ def reused_heap() -> Iterator[None]:
     `map_large_host_blocks`' threshold, trimming on free) and the heap trimmed, so what the forward freed goes back
     to the OS and the next stage starts from what is live. The forward's peak RSS also holds the heap's gaps
     between reused blocks (ConvRot fp32 at 512x512: 6.22 GiB above the process's baseline against the DiT stage's
-    6.30 planned). Elsewhere (not glibc) nothing changes."""
+    6.30 planned). For a `device` other than the CPU, or without glibc, nothing changes."""
     global _heap_users
     libc = glibc()
-    if libc is None:
+    if libc is None or torch.device(device).type != "cpu":
         yield
         return
     with _heap_lock:
@@ -124,7 +124,7 @@ def reused_heap() -> Iterator[None]:
             if _heap_users == 0:
                 for param in GLIBC_DEFAULTS:
                     libc.mallopt(param, _environment_setting(param))
-                libc.malloc_trim(0)
+                trim_host()
 
 
 @functools.cache
