@@ -308,6 +308,33 @@ def test_int8_compute_converts_a_chunk_of_rows_at_a_time(int8_files, tmp_path, m
     source.close()
 
 
+def test_int8_compute_converts_inside_reused_heap(int8_files, tmp_path, monkeypatch):
+    """Every chunk of a conversion runs inside `reused_heap`: outside it the pipeline maps each few-MB temporary
+    afresh (runtime/memory.map_large_host_blocks) and faults it in page by page (full-size Q4_K_M text encoder:
+    45.7 s to convert against 20.5 s)."""
+    from contextlib import contextmanager
+
+    from zimage_lite.weights import comfy_quant
+
+    _, source, stored = _converting(int8_files, tmp_path)
+    depth, chunks_inside = [0], []
+
+    @contextmanager
+    def counted(device="cpu"):
+        depth[0] += 1
+        yield
+        depth[0] -= 1
+
+    convert_rows = comfy_quant.quantize_weight
+    monkeypatch.setattr(comfy_quant, "reused_heap", counted)
+    monkeypatch.setattr(comfy_quant, "quantize_weight", lambda w, q: chunks_inside.append(depth[0] > 0)
+                        or convert_rows(w, q))
+    monkeypatch.setattr(comfy_quant, "CONVERT_CHUNK_WEIGHTS", 48 * stored.shape[1])
+    source.get(W1)
+    assert chunks_inside == [True] * 15
+    source.close()
+
+
 def test_from_png_keeps_int8_compute(int8_files, tmp_path):
     from zimage_lite.cli import build_parser
     from zimage_lite.image import save_image
