@@ -100,6 +100,19 @@ def allocated_peak(fn) -> int:
     return peak
 
 
+def resident_bytes_of(path: Path) -> int:
+    """This process's resident bytes in memory maps of `path` (/proc/self/smaps)."""
+    total, inside, target = 0, False, str(path.resolve())
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line: range, perms, ..., [path]
+                inside = len(head) >= 6 and head[5] == target
+            elif inside and head[:1] == ["Rss:"]:
+                total += int(head[1]) * 1024
+    return total
+
+
 def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
     """Every file under the folders (dangling links too) with its size and mtime: what a refused run must leave as it
     found it."""

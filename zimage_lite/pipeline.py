@@ -67,7 +67,6 @@ from .stage_models import StageModels
 from .text import PromptTokenizer, Tokens
 from .weights.checks import check_vocabulary
 from .weights.components import ModelFiles, open_language_model, resolve_model, scheduler_config
-from .weights.load import load_module
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -403,7 +402,7 @@ class ZImagePipeline(StageModels):
         cfg, src = self._open("vae")
         with torch.device("meta"):
             encoder = AutoencoderEncoder(cfg)
-        encoder = load_module(encoder, src, self.vae_dtype, self.device, "VAE encoder")
+        encoder = self.load_vae_half(encoder, "VAE encoder")
         stage = self.plan.stage("vae_encode")
         encode = functools.partial(encoder.encode, tile=stage.tile if stage.tiled else None)
         try:

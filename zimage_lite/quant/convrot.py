@@ -123,11 +123,19 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale).clamp_(-128, 127).to(torch.int8), scale
 
 
-def quantize_weight(w: torch.Tensor, qtype: Int8Rows) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, qtype: Int8Rows,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A float weight [out, in] as stored: (int8 [out, in], fp32 weight_scale [out, 1]), rotated first for
-    ConvRot (in fp32)."""
+    ConvRot (in fp32). With `out` (int8, w's shape) the values go there and fp32 `w`, ours to overwrite, is
+    rotated and scaled in place: no temporary of w's size (the same values as without)."""
     w = w.detach().float()
-    return quantize_rows(rotate(w, qtype.groupsize) if qtype.groupsize else w)
+    if out is None:
+        return quantize_rows(rotate(w, qtype.groupsize) if qtype.groupsize else w)
+    if qtype.groupsize:
+        rotate(w, qtype.groupsize, out=w)
+    scale = row_scale(w)
+    out.copy_(w.div_(scale).round_().clamp_(-128, 127))  # whole numbers by now: the copy to int8 is exact
+    return out, scale
 
 
 # ---- comfy_quant: the per-layer JSON tag

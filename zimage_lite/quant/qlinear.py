@@ -95,8 +95,9 @@ class QTensor:
     shape: tuple[int, ...]  # logical torch shape; the last axis is the row
     state: tuple[torch.Tensor, ...] = ()  # bitsandbytes scales (formats.bnb_sizes order), int8 rows' fp32 row scales
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.data, self.qtype, self.shape, dtype, state=self.state)
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight in `dtype`; written into `out` when given (formats.dequantize)."""
+        return dequantize(self.data, self.qtype, self.shape, dtype, state=self.state, out=out)
 
     def rows(self, start: int, stop: int) -> QTensor:
         """Rows start..stop of dim 0: whole blocks, so the packed bytes slice directly (fused qkv → q, k, v)."""
