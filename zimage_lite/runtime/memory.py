@@ -86,9 +86,11 @@ def trim_host() -> None:
 def mkl_service() -> ctypes.CDLL | None:
     """torch's CPU library when MKL is linked into it (the x86 Linux wheels; its memory manager's calls are
     exported there as mkl_serv_*), else None."""
-    lib = Path(torch.__file__).parent / "lib" / ("libtorch_cpu.so" if sys.platform.startswith("linux") else "")
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    if not lib.is_file():
+        return None
     try:
-        mkl = ctypes.CDLL(str(lib)) if lib.is_file() else None
+        mkl = ctypes.CDLL(str(lib))
         mkl.mkl_serv_free_buffers  # noqa: B018 (must exist)
     except (OSError, AttributeError):
         return None
