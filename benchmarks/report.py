@@ -215,18 +215,18 @@ def dit_figures(r: dict) -> dict:
 
 def gpu_run_table(rows: list[dict]) -> list[str]:
     """The DiT stage of each run side by side, then our runs stage by stage against the plan."""
-    ok = {r["settings"]: dit_figures(r) for r in rows if "error" not in r}
-    capped = ok.get("capped", {}).get("step_seconds")
+    figures = [dit_figures(r) if "error" not in r else {} for r in rows]
+    capped = next((d["step_seconds"] for r, d in zip(rows, figures, strict=True) if d and r["settings"] == "capped"),
+                  None)
     out = ["DiT stage: ours from its step events (load: placing the DiT), diffusers' over its whole process (load: "
            "from_single_file and enabling group offload); s/step leaves out the first step; host peak: the whole run's "
            "peak RSS.", "",
            "| impl | settings | s/step | first step s | s/step ÷ ours capped | DiT peak allocated GiB | "
            "DiT peak reserved GiB | host peak GiB | load s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    for r, d in zip(rows, figures, strict=True):
         if "error" in r:
             out.append(f"| {r['impl']} | {r['settings']} | failed: {r['error'][:200]} | | | | | | |")
             continue
-        d = ok[r["settings"]]
         ratio = f"{d['step_seconds'] / capped:.2f}" if capped else ""
         out.append(f"| {r['impl']} | {_settings(r)} | {d['step_seconds']:.3f} | {d['first_seconds']:.3f} | {ratio} | "
                    f"{gib_cell(d['peak_device_bytes'])} | {gib_cell(d['peak_reserved_bytes'])} | "
@@ -283,9 +283,11 @@ GPU_TITLES = {"gpu_tests": "CUDA tests (`pytest -m cuda`)", "gpu_weights": "the 
 def render(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["component"], r["command"], r["date"], json.dumps(r["machine"], sort_keys=True))].append(r)
+        # the note too: a command rerun the same day after a change (pipeline_memory.py has no --note) is a new table
+        groups[(r["component"], r["command"], r["date"], json.dumps(r["machine"], sort_keys=True),
+                r.get("note"))].append(r)
     lines = [HEADER]
-    for (component, command, date, machine), rs in groups.items():
+    for (component, command, date, machine, _), rs in groups.items():
         first = rs[0]
         if component == "dit":
             lines.append(f"## DiT, {first['device']}, {first['width']}x{first['height']}, {first['steps']} step(s), "
