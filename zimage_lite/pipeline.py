@@ -399,10 +399,10 @@ class ZImagePipeline(StageModels):
     def _with_encoder(self, run: Callable[[Callable[..., torch.Tensor]], torch.Tensor]) -> torch.Tensor:
         """`run(encode)` on the CPU, `encode(pixels, generator=None)` the VAE encoder's latents (without a generator
         the posterior mean); the encoder is loaded for this stage only (never kept) and tiled as the plan says."""
-        cfg, src = self._open("vae")
+        cfg = self._open("vae")[0]
         with torch.device("meta"):
             encoder = AutoencoderEncoder(cfg)
-        encoder = self.load_vae_half(encoder, "VAE encoder")
+        encoder = self._load_vae_part(encoder, "VAE encoder")
         stage = self.plan.stage("vae_encode")
         encode = functools.partial(encoder.encode, tile=stage.tile if stage.tiled else None)
         try:

@@ -101,7 +101,7 @@ class StageModels:
             src = self.loras.attach(model, src, self.dtype)
         stage = self.plan.stage(which) if self.plan else None
         if which == "vae":
-            model = self.load_vae_half(model, label)
+            model = self._load_vae_part(model, label)
         else:
             model = place(model, src, stage, self.device, self.dtype, label)
             if which in ("dit", "controlnet") and stage is not None:
@@ -109,16 +109,18 @@ class StageModels:
         self._models[which] = model
         return model
 
-    def load_vae_half(self, model: torch.nn.Module, label: str) -> torch.nn.Module:
+    def _load_vae_part(self, model: torch.nn.Module, label: str) -> torch.nn.Module:
         """The VAE's decoder or encoder (on `meta`) loaded in the VAE's dtype. Cast from a file stored in another
-        (fp32 from the checkpoint's bf16), its tensors are copies: the file's pages they were read from leave the
-        process's RSS, which the plan counts the copies in (full size at 512x512, fp32: the decode stage measured
-        1.237 GiB against 1.186 planned, the decoder's bf16 pages, 0.09 GiB, resident beside its fp32 copy); so
-        do the pages of a VAE moved to a GPU."""
+        float type (fp32 from the checkpoint's bf16) or moved to a GPU, its tensors are copies: the file's pages they
+        were read from then leave the process's RSS (from every mapping of the file here), as the plan counts the
+        copies only (full size at 512x512, fp32: the decode stage measured 1.237 GiB above the baseline against
+        1.186 planned, the decoder's bf16 pages, 0.09 GiB, resident beside its fp32 copy; 1.090 with them gone).
+        Tensors stored in the VAE's dtype, or packed (a GGUF VAE's quantized linears), are views of those pages."""
         src = self._open("vae")[1]
         model = load_module(model, src, self.vae_dtype, self.device, label)
-        stored_as_computed = any(t == _STORED[self.vae_dtype] for _, t in self.tensor_table("vae").values())
-        if self.device.type != "cpu" or not stored_as_computed:  # every tensor a copy (on a GPU: moved there)
+        views = any(t == _STORED[self.vae_dtype] or t not in _STORED.values()
+                    for _, t in self.tensor_table("vae").values())
+        if self.device.type != "cpu" or not views:
             release_pages(src.path)
         return model
 

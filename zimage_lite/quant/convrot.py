@@ -79,7 +79,11 @@ def hadamard(n: int, device: torch.device | str = "cpu", dtype: torch.dtype = to
     return _hadamard(n, torch.device(device), dtype)
 
 
-ROTATE_CHUNK = 2**18  # values rotated at a time: the one temporary of `rotate` (1 MiB in fp32; as fast as 4 MiB)
+# values rotated at a time: the one temporary of `rotate`, 512 KiB in fp32, under the 1 MiB from which blocks are
+# mapped afresh outside a DiT forward (runtime/memory.HOST_MMAP_THRESHOLD): --int8-compute converting the Q4_K_M
+# text encoder took 21.3 s with 2**18 values (each temporary a new mapping faulted in), 13.5 s with 2**17; inside a
+# forward 2**16..2**18 rotate [1088, 3840] alike (6.4-7.4 ms)
+ROTATE_CHUNK = 2**17
 
 
 def rotate(x: torch.Tensor, groupsize: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,26 +120,36 @@ def row_scale(x: torch.Tensor) -> torch.Tensor:
     return peak.div_(127.0).clamp_(min=1e-30)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (int8 values, fp32 scales [rows, 1]) with scale = max|row| / 127."""
-    x = x.float()
+def round_rows_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of fp32 `x` (ours: worked in place), as (x rounded to its values in -127..127, still
+    fp32; fp32 scales [rows, 1] = max|row| / 127). |x| / scale <= 127, so the values need no clamp. The one int8
+    rounding of weights (`quantize_weight`), activations (int8_compute) and the enhancer's rows (decode_linear)."""
     scale = row_scale(x)
-    return torch.round(x / scale).clamp_(-128, 127).to(torch.int8), scale
+    return x.div_(scale).round_(), scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of any float `x` (left as it is): (int8 values, fp32 scales [rows, 1])."""
+    values, scale = round_rows_(x.to(torch.float32, copy=True))
+    return values.to(torch.int8), scale
 
 
 def quantize_weight(w: torch.Tensor, qtype: Int8Rows,
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A float weight [out, in] as stored: (int8 [out, in], fp32 weight_scale [out, 1]), rotated first for
     ConvRot (in fp32). With `out` (int8, w's shape) the values go there and fp32 `w`, ours to overwrite, is
-    rotated and scaled in place: no temporary of w's size (the same values as without)."""
-    w = w.detach().float()
+    rotated and rounded in place: no temporary of w's size (the same values as without)."""
     if out is None:
-        return quantize_rows(rotate(w, qtype.groupsize) if qtype.groupsize else w)
+        w = w.detach().to(torch.float32, copy=True)
+    elif w.dtype != torch.float32 or out.shape != w.shape or out.dtype != torch.int8:
+        raise ValueError(f"quantize_weight: w {w.dtype} {list(w.shape)} into {out.dtype} {list(out.shape)}: "
+                         "expected fp32 into int8 of the same shape")
     if qtype.groupsize:
         rotate(w, qtype.groupsize, out=w)
-    scale = row_scale(w)
-    out.copy_(w.div_(scale).round_().clamp_(-128, 127))  # whole numbers by now: the copy to int8 is exact
-    return out, scale
+    values, scale = round_rows_(w)
+    if out is None:
+        return values.to(torch.int8), scale
+    return out.copy_(values), scale  # whole numbers: the copy to int8 is exact
 
 
 # ---- comfy_quant: the per-layer JSON tag

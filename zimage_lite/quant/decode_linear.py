@@ -24,7 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
-from .convrot import row_scale
+from .convrot import quantize_rows
 from .formats import DEQUANT_CHUNK_WEIGHTS, block_half, dequantize, nibbles, scale_min_k4
 from .qlinear import QEmbedding, QLinear
 
@@ -58,10 +58,9 @@ def q4k_to_int4(raw: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor
 
 
 def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float [N, K] weight -> (int8 [N, K], fp32 row scales [N]), symmetric per row."""
-    w = w.float()
-    scale = row_scale(w)
-    return (w / scale).round_().clamp_(-127, 127).to(torch.int8), scale.reshape(-1)
+    """A float [N, K] weight -> (int8 [N, K], fp32 row scales [N]), symmetric per row (convrot.quantize_rows)."""
+    q, scale = quantize_rows(w)
+    return q, scale.reshape(-1)
 
 
 class DecodeLinear(nn.Module):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import ZImageLiteError
 from ..output import write_atomic
-from .convrot import Int8Rows, rotate, row_scale
+from .convrot import Int8Rows, rotate, round_rows_
 from .formats import dequantize
 
 ROUTES = ("onednn", "int_mm", "float")
@@ -51,8 +51,7 @@ def quantize_activations(x: torch.Tensor, groupsize: int) -> tuple[torch.Tensor,
         x = rotate(x32, groupsize, out=own)  # into our copy, else a new tensor: worked in place below
     else:
         x = own if own is not None else x32.clone()
-    scale = row_scale(x)  # |x| / scale <= 127: the rounded values need no clamp
-    return x.div_(scale).round_(), scale
+    return round_rows_(x)
 
 
 def prepack(qweight: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,8 @@ class QTensor:
     state: tuple[torch.Tensor, ...] = ()  # bitsandbytes scales (formats.bnb_sizes order), int8 rows' fp32 row scales
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The weight in `dtype`; written into `out` when given (formats.dequantize)."""
+        """The weight in `dtype`; a packed type written into `out` when given, a float type as stored (a view of
+        `data` when `dtype` matches: not a buffer to work in; formats.dequantize)."""
         return dequantize(self.data, self.qtype, self.shape, dtype, state=self.state, out=out)
 
     def rows(self, start: int, stop: int) -> QTensor:

@@ -70,10 +70,11 @@ def map_large_host_blocks() -> bool:
 
 
 def trim_host() -> None:
-    """At a stage's end, give the OS the heap pages the stage freed (blocks under the mapping threshold, which glibc
-    keeps) and the GEMM buffers MKL keeps for its next call, so the next stage starts from what is live (a few ms;
-    the full-size pipeline at 512x512, fp32: MKL held 5.0 MiB after the text encoder, 10.7 after the DiT and 13.9
-    after the VAE, all counted above the plan of the stages after)."""
+    """At a stage's end (and after each DiT forward: `reused_heap`), give the OS the heap pages the stage freed
+    (blocks under the mapping threshold, which glibc keeps) and the GEMM buffers MKL keeps for its next call (made
+    again by the next fp32 GEMM: ~10 MiB), so the next stage starts from what is live (a few ms; the full-size
+    pipeline at 512x512, fp32: MKL held 5.0 MiB after the text encoder, 10.7 after the DiT and 13.9 after the VAE,
+    all counted above the plan of the stages after; none with this)."""
     libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
