@@ -81,8 +81,8 @@ def test_a_blocks_projections_quantize_each_input_once(monkeypatch, route, model
                 q, s = quantize_weight(torch.randn(linear.weight.shape, generator=g), qtype)
                 setattr(owner, name, QLinear(QTensor(q.view(torch.uint8), qtype, tuple(q.shape), (s.reshape(-1),)),
                                              None))
-    calls, quantize = [], int8_compute.quantize_activations
-    monkeypatch.setattr(int8_compute, "quantize_activations", lambda *a: calls.append(1) or quantize(*a))
+    calls, quantize = [], int8_compute.rounded_rows
+    monkeypatch.setattr(int8_compute, "rounded_rows", lambda *a: calls.append(1) or quantize(*a))
     with torch.inference_mode():
         shared = call()
         assert len(calls) == 4
@@ -162,8 +162,8 @@ def test_a_shape_the_kernel_cannot_take_runs_float_before_any_quantization(monke
     monkeypatch.setenv(ROUTE_ENV, "int_mm")
     asked = []  # judged "float" as CUDA judges a 12 x 20 weight
     monkeypatch.setattr(qlinear, "route_for_shape", lambda *a: asked.append(a) or "float")
-    calls, quantize = [], int8_compute.quantize_activations
-    monkeypatch.setattr(int8_compute, "quantize_activations", lambda *a: calls.append(1) or quantize(*a))
+    calls, quantize = [], int8_compute.rounded_rows
+    monkeypatch.setattr(int8_compute, "rounded_rows", lambda *a: calls.append(1) or quantize(*a))
     with torch.inference_mode(), qlinear.shared_input(x):
         got = layer(x)
     assert asked == [("int_mm", torch.device("cpu"), 96, 512)]  # the route, the weight's device, N (out) and K (in)

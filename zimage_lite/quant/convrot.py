@@ -123,14 +123,28 @@ def row_scale(x: torch.Tensor) -> torch.Tensor:
 def round_rows_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 of fp32 `x` (ours: worked in place), as (x rounded to its values in -127..127, still
     fp32; fp32 scales [rows, 1] = max|row| / 127). |x| / scale <= 127, so the values need no clamp. The one int8
-    rounding of weights (`quantize_weight`), activations (int8_compute) and the enhancer's rows (decode_linear)."""
+    rounding of weights (`quantize_weight`), activations (int8_compute) and the enhancer's rows (decode_linear),
+    through `rounded_rows` where x is not theirs to change."""
     scale = row_scale(x)
     return x.div_(scale).round_(), scale
 
 
+def rounded_rows(x: torch.Tensor, groupsize: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`round_rows_` of any float `x`, left as it is, rotated first in groups of `groupsize` (0: not): (values in
+    -127..127 as fp32, fp32 scales [rows, 1]). One fp32 copy of x is all it makes. Weights at quantization and
+    activations at each int8 matmul (int8_compute) alike; callers pick the integer dtype."""
+    x32 = x.float()  # x itself when fp32 (not ours to change), else a copy of our own
+    own = x32 if x32 is not x else None
+    if groupsize:
+        x32 = rotate(x32, groupsize, out=own)  # into our copy, else a new tensor: worked in place below
+    elif own is None:
+        x32 = x32.clone()
+    return round_rows_(x32)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 of any float `x` (left as it is): (int8 values, fp32 scales [rows, 1])."""
-    values, scale = round_rows_(x.to(torch.float32, copy=True))
+    values, scale = rounded_rows(x)
     return values.to(torch.int8), scale
 
 
@@ -140,15 +154,14 @@ def quantize_weight(w: torch.Tensor, qtype: Int8Rows,
     ConvRot (in fp32). With `out` (int8, w's shape) the values go there and fp32 `w`, ours to overwrite, is
     rotated and rounded in place: no temporary of w's size (the same values as without)."""
     if out is None:
-        w = w.detach().to(torch.float32, copy=True)
-    elif w.dtype != torch.float32 or out.shape != w.shape or out.dtype != torch.int8:
+        values, scale = rounded_rows(w.detach(), qtype.groupsize)
+        return values.to(torch.int8), scale
+    if w.dtype != torch.float32 or out.shape != w.shape or out.dtype != torch.int8:
         raise ValueError(f"quantize_weight: w {w.dtype} {list(w.shape)} into {out.dtype} {list(out.shape)}: "
                          "expected fp32 into int8 of the same shape")
     if qtype.groupsize:
         rotate(w, qtype.groupsize, out=w)
     values, scale = round_rows_(w)
-    if out is None:
-        return values.to(torch.int8), scale
     return out.copy_(values), scale  # whole numbers: the copy to int8 is exact
 
 

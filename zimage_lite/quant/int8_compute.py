@@ -34,24 +34,12 @@ import torch.nn.functional as F
 
 from ..errors import ZImageLiteError
 from ..output import write_atomic
-from .convrot import Int8Rows, rotate, round_rows_
+from .convrot import Int8Rows, rounded_rows
 from .formats import dequantize
 
 ROUTES = ("onednn", "int_mm", "float")
 ROUTE_ENV = "ZIMAGE_LITE_INT8_ROUTE"  # forces a route (tests, benchmarks)
 _BENCH = (1024, 2048, 2048)  # M, K, N of the timing product (8.6 GFLOP: ~0.15 s in fp32 on 2 cores)
-
-
-def quantize_activations(x: torch.Tensor, groupsize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D activations -> (rounded values in -127..127 as fp32, fp32 row scales [M, 1]); rotated first when
-    `groupsize` > 0. The caller picks the integer dtype its kernel takes."""
-    x32 = x.float()  # x itself when fp32 (not ours to change), else a copy of our own
-    own = x32 if x32 is not x else None
-    if groupsize:
-        x = rotate(x32, groupsize, out=own)  # into our copy, else a new tensor: worked in place below
-    else:
-        x = own if own is not None else x32.clone()
-    return round_rows_(x)
 
 
 def prepack(qweight: torch.Tensor) -> torch.Tensor:
@@ -74,7 +62,7 @@ class Int8Activations:
 def int8_activations(x: torch.Tensor, groupsize: int, route: str) -> Int8Activations:
     """x [..., K] for the integer `route`: rotated in groups of `groupsize` (0: not rotated), quantized per row."""
     x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_activations(x2, groupsize)
+    xq, xs = rounded_rows(x2, groupsize)
     if route == "onednn":
         values = xq.add_(128).to(torch.uint8)
     elif route == "int_mm":
