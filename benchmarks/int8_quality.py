@@ -10,7 +10,7 @@ the shared lock, e.g.
 
     flock /work/wt/fullsize.lock nice -n 5 python -m benchmarks.int8_quality --cache /work/main/.bench_cache
 
-Writes benchmarks/results/int8-quality.json (one row per DiT, each with the machine, as report.py reads them).
+Adds to benchmarks/results/int8-quality.json (one row per DiT, each with the machine, as report.py reads them).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import zimage_lite
-from benchmarks.run import machine
+from benchmarks.run import append_rows, machine
 from zimage_lite.quant.int8_compute import describe_route
 from zimage_lite.sampling import get_noise
 
@@ -77,7 +77,7 @@ def main() -> None:
     common = {"component": "int8_quality", "machine": machine(), "threads": torch.get_num_threads(),
               "int8_route": describe_route("cpu"), "prompt": PROMPT, "seed": SEED, "date": time.strftime("%Y-%m-%d"),
               "command": f"python -m benchmarks.int8_quality {shlex.join(sys.argv[1:])}".strip()}
-    OUT.write_text(json.dumps([{**common, **r} for r in rows], indent=1) + "\n")
+    append_rows(OUT, [{**common, **r} for r in rows])
 
 
 if __name__ == "__main__":

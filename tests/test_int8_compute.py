@@ -36,8 +36,25 @@ def test_routes_match_the_float_route(qtype, route):
     assert got.dtype == torch.bfloat16 and got.shape == (2, 7, 96)
     err = float((got.float() - want).norm() / want.norm())
     # activations per row to int8 (bf16 input): measured 9.2e-3 rotated, 5.1e-2 plain rows (the outlier channel sets
-    # each row's scale; the rotation spreads it over 256 inputs)
+    # each row's scale; the rotation spreads it over 256 inputs); onednn with 7-bit activations (AVX2, no VNNI:
+    # onednn_levels) 2.0e-2 and 1.15e-1
     assert err < (0.03 if qtype.groupsize else 0.15)
+
+
+def test_the_onednn_route_multiplies_exactly_on_this_cpu():
+    """Rows that fill every level of the route's activations against int8 weights at +-127: the route's product is
+    the exact integer product times the scales. A kernel that saturates pairs of u8 x s8 products at 16 bits (AVX2
+    without VNNI) gets 7-bit activations (onednn_levels); at 8 bits its error here was 0.98 (Zen 3)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(16, 512, generator=g) + 1.0  # one sign per row: every pair of products adds up
+    x[8:] *= -1
+    w = torch.where(torch.rand(64, 512, generator=g) < 0.9, 127, -127).to(torch.int8)
+    scale = torch.rand(64, generator=g) + 0.5
+    given = int8_compute.int8_activations(x, 0, "onednn")
+    assert given.values.max() == 2 * int8_compute.onednn_levels() + 1  # precondition: the top level is used
+    exact = ((given.values.double() - given.zero) @ w.double().t()) * given.scale.double() * scale.double()
+    got = int8_linear(x, w, scale, 0, route="onednn", packed=prepack(w), given=given)
+    assert float((got.double() - exact).norm() / exact.norm()) < 1e-6  # fp32 output: measured 2.5e-8
 
 
 def _dit_block(g):

@@ -112,26 +112,26 @@ def rotate(x: torch.Tensor, groupsize: int, out: torch.Tensor | None = None) -> 
     return out
 
 
-def row_scale(x: torch.Tensor) -> torch.Tensor:
-    """The symmetric int8 scale of each row of fp32 `x`: max|row| / 127, at least 1e-30, as [rows, 1]. max|row| as
-    max(max x, -min x): two vectorised reductions and no |x| temporary (10-20x faster on the CPU than the infinity
-    norm); |x| / scale <= 127 then."""
+def row_scale(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """The symmetric scale of each row of fp32 `x` for values in -levels..levels (int8: 127): max|row| / levels, at
+    least 1e-30, as [rows, 1]. max|row| as max(max x, -min x): two vectorised reductions and no |x| temporary (10-20x
+    faster on the CPU than the infinity norm); |x| / scale <= levels then."""
     peak = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
-    return peak.div_(127.0).clamp_(min=1e-30)
+    return peak.div_(float(levels)).clamp_(min=1e-30)
 
 
-def round_rows_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 of fp32 `x` (ours: worked in place), as (x rounded to its values in -127..127, still
-    fp32; fp32 scales [rows, 1] = max|row| / 127). |x| / scale <= 127, so the values need no clamp. The one int8
-    rounding of weights (`quantize_weight`), activations (int8_compute) and the enhancer's rows (decode_linear),
-    through `rounded_rows` where x is not theirs to change."""
-    scale = row_scale(x)
+def round_rows_(x: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of fp32 `x` (ours: worked in place), as (x rounded to its values in -levels..levels,
+    still fp32; fp32 scales [rows, 1] = max|row| / levels). |x| / scale <= levels, so the values need no clamp. The
+    one int8 rounding of weights (`quantize_weight`), activations (int8_compute: fewer levels where its kernel needs
+    them) and the enhancer's rows (decode_linear), through `rounded_rows` where x is not theirs to change."""
+    scale = row_scale(x, levels)
     return x.div_(scale).round_(), scale
 
 
-def rounded_rows(x: torch.Tensor, groupsize: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def rounded_rows(x: torch.Tensor, groupsize: int = 0, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """`round_rows_` of any float `x`, left as it is, rotated first in groups of `groupsize` (0: not): (values in
-    -127..127 as fp32, fp32 scales [rows, 1]). One fp32 copy of x is all it makes. Weights at quantization and
+    -levels..levels as fp32, fp32 scales [rows, 1]). One fp32 copy of x is all it makes. Weights at quantization and
     activations at each int8 matmul (int8_compute) alike; callers pick the integer dtype."""
     x32 = x.float()  # x itself when fp32 (not ours to change), else a copy of our own
     own = x32 if x32 is not x else None
@@ -139,7 +139,7 @@ def rounded_rows(x: torch.Tensor, groupsize: int = 0) -> tuple[torch.Tensor, tor
         x32 = rotate(x32, groupsize, out=own)  # into our copy, else a new tensor: worked in place below
     elif own is None:
         x32 = x32.clone()
-    return round_rows_(x32)
+    return round_rows_(x32, levels)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

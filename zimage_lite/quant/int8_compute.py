@@ -9,7 +9,9 @@ Routes, chosen once per machine (`route_for`): on CUDA `torch._int_mm` (int8 ten
 - "onednn": `torch.ops.onednn.qlinear_pointwise` over a weight prepacked once by `torch.ops.onednn.qlinear_prepack`
   (the non-deprecated oneDNN entry points torch's inductor uses; u8 activations with zero point 128 hold the signed
   int8 values, the weight's row scales go in as per-channel scales and the activation row scales are applied after,
-  with activation scale 1);
+  with activation scale 1). Without VNNI (AVX2) its kernel adds pairs of u8 x s8 products in 16 bits, saturating
+  (two 255 x 127 products overflow: 12% error on random rows, measured on Zen 3): there the activations take 7 bits,
+  -63..63 at zero point 64, as fbgemm's reduce_range does (`onednn_levels`, found by one exact product);
 - "int_mm": `torch._int_mm` (on some builds a naive loop on the CPU: the timing decides);
 - "float": dequantize to the compute dtype and `F.linear`, as for every other packed type;
 timed on a 1024 x 2048 @ 2048 x 2048 product (a 512x512 image's 1024 tokens) with the current thread count, and
@@ -52,26 +54,27 @@ class Int8Activations:
     """Activation rows rotated and quantized for one route: made once and shared by the int8 Linears that read the
     same input (attention's q, k and v; the FFN's two input projections: qlinear.shared_input)."""
 
-    values: torch.Tensor  # [M', K]: int8 (int_mm; on CUDA at least 17 rows) or uint8 holding int8 + 128 (onednn)
+    values: torch.Tensor  # [M', K]: int8 (int_mm; on CUDA at least 17 rows) or uint8 holding int8 + zero (onednn)
     scale: torch.Tensor  # fp32 [M, 1]
     rows: int  # M
     groupsize: int
     route: str
+    zero: int  # the zero point of uint8 values: onednn_levels() + 1, else 0
 
 
 def int8_activations(x: torch.Tensor, groupsize: int, route: str) -> Int8Activations:
     """x [..., K] for the integer `route`: rotated in groups of `groupsize` (0: not rotated), quantized per row."""
+    if route not in ("onednn", "int_mm"):
+        raise ValueError(f"int8 route {route!r}: expected onednn or int_mm")
     x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = rounded_rows(x2, groupsize)
+    levels = onednn_levels() if route == "onednn" else 127
+    xq, xs = rounded_rows(x2, groupsize, levels)
     if route == "onednn":
-        values = xq.add_(128).to(torch.uint8)
-    elif route == "int_mm":
-        values = xq.to(torch.int8)
-        if x.is_cuda and values.shape[0] <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
-            values = F.pad(values, (0, 0, 0, 17 - values.shape[0]))
-    else:
-        raise ValueError(f"int8 route {route!r}: expected one of {', '.join(ROUTES)}")
-    return Int8Activations(values, xs, x2.shape[0], groupsize, route)
+        return Int8Activations(xq.add_(levels + 1).to(torch.uint8), xs, x2.shape[0], groupsize, route, levels + 1)
+    values = xq.to(torch.int8)
+    if x.is_cuda and values.shape[0] <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
+        values = F.pad(values, (0, 0, 0, 17 - values.shape[0]))
+    return Int8Activations(values, xs, x2.shape[0], groupsize, route, 0)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, groupsize: int,
@@ -92,7 +95,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gro
     if route == "onednn":
         w_packed = packed if packed is not None else prepack(q)
         zeros = _zero_points(n, x.device)
-        y = torch.ops.onednn.qlinear_pointwise(given.values, 1.0, 128, w_packed, scale.float(), zeros,
+        y = torch.ops.onednn.qlinear_pointwise(given.values, 1.0, given.zero, w_packed, scale.float(), zeros,
                                                None, 1.0, 0, torch.float32, "none", [], "")
     else:
         y = torch._int_mm(given.values, q.t())[:given.rows].float().mul_(scale.reshape(1, n).float())
@@ -113,6 +116,19 @@ def route_for_shape(route: str, device: torch.device | str, n: int, k: int) -> s
 @functools.lru_cache(maxsize=4)
 def _zero_points(n: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int64, device=device)
+
+
+@functools.cache
+def onednn_levels() -> int:
+    """The activation levels of the onednn route on this CPU: 127 where its u8 x s8 kernel sums exactly (VNNI, AMX:
+    32-bit sums), 63 where pairs of products saturate at 16 bits (AVX2's vpmaddubsw): with u8 activations up to 127
+    no pair exceeds 2 x 127 x 127 < 2^15. Found by one product whose pairs overflow 16 bits: 255 x 127 over 64 inputs,
+    exact in fp32 where nothing saturates."""
+    k, n = 64, 8
+    a, w = torch.full((1, k), 255, dtype=torch.uint8), torch.full((n, k), 127, dtype=torch.int8)
+    y = torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, prepack(w), torch.ones(n), _zero_points(n, torch.device("cpu")),
+                                           None, 1.0, 0, torch.float32, "none", [], "")
+    return 127 if bool((y == 255 * 127 * k).all()) else 63
 
 
 # ---- choosing the route, once per machine
@@ -239,4 +255,6 @@ def describe_route(device: torch.device | str = "cpu") -> str:
     if torch.device(device).type != "cpu" or os.environ.get(ROUTE_ENV):
         return route
     g = cpu_route()["gflops"]
-    return f"{route} (measured GFLOP/s: " + ", ".join(f"{r} {g[r]:g}" for r in ROUTES) + ")"
+    narrow = "; 7-bit activations: the CPU's u8 x s8 kernel saturates" if route == "onednn" and onednn_levels() < 127 \
+        else ""
+    return f"{route} (measured GFLOP/s: " + ", ".join(f"{r} {g[r]:g}" for r in ROUTES) + f"{narrow})"

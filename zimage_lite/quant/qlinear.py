@@ -178,6 +178,12 @@ class QLinear(nn.Module):
         self._packed_weight = self._packed_for = None
         return super()._apply(fn, recurse)
 
+    def prepare(self) -> None:
+        """Make the route's copy of an int8 weight now (oneDNN's blocked copy; nothing for other routes and types):
+        placement calls it for a resident weight, so that making it counts as loading, not as the first step."""
+        if isinstance(self.qtype, Int8Rows):
+            self._packed(route_for_shape(route_for(self.weight.device), self.weight.device, *self.shape))
+
     def _packed(self, route: str) -> torch.Tensor | None:
         """oneDNN's blocked copy of the int8 weight, made at the first call after the weight was (re)placed."""
         if route != "onednn":
