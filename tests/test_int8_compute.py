@@ -54,7 +54,7 @@ def test_the_onednn_route_multiplies_exactly_on_this_cpu():
     assert given.values.max() == 2 * int8_compute.onednn_levels() + 1  # precondition: the top level is used
     exact = ((given.values.double() - given.zero) @ w.double().t()) * given.scale.double() * scale.double()
     got = int8_linear(x, w, scale, 0, route="onednn", packed=prepack(w), given=given)
-    assert float((got.double() - exact).norm() / exact.norm()) < 1e-6  # fp32 output: measured 2.5e-8
+    assert float((got.double() - exact).norm() / exact.norm()) < 2e-7  # fp32 output: measured 3.3e-8
 
 
 def _dit_block(g):

@@ -24,8 +24,9 @@ from zimage_lite.runtime.vae_plan import params
 
 VAE = DEMO.vae  # the demo model's VAE: four levels, 8 to 32 channels
 # counted / allocated, measured on these cases: decode 1.00 .. 1.12, encode 1.00 .. 1.40 (the count pads the
-# 3-channel image convolution to 16 channels, as oneDNN does for wide maps)
-MAX_OVERCOUNT = 1.5
+# 3-channel image convolution to 16 channels, as oneDNN does for wide maps); on an AVX2-only Zen 3, where oneDNN
+# blocks by 8 channels and bf16 convolutions unfold their input instead, decode 1.00 .. 1.28, encode 1.00 .. 1.63
+MAX_OVERCOUNT = 1.75
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ the order the code allocates and frees it (`Peak`); vae.py and vae_encoder.py wa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -134,20 +135,29 @@ def _pad16(c: int) -> int:
     return -(-c // 16) * 16
 
 
+@functools.cache
+def _bf16_on_onednn() -> bool:
+    """Whether torch runs bf16 convolutions through oneDNN on this CPU (it needs AVX512 or AMX); else through its own
+    kernel, which unfolds the input of a k > 1 convolution and holds nothing more for a 1x1 (measured on an AVX2-only
+    Zen 3, torch 2.13)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, contiguous: bool = True) -> int:
     """Bytes a convolution allocates besides its output on the CPU, as measured with torch 2.13 (an upper bound of
     every case measured, 3 to 512 channels) and used for CUDA too, where cuDNN's workspace is of the same order or
-    less. torch picks the kernel (ConvParams::use_mkldnn): oneDNN for bf16, and for fp32 inputs above
-    ONEDNN_MIN_NUMEL elements, except 1x1 convolutions on one thread; else its own kernel, which unfolds the input.
-    oneDNN reorders input and output into blocks of 16 channels (narrower maps padded up) and the weights, and a
-    bf16 1x1 convolution also makes an fp32 copy of its input (and of its output when that is padded). A strided
-    input is made contiguous first."""
+    less. torch picks the kernel (ConvParams::use_mkldnn): oneDNN for bf16 where the CPU has it (`_bf16_on_onednn`),
+    and for fp32 inputs above ONEDNN_MIN_NUMEL elements, except 1x1 convolutions on one thread; else its own kernel,
+    which unfolds the input (k > 1). oneDNN reorders input and output into blocks of 16 channels (narrower maps
+    padded up; without AVX512 it blocks by 8: counted as 16, an overcount) and the weights, and a bf16 1x1
+    convolution also makes an fp32 copy of its input (and of its output when that is padded). A strided input is
+    made contiguous first."""
     onednn = (_pad16(cin) * n_in + _pad16(cout) * n_out + cin * cout * k * k) * elem
     if k == 1 and elem == 2:
         onednn += (_pad16(cin) * n_in + (_pad16(cout) * n_out if cout % 16 else 0)) * F32
     unfolded = cin * k * k * n_out * elem
     if elem != F32:
-        t = onednn
+        t = onednn if _bf16_on_onednn() else (unfolded if k > 1 else 0)
     elif cin * n_in <= ONEDNN_MIN_NUMEL:
         t = unfolded
     else:
