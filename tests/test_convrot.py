@@ -185,6 +185,22 @@ def test_placing_on_the_cpu_makes_onednns_copies(int8_files, monkeypatch):
         assert all(getattr(m, "_packed_for", None) == m.weight.data_ptr() for m in linears)
 
 
+def test_the_enhancer_makes_no_onednn_copies(int8_files, monkeypatch):
+    """The prompt enhancer converts its layers for decoding (quant/decode_linear.py): oneDNN's copies, which its plan
+    does not count, are never made for it (the pipeline's stages make them as they place their models)."""
+    from zimage_lite.quant import qlinear
+
+    model, _, te = int8_files
+    monkeypatch.setenv("ZIMAGE_LITE_INT8_ROUTE", "onednn")
+    calls, prepack = [], qlinear.prepack
+    monkeypatch.setattr(qlinear, "prepack", lambda w: calls.append(1) or prepack(w))
+    pipe = zimage_lite.load(model, text_encoder=te, device="cpu", dtype="fp32")
+    pipe.enhance("a fox", max_tokens=2)
+    assert calls == []
+    pipe._load("text_encoder")
+    assert calls  # precondition: a stage's placement does make them
+
+
 def test_pipeline_runs_from_int8_dit_and_text_encoder(int8_files):
     model, dit, te = int8_files
     kw = dict(width=32, height=32, steps=2, seed=7)

@@ -41,20 +41,36 @@ def test_routes_match_the_float_route(qtype, route):
     assert err < (0.03 if qtype.groupsize else 0.15)
 
 
-def test_the_onednn_route_multiplies_exactly_on_this_cpu():
+@pytest.mark.parametrize("levels", ["this cpu's", 63])
+def test_the_onednn_route_multiplies_exactly(monkeypatch, levels):
     """Rows that fill every level of the route's activations against int8 weights at +-127: the route's product is
     the exact integer product times the scales. A kernel that saturates pairs of u8 x s8 products at 16 bits (AVX2
-    without VNNI) gets 7-bit activations (onednn_levels); at 8 bits its error here was 0.98 (Zen 3)."""
+    without VNNI) gets 7-bit activations (onednn_levels); at 8 bits its error here was 0.70 (Zen 3). 63: the 7-bit
+    form on any CPU (a VNNI one would not use it by itself)."""
+    if levels == 63:
+        monkeypatch.setattr(int8_compute, "onednn_levels", lambda: 63)
     g = torch.Generator().manual_seed(6)
     x = torch.rand(16, 512, generator=g) + 1.0  # one sign per row: every pair of products adds up
     x[8:] *= -1
     w = torch.where(torch.rand(64, 512, generator=g) < 0.9, 127, -127).to(torch.int8)
     scale = torch.rand(64, generator=g) + 0.5
     given = int8_compute.int8_activations(x, 0, "onednn")
-    assert given.values.max() == 2 * int8_compute.onednn_levels() + 1  # precondition: the top level is used
+    top = int8_compute.onednn_levels()
+    assert given.zero == top + 1 and given.values.min() == 1 and given.values.max() == 2 * top + 1  # every level
     exact = ((given.values.double() - given.zero) @ w.double().t()) * given.scale.double() * scale.double()
     got = int8_linear(x, w, scale, 0, route="onednn", packed=prepack(w), given=given)
     assert float((got.double() - exact).norm() / exact.norm()) < 2e-7  # fp32 output: measured 3.3e-8
+
+
+def test_a_kernel_inexact_even_at_7_bits_is_not_used(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZIMAGE_LITE_CACHE", str(tmp_path))
+    monkeypatch.delenv(ROUTE_ENV, raising=False)
+    cpu_route.cache_clear()
+    monkeypatch.setattr(int8_compute, "time_routes", lambda: {"onednn": 300.0, "int_mm": 5.0, "float": 100.0})
+    assert route_for("cpu") == "onednn"  # precondition: the timing picks it
+    monkeypatch.setattr(int8_compute, "onednn_levels", lambda: 0)
+    assert route_for("cpu") == "float"
+    cpu_route.cache_clear()
 
 
 def _dit_block(g):

@@ -15,7 +15,7 @@ import torch
 from .components import REGISTRY
 from .loras import Loras
 from .quant.formats import FLOAT_TYPES
-from .quant.qlinear import release_scratch
+from .quant.qlinear import prepare_resident, release_scratch
 from .runtime import plan
 from .runtime.memory import release_pages, trim_host
 from .runtime.numerics import finite, nonfinite_error
@@ -104,6 +104,8 @@ class StageModels:
             model = self._load_vae_part(model, label)
         else:
             model = place(model, src, stage, self.device, self.dtype, label)
+            if self.device.type == "cpu":
+                prepare_resident(model)
             if which in ("dit", "controlnet") and stage is not None:
                 model.set_attention_chunk(stage.attention_chunk if stage.attention == "chunked" else None)
         self._models[which] = model

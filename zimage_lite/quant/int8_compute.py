@@ -1,8 +1,9 @@
 """Integer matmuls for int8 weights with per-row scales (convrot.py): one entry point, `int8_linear`.
 
 The activation rows are rotated like the weight was (ConvRot: each group of `groupsize` inputs times the Hadamard
-block), quantized per row (symmetric, max|row| / 127), multiplied int8 x int8 with int32 accumulation, and the
-product scaled by the weight's row scale (one per output column) and the activation's row scale.
+block), quantized per row (symmetric, max|row| / 127; / 63 where `onednn_levels` says so), multiplied int8 x int8
+with int32 accumulation, and the product scaled by the weight's row scale (one per output column) and the
+activation's row scale.
 
 Routes, chosen once per machine (`route_for`): on CUDA `torch._int_mm` (int8 tensor cores). On the CPU the fastest of
 (oneDNN only by a margin: `choose_route`)
@@ -93,10 +94,7 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, gro
     if given is None or (given.groupsize, given.route) != (groupsize, route):
         given = int8_activations(x, groupsize, route)
     if route == "onednn":
-        w_packed = packed if packed is not None else prepack(q)
-        zeros = _zero_points(n, x.device)
-        y = torch.ops.onednn.qlinear_pointwise(given.values, 1.0, given.zero, w_packed, scale.float(), zeros,
-                                               None, 1.0, 0, torch.float32, "none", [], "")
+        y = _onednn_mm(given.values, given.zero, packed if packed is not None else prepack(q), scale)
     else:
         y = torch._int_mm(given.values, q.t())[:given.rows].float().mul_(scale.reshape(1, n).float())
     y = y.mul_(given.scale)
@@ -118,17 +116,27 @@ def _zero_points(n: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.int64, device=device)
 
 
+def _onednn_mm(values: torch.Tensor, zero: int, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 activations [M, K] at zero point `zero` x a prepacked int8 weight with per-channel `scale` [N]: fp32
+    [M, N] (activation scale 1: the row scales are applied after)."""
+    return torch.ops.onednn.qlinear_pointwise(values, 1.0, zero, packed, scale.float(),
+                                              _zero_points(scale.numel(), values.device), None, 1.0, 0,
+                                              torch.float32, "none", [], "")
+
+
 @functools.cache
 def onednn_levels() -> int:
     """The activation levels of the onednn route on this CPU: 127 where its u8 x s8 kernel sums exactly (VNNI, AMX:
-    32-bit sums), 63 where pairs of products saturate at 16 bits (AVX2's vpmaddubsw): with u8 activations up to 127
-    no pair exceeds 2 x 127 x 127 < 2^15. Found by one product whose pairs overflow 16 bits: 255 x 127 over 64 inputs,
-    exact in fp32 where nothing saturates."""
+    32-bit sums), 63 where pairs of products saturate at 16 bits (AVX2's vpmaddubsw: with u8 activations up to 127
+    no pair exceeds 2 x 127 x 127 < 2^15), 0 where even that is not exact (`route_for` then takes "float"). Found
+    by products whose sums are exact in fp32: all-255 (then all-127) rows of 32 x 64 against weights of 127."""
     k, n = 64, 8
-    a, w = torch.full((1, k), 255, dtype=torch.uint8), torch.full((n, k), 127, dtype=torch.int8)
-    y = torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, prepack(w), torch.ones(n), _zero_points(n, torch.device("cpu")),
-                                           None, 1.0, 0, torch.float32, "none", [], "")
-    return 127 if bool((y == 255 * 127 * k).all()) else 63
+    packed = prepack(torch.full((n, k), 127, dtype=torch.int8))
+    for top, levels in ((255, 127), (127, 63)):
+        y = _onednn_mm(torch.full((32, k), top, dtype=torch.uint8), 0, packed, torch.ones(n))
+        if bool((y == top * 127 * k).all()):
+            return levels
+    return 0
 
 
 # ---- choosing the route, once per machine
@@ -146,7 +154,8 @@ def route_for(device: torch.device | str) -> str:
         return forced
     if torch.device(device).type == "cuda":
         return "int_mm"
-    return cpu_route()["route"]
+    route = cpu_route()["route"]
+    return "float" if route == "onednn" and not onednn_levels() else route
 
 
 def _machine_key() -> str:
@@ -209,7 +218,7 @@ def time_routes(shape: tuple[int, int, int] = _BENCH, reps: int = 3) -> dict[str
 
 
 # oneDNN holds a blocked copy of every int8 weight beside it (twice the weights' memory: runtime/sizes.py counts it)
-# and makes it at the weight's first call: it must beat the best route without a copy by this much to be chosen
+# and makes it at load (qlinear.prepare_resident): it must beat the best route without a copy by this much to be chosen
 # (measured here, AVX512-VNNI: 254 against int_mm's 238 GFLOP/s on the timing product, yet a 512x512 ConvRot step
 # took 74 s against int_mm's 37 s at twice the peak RSS; on AVX2 machines int_mm is a naive loop, ~40x slower)
 ONEDNN_MARGIN = 1.5
@@ -252,9 +261,10 @@ def cpu_route() -> dict:
 def describe_route(device: torch.device | str = "cpu") -> str:
     """One line for `info` and `plan`: the route int8 weights take on `device` and why."""
     route = route_for(device)
+    narrow = ("7-bit activations: the CPU's u8 x s8 kernel saturates" if route == "onednn" and torch.device(device).type
+              == "cpu" and onednn_levels() < 127 else "")
     if torch.device(device).type != "cpu" or os.environ.get(ROUTE_ENV):
-        return route
+        return f"{route} ({narrow})" if narrow else route
     g = cpu_route()["gflops"]
-    narrow = "; 7-bit activations: the CPU's u8 x s8 kernel saturates" if route == "onednn" and onednn_levels() < 127 \
-        else ""
-    return f"{route} (measured GFLOP/s: " + ", ".join(f"{r} {g[r]:g}" for r in ROUTES) + f"{narrow})"
+    return f"{route} (measured GFLOP/s: " + ", ".join(f"{r} {g[r]:g}" for r in ROUTES) + (f"; {narrow})" if narrow
+                                                                                            else ")")

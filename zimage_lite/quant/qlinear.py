@@ -159,9 +159,7 @@ class QLinear(nn.Module):
         return self.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (isinstance(self.qtype, Int8Rows)
-                and (route := route_for_shape(route_for(self.weight.device), self.weight.device, *self.shape))
-                != "float"):
+        if isinstance(self.qtype, Int8Rows) and (route := self._route()) != "float":
             given = _activations_of(x, self.qtype.groupsize, route)
             y = int8_linear(x, self.weight, self.state[0], self.qtype.groupsize, self.bias, route, self._packed(route),
                             given)
@@ -178,14 +176,13 @@ class QLinear(nn.Module):
         self._packed_weight = self._packed_for = None
         return super()._apply(fn, recurse)
 
-    def prepare(self) -> None:
-        """Make the route's copy of an int8 weight now (oneDNN's blocked copy; nothing for other routes and types):
-        placement calls it for a resident weight, so that making it counts as loading, not as the first step."""
-        if isinstance(self.qtype, Int8Rows):
-            self._packed(route_for_shape(route_for(self.weight.device), self.weight.device, *self.shape))
+    def _route(self) -> str:
+        """The int8 route of this weight's shape on its device (int8_compute)."""
+        return route_for_shape(route_for(self.weight.device), self.weight.device, *self.shape)
 
     def _packed(self, route: str) -> torch.Tensor | None:
-        """oneDNN's blocked copy of the int8 weight, made at the first call after the weight was (re)placed."""
+        """oneDNN's blocked copy of the int8 weight: made by `prepare_resident` for a resident weight, else at the
+        first call after the weight was (re)placed (a streamed block's)."""
         if route != "onednn":
             return None
         key = self.weight.data_ptr()
@@ -195,6 +192,15 @@ class QLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+
+
+def prepare_resident(model: nn.Module) -> None:
+    """Make the route's copy (oneDNN's) of each resident int8 weight of a model placed on the CPU now, as the plan
+    counts them held: with the load, not in the first step. Streamed blocks' weights (on `meta`) make theirs at each
+    use; the prompt enhancer's unpacked layers (which never run QLinear) are not placed through here."""
+    for m in model.modules():
+        if isinstance(m, QLinear) and isinstance(m.qtype, Int8Rows) and m.weight.device.type == "cpu":
+            m._packed(m._route())
 
 
 class QEmbedding(nn.Module):

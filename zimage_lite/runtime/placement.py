@@ -7,9 +7,8 @@ each of those blocks, whether it stays resident or streams, and the two must lis
   onto the device, tensor by tensor; Qwen3's embedding table stays on the host (only the prompt's rows move). The
   streamed blocks are read one at a time and copied into their place in the pinned host chunks (`streamer.Streamer`),
   so the component never exists whole in host RAM. The placed figures are then checked against the plan.
-- on the CPU: everything but the streamed blocks is loaded (the weights stay in the memory map where they can;
-  oneDNN's copies of int8 weights are made then: `QLinear.prepare`); the streamed blocks stay on `meta` and are read
-  at each use (`streamer.LazyBlocks`).
+- on the CPU: everything but the streamed blocks is loaded (the weights stay in the memory map where they can);
+  the streamed blocks stay on `meta` and are read at each use (`streamer.LazyBlocks`).
 
 `place` returns the model with `model.runner` set; the pipeline calls `model.runner.close()` (when it has one) at the
 end of the stage to free the pinned memory.
@@ -24,7 +23,6 @@ from torch import nn
 
 from ..errors import OptionError
 from ..models.layers import Block
-from ..quant.qlinear import QLinear
 from ..weights.load import load_module, tensor_names
 from ..weights.sources import RenamedSource, TensorSource
 from .devices import Device, device_for
@@ -99,9 +97,6 @@ def _place_on_cpu(model: nn.Module, source: TensorSource, schedule: list[Block],
     lazy = [b for b in schedule if b.name in streamed]
     skip = {n for b in lazy for n in b.tensors}
     load_module(model, source, dtype, "cpu", label, only=[n for n in tensor_names(model) if n not in skip])
-    for m in model.modules():  # oneDNN's copies of int8 weights made with the load, not in the first step
-        if isinstance(m, QLinear) and m.weight.device.type == "cpu":
-            m.prepare()
     if lazy:
         by_module = {id(b.module): b for b in lazy}
         model.runner = LazyBlocks([b.module for b in schedule], [b.name in streamed for b in schedule],
