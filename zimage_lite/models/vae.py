@@ -186,7 +186,7 @@ def decode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
     returns; not the weights nor the latent passed in. Follows the code step by step (vae_tiles.Walk)."""
     widths = list(reversed(cfg.block_out_channels))
     tiled = tile is not None and (h > tile or w > tile)
-    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu")
+    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu", cpu=device == "cpu")
     d, n = walk.device, h * w
     d.alloc(cfg.latent_channels * n * (F32 + (elem if elem != F32 else 0)))  # z, unscaled; in the compute dtype
     # conv_in and the mid block run whole, at latent resolution, on the device (tiled or not)

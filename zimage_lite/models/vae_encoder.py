@@ -133,7 +133,7 @@ def encode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
     (vae_tiles.Walk)."""
     chans, scale = cfg.block_out_channels, cfg.scale
     tiled = tile is not None and (h > tile or w > tile)
-    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu")
+    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu", cpu=device == "cpu")
     hh, ww = h * scale, w * scale
     image = cfg.out_channels * hh * ww * elem
     # the image in the compute dtype where the pass reads it (host memory when tiled): a copy unless it already is

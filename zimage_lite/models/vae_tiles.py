@@ -143,7 +143,8 @@ def _bf16_on_onednn() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, contiguous: bool = True) -> int:
+def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, contiguous: bool = True,
+              cpu: bool = True) -> int:
     """Bytes a convolution allocates besides its output on the CPU, as measured with torch 2.13 (an upper bound of
     every case measured, 3 to 512 channels) and used for CUDA too, where cuDNN's workspace is of the same order or
     less. torch picks the kernel (ConvParams::use_mkldnn): oneDNN for bf16 where the CPU has it (`_bf16_on_onednn`),
@@ -151,13 +152,13 @@ def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, con
     which unfolds the input (k > 1). oneDNN reorders input and output into blocks of 16 channels (narrower maps
     padded up; without AVX512 it blocks by 8: counted as 16, an overcount) and the weights, and a bf16 1x1
     convolution also makes an fp32 copy of its input (and of its output when that is padded). A strided input is
-    made contiguous first."""
+    made contiguous first. `cpu` False (a GPU's count): this CPU's kernels do not decide."""
     onednn = (_pad16(cin) * n_in + _pad16(cout) * n_out + cin * cout * k * k) * elem
     if k == 1 and elem == 2:
         onednn += (_pad16(cin) * n_in + (_pad16(cout) * n_out if cout % 16 else 0)) * F32
     unfolded = cin * k * k * n_out * elem
     if elem != F32:
-        t = onednn if _bf16_on_onednn() else (unfolded if k > 1 else 0)
+        t = onednn if not cpu or _bf16_on_onednn() else (unfolded if k > 1 else 0)
     elif cin * n_in <= ONEDNN_MIN_NUMEL:
         t = unfolded
     else:
@@ -192,10 +193,11 @@ class Walk:
 
     Untiled steps run on the device with their input x live (the caller holds it and frees it after) and return the
     bytes of the output they allocated. Sizes: c channels, n pixels, `elem` bytes per element of the compute dtype.
+    `cpu`: the pass runs on this CPU, whose kernels decide the convolutions' temporaries (`conv_temp`).
     """
 
-    def __init__(self, elem: int, groups: int, separate: bool = False) -> None:
-        self.e, self.groups, self.separate = elem, groups, separate
+    def __init__(self, elem: int, groups: int, separate: bool = False, cpu: bool = True) -> None:
+        self.e, self.groups, self.separate, self.cpu = elem, groups, separate, cpu
         self.device = Peak()
         self.store = Peak() if separate else self.device
 
@@ -208,7 +210,7 @@ class Walk:
              contiguous: bool = True) -> int:
         n_out = n_in if n_out is None else n_out
         out = cout * n_out * self.e
-        self.device.during(out + conv_temp(cin, cout, n_in, n_out, k, self.e, contiguous))
+        self.device.during(out + conv_temp(cin, cout, n_in, n_out, k, self.e, contiguous, self.cpu))
         return self.device.alloc(out)
 
     def resnet(self, cin: int, cout: int, n: int) -> int:
