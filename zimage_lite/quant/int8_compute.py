@@ -12,7 +12,7 @@ Routes, chosen once per machine (`route_for`): on CUDA `torch._int_mm` (int8 ten
   int8 values, the weight's row scales go in as per-channel scales and the activation row scales are applied after,
   with activation scale 1). Without VNNI (AVX2) its kernel adds pairs of u8 x s8 products in 16 bits, saturating
   (two 255 x 127 products overflow: 12% error on random rows, measured on Zen 3): there the activations take 7 bits,
-  -63..63 at zero point 64, as fbgemm's reduce_range does (`onednn_levels`, found by one exact product);
+  -63..63 at zero point 64, as fbgemm's reduce_range does (`onednn_levels`, found by exact products);
 - "int_mm": `torch._int_mm` (on some builds a naive loop on the CPU: the timing decides);
 - "float": dequantize to the compute dtype and `F.linear`, as for every other packed type;
 timed on a 1024 x 2048 @ 2048 x 2048 product (a 512x512 image's 1024 tokens) with the current thread count, and
@@ -261,10 +261,11 @@ def cpu_route() -> dict:
 def describe_route(device: torch.device | str = "cpu") -> str:
     """One line for `info` and `plan`: the route int8 weights take on `device` and why."""
     route = route_for(device)
-    narrow = ("7-bit activations: the CPU's u8 x s8 kernel saturates" if route == "onednn" and torch.device(device).type
-              == "cpu" and onednn_levels() < 127 else "")
-    if torch.device(device).type != "cpu" or os.environ.get(ROUTE_ENV):
+    cpu = torch.device(device).type == "cpu"
+    narrow = "7-bit activations: the CPU's u8 x s8 kernel saturates" if route == "onednn" and cpu \
+        and onednn_levels() < 127 else ""
+    if not cpu or os.environ.get(ROUTE_ENV):
         return f"{route} ({narrow})" if narrow else route
     g = cpu_route()["gflops"]
-    return f"{route} (measured GFLOP/s: " + ", ".join(f"{r} {g[r]:g}" for r in ROUTES) + (f"; {narrow})" if narrow
-                                                                                            else ")")
+    figures = ", ".join(f"{r} {g[r]:g}" for r in ROUTES)
+    return f"{route} (measured GFLOP/s: {figures}{'; ' + narrow if narrow else ''})"
