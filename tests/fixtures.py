@@ -113,6 +113,18 @@ def resident_bytes_of(path: Path) -> int:
     return total
 
 
+def resident_bytes_under(t: torch.Tensor) -> int:
+    """This process's resident bytes in the pages under tensor `t` (/proc/self/pagemap: bit 63 of each page's
+    entry), whatever maps them."""
+    page = 4096
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = lo // page, -(-hi // page)
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first) * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * page
+
+
 def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
     """Every file under the folders (dangling links too) with its size and mtime: what a refused run must leave as it
     found it."""

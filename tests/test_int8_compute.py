@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -205,9 +206,12 @@ def test_a_shape_the_kernel_cannot_take_runs_float_before_any_quantization(monke
 
 def test_onednn_copy_is_planned_and_goes_with_its_weight(monkeypatch):
     """The route's blocked weight copy is memory the plan counts on the CPU (sizes.component_bytes), and a streamed
-    block dropped to `meta` (runtime/streamer.LazyBlocks) drops it too: it must not outlive the weight."""
+    block dropped to `meta` (runtime/streamer.LazyBlocks) drops it too: it must not outlive the weight. A resident
+    weight that views its file holds the copy instead of the file's pages (qlinear.prepare_resident hands them back);
+    a streamed one, or one converted at load (--int8-compute), holds both."""
     from tests.fixtures import TINY
     from zimage_lite.quant.qlinear import QLinear, QTensor
+    from zimage_lite.runtime.memory import RELEASES_FILE_PAGES
     from zimage_lite.runtime.sizes import component_bytes, recipe_table
 
     monkeypatch.setenv(ROUTE_ENV, "onednn")
@@ -220,11 +224,50 @@ def test_onednn_copy_is_planned_and_goes_with_its_weight(monkeypatch):
 
     table = recipe_table(TINY.dit, "int8-convrot")
     onednn = component_bytes(TINY.dit, table, "fp32", "the DiT", kind="cpu").blocks
+    converted = component_bytes(TINY.dit, table, "fp32", "the DiT", kind="cpu", converted=True).blocks
     monkeypatch.setenv(ROUTE_ENV, "int_mm")
     plain = component_bytes(TINY.dit, table, "fp32", "the DiT", kind="cpu").blocks
     int8 = [sum(math.prod(shape) for n, (shape, fmt) in table.items()
                 if n.startswith(b.name + ".") and fmt == CONVROT.name) for b in plain]
-    assert any(int8)
-    # one more aligned copy of each int8 weight per block; nothing more, nothing less (alignment adds < 64 B each)
-    for a, b, n in zip(onednn, plain, int8, strict=True):
-        assert n <= a.held - b.held < n + 64 * 16
+    assert any(int8) and all(b.streaming <= b.held for b in plain)  # without a copy: as held, resident or not
+    # one more aligned copy of each int8 weight per block, nothing more, nothing less (alignment adds < 64 B each);
+    # resident and viewing the file, the copy in place of the weight's pages
+    for a, c, b, n in zip(onednn, converted, plain, int8, strict=True):
+        assert n <= a.streaming - b.held < n + 64 * 16 and n <= c.held - b.held < n + 64 * 16
+        assert abs(a.held - b.held) < 64 * 16 if RELEASES_FILE_PAGES else a.held == a.streaming
+
+
+def test_a_streamed_int8_block_is_planned_with_its_file_pages(monkeypatch):
+    """On the CPU a streamed block's int8 weights are read from the file at each use and copied by oneDNN beside
+    them (only a resident weight hands its pages back): its slot holds both, more than the block held resident."""
+    from tests.fixtures import TINY
+    from zimage_lite.runtime import residency
+    from zimage_lite.runtime.plan import PlanRequest, block_stage
+    from zimage_lite.runtime.sizes import component_bytes, recipe_table
+
+    monkeypatch.setenv(ROUTE_ENV, "onednn")
+    req = PlanRequest(TINY, 1, quant="int8-convrot", device="cpu", dtype="fp32")
+    sizes = component_bytes(TINY.dit, recipe_table(TINY.dit, "int8-convrot"), "fp32", "the DiT", kind="cpu")
+    stage = block_stage("dit", sizes, 0, TINY.dit.n_heads, 64, req)
+    placed = residency.place(stage, "cpu", sum(residency.floor(stage, "cpu")))  # the least: blocks stream
+    blocks = {b.name: b for b in sizes.blocks}
+    assert placed.streamed and placed.n_slots == 1  # precondition: blocks stream, in one slot
+    assert placed.slot_bytes == max(blocks[n].streaming for n in placed.streamed) > blocks[placed.streamed[0]].held
+
+
+def test_a_route_far_behind_after_the_first_round_is_timed_no_more(monkeypatch):
+    """The route timing calls each route once per round; one OUT_OF_RACE times slower than the fastest (an AVX2
+    CPU's naive int_mm: 2 s a call) is left out of the rounds after the first, and keeps that round's figure."""
+    calls: dict[str, int] = {}
+    real = int8_compute.int8_linear
+
+    def counted(*args, route, **kwargs):
+        calls[route] = calls.get(route, 0) + 1
+        if route == "int_mm":
+            time.sleep(0.05)  # the others take well under a millisecond on this product
+        return real(*args, route="float", **kwargs)
+
+    monkeypatch.setattr(int8_compute, "int8_linear", counted)
+    gflops = int8_compute.time_routes((64, 512, 512), reps=3)
+    assert calls == {"float": 4, "onednn": 4, "int_mm": 1}
+    assert 0 < gflops["int_mm"] <= 2 * 64 * 512 * 512 / 0.05 / 1e9 < min(gflops["float"], gflops["onednn"])

@@ -131,3 +131,48 @@ def test_a_file_changed_while_closed_is_named(tiny_model, ggufs, tmp_path, kind)
     os.utime(path, ns=(1, 1))
     with pytest.raises(CheckpointError, match=rf"{path.name}: the file changed on disk since it was opened"):
         src.get(name)
+
+
+def _mapped_tensor(tmp_path: Path, n: int = 4 * 2**20) -> tuple[torch.Tensor, np.ndarray, Path, object]:
+    """A uint8 tensor of n random bytes read through safe_open (a view of its private copy-on-write map), faulted in;
+    its bytes as written; the file; the handle (kept open by the caller)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    want = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8)
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(3), "w": torch.from_numpy(want.copy()), "z": torch.ones(5)}, str(path))
+    handle = safe_open(str(path), framework="pt")
+    t = handle.get_tensor("w")
+    assert int(t.sum()) == int(want.sum(dtype=np.int64))  # read: resident
+    return t, want, path, handle
+
+
+def test_file_views_hand_back_a_tensors_pages_and_it_reads_the_same_after(tmp_path):
+    """oneDNN's copy made (quant/qlinear.prepare_resident), the file's pages under an int8 weight leave RSS: a 4 MiB
+    view hands back all its whole pages, and reads its bytes again from the file after."""
+    from fixtures import resident_bytes_of
+
+    from zimage_lite.runtime.memory import FileViews
+
+    t, want, path, _handle = _mapped_tensor(tmp_path)
+    before = resident_bytes_of(path)
+    assert before >= t.numel()  # precondition: its pages are resident
+    released = FileViews().release(t)
+    assert t.numel() - 2 * 4096 <= released <= t.numel()  # all but the edge pages (which a neighbour may share)
+    assert resident_bytes_of(path) <= before - released
+    assert np.array_equal(t.numpy(), want)  # valid still: read again from the file
+
+
+def test_file_views_leave_memory_that_is_no_files_page_alone(tmp_path):
+    """MADV_DONTNEED zero-fills anonymous memory, and a private map's written pages are the only copy of what was
+    written: neither is handed back, both keep their bytes."""
+    from zimage_lite.runtime.memory import FileViews
+
+    anonymous = torch.arange(2**20, dtype=torch.int32)
+    t, want, _, _handle = _mapped_tensor(tmp_path)
+    t[4096 * 100] = int(want[4096 * 100]) ^ 0xFF  # one page written: a private copy
+    views = FileViews()
+    assert views.release(anonymous) == 0 and views.release(t) == 0
+    assert torch.equal(anonymous, torch.arange(2**20, dtype=torch.int32))
+    assert int(t[4096 * 100]) == int(want[4096 * 100]) ^ 0xFF and np.array_equal(t.numpy()[:4096], want[:4096])

@@ -168,7 +168,8 @@ class ZImagePipeline(StageModels):
                              text_tensors=text, keep_loaded=self.keep_loaded, budget=self.budget,
                              model_name=self.files.name, encode=image, enhance_tokens=enhance_tokens,
                              adapter_tensors=self.loras.table() if self.loras else None,
-                             control=(self.control.config, self.tensor_table("controlnet")) if self.control else None)
+                             control=(self.control.config, self.tensor_table("controlnet")) if self.control else None,
+                             int8_compute=self.int8_compute)
 
     def enhance_stage(self, cfg: Any, source: Any, tokens: int) -> plan.StagePlan:
         """The prompt enhancer's stage of the plan (runtime/enhance_plan.py: what `plan --enhance` prints) for a

@@ -186,9 +186,16 @@ def _cache_file() -> Path:
     return cache_dir() / "int8-route.json"
 
 
+# A route this many times slower than the fastest on the first round is timed no more: it cannot be chosen, and the
+# naive `_int_mm` of an AVX2 CPU takes 1.4 s a call (Zen 3: a process timing the routes took 9.7 s, 3.8 s without
+# its three more calls)
+OUT_OF_RACE = 8
+
+
 def time_routes(shape: tuple[int, int, int] = _BENCH, reps: int = 3) -> dict[str, float]:
     """GFLOP/s of each CPU route (float: dequantize + fp32 F.linear) on an M x K @ K x N product, best of `reps`,
-    the routes interleaved so that a noisy neighbour slows them alike. A route that fails scores 0."""
+    the routes interleaved so that a noisy neighbour slows them alike; a route OUT_OF_RACE times slower than the
+    fastest in the first round keeps that round's figure. A route that fails scores 0."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=gen), torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
@@ -203,9 +210,10 @@ def time_routes(shape: tuple[int, int, int] = _BENCH, reps: int = 3) -> dict[str
         packed = prepack(w)
     except (RuntimeError, AttributeError):
         best["onednn"] = float("nan")
+    out: set[str] = set()
     for _ in range(reps + 1):  # the first round warms up (oneDNN builds its kernels)
         for name, call in calls.items():
-            if best[name] != best[name]:  # nan: failed before
+            if best[name] != best[name] or name in out:  # nan: failed before
                 continue
             try:
                 start = time.perf_counter()
@@ -213,6 +221,8 @@ def time_routes(shape: tuple[int, int, int] = _BENCH, reps: int = 3) -> dict[str
                 best[name] = min(best[name], time.perf_counter() - start)
             except (RuntimeError, AttributeError):
                 best[name] = float("nan")
+        fastest = min((t for t in best.values() if t == t), default=float("inf"))
+        out |= {name for name, t in best.items() if t > OUT_OF_RACE * fastest}
     flops = 2 * m * k * n
     return {name: 0.0 if t != t else round(flops / t / 1e9, 1) for name, t in best.items()}
 
@@ -235,7 +245,7 @@ def choose_route(gflops: dict[str, float]) -> str:
 @functools.cache
 def cpu_route() -> dict:
     """{"route", "gflops": {route: GFLOP/s}, "machine"}: read from the cache folder, else timed (`time_routes`,
-    about a second) and written there; the route is `choose_route` of the figures."""
+    a few seconds) and written there; the route is `choose_route` of the figures."""
     key, path = _machine_key(), _cache_file()
     try:
         known = json.loads(path.read_text(encoding="utf-8"))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
+from ..runtime.memory import FileViews
 from .chunks import release_temps
 from .convrot import Int8Rows
 from .formats import FLOAT_TYPES, INT8, BnbType, dequantize
@@ -194,13 +195,19 @@ class QLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
 
 
-def prepare_resident(model: nn.Module) -> None:
+def prepare_resident(model: nn.Module) -> int:
     """Make the route's copy (oneDNN's) of each resident int8 weight of a model placed on the CPU now, as the plan
-    counts them held: with the load, not in the first step. Streamed blocks' weights (on `meta`) make theirs at each
-    use; the prompt enhancer's unpacked layers (which never run QLinear) are not placed through here."""
+    counts them held: with the load, not in the first step. A weight that views its file's memory map then hands its
+    pages back (runtime/memory.py `FileViews`): the copy is what computes, so the file's pages would double the
+    weights' memory (runtime/sizes.py counts the copy alone); a weight converted at load (--int8-compute) stays.
+    Streamed blocks' weights (on `meta`) make theirs at each use; the prompt enhancer's unpacked layers (which never
+    run QLinear) are not placed through here. Returns the bytes of file pages handed back."""
+    views, released = FileViews(), 0
     for m in model.modules():
         if isinstance(m, QLinear) and isinstance(m.qtype, Int8Rows) and m.weight.device.type == "cpu":
-            m._packed(m._route())
+            if m._packed(m._route()) is not None:  # one weight at a time: its pages and its copy never all at once
+                released += views.release(m.weight)
+    return released
 
 
 class QEmbedding(nn.Module):

@@ -75,6 +75,7 @@ class PlanRequest:
     adapter_tensors: TensorTable | None = field(default=None, repr=False, hash=False)
     # a ControlNet (its config, its tensor table): its blocks run within the DiT's steps, placed beside the DiT's
     control: tuple[Any, TensorTable] | None = field(default=None, repr=False, hash=False)
+    int8_compute: bool = False  # the tables' int8 rows are GGUF Linears converted at load, not views of the files
 
     @property
     def kind(self) -> str:
@@ -186,7 +187,7 @@ def block_stage(name: str, sizes: ComponentBytes, act: int, heads: int, seq: int
     cuda = req.kind == "cuda"
     side = sum(b.adapters for b in sizes.blocks) if cuda else 0  # cuda: in the blocks' bytes; the rest with weights
     return BlockStage(name, [BlockCost(b.name, b.held + b.adapters, b.held + b.adapters) if cuda else
-                             BlockCost(b.name, b.held, b.stored) for b in sizes.blocks],
+                             BlockCost(b.name, b.held, b.stored, b.streaming) for b in sizes.blocks],
                       sizes.other + sizes.adapters - side + (0 if cuda else sizes.host_only), _scratch(sizes, req),
                       act, _scores_fn(req, 2 if req.cfg else 1, heads, seq), seq)
 
@@ -205,7 +206,8 @@ def stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside: 
 
 def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.text_encoder, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
-    sizes = component_bytes(c, tensor_tables(req)[1], req.dtype, f"the {req.text_quant} text encoder", kind=req.kind)
+    sizes = component_bytes(c, tensor_tables(req)[1], req.dtype, f"the {req.text_quant} text encoder", kind=req.kind,
+                            converted=req.int8_compute)
     seq, q, kv = req.caption_tokens, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     mlp = seq * (2 * c.hidden_size + 3 * c.intermediate_size) * elem  # residual, normed, gate, up, act(gate)*up
     attn = seq * (2 * c.hidden_size + 2 * q + 2 * kv) * elem  # residual, normed, q, k, v, attention output
@@ -217,7 +219,7 @@ def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
 def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.dit, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
     sizes = component_bytes(c, tensor_tables(req)[0], req.dtype, f"the {req.quant} DiT", req.adapter_tensors,
-                            kind=req.kind)
+                            kind=req.kind, converted=req.int8_compute)
     # a LoRA side path's (tokens, rank) product beside the linear's output
     rank = max((shape[0] for n, (shape, _) in (req.adapter_tensors or {}).items() if n.endswith(".down")), default=0)
     # Tokens (zimage_spec.md §4.3): image N = (H/16)(W/16) padded to 32; caption Lp <= 512 padded to 32; S = Np + Lp.
@@ -412,13 +414,13 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
              text_tensors: TensorTable | None = None, keep_loaded: bool = False,
              budget: tuple[int, int] | None = None, model_name: str | None = None, encode: bool = False,
              adapter_tensors: TensorTable | None = None, control: tuple[Any, TensorTable] | None = None,
-             enhance_tokens: int = 0) -> Plan:
+             enhance_tokens: int = 0, int8_compute: bool = False) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
     `ram` is what the run may use. Missing budgets come from the device (`cuda:1`: device 1); `ram` is ignored on
     cuda. `budget` = (bytes, headroom) as `usable_budget` gave them earlier, instead of asking again. With tensor
     tables, `quant` / `text_quant` are the files' labels (PlanRequest). `encode`: an init image is encoded first.
     `adapter_tensors`: the LoRAs' side paths on the DiT (loras.py `Loras.table`). `enhance_tokens`: plan the prompt
-    enhancer's stage first, for that context."""
+    enhancer's stage first, for that context. `int8_compute`: the tables' int8 rows are converted at load."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise OptionError(f"--preset {preset_or_config!r}: use one of {', '.join(PRESETS)}")
@@ -435,4 +437,4 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,
         headroom=headroom, model_name=name, dit_tensors=dit_tensors, text_tensors=text_tensors,
         keep_loaded=keep_loaded, encode=encode, adapter_tensors=adapter_tensors, control=control,
-        enhance_tokens=enhance_tokens))
+        enhance_tokens=enhance_tokens, int8_compute=int8_compute))

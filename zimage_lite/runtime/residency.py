@@ -31,6 +31,11 @@ class BlockCost:
     name: str
     device: int  # bytes while held on the device (or in a slot, or a pinned chunk)
     moved: int  # bytes copied (cuda) or read from the memory map (cpu) each time it streams
+    slot: int = 0  # bytes while held streamed, when more than `device` (sizes.BlockBytes.streaming)
+
+    @property
+    def in_slot(self) -> int:
+        return max(self.device, self.slot)
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ def _options(st: BlockStage, n_slots: int) -> list[tuple[set[str], int, int]]:
     options = []
     for k in range(len(st.blocks) + 1):
         keep, streamed = order_for_residency(st.blocks, k)
-        slots = n_slots * max((b.device for b in streamed), default=0)
+        slots = n_slots * max((b.in_slot for b in streamed), default=0)
         options.append((keep, sum(b.device for b in st.blocks if b.name in keep), slots))
     return options
 

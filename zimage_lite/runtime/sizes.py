@@ -38,7 +38,7 @@ from ..quant.recipes import (
     te_plan,
     te_shapes,
 )
-from .memory import aligned
+from .memory import RELEASES_FILE_PAGES, aligned
 
 TensorTable = Mapping[str, tuple[tuple[int, ...], str]]  # official name -> (torch shape, stored type name)
 ComponentConfig = DiTConfig | TextEncoderConfig
@@ -205,6 +205,8 @@ class BlockBytes:
     held: int  # while placed (on the device, in a slot or a pinned chunk): packed or cast, each tensor aligned
     stored: int  # as the file stores it: what a streamed block reads from the memory map on the CPU
     adapters: int = 0  # its LoRA side paths (in the compute dtype, each tensor aligned), not in `held`
+    streaming: int = 0  # while placed as a streamed block, when more than `held` (the CPU: int8 weights' file pages
+    # beside oneDNN's copies, which only a resident block hands back)
 
 
 @dataclass(frozen=True)
@@ -221,13 +223,17 @@ class ComponentBytes:
 
 
 def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: str,
-                    adapters: TensorTable | None = None, lm: bool = False, kind: str = "cpu") -> ComponentBytes:
+                    adapters: TensorTable | None = None, lm: bool = False, kind: str = "cpu",
+                    converted: bool = False) -> ComponentBytes:
     """What the runtime holds of component `cfg` stored as `table`, computing in `dtype` on a `kind` device; `what`
     names the file or component in the error for a tensor the table lacks. `adapters`: the LoRA side paths' tensors
     (loras.py `Loras.table`), each counted with the block whose name it starts with. `lm`: the prompt enhancer's text
-    encoder. On the CPU, int8-row weights run by oneDNN hold its blocked copy beside them (quant/qlinear.py)."""
+    encoder. On the CPU, int8-row weights run by oneDNN hold its blocked copy (quant/qlinear.py): a resident weight
+    that views the file hands the file's pages back once copied (`prepare_resident`), one `converted` at load
+    (--int8-compute: the table's int8 types are not the file's) is a copy of its own and stays beside it."""
     lay, elem, plain = layout(cfg, lm), DTYPE_BYTES[dtype], DTYPE_TYPES[dtype]
     prepacked = kind == "cpu" and any(fmt in INT8_ROWS_NAMES for _, fmt in table.values()) and _onednn_on_cpu()
+    released = RELEASES_FILE_PAGES and not converted
     missing = [n for n in lay.shapes if n not in table]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -238,16 +244,19 @@ def component_bytes(cfg: ComponentConfig, table: TensorTable, dtype: str, what: 
         fmt = table[name][1]
         return fmt not in FLOATS and (name in lay.linears or (name in lay.embeddings and fmt not in _UNPACKED_TABLES))
 
-    def held(name: str) -> int:
+    def held(name: str, resident: bool = True) -> int:
         shape, fmt = table[name]
         if packed(name):
-            copy = aligned(math.prod(shape)) if prepacked and fmt in INT8_ROWS_NAMES else 0
-            return packed_bytes(shape, fmt) + copy
+            if prepacked and fmt in INT8_ROWS_NAMES:  # oneDNN's copy, and the row scales
+                rows = aligned(shape[0] * 4) if resident and released else packed_bytes(shape, fmt)
+                return aligned(math.prod(shape)) + rows
+            return packed_bytes(shape, fmt)
         return aligned(math.prod(lay.shapes[name]) * elem)
 
     side = {n: aligned(math.prod(shape) * elem) for n, (shape, _) in (adapters or {}).items()}
     blocks = tuple(BlockBytes(name, sum(held(t) for t in tensors), sum(stored_bytes(*table[t]) for t in tensors),
-                              sum(b for n, b in side.items() if n.startswith(name + ".")))
+                              sum(b for n, b in side.items() if n.startswith(name + ".")),
+                              sum(held(t, resident=False) for t in tensors))
                    for name, tensors in lay.blocks)
     rest = [n for n in lay.shapes if n not in lay.block_tensors]
     # a host-only float tensor stays as stored, a view of the file (weights/load.py); a quantized one that cannot stay
