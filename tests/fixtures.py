@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import mmap
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -116,7 +117,7 @@ def resident_bytes_of(path: Path) -> int:
 def resident_bytes_under(t: torch.Tensor) -> int:
     """This process's resident bytes in the pages under tensor `t` (/proc/self/pagemap: bit 63 of each page's
     entry), whatever maps them."""
-    page = 4096
+    page = mmap.PAGESIZE
     lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     first, last = lo // page, -(-hi // page)
     with open("/proc/self/pagemap", "rb") as f:

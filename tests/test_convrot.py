@@ -223,9 +223,33 @@ def test_streamed_int8_blocks_make_their_copies_at_each_use(int8_files, monkeypa
     assert all(m._packed_weight is None for m in linears)
 
 
+def test_the_enhancers_stored_form_holds_onednns_copies_not_the_files_pages(int8_files, monkeypatch):
+    """Where the converted form would stream, the enhancer holds its layers as stored and runs them as the image path
+    does: oneDNN's copies made when it is placed and the file's pages under them handed back, as its plan counts."""
+    from types import SimpleNamespace
+
+    from zimage_lite.enhance import hold_for_decoding
+    from zimage_lite.models.qwen3 import Qwen3Encoder
+    from zimage_lite.runtime.placement import place
+    from zimage_lite.weights.components import open_language_model
+
+    monkeypatch.setenv("ZIMAGE_LITE_INT8_ROUTE", "onednn")
+    cfg, source = open_language_model(int8_files[2])
+    with torch.device("meta"):
+        model = Qwen3Encoder(cfg, lm=True)
+    model = place(model, source, None, torch.device("cpu"), torch.float32, "text encoder (enhancer)")
+    hold_for_decoding(model, SimpleNamespace(unpacked=False, head="view"), torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, QLinear)]
+    assert linears and all(getattr(m, "_packed_for", None) == m.weight.data_ptr() for m in linears)
+    if RELEASES_FILE_PAGES:  # measured 0.097x the weights' bytes (their edge pages); kept, ~1.05x (as above)
+        assert sum(resident_bytes_under(m.weight) for m in linears) < sum(m.weight.numel() for m in linears) / 4
+    source.close()
+
+
 def test_the_enhancer_makes_no_onednn_copies(int8_files, monkeypatch):
-    """The prompt enhancer converts its layers for decoding (quant/decode_linear.py): oneDNN's copies, which its plan
-    does not count, are never made for it (the pipeline's stages make them as they place their models)."""
+    """The prompt enhancer converts its layers for decoding (quant/decode_linear.py): its plan counts the converted
+    layers, and oneDNN's copies are never made for it (the pipeline's stages make them as they place their models;
+    the enhancer's stored form, when the converted one would stream, through `hold_for_decoding`)."""
     from zimage_lite.quant import qlinear
 
     model, _, te = int8_files
@@ -426,3 +450,17 @@ def test_rotates_temporary_stays_under_the_mapping_threshold():
     from zimage_lite.runtime.memory import HOST_MMAP_THRESHOLD
 
     assert 4 * convrot.ROTATE_CHUNK < HOST_MMAP_THRESHOLD
+
+
+def test_the_plan_counts_only_what_int8_compute_converts_as_converted(int8_files, tmp_path, monkeypatch):
+    """--int8-compute converts GGUF Linears only: beside a ConvRot DiT (views of its file, whose pages go back once
+    oneDNN has copied them) a Q8_0 text encoder is converted (its int8 copies stay beside oneDNN's), and the plan
+    counts each component as it is held."""
+    model, dit, _ = int8_files
+    monkeypatch.setenv("ZIMAGE_LITE_INT8_ROUTE", "onednn")
+    [q8] = [r.path for r in convert(model, "Q8_0", component="text-encoder", out=tmp_path)]
+    plans = [zimage_lite.load(model, dit=dit, text_encoder=q8, device="cpu", dtype="fp32", int8_compute=on)
+             .make_plan(256, 256, 0.0, 40) for on in (False, True)]
+    assert plans[1].request.converted == {"text_encoder"}
+    assert plans[1].stage("dit").resident_bytes == plans[0].stage("dit").resident_bytes
+    assert plans[1].stage("text_encoder").resident_bytes > plans[0].stage("text_encoder").resident_bytes

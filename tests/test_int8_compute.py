@@ -257,17 +257,18 @@ def test_a_streamed_int8_block_is_planned_with_its_file_pages(monkeypatch):
 
 def test_a_route_far_behind_after_the_first_round_is_timed_no_more(monkeypatch):
     """The route timing calls each route once per round; one OUT_OF_RACE times slower than the fastest (an AVX2
-    CPU's naive int_mm: 2 s a call) is left out of the rounds after the first, and keeps that round's figure."""
+    CPU's naive int_mm: 1.4 s a call) is left out after the warm-up round and one timed round, and keeps its best
+    figure from those (the warm-up alone does not decide: oneDNN's first call builds its kernels)."""
     calls: dict[str, int] = {}
     real = int8_compute.int8_linear
 
     def counted(*args, route, **kwargs):
         calls[route] = calls.get(route, 0) + 1
         if route == "int_mm":
-            time.sleep(0.05)  # the others take well under a millisecond on this product
+            time.sleep(0.1)  # the others take about a millisecond on this product
         return real(*args, route="float", **kwargs)
 
     monkeypatch.setattr(int8_compute, "int8_linear", counted)
     gflops = int8_compute.time_routes((64, 512, 512), reps=3)
-    assert calls == {"float": 4, "onednn": 4, "int_mm": 1}
-    assert 0 < gflops["int_mm"] <= 2 * 64 * 512 * 512 / 0.05 / 1e9 < min(gflops["float"], gflops["onednn"])
+    assert calls == {"float": 4, "onednn": 4, "int_mm": 2}
+    assert 0 < gflops["int_mm"] <= 2 * 64 * 512 * 512 / 0.1 / 1e9 < min(gflops["float"], gflops["onednn"])

@@ -7,6 +7,7 @@ model's weights are views of the map. So besides freeing the model, a stage must
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_file_views_hand_back_a_tensors_pages_and_it_reads_the_same_after(tmp_pa
     before = resident_bytes_of(path)
     assert before >= t.numel()  # precondition: its pages are resident
     released = FileViews().release(t)
-    assert t.numel() - 2 * 4096 <= released <= t.numel()  # all but the edge pages (which a neighbour may share)
+    assert t.numel() - 2 * mmap.PAGESIZE <= released <= t.numel()  # all but the edge pages (a neighbour may share them)
     assert resident_bytes_of(path) <= before - released
     assert np.array_equal(t.numpy(), want)  # valid still: read again from the file
 
@@ -171,8 +172,9 @@ def test_file_views_leave_memory_that_is_no_files_page_alone(tmp_path):
 
     anonymous = torch.arange(2**20, dtype=torch.int32)
     t, want, _, _handle = _mapped_tensor(tmp_path)
-    t[4096 * 100] = int(want[4096 * 100]) ^ 0xFF  # one page written: a private copy
+    written = mmap.PAGESIZE * 10
+    t[written] = int(want[written]) ^ 0xFF  # one page written: a private copy
     views = FileViews()
     assert views.release(anonymous) == 0 and views.release(t) == 0
     assert torch.equal(anonymous, torch.arange(2**20, dtype=torch.int32))
-    assert int(t[4096 * 100]) == int(want[4096 * 100]) ^ 0xFF and np.array_equal(t.numpy()[:4096], want[:4096])
+    assert int(t[written]) == int(want[written]) ^ 0xFF and np.array_equal(t.numpy()[:written], want[:written])

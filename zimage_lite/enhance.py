@@ -28,7 +28,7 @@ from .errors import OptionError
 from .models.qwen3 import KVCache, Qwen3Encoder
 from .options import check_seed, check_text
 from .quant.formats import dequantize
-from .quant.qlinear import QLinear
+from .quant.qlinear import QLinear, prepare_resident
 
 if TYPE_CHECKING:
     from .pipeline import ZImagePipeline
@@ -187,6 +187,8 @@ def hold_for_decoding(model: Qwen3Encoder, stage: Any, dtype: torch.dtype, mappe
 
     if stage.unpacked:
         unpack_layers(model, dtype, release)
+    elif next(model.parameters()).device.type == "cpu":  # the stored form runs its int8 layers as the image path does:
+        prepare_resident(model)  # oneDNN's copies made now, the file's pages under them handed back, as planned
     if stage.head == "int8":
         with torch.no_grad():
             model.set_head(DecodeLinear.head_of(model.embed_tokens))

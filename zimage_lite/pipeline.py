@@ -169,7 +169,8 @@ class ZImagePipeline(StageModels):
                              model_name=self.files.name, encode=image, enhance_tokens=enhance_tokens,
                              adapter_tensors=self.loras.table() if self.loras else None,
                              control=(self.control.config, self.tensor_table("controlnet")) if self.control else None,
-                             int8_compute=self.int8_compute)
+                             converted=frozenset(w for w in ("dit", "text_encoder")
+                                                 if getattr(self._open(w)[1], "converts", False)))
 
     def enhance_stage(self, cfg: Any, source: Any, tokens: int) -> plan.StagePlan:
         """The prompt enhancer's stage of the plan (runtime/enhance_plan.py: what `plan --enhance` prints) for a

@@ -186,16 +186,17 @@ def _cache_file() -> Path:
     return cache_dir() / "int8-route.json"
 
 
-# A route this many times slower than the fastest on the first round is timed no more: it cannot be chosen, and the
-# naive `_int_mm` of an AVX2 CPU takes 1.4 s a call (Zen 3: a process timing the routes took 9.7 s, 3.8 s without
-# its three more calls)
+# A route this many times slower than the fastest after the first timed round (the warm-up round's calls included) is
+# timed no more: it cannot be chosen, and the naive `_int_mm` of an AVX2 CPU takes 1.4 s a call (Zen 3: a process
+# timing the routes took 9.7 s with four calls of it, 7.0-7.5 s with two)
 OUT_OF_RACE = 8
 
 
 def time_routes(shape: tuple[int, int, int] = _BENCH, reps: int = 3) -> dict[str, float]:
     """GFLOP/s of each CPU route (float: dequantize + fp32 F.linear) on an M x K @ K x N product, best of `reps`,
     the routes interleaved so that a noisy neighbour slows them alike; a route OUT_OF_RACE times slower than the
-    fastest in the first round keeps that round's figure. A route that fails scores 0."""
+    fastest after the warm-up round and the first timed one keeps its figure from those. A route that fails scores
+    0."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=gen), torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
@@ -211,7 +212,7 @@ def time_routes(shape: tuple[int, int, int] = _BENCH, reps: int = 3) -> dict[str
     except (RuntimeError, AttributeError):
         best["onednn"] = float("nan")
     out: set[str] = set()
-    for _ in range(reps + 1):  # the first round warms up (oneDNN builds its kernels)
+    for round_ in range(reps + 1):  # the first round warms up (oneDNN builds its kernels)
         for name, call in calls.items():
             if best[name] != best[name] or name in out:  # nan: failed before
                 continue
@@ -221,16 +222,18 @@ def time_routes(shape: tuple[int, int, int] = _BENCH, reps: int = 3) -> dict[str
                 best[name] = min(best[name], time.perf_counter() - start)
             except (RuntimeError, AttributeError):
                 best[name] = float("nan")
-        fastest = min((t for t in best.values() if t == t), default=float("inf"))
-        out |= {name for name, t in best.items() if t > OUT_OF_RACE * fastest}
+        if round_ >= 1:
+            fastest = min((t for t in best.values() if t == t), default=float("inf"))
+            out |= {name for name, t in best.items() if t > OUT_OF_RACE * fastest}
     flops = 2 * m * k * n
     return {name: 0.0 if t != t else round(flops / t / 1e9, 1) for name, t in best.items()}
 
 
-# oneDNN holds a blocked copy of every int8 weight beside it (twice the weights' memory: runtime/sizes.py counts it)
-# and makes it at load (qlinear.prepare_resident): it must beat the best route without a copy by this much to be chosen
-# (measured here, AVX512-VNNI: 254 against int_mm's 238 GFLOP/s on the timing product, yet a 512x512 ConvRot step
-# took 74 s against int_mm's 37 s at twice the peak RSS; on AVX2 machines int_mm is a naive loop, ~40x slower)
+# oneDNN holds a blocked copy of every int8 weight, made at load (qlinear.prepare_resident: a resident weight's file
+# pages go back then; a streamed block's or a converted weight's stay beside it, runtime/sizes.py) and a conversion
+# each time a streamed block comes back: it must beat the best route without a copy by this much to be chosen
+# (measured on AVX512-VNNI: 254 against int_mm's 238 GFLOP/s on the timing product, yet a 512x512 ConvRot step took
+# 74 s against int_mm's 37 s, at twice the peak RSS then; on AVX2 machines int_mm is a naive loop, ~40x slower)
 ONEDNN_MARGIN = 1.5
 
 

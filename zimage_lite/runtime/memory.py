@@ -230,7 +230,8 @@ class FileMap:
 
 def file_maps(detail: bool = False) -> list[FileMap]:
     """This process's memory maps of files, from /proc (empty elsewhere). `detail`: read /proc/self/smaps (~8 ms)
-    to tell a private map whose pages were written to (its copy-on-write copies, Anonymous > 0); else /proc/self/maps
+    to tell a private map whose pages were written to (its copy-on-write copies: Anonymous or Swap > 0); else
+    /proc/self/maps
     (~0.5 ms), where only a shared writable map counts as written."""
     if not RELEASES_FILE_PAGES:
         return []
@@ -245,7 +246,7 @@ def file_maps(detail: bool = False) -> list[FileMap]:
         fields = line.split(None, 5)
         if not fields:
             continue
-        if fields[0] == "Anonymous:":
+        if fields[0] in ("Anonymous:", "Swap:"):  # a written private page, resident or swapped out
             if of_file and int(fields[1]):
                 maps[-1] = replace(maps[-1], written=True)
         elif "-" in fields[0] and not fields[0].endswith(":"):  # a map's first line: range, perms, ..., path
@@ -257,9 +258,10 @@ def file_maps(detail: bool = False) -> list[FileMap]:
     return maps
 
 
-def _dontneed(lo: int, hi: int) -> None:
+def _dontneed(lo: int, hi: int) -> bool:
+    """Whether the kernel took the advice."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
 
 
 def release_pages(root: Path) -> None:
@@ -286,7 +288,8 @@ class FileViews:
     (oneDNN's blocked copy of an int8 weight: quant/qlinear.py `prepare_resident`). The maps are read once, when made
     (smaps: a map with any page written to is left alone, as MADV_DONTNEED would drop the written copy); only whole
     pages inside a tensor go (its first and last may hold a neighbour in use). Whatever reads the tensor later gets
-    its pages again from the page cache: the tensor stays valid."""
+    its pages again from the page cache: the tensor stays valid. Short-lived: made for one pass over a placed model,
+    as a map unmapped later could leave its addresses to anonymous memory."""
 
     def __init__(self) -> None:
         self.maps = [m for m in file_maps(detail=True) if not m.written]
@@ -301,5 +304,4 @@ class FileViews:
         first, last = -(-lo // self.page) * self.page, hi // self.page * self.page
         if last <= first or not any(m.start <= lo and hi <= m.end for m in self.maps):
             return 0
-        _dontneed(first, last)
-        return last - first
+        return last - first if _dontneed(first, last) else 0

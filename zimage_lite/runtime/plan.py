@@ -75,7 +75,9 @@ class PlanRequest:
     adapter_tensors: TensorTable | None = field(default=None, repr=False, hash=False)
     # a ControlNet (its config, its tensor table): its blocks run within the DiT's steps, placed beside the DiT's
     control: tuple[Any, TensorTable] | None = field(default=None, repr=False, hash=False)
-    int8_compute: bool = False  # the tables' int8 rows are GGUF Linears converted at load, not views of the files
+    # the components ("dit", "text_encoder") whose int8 rows are GGUF Linears converted at load (--int8-compute):
+    # copies of their own, not views of the files
+    converted: frozenset[str] = field(default=frozenset(), hash=False)
 
     @property
     def kind(self) -> str:
@@ -95,7 +97,7 @@ class StagePlan:
     streamed: tuple[str, ...]
     weight_bytes: int  # non-block weights on the device (embedders, final layer; the whole VAE decoder)
     resident_bytes: int  # resident blocks: packed when quantized, else in the compute dtype
-    slot_bytes: int  # all streaming slots together: n_slots x the largest streamed block, 0 if none streams
+    slot_bytes: int  # all streaming slots together: n_slots x the largest streamed block as streamed, 0 if none
     n_slots: int
     scratch_bytes: int  # dequantizing the largest packed Linear: its output buffer + the chunks' temporaries
     activation_bytes: int  # activation peak at this resolution, attention scores included
@@ -207,7 +209,7 @@ def stage_plan(st: BlockStage, sizes: ComponentBytes, req: PlanRequest, beside: 
 def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.text_encoder, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
     sizes = component_bytes(c, tensor_tables(req)[1], req.dtype, f"the {req.text_quant} text encoder", kind=req.kind,
-                            converted=req.int8_compute)
+                            converted="text_encoder" in req.converted)
     seq, q, kv = req.caption_tokens, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     mlp = seq * (2 * c.hidden_size + 3 * c.intermediate_size) * elem  # residual, normed, gate, up, act(gate)*up
     attn = seq * (2 * c.hidden_size + 2 * q + 2 * kv) * elem  # residual, normed, q, k, v, attention output
@@ -219,7 +221,7 @@ def _text_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
 def _dit_stage(req: PlanRequest) -> tuple[BlockStage, ComponentBytes]:
     c, elem, batch = req.config.dit, DTYPE_BYTES[req.dtype], 2 if req.cfg else 1
     sizes = component_bytes(c, tensor_tables(req)[0], req.dtype, f"the {req.quant} DiT", req.adapter_tensors,
-                            kind=req.kind, converted=req.int8_compute)
+                            kind=req.kind, converted="dit" in req.converted)
     # a LoRA side path's (tokens, rank) product beside the linear's output
     rank = max((shape[0] for n, (shape, _) in (req.adapter_tensors or {}).items() if n.endswith(".down")), default=0)
     # Tokens (zimage_spec.md §4.3): image N = (H/16)(W/16) padded to 32; caption Lp <= 512 padded to 32; S = Np + Lp.
@@ -414,13 +416,13 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
              text_tensors: TensorTable | None = None, keep_loaded: bool = False,
              budget: tuple[int, int] | None = None, model_name: str | None = None, encode: bool = False,
              adapter_tensors: TensorTable | None = None, control: tuple[Any, TensorTable] | None = None,
-             enhance_tokens: int = 0, int8_compute: bool = False) -> Plan:
+             enhance_tokens: int = 0, converted: frozenset[str] = frozenset()) -> Plan:
     """The plan for a run as the CLI describes it. `vram` counts the whole card (the CUDA context comes off it);
     `ram` is what the run may use. Missing budgets come from the device (`cuda:1`: device 1); `ram` is ignored on
     cuda. `budget` = (bytes, headroom) as `usable_budget` gave them earlier, instead of asking again. With tensor
     tables, `quant` / `text_quant` are the files' labels (PlanRequest). `encode`: an init image is encoded first.
     `adapter_tensors`: the LoRAs' side paths on the DiT (loras.py `Loras.table`). `enhance_tokens`: plan the prompt
-    enhancer's stage first, for that context. `int8_compute`: the tables' int8 rows are converted at load."""
+    enhancer's stage first, for that context. `converted`: as PlanRequest's."""
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
             raise OptionError(f"--preset {preset_or_config!r}: use one of {', '.join(PRESETS)}")
@@ -437,4 +439,4 @@ def plan_for(preset_or_config: str | ModelConfig, quant: str, width: int, height
         cfg=cfg, device=device, dtype=resolve_dtype(dtype, device), caption_tokens=caption_tokens,
         headroom=headroom, model_name=name, dit_tensors=dit_tensors, text_tensors=text_tensors,
         keep_loaded=keep_loaded, encode=encode, adapter_tensors=adapter_tensors, control=control,
-        enhance_tokens=enhance_tokens, int8_compute=int8_compute))
+        enhance_tokens=enhance_tokens, converted=converted))

@@ -29,7 +29,7 @@ class NoFit(Exception):
 @dataclass(frozen=True)
 class BlockCost:
     name: str
-    device: int  # bytes while held on the device (or in a slot, or a pinned chunk)
+    device: int  # bytes while held resident on the device (a GPU's slot or pinned chunk too: `in_slot`)
     moved: int  # bytes copied (cuda) or read from the memory map (cpu) each time it streams
     slot: int = 0  # bytes while held streamed, when more than `device` (sizes.BlockBytes.streaming)
 

@@ -202,7 +202,7 @@ def format_rank(fmt: str, cfg: DiTConfig | None = None) -> float:
 @dataclass(frozen=True)
 class BlockBytes:
     name: str
-    held: int  # while placed (on the device, in a slot or a pinned chunk): packed or cast, each tensor aligned
+    held: int  # while placed resident (on the device, or as a GPU's slot or pinned chunk): packed or cast, aligned
     stored: int  # as the file stores it: what a streamed block reads from the memory map on the CPU
     adapters: int = 0  # its LoRA side paths (in the compute dtype, each tensor aligned), not in `held`
     streaming: int = 0  # while placed as a streamed block, when more than `held` (the CPU: int8 weights' file pages
