@@ -28,7 +28,7 @@ from torch import nn
 
 from ..models.layers import Resident
 from .devices import Device
-from .memory import aligned, pinned_layout
+from .memory import FileViews, aligned, pinned_layout
 from .residency import STREAM_SLOTS
 from .units import format_size
 
@@ -257,7 +257,10 @@ class Streamer:
 
 
 class LazyBlocks(Resident):
-    """CPU streaming: streamed blocks are materialised from the checkpoint just before use and dropped after."""
+    """CPU streaming: streamed blocks are materialised from the checkpoint just before use and dropped after, with
+    the file's pages they viewed (memory.FileViews): the map outlives the block, and each block read through it
+    would otherwise stay resident until the stage ends (the full-size Q4_K_M DiT at 256x256 under --ram 3GB, 32 of
+    34 blocks streamed: 7.32-7.56 GiB RSS against a 2.32 GiB plan)."""
 
     def __init__(self, blocks: Sequence[nn.Module], streamed: Sequence[bool],
                  materialize: Callable[[nn.Module], None]) -> None:
@@ -276,6 +279,9 @@ class LazyBlocks(Resident):
                 self.materialize(block)
                 yield block
             finally:
+                views = FileViews()
+                for t in (*block.parameters(), *block.buffers()):
+                    views.release(t)
                 block.to("meta")  # drop the weights: the next streamed block reuses the memory
 
     def close(self) -> None:
