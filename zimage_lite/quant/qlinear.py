@@ -202,10 +202,11 @@ def prepare_resident(model: nn.Module) -> int:
     weights' memory (runtime/sizes.py counts the copy alone); a weight converted at load (--int8-compute) stays.
     Streamed blocks' weights (on `meta`) make theirs at each use; the prompt enhancer's unpacked layers (which never
     run QLinear) are not placed through here. Returns the bytes of file pages handed back."""
-    views, released = FileViews(), 0
+    views, released = None, 0
     for m in model.modules():
         if isinstance(m, QLinear) and isinstance(m.qtype, Int8Rows) and m.weight.device.type == "cpu":
             if m._packed(m._route()) is not None:  # one weight at a time: its pages and its copy never all at once
+                views = views or FileViews()  # the maps read once, and only for a model with copies
                 released += views.release(m.weight)
     return released
 

@@ -231,8 +231,7 @@ class FileMap:
 def file_maps(detail: bool = False) -> list[FileMap]:
     """This process's memory maps of files, from /proc (empty elsewhere). `detail`: read /proc/self/smaps (~8 ms)
     to tell a private map whose pages were written to (its copy-on-write copies: Anonymous or Swap > 0); else
-    /proc/self/maps
-    (~0.5 ms), where only a shared writable map counts as written."""
+    /proc/self/maps (~0.5 ms), where only a shared writable map counts as written."""
     if not RELEASES_FILE_PAGES:
         return []
     try:
@@ -258,10 +257,14 @@ def file_maps(detail: bool = False) -> list[FileMap]:
     return maps
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _dontneed(lo: int, hi: int) -> bool:
     """Whether the kernel took the advice."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
+    return _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
 
 
 def release_pages(root: Path) -> None:
