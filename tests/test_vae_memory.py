@@ -9,11 +9,10 @@ after frees; the report of issue 9 gives those figures.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
-from fixtures import allocated_peak, resident_bytes_of
+from fixtures import allocated_peak
 
 from zimage_lite.config import DEMO
 from zimage_lite.models.vae import AutoencoderDecoder, decode_memory
@@ -129,19 +128,3 @@ def test_cuda_decode_allocates_what_the_count_says(tile):
     assert allocated <= counted.device
     assert (counted.host > 0) == (tile is not None)
     assert float((got.cuda() - whole).abs().max() / whole.abs().max()) <= 8e-6  # tiled: rounding only
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux: resident pages per mapping")
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_a_vae_cast_at_load_leaves_no_file_pages_resident(tiny_model, dtype):
-    """The VAE file stores bf16 (as the checkpoint does): loaded in fp32 every tensor is a copy and the file's pages
-    leave the process's RSS (the plan counts the copies only); loaded in bf16 the tensors are the file's pages."""
-    import zimage_lite
-
-    pipe = zimage_lite.load(tiny_model, device="cpu", dtype=dtype)
-    [vae_file] = (tiny_model / "vae").glob("*.safetensors")
-    decoder = pipe._load("vae")
-    weights = sum(p.numel() * p.element_size() for p in decoder.parameters())
-    resident = resident_bytes_of(vae_file)
-    pipe._release("vae")
-    assert resident == 0 if dtype == "fp32" else resident >= weights // 2

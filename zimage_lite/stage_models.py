@@ -14,10 +14,9 @@ import torch
 
 from .components import REGISTRY
 from .loras import Loras
-from .quant.formats import FLOAT_TYPES
 from .quant.qlinear import prepare_resident, release_scratch
 from .runtime import plan
-from .runtime.memory import release_pages, trim_host
+from .runtime.memory import trim_host
 from .runtime.numerics import finite, nonfinite_error
 from .runtime.placement import place
 from .runtime.sizes import TensorTable, layout, recipe_label, source_table
@@ -26,8 +25,6 @@ from .weights.components import ModelFiles, open_component
 from .weights.gguf_source import GGUFSource
 from .weights.load import load_module
 from .weights.sources import TensorSource
-
-_STORED = {dtype: qtype.name for qtype, dtype in FLOAT_TYPES.items()}  # torch dtype -> the type stored without a cast
 
 
 class StageModels:
@@ -113,18 +110,11 @@ class StageModels:
 
     def _load_vae_part(self, model: torch.nn.Module, label: str) -> torch.nn.Module:
         """The VAE's decoder or encoder (on `meta`) loaded in the VAE's dtype. Cast from a file stored in another
-        float type (fp32 from the checkpoint's bf16) or moved to a GPU, its tensors are copies: the file's pages they
-        were read from then leave the process's RSS (from every mapping of the file here), as the plan counts the
-        copies only (full size at 512x512, fp32: the decode stage measured 1.237 GiB above the baseline against
-        1.186 planned, the decoder's bf16 pages, 0.09 GiB, resident beside its fp32 copy; 1.090 with them gone).
-        Tensors stored in the VAE's dtype, or packed (a GGUF VAE's quantized linears), are views of those pages."""
-        src = self._open("vae")[1]
-        model = load_module(model, src, self.vae_dtype, self.device, label)
-        views = any(t == _STORED[self.vae_dtype] or t not in _STORED.values()
-                    for _, t in self.tensor_table("vae").values())
-        if self.device.type != "cpu" or not views:
-            release_pages(src.path)
-        return model
+        float type (fp32 from the checkpoint's bf16) or moved to a GPU, its tensors are copies, and load_module hands
+        the file's pages under them back (full size at 512x512, fp32: the decode stage measured 1.237 GiB above the
+        baseline against 1.186 planned with the decoder's bf16 pages, 0.09 GiB, resident beside its fp32 copy; 1.090
+        with them gone). Tensors stored in the VAE's dtype, or packed (a GGUF VAE's quantized linears), are views."""
+        return load_module(model, self._open("vae")[1], self.vae_dtype, self.device, label)
 
     def _release(self, which: str) -> None:
         """The end of a stage: unmap its files; free the component (its pinned host chunks first) and the

@@ -150,6 +150,28 @@ def reused_heap(device: torch.device | str = "cpu") -> Iterator[None]:
                 trim_host()
 
 
+@contextmanager
+def own_mappings() -> Iterator[None]:
+    """Within a `reused_heap` forward, for memory held longer than the activations around it and freed all at once:
+    large host blocks get their own mappings again, unmapped when freed. A CPU-streamed block's weights cast at each
+    use (the DiT's bf16 refiners as fp32 copies, 0.67 GiB) otherwise leave a hole in the heap when the block is
+    dropped that the next blocks' smaller buffers only partly fill: the rest stays resident, above the plan (full-size
+    Q4_K_M DiT at 256x256, --ram 3GB: 0.74 GiB of freed heap resident through the step). Outside a forward, or
+    without glibc, nothing changes."""
+    libc = glibc()
+    with _heap_lock:
+        inside = libc is not None and _heap_users > 0
+        if inside:
+            libc.mallopt(M_MMAP_MAX, _environment_setting(M_MMAP_MAX))
+    try:
+        yield
+    finally:
+        if inside:
+            with _heap_lock:
+                if _heap_users > 0:
+                    libc.mallopt(M_MMAP_MAX, 0)
+
+
 @functools.cache
 def glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has mallopt and malloc_trim); None elsewhere (musl, macOS, Windows), whose
@@ -287,16 +309,21 @@ def release_pages(root: Path) -> None:
 
 
 class FileViews:
-    """Hands back the file pages under tensors that view a file's memory map once a copy of them is what computes
-    (oneDNN's blocked copy of an int8 weight: quant/qlinear.py `prepare_resident`). The maps are read once, when made
-    (smaps: a map with any page written to is left alone, as MADV_DONTNEED would drop the written copy); only whole
-    pages inside a tensor go (its first and last may hold a neighbour in use). Whatever reads the tensor later gets
-    its pages again from the page cache: the tensor stays valid. Short-lived: made for one pass over a placed model,
-    as a map unmapped later could leave its addresses to anonymous memory."""
+    """Hands back the file pages under tensors that view a file's memory map once a copy of them is what computes:
+    a weight cast at load (weights/load.py), a streamed block dropped after use (streamer.py), oneDNN's blocked copy
+    of an int8 weight (quant/qlinear.py `prepare_resident`). The maps are read from smaps (~8 ms) when made, and again
+    when a tensor lies in a file map mapped since (a source maps each file at its first read): a map with any page
+    written to is left alone, as MADV_DONTNEED would drop the written copy. Only whole pages inside a tensor go (its
+    first and last may hold a neighbour in use). Whatever reads the tensor later gets its pages again from the page
+    cache: the tensor stays valid. Short-lived: made for one load or one pass over a placed model, as a map unmapped
+    later could leave its addresses to anonymous memory."""
 
     def __init__(self) -> None:
-        self.maps = [m for m in file_maps(detail=True) if not m.written]
+        self.maps = file_maps(detail=True)
         self.page = mmap.PAGESIZE
+
+    def _map_of(self, lo: int, hi: int) -> FileMap | None:
+        return next((m for m in self.maps if m.start <= lo and hi <= m.end), None)
 
     def release(self, t: torch.Tensor) -> int:
         """Bytes of `t` (contiguous, on the CPU) handed back: 0 when it is not inside an unwritten file map."""
@@ -305,6 +332,12 @@ class FileViews:
         if t.device.type != "cpu" or not t.is_contiguous():
             return 0
         first, last = -(-lo // self.page) * self.page, hi // self.page * self.page
-        if last <= first or not any(m.start <= lo and hi <= m.end for m in self.maps):
+        if last <= first:
+            return 0
+        found = self._map_of(lo, hi)
+        if found is None and any(m.start <= lo and hi <= m.end for m in file_maps()):  # mapped since (~0.5 ms)
+            self.maps = file_maps(detail=True)
+            found = self._map_of(lo, hi)
+        if found is None or found.written:
             return 0
         return last - first if _dontneed(first, last) else 0

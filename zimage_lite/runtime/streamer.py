@@ -28,7 +28,7 @@ from torch import nn
 
 from ..models.layers import Resident
 from .devices import Device
-from .memory import FileViews, aligned, pinned_layout
+from .memory import FileViews, aligned, own_mappings, pinned_layout
 from .residency import STREAM_SLOTS
 from .units import format_size
 
@@ -104,12 +104,15 @@ class Streamer:
         self.pageable_bytes = 0  # host bytes that could not be pinned (see PageableMemoryWarning)
         self._stopped = self._running = self._closed = False
         sizes: list[int] = []
+        # for this placement only: a block loaded as views of its file's map hands those pages back once packed
+        self._views = FileViews() if any(streamed) else None
         self._count = sum(bool(x) for x in streamed)  # pinned_layout sizes the chunks for this many blocks
         for block, stream in zip(self.order, streamed, strict=True):
             if stream:
                 if load is not None:
                     load(block)
                 self._pack(block, sizes)
+        self._views = None
         if self.pageable_bytes:
             warnings.warn(PageableMemoryWarning(
                 f"could not pin {format_size(self.pageable_bytes)} of host memory for streamed blocks; using pageable "
@@ -126,7 +129,7 @@ class Streamer:
     # ---- packing: the host side ---------------------------------------------------------------------------------
     def _pack(self, block: nn.Module, sizes: list[int]) -> None:
         """Copy a loaded block into its place in the chunks (opening a chunk when pinned_layout does); the block
-        then points there and the memory it was loaded into is freed."""
+        then points there and the memory it was loaded into is freed, or handed back to its file's map."""
         layout, size = _layout(block)
         sizes.append(size)
         places, chunk_bytes = pinned_layout(sizes, self._count)
@@ -135,8 +138,11 @@ class Streamer:
         chunk, offset = places[-1]
         host = self.chunks[chunk][offset:offset + size]
         for t in layout:
-            host[t.offset:t.offset + t.nbytes].copy_(_bytes_of(getattr(t.owner, t.leaf)))
+            loaded = getattr(t.owner, t.leaf)
+            host[t.offset:t.offset + t.nbytes].copy_(_bytes_of(loaded))
             t.point_into(host)
+            if self._views is not None:
+                self._views.release(loaded)
         self.layout[id(block)], self.host[id(block)] = layout, host
 
     def _host_chunk(self, nbytes: int) -> torch.Tensor:
@@ -276,7 +282,8 @@ class LazyBlocks(Resident):
                 yield block
                 continue
             try:
-                self.materialize(block)
+                with own_mappings():  # the block's copies go with it, not into the forward's heap
+                    self.materialize(block)
                 yield block
             finally:
                 views = FileViews()

@@ -2,8 +2,13 @@
 
 Each tensor is read, checked against the shape the config implies, cast and assigned in place of the meta
 parameter, so the peak is one tensor above the result: the official DiT, stored in fp32 (24.6 GB), never exists
-twice. Source names are official names (name translation happens in the source, see names.py); tensors the model
-does not use (the text encoder's last layer and final norm, ComfyUI's `norm_final`) are never read.
+twice. A tensor that is a view of its file's memory map and gets copied (cast to the compute dtype, moved to a GPU)
+hands the map's pages under it back right after (runtime/memory.py `FileViews`): the plan counts the copy alone,
+and the map lives until the stage ends (full-size Q4_K_M DiT, --ram 3GB on the CPU: its bf16 refiner blocks' pages,
+1.35 GiB, stayed resident beside their fp32 copies through every step).
+
+Source names are official names (name translation happens in the source, see names.py); tensors the model does not
+use (the text encoder's last layer and final norm, ComfyUI's `norm_final`) are never read.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ShapeError
 from ..quant.qlinear import QEmbedding, QLinear, QTensor, packed_module
+from ..runtime.memory import FileViews
 from .sources import TensorSource
 
 PACKED = (QLinear, QEmbedding)
@@ -55,6 +61,7 @@ def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, dev
     # The modules a model keeps on the host (HOST_ONLY: Qwen3's embedding table) keep their stored float dtype: the
     # forward casts only the rows it looks up, so the table stays a view of the file, not a copy (1.6 GB in fp32).
     as_stored = tuple(f"{m}." for m in getattr(module, "HOST_ONLY", ()))
+    views: FileViews | None = None  # the maps read at the first copy, and only if there is one
     for name in names:
         current = state[name]
         owner_name, _, leaf = name.rpartition(".")
@@ -75,5 +82,9 @@ def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, dev
         elif name.startswith(as_stored):
             owner._parameters[leaf] = nn.Parameter(t.to(device=device), requires_grad=False)
             continue
-        owner._parameters[leaf] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
+        loaded = t.to(device=device, dtype=dtype)
+        owner._parameters[leaf] = nn.Parameter(loaded, requires_grad=False)
+        if loaded is not t:  # a copy: the pages it was read from are no longer used
+            views = views or FileViews()
+            views.release(t)
     return module.eval().requires_grad_(False)
