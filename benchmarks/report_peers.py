@@ -34,9 +34,14 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
             ratios = ", ".join(f"{a / b:.2f}" if a else "n/a" for a, b in pairs)  # n/a: a figure not measured
             ratios += f" (vs its {other['quant']})" if other["quant"] != r["quant"] else ""
         files = r["dit_file"] + (f" + {r['text_encoder_file']}" if r.get("text_encoder_file") else "")
+        mark = "*" if r["impl"] != "stable-diffusion.cpp" and not r.get("loads_apart") else ""
         out.append(f"| {r['round']} | {r['impl']} | {files} | {r['dtype']} | {r['load_seconds']:.0f} | "
-                   f"{r['text_encoder_seconds']:.1f} | {step:.1f} | {r['vae_seconds']:.1f} | {whole:.0f} | "
+                   f"{r['text_encoder_seconds']:.1f}{mark} | {step:.1f} | {r['vae_seconds']:.1f}{mark} | {whole:.0f} | "
                    f"{whole + (8 - steps) * step:.0f} | {gib_cell(r['peak_rss_bytes'])} | {rate} | {ratios} |")
+    if any(r["impl"] != "stable-diffusion.cpp" and not r.get("loads_apart") for r in rows):
+        out += ["", "\\*: placing the text encoder's (the VAE's) weights included, as our runs measured before "
+                "benchmarks/sdcpp.py took it out (`Event.load_seconds`); sd.cpp's log times each stage without "
+                "loading, which it does first for every model."]
     loads = [f"{r['load_average_before']:.1f}-{r['load_average_after']:.1f}" for r in rows
              if "load_average_before" in r]
     if loads:

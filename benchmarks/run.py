@@ -239,6 +239,7 @@ def _pipeline(spec: dict, device: torch.device) -> dict:
     for e in pipe.generate(PROMPT, width=spec["width"], height=spec["height"], steps=spec["steps"], seed=0):
         now = time.perf_counter()
         events.append({"stage": e.stage, "step": e.step, "seconds": e.seconds, "wall_seconds": now - last,
+                       "load_seconds": e.load_seconds,
                        "tokens": e.info.get("tokens"), **memory_figures(device)})
         reset_peak(host)  # the next event's host peak starts here
         last = time.perf_counter()

@@ -9,20 +9,21 @@
 
 Both read the very files our `zimage-lite quantize` wrote into the benchmark cache (benchmarks/run.py's
 `weights_file`: the DiT as `--quant`, the Qwen3 text encoder as Q4_K_M unless `--te` names another for that label)
-and the random Turbo checkpoint's VAE; same
-prompt, size, step count, seed and threads. Each run is a fresh process under GNU time (peak RSS); runs follow the
-order of `--runs` (ours and sd.cpp alternating), so both see the same machine drift. Our per-stage seconds come from
-the pipeline's events (run.py's `pipeline` worker); sd.cpp's from its log: the text encoder (`get_learned_condition`),
-each step (from its progress line's running mean), the VAE (`decode_first_stage`) and loading. sd-cli is built once
-(CPU, native) from the sdist of stable-diffusion-cpp-python (`pip download --no-binary :all: --no-deps
-stable-diffusion-cpp-python==0.4.7`), unpacked into CACHE/sdcpp: `cmake -S <sdist>/vendor/stable-diffusion.cpp -B
-CACHE/sdcpp/build -DCMAKE_BUILD_TYPE=Release && cmake --build CACHE/sdcpp/build --target sd-cli` (or `--sdcpp`).
-Ours tokenizes with Qwen's own merges, rebuilt from that sdist (benchmarks/qwen_tokenizer.py), and both wrap the
-prompt in the same chat template: both encode the same tokens (`--tokenizer checkpoint`: the random checkpoint's
-small tokenizer instead, 2.5x the tokens). Before each run the three files are read once (`warm_files`), so that
-neither pays a disk read: ours maps its files and reads their pages as a stage first touches them (a cold text
-encoder file put 4 s of disk reads into our text-encoder stage), sd.cpp reads them while loading. `--preset demo
---runs ours:Q4_K_M:fp32` is a seconds-long smoke run of ours (tests/test_sdcpp_log.py).
+and the random Turbo checkpoint's VAE; same prompt, size, step count, seed and threads. Each run is a fresh process
+under GNU time (peak RSS); runs follow the order of `--runs` (ours and sd.cpp alternating), so both see the same
+machine drift. Our per-stage seconds come from the pipeline's events (run.py's `pipeline` worker), without placing
+the stage's weights (`Event.load_seconds`, counted as loading: sd.cpp loads every model before its first stage);
+sd.cpp's from its log: the text encoder (`get_learned_condition`), each step (from its progress line's running mean),
+the VAE (`decode_first_stage`) and loading. sd-cli is built once (CPU, native) from the sdist of
+stable-diffusion-cpp-python (`pip download --no-binary :all: --no-deps stable-diffusion-cpp-python==0.4.7`), unpacked
+into CACHE/sdcpp: `cmake -S <sdist>/vendor/stable-diffusion.cpp -B CACHE/sdcpp/build -DCMAKE_BUILD_TYPE=Release &&
+cmake --build CACHE/sdcpp/build --target sd-cli` (or `--sdcpp`). Ours tokenizes with Qwen's own merges, rebuilt from
+that sdist (benchmarks/qwen_tokenizer.py), and both wrap the prompt in the same chat template: both encode the same
+tokens (`--tokenizer checkpoint`: the random checkpoint's small tokenizer instead, 2.5x the tokens). Before each run
+the three files are read once (`warm_files`), so that neither pays a disk read: ours maps its files and reads their
+pages as a stage first touches them (a cold text encoder file put 4 s of disk reads into our text-encoder stage),
+sd.cpp reads them while loading. `--preset demo --runs ours:Q4_K_M:fp32` is a seconds-long smoke run of ours
+(tests/test_sdcpp_log.py).
 """
 
 from __future__ import annotations
@@ -132,13 +133,14 @@ def run_ours(folder: Path, files: dict, dtype: str, size: tuple[int, int], steps
     r = child([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--worker", json.dumps(spec)])
     events = r.pop("events")
     tokens = next((e["tokens"] for e in events if e.get("tokens")), None)
-    seconds = {stage: [e["seconds"] for e in events if e["stage"] == stage] for stage in ("encoded", "step",
-                                                                                          "decoded")}
-    loading = r["open_seconds"] + sum(e["wall_seconds"] - e["seconds"] for e in events)
+    # a stage's seconds without placing its weights, as sd.cpp's log times them (it loads every model first)
+    seconds = {stage: [e["seconds"] - e["load_seconds"] for e in events if e["stage"] == stage]
+               for stage in ("encoded", "step", "decoded")}
+    loading = r["open_seconds"] + sum(e["wall_seconds"] - e["seconds"] + e["load_seconds"] for e in events)
     # the pipeline worker resets the kernel's peak RSS at every event (per-stage peaks), and GNU time reports the
     # peak since the last reset: the run's peak is the largest of the events' peaks
     peak = max(r["peak_rss_bytes"], r["host_peak_bytes"])
-    return {"total_seconds": r["total_seconds"], "peak_rss_bytes": peak, "load_seconds": loading,
+    return {"total_seconds": r["total_seconds"], "peak_rss_bytes": peak, "load_seconds": loading, "loads_apart": True,
             "text_encoder_seconds": sum(seconds["encoded"]), "step_times": seconds["step"],
             "sampling_seconds": sum(seconds["step"]), "vae_seconds": sum(seconds["decoded"]),
             "tokens": tokens, "dit_step_flops": dit_step_flops(PRESETS[preset].dit, size, tokens) if tokens else None,

@@ -84,7 +84,8 @@ def _row(impl: str, quant: str, step: float, rss: int) -> dict:
 
 
 def test_report_puts_ours_beside_sdcpp_on_the_same_file_and_the_roofs():
-    ours = {**_row("zimage-lite", "Q4_K_M", 50.0, 2**30), "dit_step_flops": 5e12, "tokens": 44, "tokenizer": "qwen"}
+    ours = {**_row("zimage-lite", "Q4_K_M", 50.0, 2**30), "dit_step_flops": 5e12, "tokens": 44, "tokenizer": "qwen",
+            "loads_apart": True}
     rows = [ours, _row("stable-diffusion.cpp", "Q4_K_M", 100.0, 2**31),
             {"component": "roofs", "route": "fp32 F.linear", "shape": [4, 8, 16], "threads": 2, "gflops": 100.0,
              "gflops_median": 90.0, "command": "python benchmarks/roofs.py", "date": "2026-12-02",
@@ -104,8 +105,9 @@ def test_report_puts_ours_beside_sdcpp_on_the_same_file_and_the_roofs():
     # a format sd.cpp cannot run on the CPU is set beside sd.cpp's Q8_0 and says so
     convrot = {**_row("zimage-lite", "int8-convrot", 25.0, 2**30), "dit_file": "c.safetensors"}
     md = render([convrot, _row("stable-diffusion.cpp", "Q8_0", 100.0, 2**31)])
-    assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0 | 25.0 | 20.0 | 85 | 235 | 1.00 |  | " \
+    assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0* | 25.0 | 20.0* | 85 | 235 | 1.00 |  | " \
            "1.00, 0.25, 1.00, 0.36, 0.50 (vs its Q8_0) |" in md
+    assert "\\*: placing the text encoder's (the VAE's) weights included" in md  # a row measured before the split
 
 
 @pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="the harness measures peak RSS with GNU time")
@@ -145,3 +147,27 @@ def test_dit_step_flops_counts_the_blocks_linears_and_attention():
     image, text = (256 // 16) ** 2, -(-tokens // pad) * pad
     attention = 4 * cfg.dim * (cfg.n_layers * (image + text) ** 2 + cfg.n_refiner_layers * (image ** 2 + text ** 2))
     assert linear > 0 and dit_step_flops(cfg, (256, 256), tokens) == linear + attention
+
+
+def test_our_stage_seconds_say_which_part_placed_the_weights(monkeypatch):
+    """sd.cpp's log times its text encoder and VAE without loading them (it loads every model first); ours places
+    each stage's weights inside the stage: `Event.load_seconds` says how much of `seconds` that was, and
+    benchmarks/sdcpp.py counts it as loading. A placement slowed by 0.3 s shows up there and nowhere else."""
+    import time
+
+    import zimage_lite
+
+    pipe = zimage_lite.load("demo", device="cpu", dtype="fp32")
+    load = pipe._load
+
+    def slow(which):
+        if which not in pipe._models:
+            time.sleep(0.3)
+        return load(which)
+
+    monkeypatch.setattr(pipe, "_load", slow)
+    events = {e.stage: e for e in pipe.generate("a fox", width=128, height=128, steps=1, seed=0)}
+    for stage in ("encoded", "decoded"):
+        e = events[stage]
+        assert 0.3 <= e.load_seconds < e.seconds and e.seconds - e.load_seconds < 0.3, (stage, e)
+    assert events["step"].load_seconds == 0.0  # the DiT is placed before the step's clock starts

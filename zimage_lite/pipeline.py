@@ -86,6 +86,9 @@ class Event:
     image: Image.Image | None = None
     info: dict[str, Any] = field(default_factory=dict)
     denoised: torch.Tensor | None = None  # step events: the denoised estimate x0 = x_t - sigma_t * v (preview.py)
+    # of `seconds`, the part spent placing the stage's weights (encoded: the text encoder's, decoded: the VAE's;
+    # the DiT is placed before its first step, outside every step's seconds)
+    load_seconds: float = 0.0
     @cached_property
     def preview(self) -> Image.Image | None:
         """Step events: a small RGB preview of `denoised` (half the image's size), made when first read."""
@@ -342,11 +345,13 @@ class ZImagePipeline(StageModels):
                         info={**params, "start": 0, "notes": ()})
         t0 = time.perf_counter()
         reset_peak(self.device)
+        self._load("text_encoder")
+        loaded = time.perf_counter() - t0
         feats, cut = self._encode(tokens), tokens.truncated_from
         neg_feats = self._encode(neg_tokens) if use_cfg else None
         self._release("text_encoder")
         yield Event("encoded", seconds=time.perf_counter() - t0, peak_bytes=peak_bytes(self.device),
-                    info={**params, "tokens": feats.shape[0], "truncated_from": cut})
+                    info={**params, "tokens": feats.shape[0], "truncated_from": cut}, load_seconds=loaded)
 
         dit = forward = self._load("dit")
         if ctrl is not None:
@@ -386,12 +391,15 @@ class ZImagePipeline(StageModels):
         reset_peak(self.device)
         vae_plan = self.plan.stage("vae")
         tile = vae_plan.tile if vae_plan.tiled else None
-        decoded = self._load("vae").decode(latents, tile=tile)[0]
+        vae = self._load("vae")
+        loaded = time.perf_counter() - t0
+        decoded = vae.decode(latents, tile=tile)[0]
+        del vae
         self._check_finite("vae", decoded)  # to_pil would turn NaN into black, silently
         image = to_pil(decoded)
         self._release("vae")
         yield Event("decoded", steps - start, steps - start, time.perf_counter() - t0, peak_bytes(self.device), latents,
-                    image, params)
+                    image, params, load_seconds=loaded)
 
     def _encode_image(self, init: InitImage, width: int, height: int, generator: torch.Generator) -> torch.Tensor:
         """The init image's latents (1, C, h, w) in fp32 on the CPU, a sample of the VAE posterior drawn from
