@@ -191,3 +191,40 @@ def test_each_dit_forward_on_the_cpu_reuses_the_heap(tiny_model, monkeypatch):
     events = list(zimage_lite.load(tiny_model, device="cpu", dtype="fp32").generate("x", width=64, height=64,
                                                                                      steps=3, seed=1))
     assert len(entered) == 3 and [e.stage for e in events].count("step") == 3
+
+
+def test_own_mappings_hold_until_the_last_block_read_in_them_is_done(monkeypatch):
+    """Two threads reading streamed blocks at once (two pipelines): the first to finish must not turn mappings off
+    under the other, whose copies would land in the forward's heap again; and a forward starting while a block is
+    read leaves mappings on until that read ends."""
+    from contextlib import ExitStack
+
+    from zimage_lite.runtime import memory
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            pass
+
+    monkeypatch.setattr(memory, "glibc", FakeLibc)
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    mmap_max = memory.M_MMAP_MAX
+    with reused_heap():
+        first, second = ExitStack(), ExitStack()
+        first.enter_context(own_mappings())
+        second.enter_context(own_mappings())
+        first.close()
+        assert calls[-1] == (mmap_max, 65536)  # still on: the second read goes on
+        second.close()
+        assert calls[-1] == (mmap_max, 0)
+    calls.clear()
+    with own_mappings():  # a read outside any forward changes nothing ...
+        assert calls == []
+        with reused_heap():  # ... and a forward starting meanwhile leaves mappings on until it ends
+            assert (mmap_max, 0) not in calls
+        assert (mmap_max, 0) not in calls

@@ -209,3 +209,38 @@ def test_a_weight_cast_at_load_hands_back_its_files_pages(tmp_path, dtype):
     else:  # measured 16 KiB: the header's page and the weights' edge pages (6.3 MiB with the release removed)
         assert resident <= 2 * len(weights) * mmap.PAGESIZE + mmap.PAGESIZE, resident
     source.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_packed_weight_moved_off_the_host_hands_back_its_files_pages(tmp_path, device):
+    """A quantized Linear stays packed: on the CPU its weight is a view of the GGUF's map (its pages stay, read at each
+    use); moved to another device (a GPU; `meta` stands in for one here) it is a copy, and the file's pages under it
+    leave RSS as it is made (a GGUF VAE on a GPU kept them until its stage ended)."""
+    import gguf
+    from fixtures import resident_bytes_of
+
+    from zimage_lite.weights.load import load_module
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "test")
+    q = gguf.quants.quantize(np.random.default_rng(0).standard_normal((1024, 2048), dtype=np.float32),
+                             gguf.GGMLQuantizationType.Q8_0)  # 2.1 MiB packed
+    writer.add_tensor("0.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(2048, 1024, bias=False))
+    source = GGUFSource(path)
+    assert int(source.get("0.weight").data.sum())  # faulted in, as a GPU copy reads it (`meta` copies nothing)
+    load_module(model, source, torch.float32, device, "test model")
+    assert model[0].weight.device.type == device and model[0].weight.dtype == torch.uint8  # packed, not dequantized
+    if device == "cpu":
+        assert int(model[0].weight.sum())  # read
+    resident = resident_bytes_of(path)
+    if device == "cpu":
+        assert resident >= q.nbytes  # a view: its pages are the weight
+    else:  # measured 4 KiB (the header's page); 2.2 MiB with the hand-back removed
+        assert resident <= 4 * mmap.PAGESIZE, resident
+    source.close()

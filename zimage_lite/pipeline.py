@@ -86,9 +86,11 @@ class Event:
     image: Image.Image | None = None
     info: dict[str, Any] = field(default_factory=dict)
     denoised: torch.Tensor | None = None  # step events: the denoised estimate x0 = x_t - sigma_t * v (preview.py)
-    # of `seconds`, the part spent placing the stage's weights (encoded: the text encoder's, decoded: the VAE's;
-    # the DiT is placed before its first step, outside every step's seconds)
+    # encoded and decoded: the part of `seconds` spent placing the stage's weights (the text encoder's, the VAE's).
+    # 0 elsewhere: the DiT is placed before its first step's clock starts (on the CPU its streamed blocks are read
+    # from the file inside each step); image_encoded's seconds hold placing the VAE encoder
     load_seconds: float = 0.0
+
     @cached_property
     def preview(self) -> Image.Image | None:
         """Step events: a small RGB preview of `denoised` (half the image's size), made when first read."""

@@ -113,7 +113,8 @@ class StageModels:
         float type (fp32 from the checkpoint's bf16) or moved to a GPU, its tensors are copies, and load_module hands
         the file's pages under them back (full size at 512x512, fp32: the decode stage measured 1.237 GiB above the
         baseline against 1.186 planned with the decoder's bf16 pages, 0.09 GiB, resident beside its fp32 copy; 1.090
-        with them gone). Tensors stored in the VAE's dtype, or packed (a GGUF VAE's quantized linears), are views."""
+        with them gone). On the CPU, tensors stored in the VAE's dtype, or packed (a GGUF VAE's quantized linears),
+        are views."""
         return load_module(model, self._open("vae")[1], self.vae_dtype, self.device, label)
 
     def _release(self, which: str) -> None:

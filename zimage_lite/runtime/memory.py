@@ -107,6 +107,7 @@ NO_TRIM = -1  # M_TRIM_THRESHOLD's value that turns the trimming on free off (ma
 GLIBC_DEFAULTS = {M_MMAP_MAX: ("MALLOC_MMAP_MAX_", 65536), M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", 128 * 1024)}
 _heap_lock = threading.Lock()
 _heap_users = 0  # forwards inside reused_heap now (threads may run two pipelines)
+_own_users = 0  # blocks being read inside own_mappings now: mappings stay on until the last one is read
 
 
 def _environment_setting(param: int) -> int:
@@ -137,7 +138,8 @@ def reused_heap(device: torch.device | str = "cpu") -> Iterator[None]:
     with _heap_lock:
         _heap_users += 1
         if _heap_users == 1:
-            libc.mallopt(M_MMAP_MAX, 0)
+            if _own_users == 0:
+                libc.mallopt(M_MMAP_MAX, 0)
             libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM)
     try:
         yield
@@ -158,18 +160,22 @@ def own_mappings() -> Iterator[None]:
     dropped that the next blocks' smaller buffers only partly fill: the rest stays resident, above the plan (full-size
     Q4_K_M DiT at 256x256, --ram 3GB: 0.74 GiB of freed heap resident through the step). Outside a forward, or
     without glibc, nothing changes."""
+    global _own_users
     libc = glibc()
+    if libc is None:
+        yield
+        return
     with _heap_lock:
-        inside = libc is not None and _heap_users > 0
-        if inside:
+        _own_users += 1
+        if _own_users == 1 and _heap_users > 0:
             libc.mallopt(M_MMAP_MAX, _environment_setting(M_MMAP_MAX))
     try:
         yield
     finally:
-        if inside:
-            with _heap_lock:
-                if _heap_users > 0:
-                    libc.mallopt(M_MMAP_MAX, 0)
+        with _heap_lock:
+            _own_users -= 1
+            if _own_users == 0 and _heap_users > 0:
+                libc.mallopt(M_MMAP_MAX, 0)
 
 
 @functools.cache

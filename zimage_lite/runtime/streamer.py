@@ -107,12 +107,14 @@ class Streamer:
         # for this placement only: a block loaded as views of its file's map hands those pages back once packed
         self._views = FileViews() if any(streamed) else None
         self._count = sum(bool(x) for x in streamed)  # pinned_layout sizes the chunks for this many blocks
-        for block, stream in zip(self.order, streamed, strict=True):
-            if stream:
-                if load is not None:
-                    load(block)
-                self._pack(block, sizes)
-        self._views = None
+        try:
+            for block, stream in zip(self.order, streamed, strict=True):
+                if stream:
+                    if load is not None:
+                        load(block)
+                    self._pack(block, sizes)
+        finally:
+            self._views = None
         if self.pageable_bytes:
             warnings.warn(PageableMemoryWarning(
                 f"could not pin {format_size(self.pageable_bytes)} of host memory for streamed blocks; using pageable "
@@ -282,7 +284,8 @@ class LazyBlocks(Resident):
                 yield block
                 continue
             try:
-                with own_mappings():  # the block's copies go with it, not into the forward's heap
+                with own_mappings():  # its cast copies go with it, not into the forward's heap (oneDNN's copies of
+                    # int8 weights are made at their first call, in the heap: alike from block to block, reused)
                     self.materialize(block)
                 yield block
             finally:

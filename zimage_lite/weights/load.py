@@ -62,21 +62,31 @@ def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, dev
     # forward casts only the rows it looks up, so the table stays a view of the file, not a copy (1.6 GB in fp32).
     as_stored = tuple(f"{m}." for m in getattr(module, "HOST_ONLY", ()))
     views: FileViews | None = None  # the maps read at the first copy, and only if there is one
+    off_host = torch.device(device).type != "cpu"  # packed weights stay views on the CPU, and are copies elsewhere
+
+    def hand_back(read: torch.Tensor) -> None:
+        nonlocal views
+        views = views or FileViews()
+        views.release(read)
+
     for name in names:
         current = state[name]
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         shape = owner.shape if isinstance(owner, PACKED) and leaf == "weight" else current.shape
         t = load_tensor(source, name, shape)
+        read = t.data if isinstance(t, QTensor) else t  # what views the file's map, when anything does
         if isinstance(t, QTensor):
-            if isinstance(owner, PACKED) and leaf == "weight":  # loading again into a block streamed before
-                owner.assign(t, device)
-                continue
-            packed = packed_module(owner, t) if leaf == "weight" and owner_name else None
-            if packed is not None:
-                packed.assign(t, device)
-                parent, _, child = owner_name.rpartition(".")
-                setattr(module.get_submodule(parent) if parent else module, child, packed)
+            into = owner if isinstance(owner, PACKED) and leaf == "weight" else None  # a streamed block, again
+            if into is None and leaf == "weight" and owner_name:
+                into = packed_module(owner, t)
+                if into is not None:
+                    parent, _, child = owner_name.rpartition(".")
+                    setattr(module.get_submodule(parent) if parent else module, child, into)
+            if into is not None:
+                into.assign(t, device)
+                if off_host:
+                    hand_back(read)
                 continue
             t = t.dequantize(torch.float32)
         elif name.startswith(as_stored):
@@ -84,7 +94,6 @@ def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, dev
             continue
         loaded = t.to(device=device, dtype=dtype)
         owner._parameters[leaf] = nn.Parameter(loaded, requires_grad=False)
-        if loaded is not t:  # a copy: the pages it was read from are no longer used
-            views = views or FileViews()
-            views.release(t)
+        if loaded is not read:  # a copy: the pages it was read from are no longer used
+            hand_back(read)
     return module.eval().requires_grad_(False)
