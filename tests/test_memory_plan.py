@@ -139,10 +139,9 @@ def test_a_stage_end_hands_back_mkls_gemm_buffers():
     assert before > 2**20 and held_bytes(ctypes.byref(buffers)) == 0 and buffers.value == 0
 
 
-def test_reused_heap_keeps_freed_pages_inside_and_restores_glibc_after(monkeypatch):
-    """Inside, no trimming on free (a freed block at the heap's top keeps its pages; whether it lies at the top
-    depends on the heap's layout: asserted on the settings); after, both settings are glibc's defaults or what the
-    environment set."""
+def _glibc_calls(monkeypatch) -> list:
+    """The mallopt and malloc_trim calls memory.py makes from now on, into a fake C library: (param, value) and
+    ("trim", pad)."""
     from zimage_lite.runtime import memory
 
     calls = []
@@ -156,6 +155,16 @@ def test_reused_heap_keeps_freed_pages_inside_and_restores_glibc_after(monkeypat
             calls.append(("trim", pad))
 
     monkeypatch.setattr(memory, "glibc", FakeLibc)
+    return calls
+
+
+def test_reused_heap_keeps_freed_pages_inside_and_restores_glibc_after(monkeypatch):
+    """Inside, no trimming on free (a freed block at the heap's top keeps its pages; whether it lies at the top
+    depends on the heap's layout: asserted on the settings); after, both settings are glibc's defaults or what the
+    environment set."""
+    from zimage_lite.runtime import memory
+
+    calls = _glibc_calls(monkeypatch)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4194304")
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     with reused_heap():
@@ -201,17 +210,7 @@ def test_own_mappings_hold_until_the_last_block_read_in_them_is_done(monkeypatch
 
     from zimage_lite.runtime import memory
 
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, param, value):
-            calls.append((param, value))
-            return 1
-
-        def malloc_trim(self, pad):
-            pass
-
-    monkeypatch.setattr(memory, "glibc", FakeLibc)
+    calls = _glibc_calls(monkeypatch)
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     mmap_max = memory.M_MMAP_MAX
     with reused_heap():
