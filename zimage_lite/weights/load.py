@@ -1,11 +1,11 @@
 """Filling a model built on the `meta` device from a lazy tensor source, one tensor at a time.
 
-Each tensor is read, checked against the shape the config implies, cast and assigned in place of the meta
-parameter, so the peak is one tensor above the result: the official DiT, stored in fp32 (24.6 GB), never exists
-twice. A tensor that is a view of its file's memory map and gets copied (cast to the compute dtype, moved to a GPU)
-hands the map's pages under it back right after (runtime/memory.py `FileViews`): the plan counts the copy alone,
-and the map lives until the stage ends (full-size Q4_K_M DiT, --ram 3GB on the CPU: its bf16 refiner blocks' pages,
-1.35 GiB, stayed resident beside their fp32 copies through every step).
+Each tensor is read, checked against the shape the config implies, cast and assigned in place of the meta parameter,
+so the peak is one tensor above the result: the official DiT, stored in fp32 (24.6 GB), never exists twice. A tensor
+that is a view of its file's memory map and gets copied (cast to the compute dtype, dequantized, moved to a GPU)
+hands the map's pages under it back right after (runtime/memory.py `FileViews`): the plan counts the copy alone, and
+the map lives until the stage ends (full-size Q4_K_M DiT, --ram 3GB on the CPU: its bf16 refiner blocks' pages, 1.35
+GiB, stayed resident beside their fp32 copies through every step).
 
 Source names are official names (name translation happens in the source, see names.py); tensors the model does not
 use (the text encoder's last layer and final norm, ComfyUI's `norm_final`) are never read.
