@@ -26,7 +26,7 @@ from zimage_lite.quant import convrot
 from zimage_lite.quant.convrot import CONVROT, ROWWISE, quantize_weight, rotate
 from zimage_lite.quant.formats import dequantize
 from zimage_lite.quant.qlinear import QLinear
-from zimage_lite.runtime.memory import RELEASES_FILE_PAGES
+from zimage_lite.runtime.memory import RELEASES_FILE_PAGES, FileViews
 from zimage_lite.weights.components import open_component, open_dit
 from zimage_lite.weights.load import load_module
 
@@ -222,7 +222,7 @@ def test_streamed_int8_blocks_make_their_copies_at_each_use(int8_files, monkeypa
     dit_model = least._load("dit")
     blocks = [b.module for b in dit_model.schedule() if b.name in streamed]
     for block in blocks:  # one use, as the runner makes it
-        dit_model.runner.materialize(block)
+        dit_model.runner.materialize(block, FileViews())
         block.to("meta")
     linears = [m for b in blocks for m in b.modules() if isinstance(m, QLinear)]
     assert linears and all(m.weight.is_meta and m._packed_weight is None for m in linears)

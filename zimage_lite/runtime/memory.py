@@ -179,15 +179,21 @@ def own_mappings() -> Iterator[None]:
 
 
 @functools.cache
+def c_library() -> ctypes.CDLL | None:
+    """The process's C library, opened once (madvise, and glibc's allocator settings); None where ctypes cannot open
+    it (Windows)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):
+        return None
+
+
+@functools.cache
 def glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has mallopt and malloc_trim); None elsewhere (musl, macOS, Windows), whose
     allocators are left as they are."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt, libc.malloc_trim  # noqa: B018 (both must exist)
-    except (OSError, AttributeError):
-        return None
-    return libc
+    libc = c_library()
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 # ---- pinned host memory --------------------------------------------------------------------------------------------
@@ -285,14 +291,9 @@ def file_maps(detail: bool = False) -> list[FileMap]:
     return maps
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def _dontneed(lo: int, hi: int) -> bool:
-    """Whether the kernel took the advice."""
-    return _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
+    """Whether the kernel took the advice (Linux only: RELEASES_FILE_PAGES)."""
+    return c_library().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED) == 0
 
 
 def release_pages(root: Path) -> None:

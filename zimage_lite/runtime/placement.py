@@ -26,6 +26,7 @@ from ..models.layers import Block
 from ..weights.load import load_module, tensor_names
 from ..weights.sources import RenamedSource, TensorSource
 from .devices import Device, device_for
+from .memory import FileViews
 from .plan import StagePlan
 from .streamer import LazyBlocks, Streamer
 from .units import format_size
@@ -54,7 +55,7 @@ def place(model: nn.Module, source: TensorSource, stage: StagePlan | None, devic
         if block.name not in streamed:
             _load_block(block, source, dtype, dev.torch_device, label)
     model.runner = Streamer([b.module for b in schedule], [b.name in streamed for b in schedule], dev,
-                            load=lambda m: _load_block(by_module[id(m)], source, dtype, "cpu", label))
+                            load=lambda m, views: _load_block(by_module[id(m)], source, dtype, "cpu", label, views))
     if stage is not None:
         check_against_plan(model.runner, stage, label)
     return model
@@ -100,7 +101,7 @@ def _place_on_cpu(model: nn.Module, source: TensorSource, schedule: list[Block],
     if lazy:
         by_module = {id(b.module): b for b in lazy}
         model.runner = LazyBlocks([b.module for b in schedule], [b.name in streamed for b in schedule],
-                                  lambda m: _load_block(by_module[id(m)], source, dtype, "cpu", label))
+                                  lambda m, views: _load_block(by_module[id(m)], source, dtype, "cpu", label, views))
     return model
 
 
@@ -117,8 +118,9 @@ def _load_outside_blocks(model: nn.Module, source: TensorSource, schedule: list[
 
 
 def _load_block(block: Block, source: TensorSource, dtype: torch.dtype, device: torch.device | str,
-                label: str) -> None:
-    """Read one block's tensors from the source (under the block's own names) onto `device`."""
+                label: str, views: FileViews | None = None) -> None:
+    """Read one block's tensors from the source (under the block's own names) onto `device` (`views`: the file maps
+    as the caller read them, for load_module)."""
     prefix = block.name + "."
     view = RenamedSource(source, {n[len(prefix):]: n for n in block.tensors})
-    load_module(block.module, view, dtype, device, f"{label} block {block.name}")
+    load_module(block.module, view, dtype, device, f"{label} block {block.name}", views=views)

@@ -90,12 +90,13 @@ class Streamer:
     """Resident blocks on the device; streamed blocks in pinned host chunks, through two device slots.
 
     `blocks` in schedule order; `streamed[i]` says whether block i streams. Resident blocks must already be on the
-    device. Each streamed block is filled on the host by `load(block)` when given (one block at a time, straight
-    from the source), then copied into its place in the pinned chunks; from then on it points there between passes.
+    device. Each streamed block is filled on the host by `load(block, views)` when given (one block at a time,
+    straight from the source; `views`: the file maps read once for the placement, memory.FileViews), then copied into
+    its place in the pinned chunks; from then on it points there between passes.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], streamed: Sequence[bool], device: Device,
-                 load: Callable[[nn.Module], None] | None = None) -> None:
+                 load: Callable[[nn.Module, FileViews | None], None] | None = None) -> None:
         self.device = device
         self.order = list(blocks)
         self.layout: dict[int, list[_Tensor]] = {}
@@ -111,7 +112,7 @@ class Streamer:
             for block, stream in zip(self.order, streamed, strict=True):
                 if stream:
                     if load is not None:
-                        load(block)
+                        load(block, self._views)
                     self._pack(block, sizes)
         finally:
             self._views = None
@@ -271,7 +272,7 @@ class LazyBlocks(Resident):
     34 blocks streamed: 7.32-7.56 GiB RSS against a 2.32 GiB plan)."""
 
     def __init__(self, blocks: Sequence[nn.Module], streamed: Sequence[bool],
-                 materialize: Callable[[nn.Module], None]) -> None:
+                 materialize: Callable[[nn.Module, FileViews], None]) -> None:
         super().__init__(blocks)
         self.streamed = {id(b) for b, s in zip(blocks, streamed, strict=True) if s}
         self.materialize = materialize
@@ -283,13 +284,13 @@ class LazyBlocks(Resident):
             if id(block) not in self.streamed:
                 yield block
                 continue
+            views = FileViews()  # the maps read once for the block: its load and its drop
             try:
                 with own_mappings():  # its cast copies go with it, not into the forward's heap (oneDNN's copies of
                     # int8 weights are made at their first call, in the heap: alike from block to block, reused)
-                    self.materialize(block)
+                    self.materialize(block, views)
                 yield block
             finally:
-                views = FileViews()
                 for t in (*block.parameters(), *block.buffers()):
                     views.release(t)
                 block.to("meta")  # drop the weights: the next streamed block reuses the memory

@@ -48,12 +48,14 @@ def load_tensor(source: TensorSource, name: str, expected: torch.Size) -> torch.
 
 
 def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, device: torch.device | str,
-                component: str, only: list[str] | None = None) -> nn.Module:
+                component: str, only: list[str] | None = None, views: FileViews | None = None) -> nn.Module:
     """Replace every meta parameter of `module` by the source's tensor, cast to dtype, on device.
 
     Quantized weights of Linear and Embedding layers stay packed (the layer becomes a QLinear/QEmbedding);
     any other quantized tensor (norms, pad tokens, as stable-diffusion.cpp writes them) is dequantized here.
-    `only` limits loading to those names (the rest stay on `meta`, to be loaded later).
+    `only` limits loading to those names (the rest stay on `meta`, to be loaded later). `views`: the file maps as the
+    caller read them, to hand back the pages under copied tensors with (a streamed block's runner reads them once for
+    its load and its drop); else they are read at the first copy, and only if there is one.
     """
     state = module.state_dict(keep_vars=True)
     names = list(state) if only is None else only
@@ -61,7 +63,6 @@ def load_module(module: nn.Module, source: TensorSource, dtype: torch.dtype, dev
     # The modules a model keeps on the host (HOST_ONLY: Qwen3's embedding table) keep their stored float dtype: the
     # forward casts only the rows it looks up, so the table stays a view of the file, not a copy (1.6 GB in fp32).
     as_stored = tuple(f"{m}." for m in getattr(module, "HOST_ONLY", ()))
-    views: FileViews | None = None  # the maps read at the first copy, and only if there is one
     off_host = torch.device(device).type != "cpu"  # packed weights stay views on the CPU, and are copies elsewhere
 
     def hand_back(read: torch.Tensor) -> None:
