@@ -5,6 +5,8 @@ The CUDA tests skip cleanly on machines without a GPU; everything else runs on t
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -137,7 +139,11 @@ def test_out_of_memory_mid_run_gives_advice(tiny_model, tmp_path, capsys, monkey
     """A real allocation failure of the CPU allocator (torch raises a plain RuntimeError there, not
     OutOfMemoryError) mid-run: one line of advice, exit 2, nothing written."""
     def oom(*args, **kwargs):
-        return torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: malloc fails at once, nothing is touched
+        # 4 EiB: malloc fails at once, nothing is touched. In a thread of its own: glibc moves a thread whose malloc
+        # failed to another arena for good (arena_get_retry), where blocks over 64 MiB are always mappings of their
+        # own, so the heap tests of test_memory_plan would fail after this one in the same process
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(torch.empty, 2**62, dtype=torch.uint8).result()
 
     with pytest.raises(RuntimeError, match="can't allocate memory"):  # precondition: not an OutOfMemoryError
         oom()
