@@ -108,10 +108,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=20.0, help="seconds per route at most (after one call)")
     p.add_argument("--json", help="append the rows to this JSON file (a list)")
+    p.add_argument("--note", default="2-core VM shared with other jobs", help="what else ran on the machine")
     args = p.parse_args()
     info = {"component": "roofs", "machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "command": f"python benchmarks/roofs.py {' '.join(sys.argv[1:])}",
-            "note": "2-core VM shared with other jobs; each figure is the best of its calls"}
+            "note": f"{args.note}; each figure is the best of its calls"}
     rows = [{**r, **info} for r in measure(args.threads, args.repeats, args.budget)]
     if args.json:
         append_rows(Path(args.json), rows)
