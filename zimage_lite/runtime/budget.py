@@ -6,6 +6,7 @@ Sizes are parsed and formatted in units.py; what each tensor weighs is in sizes.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from ..errors import OptionError
@@ -43,6 +44,7 @@ def _mem_available() -> int | None:
         return None
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Native bf16 arithmetic (AVX512-BF16 or AMX). Without it torch emulates bf16 matmuls, slower than fp32."""
     try:
