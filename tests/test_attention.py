@@ -57,11 +57,12 @@ def test_cpu_bf16_route_takes_no_sdpa_and_fp32_does(monkeypatch):
 
 
 def test_cpu_bf16_route_rows_and_grouped_heads():
-    """A plan's query chunk below the route's rows is honoured, and a tail chunk and grouped KV heads are right:
-    each query row's result is the same however the rows are cut (measured: equal to the last bit here)."""
+    """Rows cut finer (a plan's query chunk of 24, a tail of 12) give the same rows as the route's 256 and a tail of
+    44 (measured: equal to the last bit on Zen 5; other BLAS blockings may round differently, hence 1e-3), and
+    grouped KV heads are expanded."""
     q, k, v = _qkv(2, heads=4, seq=300)
     whole = attention(q, k, v)
-    assert torch.allclose(attention(q, k, v, chunk=24).float(), whole.float(), rtol=0, atol=1e-2)
+    assert _err(attention(q, k, v, chunk=24), whole.double()) < 1e-3
     grouped = attention(q, k[:, :2], v[:, :2])
     expanded = attention(q, k[:, :2].repeat_interleave(2, dim=1), v[:, :2].repeat_interleave(2, dim=1))
     assert torch.equal(grouped, expanded)
