@@ -120,13 +120,10 @@ def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows:
     of 128) there. The scores are rounded to bf16 before the softmax, as a bf16 GEMM returns them (torch has no
     bf16 x bf16 -> fp32 matmul on the CPU): 2-5x SDPA's bf16 error on one attention against fp64, growing with the
     logits, and a few percent more error in a whole bf16 DiT forward (tests/test_attention.py)."""
-    q = q * q.shape[-1] ** -0.5
-    out = torch.empty_like(q)
-    for b in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            kt, vh = k[b, h].t(), v[b, h]
-            for i in range(0, q.shape[2], rows):
-                scores = torch.mm(q[b, h, i:i + rows], kt)
-                torch.mm(torch.softmax(scores, -1, dtype=torch.float32).to(torch.bfloat16), vh,
-                         out=out[b, h, i:i + rows])
+    out = torch.empty(q.shape, dtype=q.dtype)
+    scaled = (q * q.shape[-1] ** -0.5).flatten(0, 1)
+    for qh, kh, vh, oh in zip(scaled, k.flatten(0, 1), v.flatten(0, 1), out.flatten(0, 1), strict=True):
+        for i in range(0, qh.shape[0], rows):
+            scores = torch.mm(qh[i:i + rows], kh.t())
+            torch.mm(torch.softmax(scores, -1, dtype=torch.float32).to(torch.bfloat16), vh, out=oh[i:i + rows])
     return out
