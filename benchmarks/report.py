@@ -352,6 +352,12 @@ def render(rows: list[dict]) -> str:
             lines += [f"## GEMM roofs of the CPU: one {' x '.join(map(str, first['shape']))} matmul per route", "",
                       "The full-size DiT's FFN up-projection at 512x512. Weights prepacked where the route has a "
                       "packed form (not timed); the best of several calls (the machine is shared)."]
+        elif component == "attention":
+            h, n, d = first["shape"]
+            lines += [f"## Attention on the CPU: {h} heads x {n} tokens x {d} per head", "",
+                      "The full-size DiT's attention at 1024x1024, one call per route (queries, keys and values "
+                      "ready in the route's dtype); GFLOP/s counts the two products, 4 x heads x tokens^2 x dim; "
+                      "the best of several calls."]
         elif component == "controlnet":
             lines += [f"## ControlNet per step: the full-size DiT with and without a random {first['blocks']}-block "
                       f"ControlNet, cpu, {first['width']}x{first['height']}", "",
@@ -384,7 +390,8 @@ def render(rows: list[dict]) -> str:
                   "vae": vae_table, "enhance": enhance_table,
                   "image": image_table, "quantize": quantize_table, "gpu_tests": gpu_tests_table,
                   "gpu_weights": gpu_weights_table, "gpu_run": gpu_run_table, "pipeline": gpu_run_table,
-                  "sdcpp": sdcpp_table, "roofs": roofs_table, "controlnet": control_table,
+                  "sdcpp": sdcpp_table, "roofs": roofs_table,
+                  "attention": lambda r: roofs_table(r, "heads x tokens x dim"), "controlnet": control_table,
                   "control_plan": control_plan_table, "int8_quality": int8_quality_table,
                   "gpu_targets": gpu_targets_table,
                   "gpu_error": gpu_error_table}[component](rs)

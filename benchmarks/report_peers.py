@@ -65,9 +65,9 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
     return out
 
 
-def roofs_table(rows: list[dict]) -> list[str]:
+def roofs_table(rows: list[dict], shape_label: str = "M x K x N") -> list[str]:
     fp32 = next((r["gflops"] for r in rows if r["route"].startswith("fp32") and "gflops" in r), None)
-    out = ["| route | M x K x N | threads | GFLOP/s (best) | GFLOP/s (median) | ÷ fp32 |",
+    out = [f"| route | {shape_label} | threads | GFLOP/s (best) | GFLOP/s (median) | ÷ fp32 |",
            "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         shape = " x ".join(map(str, r["shape"]))

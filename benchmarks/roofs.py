@@ -8,6 +8,10 @@ oneDNN's quantized linear (u8 activations x s8 per-channel weights, weights prep
 quantized-tensor entry (`quantized.linear_dynamic`, engine onednn) and by the inductor's `onednn.qlinear_pointwise`;
 and `torch._int_mm` (s8 x s8 -> s32) for contrast. Each route: one warm-up call, then calls until `--repeats` or
 `--budget` seconds; the best call gives the roof (the machine is shared: the best is the least disturbed).
+
+Attention at the full-size DiT's 1024x1024 shape (30 heads, 4128 tokens: 4096 image and a 32-token caption, 128 per
+head) is measured beside them (component "attention"): torch's SDPA in fp32 and bf16, and the CPU bf16 route of
+models/layers.py (bf16 matmuls per head and chunk of query rows), whatever this CPU's bf16 is.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.run import append_rows, machine  # noqa: E402
+from zimage_lite.models.layers import CPU_BF16_ROWS, _cpu_bf16_attention  # noqa: E402
 
 M, K, N = 1088, 3840, 10240
+HEADS, TOKENS, HEAD_DIM = 30, 4128, 128
 
 
 def _timed(fn: Callable[[], object], repeats: int, budget: float) -> list[float]:
@@ -81,14 +87,42 @@ def routes(m: int, k: int, n: int) -> dict[str, Callable[[], Callable[[], object
             "int8 torch._int_mm (s8 x s8 -> s32)": int_mm}
 
 
-def measure(threads: int, repeats: int, budget: float, shape: tuple[int, int, int] = (M, K, N)) -> list[dict]:
-    """One row per route: the best and median GFLOP/s, or the error where this torch lacks the route."""
+def attention_routes(h: int, s: int, d: int) -> dict[str, Callable[[], Callable[[], object]]]:
+    """Per attention route, a builder of the call to time on (1, h, s, d) queries, keys and values."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, s, d, generator=g) for _ in range(3))
+
+    def sdpa(dtype: torch.dtype) -> Callable[[], Callable[[], object]]:
+        def build():
+            qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+            return lambda: F.scaled_dot_product_attention(qd, kd, vd)
+        return build
+
+    def bf16_route():
+        qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        return lambda: _cpu_bf16_attention(qb, kb, vb, CPU_BF16_ROWS)
+
+    return {"fp32 SDPA": sdpa(torch.float32), "bf16 SDPA": sdpa(torch.bfloat16),
+            f"bf16 matmuls per head, {CPU_BF16_ROWS} query rows (layers._cpu_bf16_attention)": bf16_route}
+
+
+def measure(threads: int, repeats: int, budget: float, shape: tuple[int, int, int] = (M, K, N),
+            attention: tuple[int, int, int] = (HEADS, TOKENS, HEAD_DIM)) -> list[dict]:
+    """One row per route, GEMMs (component "roofs") then attention ("attention"): the best and median GFLOP/s, or
+    the error where this torch lacks the route."""
     torch.set_num_threads(threads)
     m, k, n = shape
-    flops = 2 * m * k * n
+    h, s, d = attention
+    return (_rows("roofs", routes(m, k, n), list(shape), 2 * m * k * n, threads, repeats, budget)
+            + _rows("attention", attention_routes(h, s, d), list(attention), 4 * h * s * s * d, threads, repeats,
+                    budget))
+
+
+def _rows(component: str, builders: dict[str, Callable[[], Callable[[], object]]], shape: list[int], flops: int,
+          threads: int, repeats: int, budget: float) -> list[dict]:
     rows = []
-    for name, build in routes(m, k, n).items():
-        row: dict = {"route": name, "shape": [m, k, n], "threads": threads}
+    for name, build in builders.items():
+        row: dict = {"component": component, "route": name, "shape": shape, "threads": threads}
         try:
             with torch.inference_mode():
                 times = sorted(_timed(build(), repeats, budget))
@@ -110,10 +144,10 @@ def main() -> int:
     p.add_argument("--json", help="append the rows to this JSON file (a list)")
     p.add_argument("--note", default="2-core VM shared with other jobs", help="what else ran on the machine")
     args = p.parse_args()
-    info = {"component": "roofs", "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+    info = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "command": f"python benchmarks/roofs.py {' '.join(sys.argv[1:])}",
             "note": f"{args.note}; each figure is the best of its calls"}
-    rows = [{**r, **info} for r in measure(args.threads, args.repeats, args.budget)]
+    rows = [{**info, **r} for r in measure(args.threads, args.repeats, args.budget)]
     if args.json:
         append_rows(Path(args.json), rows)
     return 0

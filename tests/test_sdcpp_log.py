@@ -170,3 +170,26 @@ def test_our_stage_seconds_say_which_part_placed_the_weights(monkeypatch):
     for stage in ("encoded", "decoded"):
         e = events[stage]
         assert 0.5 <= e.load_seconds < e.seconds and e.seconds - e.load_seconds < 0.5, (stage, e)
+
+
+def test_roofs_measure_attention_beside_the_gemms_and_the_report_shows_them():
+    """roofs.py's rows on tiny shapes: the GEMM routes as "roofs", the attention routes (SDPA fp32 and bf16, the
+    CPU bf16 route) as "attention", each with 4 x heads x tokens^2 x dim over its best call; the report titles the
+    attention table by its shape."""
+    import torch
+
+    from benchmarks.roofs import measure
+
+    threads = torch.get_num_threads()  # measure sets the thread count: the suite's own
+    rows = measure(threads, 2, 1.0, shape=(8, 32, 16), attention=(2, 40, 16))
+    attention = [r for r in rows if r["component"] == "attention"]
+    assert [r["route"] for r in attention] == ["fp32 SDPA", "bf16 SDPA", "bf16 matmuls per head, 256 query rows "
+                                               "(layers._cpu_bf16_attention)"]
+    assert {r["component"] for r in rows} == {"roofs", "attention"} and len(rows) - len(attention) >= 2
+    for r in attention:
+        assert r["shape"] == [2, 40, 16] and r["gflops"] == pytest.approx(4 * 2 * 40 * 40 * 16 / r["seconds"][0] / 1e9)
+    info = {"command": "python benchmarks/roofs.py", "date": "2026-12-04",
+            "machine": {"cpu": "x", "cores": 2, "gpu": None, "torch": "2"}}
+    md = render([{**info, **r} for r in rows if "gflops" in r])
+    assert "## Attention on the CPU: 2 heads x 40 tokens x 16 per head" in md
+    assert "| route | heads x tokens x dim | threads |" in md and f"| fp32 SDPA | 2 x 40 x 16 | {threads} |" in md
