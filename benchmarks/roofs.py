@@ -17,6 +17,7 @@ models/layers.py (bf16 matmuls per head and chunk of query rows), whatever this 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -145,7 +146,7 @@ def main() -> int:
     p.add_argument("--note", default="2-core VM shared with other jobs", help="what else ran on the machine")
     args = p.parse_args()
     info = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
-            "command": f"python benchmarks/roofs.py {' '.join(sys.argv[1:])}",
+            "command": f"python benchmarks/roofs.py {shlex.join(sys.argv[1:])}",
             "note": f"{args.note}; each figure is the best of its calls"}
     rows = [{**info, **r} for r in measure(args.threads, args.repeats, args.budget)]
     if args.json:

@@ -115,11 +115,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
     """Attention in bf16 matmuls on the CPU: per head and chunk of query rows, scores = (q / sqrt(D)) k^T, softmax
-    in fp32, rounded to bf16, times v. torch's CPU SDPA computes its bf16 products in fp32 (~190 GFLOP/s on 2
-    Zen 5 cores, as in fp32); these products use the CPU's bf16 dot products: 2.6x faster at S = 4128 (30 heads
-    of 128) there. The scores are rounded to bf16 before the softmax, as a bf16 GEMM returns them (torch has no
-    bf16 x bf16 -> fp32 matmul on the CPU): 2-5x SDPA's bf16 error on one attention against fp64, growing with the
-    logits, and a few percent more error in a whole bf16 DiT forward (tests/test_attention.py)."""
+    in fp32, rounded to bf16, times v. torch's CPU SDPA computes its bf16 products in fp32 (201 GFLOP/s on 2 Zen 5
+    cores, fp32 209); these products use the CPU's bf16 dot products: 419 GFLOP/s there at S = 4128, 30 heads of
+    128 (benchmarks/roofs.py). The scores are rounded to bf16 before the softmax, as a bf16 GEMM returns them
+    (torch has no bf16 x bf16 -> fp32 matmul on the CPU): 2-5x SDPA's bf16 error on one attention against fp64,
+    growing with the logits, and a few percent more error in a whole bf16 DiT forward (tests/test_attention.py)."""
     out = torch.empty(q.shape, dtype=q.dtype)
     scaled = (q * q.shape[-1] ** -0.5).flatten(0, 1)
     for qh, kh, vh, oh in zip(scaled, k.flatten(0, 1), v.flatten(0, 1), out.flatten(0, 1), strict=True):
