@@ -57,8 +57,8 @@ def test_cpu_bf16_route_takes_no_sdpa_and_fp32_does(monkeypatch):
 
 
 def test_cpu_bf16_route_rows_and_grouped_heads():
-    """Rows cut finer (a plan's query chunk of 24, a tail of 12) give the same rows as the route's 256 and a tail of
-    44 (measured: equal to the last bit on Zen 5; other BLAS blockings may round differently, hence 1e-3), and
+    """Rows cut finer (a plan's query chunk of 24, a tail of 12) give the same rows as the route's 512 (here the
+    whole 300; measured: equal to the last bit on Zen 5; other BLAS blockings may round differently, hence 1e-3), and
     grouped KV heads are expanded."""
     q, k, v = _qkv(2, heads=4, seq=300)
     whole = attention(q, k, v)

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import render  # noqa: E402
 from benchmarks.sdcpp import labelled_files, parse_runs, parse_sdcpp_log  # noqa: E402
+from zimage_lite.models.layers import CPU_BF16_ROWS  # noqa: E402
 
 # The tail of sd-cli's stdout (stable-diffusion-cpp-python 0.4.7's vendored sd.cpp, Z-Image Turbo Q4_K_M, 256x256,
 # 2 steps), as captured: progress lines rewritten with carriage returns and an erase-line escape.
@@ -183,8 +184,8 @@ def test_roofs_measure_attention_beside_the_gemms_and_the_report_shows_them():
     threads = torch.get_num_threads()  # measure sets the thread count: the suite's own
     rows = measure(threads, 2, 1.0, shape=(8, 32, 16), attention=(2, 40, 16))
     attention = [r for r in rows if r["component"] == "attention"]
-    assert [r["route"] for r in attention] == ["fp32 SDPA", "bf16 SDPA", "bf16 matmuls per head, 256 query rows "
-                                               "(layers._cpu_bf16_attention)"]
+    assert [r["route"] for r in attention] == ["fp32 SDPA", "bf16 SDPA", f"bf16 matmuls per head, {CPU_BF16_ROWS} "
+                                               "query rows (layers._cpu_bf16_attention)"]
     assert {r["component"] for r in rows} == {"roofs", "attention"} and len(rows) - len(attention) >= 2
     for r in attention:
         assert r["shape"] == [2, 40, 16] and r["gflops"] == pytest.approx(4 * 2 * 40 * 40 * 16 / r["seconds"][0] / 1e9)

@@ -89,8 +89,9 @@ class RMSNorm(nn.Module):
         return h.mul_(self.weight.float()).to(x.dtype)
 
 
-# Query rows per product of the CPU bf16 route: one head's 256 x S scores (4 MB at S = 4128) stay in cache.
-CPU_BF16_ROWS = 256
+# Query rows per product of the CPU bf16 route: one head's 512 x S scores and their softmax (4 MB each at S = 4128)
+# stay in the L3 cache; 512 rows measured 8% faster than 256 on a 2-core Zen 5, 768 no faster.
+CPU_BF16_ROWS = 512
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -105,7 +106,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal and cpu_has_bf16():
+    if cpu_bf16_route(q.device.type, q.dtype, causal):
         return _cpu_bf16_attention(q, k, v, min(chunk or CPU_BF16_ROWS, CPU_BF16_ROWS))
     if chunk is None or chunk >= q.shape[2] or causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -113,17 +114,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
                       for i in range(0, q.shape[2], chunk)], dim=2)
 
 
+def cpu_bf16_route(device_type: str, dtype: torch.dtype, causal: bool = False) -> bool:
+    """Whether `attention` takes `_cpu_bf16_attention`: bf16, non-causal, on a CPU with native bf16."""
+    return device_type == "cpu" and dtype == torch.bfloat16 and not causal and cpu_has_bf16()
+
+
 def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
     """Attention in bf16 matmuls on the CPU: per head and chunk of query rows, scores = (q / sqrt(D)) k^T, softmax
-    in fp32, rounded to bf16, times v. torch's CPU SDPA computes its bf16 products in fp32 (201 GFLOP/s on 2 Zen 5
-    cores, fp32 209); these products use the CPU's bf16 dot products: 419 GFLOP/s there at S = 4128, 30 heads of
-    128 (benchmarks/roofs.py). The scores are rounded to bf16 before the softmax, as a bf16 GEMM returns them
-    (torch has no bf16 x bf16 -> fp32 matmul on the CPU): 2-5x SDPA's bf16 error on one attention against fp64,
-    growing with the logits, and a few percent more error in a whole bf16 DiT forward (tests/test_attention.py)."""
+    in fp32, rounded to bf16, times v. torch's CPU SDPA computes its bf16 products in fp32 (199 GFLOP/s on 2 Zen 5
+    cores, fp32 200); these products use the CPU's bf16 dot products: 674 GFLOP/s there at S = 4128, 30 heads of
+    128 (benchmarks/roofs.py; 419 with 256 rows, an fp32 softmax and new score tensors per chunk). The scores are
+    rounded to bf16 before the softmax, as a bf16 GEMM returns them (torch has no bf16 x bf16 -> fp32 matmul on the
+    CPU): 2-5x SDPA's bf16 error on one attention against fp64, growing with the logits, and a few percent more
+    error in a whole bf16 DiT forward (tests/test_attention.py)."""
     out = torch.empty(q.shape, dtype=q.dtype)
     scaled = (q * q.shape[-1] ** -0.5).flatten(0, 1)
+    # two buffers for every head and chunk: no fresh 4 MB allocation (a mapping and its page faults) per product
+    scores, probs = (torch.empty(rows, k.shape[2], dtype=q.dtype) for _ in range(2))
     for qh, kh, vh, oh in zip(scaled, k.flatten(0, 1), v.flatten(0, 1), out.flatten(0, 1), strict=True):
         for i in range(0, qh.shape[0], rows):
-            scores = torch.mm(qh[i:i + rows], kh.t())
-            torch.mm(torch.softmax(scores, -1, dtype=torch.float32).to(torch.bfloat16), vh, out=oh[i:i + rows])
+            n = min(rows, qh.shape[0] - i)
+            torch.mm(qh[i:i + n], kh.t(), out=scores[:n])
+            torch.softmax(scores[:n], -1, out=probs[:n])  # fp32 inside, written as bf16 (no fp32 copy)
+            torch.mm(probs[:n], vh, out=oh[i:i + n])
     return out
