@@ -123,8 +123,8 @@ def interleaved_table(rows: list[dict]) -> list[str]:
 
 
 def vae_table(rows: list[dict]) -> list[str]:
-    """benchmarks/vae_speed.py: per dtype, the upsampling variants interleaved, against the convolution roof."""
-    out = ["| dtype | upsampling | decodes, s | mean s | effective GFLOP/s | vs upsampled | conv roof GFLOP/s | "
+    """benchmarks/vae_speed.py: per dtype, the variants interleaved, against the convolution roof."""
+    out = ["| dtype | variant | decodes, s | mean s | effective GFLOP/s | vs upsampled | conv roof GFLOP/s | "
            "self time by op (best decode) | load avg before, after |", "|---|---|---|---:|---:|---:|---:|---|---|"]
     mean = {(r["dtype"], r["variant"]): sum(r["seconds"]) / len(r["seconds"]) for r in rows}
     for r in rows:
@@ -306,11 +306,13 @@ def render(rows: list[dict]) -> str:
                       "4, ...). The first round is dropped. Target: at most 3% per LoRA."]
         elif component == "vae":
             lines += [f"## VAE decode, full-size FLUX VAE, {first['device']}, {first['width']}x{first['height']}", "",
-                      "One process, the two upsampling forms interleaved (A B, B A): `upsampled` is nearest x2 then "
-                      "the 3x3 convolution (diffusers', and ours before); `phases` one 2x2 convolution per output "
-                      "phase on the low-resolution map (ours now). GFLOP/s count the upsampled form's FLOPs for "
-                      "both. The roof: one 512-channel 3x3 convolution at the latent's size, same run. A load "
-                      "average above the core count means other processes shared the CPU."]
+                      "One process, the variants interleaved (A B .., then .. B A): `upsampled` is nearest x2 then "
+                      "the 3x3 convolution (diffusers', and ours at first); `phases` one 2x2 convolution per output "
+                      "phase on the low-resolution map, with channels-last maps where the runtime keeps them (ours "
+                      "now; rows of earlier runs: NCHW maps), `phases NCHW` the same on NCHW maps (ours before). "
+                      "GFLOP/s count the upsampled form's FLOPs for all. The roof: one 512-channel 3x3 convolution "
+                      "(NCHW) at the latent's size, same run. A load average above the core count means other "
+                      "processes shared the CPU."]
         elif component == "dequant":
             shape = "x".join(map(str, first["shape"]))
             lines += [f"## Dequantizing one {shape} weight to bf16 on the CPU", "",

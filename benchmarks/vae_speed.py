@@ -3,10 +3,12 @@
     flock /work/wt/fullsize.lock python benchmarks/vae_speed.py --json benchmarks/results/cpu-vae.json
 
 One process loads the VAE of the `--preset turbo` cache folder (random weights, the real shapes) per dtype and
-decodes a random latent of --width x --height pixels with two upsampling variants, interleaved (A B, then B A, so
-that drift and other processes' load fall on both): `upsampled` (nearest x2, then the 3x3 convolution on the
-upsampled map: diffusers' Upsample2D, and ours before) and `phases` (vae.upsample_conv: one 2x2 convolution per
-output phase on the low-resolution map; what the runtime does now). Each decode runs under torch.profiler; the rows
+decodes a random latent of --width x --height pixels with three variants, interleaved (A B C, then C B A, so that
+drift and other processes' load fall on all): `upsampled` (nearest x2, then the 3x3 convolution on the upsampled
+map, NCHW maps: diffusers' Upsample2D, and ours at first), `phases NCHW` (vae.upsample_conv: one 2x2 convolution per
+output phase on the low-resolution map, NCHW maps: ours before the maps went channels-last) and `phases` (what the
+runtime does now: the same, with channels-last maps where vae_tiles.channels_last says so, as it does on the CPU for
+fp32, and for bf16 where oneDNN has it). Each decode runs under torch.profiler; the rows
 give its seconds by kind of op (self CPU time), the decoder's FLOPs as the upsampled form counts them (so that both
 variants' effective GFLOP/s compare), and the GFLOP/s of one 512-channel 3x3 convolution at the latent's size in the
 same dtype, measured in the same run: the convolution roof the decode is held against. The load average before and
@@ -34,7 +36,7 @@ from zimage_lite.models.vae import AutoencoderDecoder  # noqa: E402
 from zimage_lite.weights.components import open_component  # noqa: E402
 from zimage_lite.weights.load import load_module  # noqa: E402
 
-VARIANTS = ("upsampled", "phases")
+VARIANTS = ("upsampled", "phases NCHW", "phases")
 # profiler op name -> kind; the rest is "other"
 KINDS = {"mkldnn_convolution": "conv", "convolution": "conv", "native_group_norm": "group_norm",
          "_scaled_dot_product_flash_attention_for_cpu": "attention", "bmm": "matmul", "addmm": "matmul",
@@ -135,7 +137,11 @@ def main() -> int:
     info = {"component": "vae", "command": f"python benchmarks/vae_speed.py {' '.join(sys.argv[1:])}",
             "machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": "cpu", "width": args.width,
             "height": args.height, "threads": torch.get_num_threads()}
-    phases, rows = vae_module.Upsample.forward, []
+    phases, layout, rows = vae_module.Upsample.forward, vae_module.channels_last, []
+
+    def nchw(device: str, elem: int) -> bool:
+        return False
+
     with torch.inference_mode():
         for name in args.dtypes.split(","):
             with torch.device("meta"):
@@ -148,11 +154,13 @@ def main() -> int:
             for order in (VARIANTS, VARIANTS[::-1]):
                 for variant in order:
                     vae_module.Upsample.forward = upsampled if variant == "upsampled" else phases
+                    if variant != "phases":
+                        vae_module.channels_last = nchw
                     hooks = flop_hooks(decoder, flops) if variant == "upsampled" and not flops[0] else []
                     try:
                         runs[variant].append(profiled_decode(decoder, latent))
                     finally:
-                        vae_module.Upsample.forward = phases
+                        vae_module.Upsample.forward, vae_module.channels_last = phases, layout
                         for h in hooks:
                             h.remove()
                     print(f"{name} {variant}: {runs[variant][-1][0]:.1f} s", file=sys.stderr, flush=True)

@@ -29,9 +29,12 @@ transformers, needs_transformers = optional("transformers")
 needs_pipeline = pytest.mark.skipif(diffusers is None or transformers is None,
                                     reason="needs diffusers and transformers (diffusers' ZImagePipeline)")
 
-# Text encoder, VAE decode and encode: measured 0 (the same operations in the same order as the references); the
+# Text encoder, VAE encode: measured 0 (the same operations in the same order as the references); the
 # tolerance allows 8 float32 ulps, for kernels that pick a summation order by pointer alignment.
 EXACT_TOL = 1e-6
+# VAE decode: our maps channels-last on the CPU (models/vae_tiles.channels_last), diffusers' NCHW: oneDNN sums in
+# another order; measured 1.04e-6
+DECODE_TOL = 1e-5
 DIT_TOL = 1.4e-6  # DiT forward: measured 1.2e-7 .. 1.4e-7
 LATENT_TOL = 1e-5  # final latents after 8 steps, with and without CFG: measured 1.6e-7 .. 1.0e-6
 # 8-bit levels, max over all pixels: measured 1 (one pixel whose float values straddle a rounding boundary)
@@ -101,7 +104,7 @@ def test_vae_decode_matches_diffusers(tiny_model):
     with torch.no_grad():
         want = ref.decode(lat / 0.3611 + 0.1159).sample
         got = ours.decode(lat)
-    assert rel_err(got, want) <= EXACT_TOL
+    assert rel_err(got, want) <= DECODE_TOL
 
 
 @needs_diffusers

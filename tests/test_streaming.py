@@ -5,6 +5,8 @@ The CUDA tests skip cleanly on machines without a GPU; everything else runs on t
 
 from __future__ import annotations
 
+import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -176,11 +178,17 @@ def test_bad_budget_strings(tiny_model, tmp_path, capsys, flag, value):
 
 
 def test_budget_too_small_names_the_smallest(tiny_model, tmp_path, capsys):
-    code = main(["run", "x", "--model", str(tiny_model), "--ram", "100KB", "--width", "64", "--height", "64",
-                 "--dtype", "fp32", "--out", str(tmp_path / "o.png")])
+    """The suggested --ram is the smallest plan's need rounded up to a whole MB, and the run fits in it."""
+    args = ["run", "x", "--model", str(tiny_model), "--width", "64", "--height", "64", "--dtype", "fp32", "--out",
+            str(tmp_path / "o.png")]
+    code = main([*args, "--ram", "100KB"])
     err = capsys.readouterr().err
-    assert code == 2 and "--ram" in err and "is too small" in err and "Try --ram 2MB" in err
+    assert code == 2 and "--ram" in err and "is too small" in err
     assert list(tmp_path.iterdir()) == []
+    need = float(re.search(r"the smallest plan needs ([\d.]+) MiB", err).group(1)) * 2**20
+    suggested = re.search(r"Try --ram (\d+)MB", err).group(1)
+    assert int(suggested) == math.ceil(need / 1e6)
+    assert main([*args, "--ram", f"{suggested}MB"]) == 0 and (tmp_path / "o.png").exists()
 
 
 def test_plan_command_without_files(capsys):

@@ -36,10 +36,10 @@ def test_vae_speed_rows_and_report(tmp_path):
                     "--width", "64", "--height", "48", "--dtypes", "fp32", "--json", str(out)], check=True,
                    capture_output=True)
     rows = json.loads(out.read_text())
-    assert [r["variant"] for r in rows] == ["upsampled", "phases"]
+    assert [r["variant"] for r in rows] == ["upsampled", "phases NCHW", "phases"]
     for r in rows:
         assert len(r["seconds"]) == 2 and r["flops"] > 0 and r["conv_roof_gflops"] > 0 and r["ops_seconds"]["conv"] > 0
-    assert rows[0]["flops"] == rows[1]["flops"] == _demo_decoder_flops(6, 8)
+    assert rows[0]["flops"] == rows[1]["flops"] == rows[2]["flops"] == _demo_decoder_flops(6, 8)
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
                             capture_output=True, text=True).stdout
     assert "## VAE decode, full-size FLUX VAE, cpu, 64x48" in report and "| fp32 | phases |" in report

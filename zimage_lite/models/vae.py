@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
-from .vae_tiles import F32, VAEMemory, Walk, group_stats, map_tiles, norm_silu, resnet_tiled, window
+from .vae_tiles import F32, VAEMemory, Walk, channels_last, group_stats, map_tiles, norm_silu, resnet_tiled, window
 
 GN_EPS = 1e-6
 
@@ -83,8 +83,16 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     cout = conv.out_channels
     taps = torch.tensor(PHASE_TAPS, dtype=conv.weight.dtype, device=x.device)
     kernel = torch.einsum("yak,oikl,xbl->yxoiab", taps, conv.weight, taps).reshape(4 * cout, -1, 2, 2)
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, conv.bias.repeat(4)).view(b, 2, 2, cout, h + 1, w + 1)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, conv.bias.repeat(4))
     del kernel
+    if y.is_contiguous(memory_format=torch.channels_last):  # NHWC maps (vae_tiles.channels_last) stay NHWC
+        phases = y.permute(0, 2, 3, 1).view(b, h + 1, w + 1, 2, 2, cout)
+        out = torch.empty(b, h, 2, w, 2, cout, dtype=y.dtype, device=y.device)
+        for py in range(2):
+            for px in range(2):
+                out[:, :, py, :, px] = phases[:, py:py + h, px:px + w, py, px]
+        return out.view(b, 2 * h, 2 * w, cout).permute(0, 3, 1, 2)
+    y = y.view(b, 2, 2, cout, h + 1, w + 1)
     out = torch.empty(b, cout, h, 2, w, 2, dtype=y.dtype, device=y.device)
     for py in range(2):
         for px in range(2):  # phase (py, px) of output pixel (i, j) read input rows i-1+py, i+py: y's row i+py
@@ -150,12 +158,15 @@ class AutoencoderDecoder(nn.Module):
         `tile` (latent cells) decodes the high-resolution part in tiles, with full feature maps kept in host
         memory; None decodes the whole latent at once.
         """
-        dtype = self.decoder.conv_in.weight.dtype
-        z = (latents.to(self.decoder.conv_in.weight.device) / self.cfg.scaling_factor + self.cfg.shift_factor)
-        z = z.to(dtype)
+        weight = self.decoder.conv_in.weight
+        z = (latents.to(weight.device) / self.cfg.scaling_factor + self.cfg.shift_factor)
+        nhwc = channels_last(weight.device.type, weight.element_size())
+        z = z.to(weight.dtype, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         if tile is None or (z.shape[2] <= tile and z.shape[3] <= tile):
-            return self.decoder(z).float()
-        return decode_tiled(self.decoder, z, tile, torch.device("cpu")).float()
+            image = self.decoder(z)
+        else:
+            image = decode_tiled(self.decoder, z, tile, torch.device("cpu"))
+        return image.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def decode_tiled(decoder: Decoder, z: torch.Tensor, tile: int, store: torch.device) -> torch.Tensor:
@@ -186,9 +197,11 @@ def decode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
     returns; not the weights nor the latent passed in. Follows the code step by step (vae_tiles.Walk)."""
     widths = list(reversed(cfg.block_out_channels))
     tiled = tile is not None and (h > tile or w > tile)
-    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu", cpu=device == "cpu")
+    nhwc = channels_last(device, elem)
+    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu", cpu=device == "cpu", nhwc=nhwc)
     d, n = walk.device, h * w
-    d.alloc(cfg.latent_channels * n * (F32 + (elem if elem != F32 else 0)))  # z, unscaled; in the compute dtype
+    # z, unscaled; in the compute dtype and layout (a copy unless both are the scaled z's)
+    d.alloc(cfg.latent_channels * n * (F32 + (elem if elem != F32 or nhwc else 0)))
     # conv_in and the mid block run whole, at latent resolution, on the device (tiled or not)
     x = walk.conv(cfg.latent_channels, widths[0], n)
     x = walk.then(x, walk.mid(widths[0], n, cfg.mid_block_add_attention))
@@ -196,9 +209,10 @@ def decode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
         x = walk.then(x, walk.store.alloc(x))  # .to(host)
     c, px = widths[0], tile
     for level, width in enumerate(widths):
-        for _ in range(cfg.layers_per_block + 1):
+        block_input = x  # untiled, Decoder.forward holds an up block's input until the block returns
+        for i in range(cfg.layers_per_block + 1):
             if not tiled:
-                x = walk.then(x, walk.resnet(c, width, n))
+                x = walk.then(x if i else 0, walk.resnet(c, width, n))
             elif width > c:
                 x = walk.then(x, walk.resnet_tiled(c, width, h, w, px), walk.store)
             else:
@@ -214,6 +228,8 @@ def decode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
             else:
                 x = walk.then(x, walk.upsample(c, h, w))
             h, w, n = 2 * h, 2 * w, 4 * n
+        if not tiled:
+            walk.device.free(block_input)
     out = cfg.out_channels
     if tiled:
         win = window(h, px) * window(w, px)
@@ -226,6 +242,6 @@ def decode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
         x = walk.then(x, walk.map_tiles(c, out, n, win, min(px, h) * min(px, w), head), walk.store)
     else:
         x = walk.then(x, walk.head(c, out, n))
-    if elem != F32:
-        walk.then(x, walk.store.alloc(out * n * F32), walk.store)  # .float()
+    if elem != F32 or nhwc:
+        walk.then(x, walk.store.alloc(out * n * F32), walk.store)  # the fp32 image, contiguous
     return VAEMemory(d.peak, walk.store.peak if walk.separate else 0)

@@ -36,10 +36,11 @@ class VAEMemory:
 
 
 def group_stats(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm mean and 1/std over the whole feature map (B, groups), in fp32, one group at a time."""
+    """GroupNorm mean and 1/std over the whole feature map (B, groups), in fp32, one group at a time (reduced where
+    it lies: a channels-last map's group is not copied first)."""
     b, c = x.shape[:2]
     xs = x.view(b, norm.num_groups, c // norm.num_groups, -1)
-    stats = [torch.var_mean(xs[:, g].reshape(b, -1).float(), dim=-1, unbiased=False) for g in range(norm.num_groups)]
+    stats = [torch.var_mean(xs[:, g].float(), dim=(1, 2), unbiased=False) for g in range(norm.num_groups)]
     var = torch.stack([v for v, _ in stats], dim=1)
     mean = torch.stack([m for _, m in stats], dim=1)
     return mean, (var + norm.eps).rsqrt()
@@ -48,14 +49,15 @@ def group_stats(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torc
 def norm_silu(t: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """SiLU(GroupNorm(t)) of a tile with the whole map's statistics, in fp32, returned in t's dtype.
 
-    Folded into one multiply-add per element, y = t * a + b with a = rstd * weight and b = bias - mean * a, the
-    form torch's own GroupNorm kernel uses: one fp32 temporary per tile.
+    Folded into a multiply and an add per element, y = t * a + b with a = rstd * weight and b = bias - mean * a, the
+    form torch's own GroupNorm kernel uses, on one fp32 copy of the tile in its layout (a window of a channels-last
+    map too: its copy is dense channels-last, as the convolution after it reads it).
     """
     c = t.shape[1]
     mean, rstd = (s.to(t.device).repeat_interleave(c // norm.num_groups, dim=1) for s in stats)  # (B, C)
     a = rstd * norm.weight.float()
     b = norm.bias.float() - mean * a
-    y = torch.addcmul(b[:, :, None, None], t, a[:, :, None, None])  # fp32 by type promotion, without a copy of t
+    y = t.to(torch.float32, copy=True).mul_(a[:, :, None, None]).add_(b[:, :, None, None])
     return F.silu(y, inplace=True).to(t.dtype)
 
 
@@ -102,7 +104,8 @@ def map_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
     halo fn needs before/after each tile (a padded 3x3 convolution: 1 and 1).
     """
     b, _, h, w = x.shape
-    out = torch.empty(b, out_channels, int(h * scale), int(w * scale), dtype=x.dtype, device=x.device)
+    out = torch.empty(b, out_channels, int(h * scale), int(w * scale), dtype=x.dtype, device=x.device,
+                      memory_format=map_format(x))
     for t in tile_grid(h, w, tile, lo, hi):
         out[t.core(scale)] = fn(x[t.window()].to(device))[t.crop(scale)].to(out.device)
     return out
@@ -143,8 +146,27 @@ def _bf16_on_onednn() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def channels_last(device_type: str, elem: int) -> bool:
+    """Whether the decoder keeps its maps channels-last (NHWC): on the CPU, where oneDNN runs the convolutions, fp32
+    and, where the CPU has it (`_bf16_on_onednn`), 2-byte types. oneDNN computes NHWC maps without reordering them
+    into its channel blocks and back: the full-size decode on 2 Zen 5 cores measured 3.9 -> 3.0 s in bf16 and
+    7.2 -> 5.9 s in fp32 at 512x512, 19.6 -> 14.9 s and 37.8 -> 28.4 s at 1024x1024 (benchmarks/vae_speed.py).
+    torch's own kernel (bf16 on AVX2) would copy every map to NCHW first."""
+    return device_type == "cpu" and (elem == F32 or _bf16_on_onednn())
+
+
+def map_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout a new map made from x keeps: channels-last when x is laid out so (a window of such a map too)."""
+    nhwc = x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+# oneDNN's scratchpad beside an NHWC convolution's reordered weights (measured 10-81 KiB, 3 to 512 channels)
+ONEDNN_NHWC_SCRATCH = 128 << 10
+
+
 def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, contiguous: bool = True,
-              cpu: bool = True) -> int:
+              cpu: bool = True, nhwc: bool = False) -> int:
     """Bytes a convolution allocates besides its output on the CPU, as measured with torch 2.13 (an upper bound of
     every case measured, 3 to 512 channels) and used for CUDA too, where cuDNN's workspace is of the same order or
     less. torch picks the kernel (ConvParams::use_mkldnn): oneDNN for bf16 where the CPU has it (`_bf16_on_onednn`),
@@ -152,8 +174,17 @@ def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, con
     which unfolds the input (k > 1). oneDNN reorders input and output into blocks of 16 channels (narrower maps
     padded up; without AVX512 it blocks by 8: counted as 16, an overcount) and the weights, and a bf16 1x1
     convolution also makes an fp32 copy of its input (and of its output when that is padded). A strided input is
-    made contiguous first. `cpu` False (a GPU's count): this CPU's kernels do not decide."""
-    onednn = (_pad16(cin) * n_in + _pad16(cout) * n_out + cin * cout * k * k) * elem
+    made contiguous first. `cpu` False (a GPU's count): this CPU's kernels do not decide. `nhwc`: channels-last maps
+    (`channels_last`), which oneDNN reads and writes as they are: it holds the weights reordered (twice for k > 1)
+    and a scratchpad; torch's own kernel (small fp32 inputs) unfolds the input and copies the weights."""
+    weights = cin * cout * k * k * elem
+    if nhwc:
+        t = (2 if k > 1 else 1) * weights + ONEDNN_NHWC_SCRATCH
+        if elem == F32:  # a tiled pass's smaller windows may fall under the threshold: the largest such counts
+            own = cin * k * k * min(n_out, ONEDNN_MIN_NUMEL // cin) * elem + weights
+            t = own if cin * n_in <= ONEDNN_MIN_NUMEL else max(t, own)
+        return t + (0 if contiguous else cin * n_in * elem)
+    onednn = _pad16(cin) * n_in * elem + _pad16(cout) * n_out * elem + weights
     if k == 1 and elem == 2:
         onednn += (_pad16(cin) * n_in + (_pad16(cout) * n_out if cout % 16 else 0)) * F32
     unfolded = cin * k * k * n_out * elem
@@ -164,6 +195,17 @@ def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, con
     else:
         t = max(onednn, unfolded) if k == 1 else onednn  # 1x1: the thread count decides; either
     return t + (0 if contiguous else cin * n_in * elem)
+
+
+def sdpa_cpu_buffers(s: int, d: int, elem: int) -> int:
+    """Bytes torch's CPU flash attention (SDPA, one head of d channels over s positions) allocates besides its output:
+    per thread a block of qs x kvs fp32 scores, their row maxima and sums, a qs x d fp32 accumulator (and the block
+    again in a 2-byte type), and one fp32 log-sum-exp per query; qs and kvs as torch 2.13 splits the work (measured
+    exact: 1 and 2 threads, 100 to 4096 positions, 8 to 512 channels, fp32 and bf16)."""
+    qs = 256 if s >= 768 else 64 if s >= 192 else 32
+    kvs = min(512, s)
+    block = (qs * kvs + 2 * qs + qs * d) * F32 + (qs * kvs * elem if elem != F32 else 0)
+    return torch.get_num_threads() * block + s * F32
 
 
 class Peak:
@@ -193,11 +235,12 @@ class Walk:
 
     Untiled steps run on the device with their input x live (the caller holds it and frees it after) and return the
     bytes of the output they allocated. Sizes: c channels, n pixels, `elem` bytes per element of the compute dtype.
-    `cpu`: the pass runs on this CPU, whose kernels decide the convolutions' temporaries (`conv_temp`).
+    `cpu`: the pass runs on this CPU, whose kernels decide the convolutions' temporaries (`conv_temp`); `nhwc`: its
+    maps are channels-last (`channels_last`).
     """
 
-    def __init__(self, elem: int, groups: int, separate: bool = False, cpu: bool = True) -> None:
-        self.e, self.groups, self.separate, self.cpu = elem, groups, separate, cpu
+    def __init__(self, elem: int, groups: int, separate: bool = False, cpu: bool = True, nhwc: bool = False) -> None:
+        self.e, self.groups, self.separate, self.cpu, self.nhwc = elem, groups, separate, cpu, nhwc
         self.device = Peak()
         self.store = Peak() if separate else self.device
 
@@ -210,7 +253,7 @@ class Walk:
              contiguous: bool = True) -> int:
         n_out = n_in if n_out is None else n_out
         out = cout * n_out * self.e
-        self.device.during(out + conv_temp(cin, cout, n_in, n_out, k, self.e, contiguous, self.cpu))
+        self.device.during(out + conv_temp(cin, cout, n_in, n_out, k, self.e, contiguous, self.cpu, self.nhwc))
         return self.device.alloc(out)
 
     def resnet(self, cin: int, cout: int, n: int) -> int:
@@ -224,10 +267,14 @@ class Walk:
         return h
 
     def attention(self, c: int, n: int) -> int:
-        # GroupNorm, q, k, v, the attention output (torch's CPU flash kernel and CUDA's never hold the scores),
-        # to_out, its transposed copy; then x + that
-        self.device.during(6 * c * n * self.e)
-        return self.device.alloc(c * n * self.e)
+        # GroupNorm, q, k, v and the attention output, with the CPU flash kernel's blocks (CUDA's hold no scores);
+        # then to_out beside them (a bf16 Linear on the CPU with oneDNN's scratch: 66-258 KiB measured at 128 and
+        # 512 channels, bounded here), and x + that
+        m = c * n * self.e
+        flash = sdpa_cpu_buffers(n, c, self.e) if self.cpu else 0
+        scratch = max(2 * c * c * self.e, 256 << 10) if self.cpu and self.e != F32 else 0
+        self.device.during(max(5 * m + flash, 6 * m + scratch, 7 * m))
+        return self.device.alloc(m)
 
     def mid(self, c: int, n: int, attention: bool) -> int:
         x = self.resnet(c, c, n)
@@ -238,13 +285,14 @@ class Walk:
     def upsample(self, c: int, h: int, w: int) -> int:
         """vae.upsample_conv on an h x w map: the phases' kernels, x padded, their 2x2 convolution, interleaved."""
         d = self.device
+        taps = d.alloc(12 * self.e)  # PHASE_TAPS, held to the end
         d.during(9 * c * c * self.e)  # einsum's copy of the 3x3 weights
-        kernel = d.alloc((12 + 16 * c * c + 4 * c) * self.e)  # PHASE_TAPS; 4 phases x 2x2 taps; the bias repeated
+        kernel = d.alloc((16 * c * c + 4 * c) * self.e)  # 4 phases x 2x2 taps; the bias repeated
         padded = d.alloc(c * (h + 2) * (w + 2) * self.e)
         y = self.conv(c, 4 * c, (h + 2) * (w + 2), (h + 1) * (w + 1), k=2)
         d.free(padded + kernel)
         out = d.alloc(4 * c * h * w * self.e)
-        d.free(y)
+        d.free(y + taps)
         return out
 
     def downsample(self, c: int, h: int, w: int) -> int:
