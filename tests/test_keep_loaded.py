@@ -40,6 +40,7 @@ def test_a_plan_that_moves_blocks_places_the_kept_model_again(tiny_model):
     assert pipe._models["dit"] is not dit
     fresh = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", ram=ram)
     again = np.asarray(fresh.text_to_image("a fox", width=128, height=128, steps=1, seed=1))
+    assert pipe.plan.stage("vae").tiled and not fresh.plan.stage("vae").tiled  # precondition of the bound below
     # the kept pipeline, holding more, decodes in tiles and the fresh one whole: float rounding, which may move a
     # value by one level (measured: 6 of 49152 by 1); a DiT computing otherwise moves thousands
     diff = np.abs(big.astype(int) - again.astype(int))

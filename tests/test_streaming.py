@@ -5,7 +5,6 @@ The CUDA tests skip cleanly on machines without a GPU; everything else runs on t
 
 from __future__ import annotations
 
-import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,9 +184,9 @@ def test_budget_too_small_names_the_smallest(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--ram" in err and "is too small" in err
     assert list(tmp_path.iterdir()) == []
-    need = float(re.search(r"the smallest plan needs ([\d.]+) MiB", err).group(1)) * 2**20
+    need = float(re.search(r"the smallest plan needs ([\d.]+) MiB", err).group(1)) * 2**20  # to 0.005 MiB
     suggested = re.search(r"Try --ram (\d+)MB", err).group(1)
-    assert int(suggested) == math.ceil(need / 1e6)
+    assert 0 <= int(suggested) * 1e6 - need + 6e3 and int(suggested) * 1e6 - need - 6e3 < 1e6
     assert main([*args, "--ram", f"{suggested}MB"]) == 0 and (tmp_path / "o.png").exists()
 
 

@@ -27,10 +27,14 @@ def case():
 
 
 @torch.no_grad()
-def test_phases_compute_the_upsampled_convolution_in_fp32(case):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_phases_compute_the_upsampled_convolution_in_fp32(case, layout):
+    """NCHW maps, and NHWC ones (vae_tiles.channels_last), which come out NHWC."""
     conv, x = case
-    # measured relative error 3.0e-7 (the taps on one input pixel are summed first); tolerance 3e-6
-    assert rel_err(upsample_conv(x, conv), _reference(x, conv)) <= 3e-6
+    got = upsample_conv(x.contiguous(memory_format=layout), conv)
+    assert got.is_contiguous(memory_format=layout)
+    # measured relative error 3.0e-7 NCHW, 3.1e-7 NHWC (the taps on one input pixel are summed first); tolerance 3e-6
+    assert rel_err(got, _reference(x, conv)) <= 3e-6
 
 
 @torch.no_grad()
@@ -56,16 +60,21 @@ def test_tiles_of_the_phases_match_the_whole_map(case, tile):
     assert rel_err(tiled, upsample_conv(x, conv)) <= 1e-6
 
 
+@pytest.mark.parametrize("nhwc", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("c,h,w", [(32, 20, 12), (64, 33, 17), (8, 40, 24)])
-def test_memory_walk_counts_what_the_phases_allocate(dtype, c, h, w):
-    """vae_tiles.Walk.upsample (what the plan's VAE stages add up) against torch's allocator for upsample_conv."""
+def test_memory_walk_counts_what_the_phases_allocate(dtype, c, h, w, nhwc):
+    """vae_tiles.Walk.upsample (what the plan's VAE stages add up) against torch's allocator for upsample_conv, on
+    NCHW and NHWC maps."""
     conv = torch.nn.Conv2d(c, c, 3, padding=1).to(dtype)
     x = torch.randn(1, c, h, w, dtype=dtype)
+    if nhwc:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         upsample_conv(x, conv)  # oneDNN's one-time setup is not the pass's memory
         allocated = allocated_peak(lambda: upsample_conv(x, conv))
-    walk = Walk(x.element_size(), 4)
+    walk = Walk(x.element_size(), 4, nhwc=nhwc)
     walk.upsample(c, h, w)
-    # counted / allocated measured 1.000 .. 1.27 (oneDNN pads to 16 channels; the einsum's copy is an upper bound)
-    assert allocated <= walk.device.peak <= 1.5 * allocated
+    # counted / allocated measured 1.000 .. 1.27 NCHW (oneDNN pads to 16 channels; the einsum's copy is an upper
+    # bound), 1.00 .. 1.61 NHWC (the scratchpad's bound, large beside these small bf16 maps)
+    assert allocated <= walk.device.peak <= (1.8 if nhwc else 1.5) * allocated

@@ -106,17 +106,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    if cpu_bf16_route(q.device.type, q.dtype, causal):
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal and cpu_has_bf16():
         return _cpu_bf16_attention(q, k, v, min(chunk or CPU_BF16_ROWS, CPU_BF16_ROWS))
     if chunk is None or chunk >= q.shape[2] or causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v)
                       for i in range(0, q.shape[2], chunk)], dim=2)
-
-
-def cpu_bf16_route(device_type: str, dtype: torch.dtype, causal: bool = False) -> bool:
-    """Whether `attention` takes `_cpu_bf16_attention`: bf16, non-causal, on a CPU with native bf16."""
-    return device_type == "cpu" and dtype == torch.bfloat16 and not causal and cpu_has_bf16()
 
 
 def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
@@ -130,7 +125,7 @@ def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows:
     out = torch.empty(q.shape, dtype=q.dtype)
     scaled = (q * q.shape[-1] ** -0.5).flatten(0, 1)
     # two buffers for every head and chunk: no fresh 4 MB allocation (a mapping and its page faults) per product
-    scores, probs = (torch.empty(rows, k.shape[2], dtype=q.dtype) for _ in range(2))
+    scores, probs = (torch.empty(min(rows, q.shape[2]), k.shape[2], dtype=q.dtype) for _ in range(2))
     for qh, kh, vh, oh in zip(scaled, k.flatten(0, 1), v.flatten(0, 1), out.flatten(0, 1), strict=True):
         for i in range(0, qh.shape[0], rows):
             n = min(rows, qh.shape[0] - i)

@@ -21,6 +21,9 @@ from torch import nn
 
 F32 = 4
 ONEDNN_MIN_NUMEL = 20480  # fp32 convolution inputs (batch 1) at or below this size run on torch's own kernel
+# oneDNN's scratchpad beside an NHWC convolution's reordered weights: measured 10-81 KiB at 2 threads (3 to 512
+# channels) and about 4 KiB + 4 KiB a thread up to 64 threads
+NHWC_SCRATCH, NHWC_SCRATCH_PER_THREAD = 96 << 10, 8 << 10
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,22 @@ class VAEMemory:
 
 
 # --- the tiled passes -----------------------------------------------------------------------------------------
+
+
+def channels_last(device_type: str, elem: int) -> bool:
+    """Whether the decoder keeps its maps channels-last (NHWC): on a CPU whose oneDNN runs bf16 (`_bf16_on_onednn`:
+    AVX512), in fp32 and bf16. oneDNN computes NHWC maps without reordering them into its channel blocks and back:
+    the full-size decode on 2 Zen 5 cores measured 3.9 -> 3.0 s in bf16 and 7.2 -> 5.9 s in fp32 at 512x512,
+    19.6 -> 14.9 s and 37.8 -> 28.4 s at 1024x1024 (benchmarks/vae_speed.py). AVX2-only CPUs keep NCHW maps: their
+    kernels' speed and temporaries in NHWC are unmeasured."""
+    return device_type == "cpu" and _bf16_on_onednn()
+
+
+def map_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout a new map made from x keeps: channels-last when x is laid out so (a window of such a map too)."""
+    nhwc = x.dim() == 4 and x.stride(1) == 1 < x.stride(3)
+    return torch.channels_last if nhwc else torch.contiguous_format
+
 
 
 def group_stats(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,25 +165,6 @@ def _bf16_on_onednn() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def channels_last(device_type: str, elem: int) -> bool:
-    """Whether the decoder keeps its maps channels-last (NHWC): on the CPU, where oneDNN runs the convolutions, fp32
-    and, where the CPU has it (`_bf16_on_onednn`), 2-byte types. oneDNN computes NHWC maps without reordering them
-    into its channel blocks and back: the full-size decode on 2 Zen 5 cores measured 3.9 -> 3.0 s in bf16 and
-    7.2 -> 5.9 s in fp32 at 512x512, 19.6 -> 14.9 s and 37.8 -> 28.4 s at 1024x1024 (benchmarks/vae_speed.py).
-    torch's own kernel (bf16 on AVX2) would copy every map to NCHW first."""
-    return device_type == "cpu" and (elem == F32 or _bf16_on_onednn())
-
-
-def map_format(x: torch.Tensor) -> torch.memory_format:
-    """The layout a new map made from x keeps: channels-last when x is laid out so (a window of such a map too)."""
-    nhwc = x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1
-    return torch.channels_last if nhwc else torch.contiguous_format
-
-
-# oneDNN's scratchpad beside an NHWC convolution's reordered weights (measured 10-81 KiB, 3 to 512 channels)
-ONEDNN_NHWC_SCRATCH = 128 << 10
-
-
 def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, contiguous: bool = True,
               cpu: bool = True, nhwc: bool = False) -> int:
     """Bytes a convolution allocates besides its output on the CPU, as measured with torch 2.13 (an upper bound of
@@ -179,7 +179,7 @@ def conv_temp(cin: int, cout: int, n_in: int, n_out: int, k: int, elem: int, con
     and a scratchpad; torch's own kernel (small fp32 inputs) unfolds the input and copies the weights."""
     weights = cin * cout * k * k * elem
     if nhwc:
-        t = (2 if k > 1 else 1) * weights + ONEDNN_NHWC_SCRATCH
+        t = (2 if k > 1 else 1) * weights + NHWC_SCRATCH + NHWC_SCRATCH_PER_THREAD * torch.get_num_threads()
         if elem == F32:  # a tiled pass's smaller windows may fall under the threshold: the largest such counts
             own = cin * k * k * min(n_out, ONEDNN_MIN_NUMEL // cin) * elem + weights
             t = own if cin * n_in <= ONEDNN_MIN_NUMEL else max(t, own)
@@ -269,10 +269,10 @@ class Walk:
     def attention(self, c: int, n: int) -> int:
         # GroupNorm, q, k, v and the attention output, with the CPU flash kernel's blocks (CUDA's hold no scores);
         # then to_out beside them (a bf16 Linear on the CPU with oneDNN's scratch: 66-258 KiB measured at 128 and
-        # 512 channels, bounded here), and x + that
+        # 512 channels on 2 threads, 2.5-4 MiB on 32: bounded here), and x + that
         m = c * n * self.e
         flash = sdpa_cpu_buffers(n, c, self.e) if self.cpu else 0
-        scratch = max(2 * c * c * self.e, 256 << 10) if self.cpu and self.e != F32 else 0
+        scratch = 2 * c * c * self.e + (128 << 10) * torch.get_num_threads() if self.cpu and self.e != F32 else 0
         self.device.during(max(5 * m + flash, 6 * m + scratch, 7 * m))
         return self.device.alloc(m)
 

@@ -177,7 +177,7 @@ def _scratch(sizes: ComponentBytes, req: PlanRequest) -> int:
 def _scores_fn(req: PlanRequest, batch: int, heads: int, seq: int) -> Callable[[int | None], int]:
     """Attention scores, fp32. CUDA SDPA (flash / memory-efficient) never materialises them; torch's CPU SDPA may
     fall back to the math path, which holds heads x rows x S, so cpu plans count that (chunked: rows = chunk). The
-    CPU bf16 route (models/layers.attention) holds less: one head's 256 rows x S at a time."""
+    CPU bf16 route (models/layers.attention) holds less: one head's 512 rows x S, scores and probabilities in bf16."""
     if req.kind == "cuda":
         return lambda chunk: 0
     return lambda chunk: batch * heads * (chunk or seq) * seq * F32
