@@ -53,7 +53,6 @@ def map_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if nhwc else torch.contiguous_format
 
 
-
 def group_stats(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm mean and 1/std over the whole feature map (B, groups), in fp32, one group at a time (reduced where
     it lies: a channels-last map's group is not copied first)."""
