@@ -148,9 +148,10 @@ def test_sdpa_cpu_buffers_are_what_flash_attention_allocates(dtype, s, d):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("c,hw", [(32, (20, 12)), (32, (40, 24)), (512, (32, 32))])
 def test_attention_count_holds_the_attention_block(dtype, c, hw):
-    """The mid block's attention: the kernel's blocks (small maps) or its maps (wide ones) set the peak; measured
-    equal to the count in fp32 and at 512 channels, 1.0-1.27x under it in bf16 at 32 channels (the Linears' scratch
-    bound; a bf16 map of 512 channels below 32 x 32 is overcounted more: up to 2.6x at 8 x 8)."""
+    """The mid block's attention: the kernel's blocks (small maps) or its maps (wide ones) set the peak. Measured:
+    equal to the count in fp32; in bf16 on a CPU with native bf16 (the route of layers.attention) 1.15 at 512
+    channels and up to 1.87 at 32 (the matmul scratch's bound, 512 KiB at 2 threads, beside maps of 15 KiB); with
+    SDPA in bf16 1.0-1.27."""
     block = AttnBlock(c, 8).to(dtype).eval()
     x = torch.randn(1, c, *hw, dtype=dtype)
     with torch.inference_mode():
@@ -158,7 +159,7 @@ def test_attention_count_holds_the_attention_block(dtype, c, hw):
         allocated = allocated_peak(lambda: block(x))
     walk = Walk(x.element_size(), 8)
     walk.attention(c, hw[0] * hw[1])
-    assert allocated <= walk.device.peak <= 1.3 * allocated
+    assert allocated <= walk.device.peak <= 2.0 * allocated
 
 
 @pytest.mark.skipif(not vae_tiles._bf16_on_onednn(), reason="NHWC maps only where oneDNN runs bf16 (AVX512)")

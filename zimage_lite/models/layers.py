@@ -106,12 +106,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not causal and cpu_has_bf16():
+    if cpu_bf16_route(q.device.type, q.dtype, causal):
         return _cpu_bf16_attention(q, k, v, min(chunk or CPU_BF16_ROWS, CPU_BF16_ROWS))
     if chunk is None or chunk >= q.shape[2] or causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v)
                       for i in range(0, q.shape[2], chunk)], dim=2)
+
+
+def cpu_bf16_route(q_device: str, dtype: torch.dtype, causal: bool = False) -> bool:
+    """Whether `attention` takes `_cpu_bf16_attention` (the memory counts ask too)."""
+    return q_device == "cpu" and dtype == torch.bfloat16 and not causal and cpu_has_bf16()
+
+
+def cpu_bf16_route_bytes(heads: int, queries: int, keys: int, dim: int) -> int:
+    """What `_cpu_bf16_attention` allocates besides its output through torch's allocator: the scaled queries and
+    one chunk's scores and probabilities, in bf16 (oneDNN's matmul scratch is not in it)."""
+    return 2 * (heads * queries * dim + 2 * min(CPU_BF16_ROWS, queries) * keys)
 
 
 def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from .layers import attention
 from .vae_tiles import F32, VAEMemory, Walk, channels_last, group_stats, map_tiles, norm_silu, resnet_tiled, window
 
 GN_EPS = 1e-6
@@ -50,7 +51,7 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         t = self.group_norm(x).view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
         q, k, v = (proj(t)[:, None] for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # SDPA: never the (HW)^2 score matrix where avoidable
+        out = attention(q, k, v)[:, 0]  # never the (HW)^2 scores: SDPA's kernels, or the CPU bf16 route's chunks
         return x + self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import cpu_bf16_route, cpu_bf16_route_bytes
+
 F32 = 4
 ONEDNN_MIN_NUMEL = 20480  # fp32 convolution inputs (batch 1) at or below this size run on torch's own kernel
 # oneDNN's scratchpad beside an NHWC convolution's reordered weights: measured 10-81 KiB at 2 threads (3 to 512
@@ -266,13 +268,17 @@ class Walk:
         return h
 
     def attention(self, c: int, n: int) -> int:
-        # GroupNorm, q, k, v and the attention output, with the CPU flash kernel's blocks (CUDA's hold no scores);
-        # then to_out beside them (a bf16 Linear on the CPU with oneDNN's scratch: 66-258 KiB measured at 128 and
-        # 512 channels on 2 threads, 2.5-4 MiB on 32: bounded here), and x + that
+        # GroupNorm, q, k, v and the attention output, with the kernel's temporaries: on the CPU in bf16 the route
+        # of layers.attention (its buffers and the scratch of oneDNN's bf16 matmuls), else the CPU flash kernel's
+        # blocks (CUDA's hold no scores); then to_out beside them (a bf16 Linear on the CPU, with the same scratch),
+        # and x + that. The scratch: 66-450 KiB measured at 128 to 512 channels on 2 threads, 2.5-4 MiB on 32.
         m = c * n * self.e
-        flash = sdpa_cpu_buffers(n, c, self.e) if self.cpu else 0
-        scratch = 2 * c * c * self.e + (128 << 10) * torch.get_num_threads() if self.cpu and self.e != F32 else 0
-        self.device.during(max(5 * m + flash, 6 * m + scratch, 7 * m))
+        scratch = 2 * c * c * self.e + (256 << 10) * torch.get_num_threads() if self.cpu and self.e != F32 else 0
+        if self.cpu and self.e != F32 and cpu_bf16_route("cpu", torch.bfloat16):
+            kernel = cpu_bf16_route_bytes(1, n, n, c) + scratch
+        else:
+            kernel = sdpa_cpu_buffers(n, c, self.e) if self.cpu else 0
+        self.device.during(max(5 * m + kernel, 6 * m + scratch, 7 * m))
         return self.device.alloc(m)
 
     def mid(self, c: int, n: int, attention: bool) -> int:
