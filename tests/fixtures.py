@@ -85,6 +85,17 @@ def optional(name: str) -> tuple[ModuleType | None, pytest.MarkDecorator]:
     return module, pytest.mark.skipif(module is None, reason=f"needs {name}, which is not installed")
 
 
+def load_model(cls, opener, path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """A component's model `cls` built on `meta` and loaded from the files `opener` reads at `path`, as the runtime
+    places it (weights/load.load_module)."""
+    from zimage_lite.weights.load import load_module
+
+    cfg, src = opener(path)
+    with torch.device("meta"):
+        model = cls(cfg)
+    return load_module(model, src, dtype, device, cls.__name__)
+
+
 def allocated_peak(fn) -> int:
     """Peak bytes live through torch's CPU allocator while fn runs, above what was live before it (torch.profiler's
     memory events, in order)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fixtures import PROMPTS, optional, rel_err
+from fixtures import PROMPTS, load_model, optional, rel_err
 
 import zimage_lite
 from zimage_lite.models.dit import ZImageDiT
@@ -21,7 +21,6 @@ from zimage_lite.models.vae_encoder import AutoencoderEncoder
 from zimage_lite.sampling import get_sigmas, model_time
 from zimage_lite.text import PromptTokenizer
 from zimage_lite.weights.components import open_dit, open_text_encoder, open_vae
-from zimage_lite.weights.load import load_module
 
 diffusers, needs_diffusers = optional("diffusers")
 transformers, needs_transformers = optional("transformers")
@@ -39,13 +38,6 @@ DIT_TOL = 1.4e-6  # DiT forward: measured 1.2e-7 .. 1.4e-7
 LATENT_TOL = 1e-5  # final latents after 8 steps, with and without CFG: measured 1.6e-7 .. 1.0e-6
 # 8-bit levels, max over all pixels: measured 1 (one pixel whose float values straddle a rounding boundary)
 IMAGE_TOL = 1
-
-
-def _load(cls, opener, path, dtype=torch.float32):
-    cfg, src = opener(path)
-    with torch.device("meta"):
-        model = cls(cfg)
-    return load_module(model, src, dtype, "cpu", cls.__name__)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +62,7 @@ def test_text_encoder_matches_transformers(tiny_model, lang, embed_scale):
                                            add_generation_prompt=True, enable_thinking=True)
     assert ref_tok(rendered)["input_ids"] == ids.tolist()
     ref = transformers.Qwen3Model.from_pretrained(tiny_model / "text_encoder", dtype=torch.float32).eval()
-    ours = _load(Qwen3Encoder, open_text_encoder, tiny_model / "text_encoder")
+    ours = load_model(Qwen3Encoder, open_text_encoder, tiny_model / "text_encoder")
     with torch.no_grad():
         ref.embed_tokens.weight.mul_(embed_scale)
         # the same scaled rows in ours (its table stays as stored, bf16 here, where scaling would round them)
@@ -85,7 +77,7 @@ def test_text_encoder_matches_transformers(tiny_model, lang, embed_scale):
 @pytest.mark.parametrize("hw,cap_len", [((16, 16), 45), ((12, 18), 64), ((10, 6), 7)])
 def test_dit_forward_matches_diffusers(tiny_model, hw, cap_len):
     ref = diffusers.ZImageTransformer2DModel.from_pretrained(tiny_model / "transformer", dtype=torch.float32)
-    ours = _load(ZImageDiT, open_dit, tiny_model / "transformer")
+    ours = load_model(ZImageDiT, open_dit, tiny_model / "transformer")
     g = torch.Generator().manual_seed(hw[0] * 100 + cap_len)
     x = torch.randn(2, 16, *hw, generator=g)
     caps = [torch.randn(cap_len, 48, generator=g), torch.randn(cap_len // 2 + 1, 48, generator=g)]
@@ -99,7 +91,7 @@ def test_dit_forward_matches_diffusers(tiny_model, hw, cap_len):
 @needs_diffusers
 def test_vae_decode_matches_diffusers(tiny_model):
     ref = diffusers.AutoencoderKL.from_pretrained(tiny_model / "vae", dtype=torch.float32)
-    ours = _load(AutoencoderDecoder, open_vae, tiny_model / "vae")
+    ours = load_model(AutoencoderDecoder, open_vae, tiny_model / "vae")
     lat = torch.randn(1, 16, 12, 10, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref.decode(lat / 0.3611 + 0.1159).sample
@@ -113,7 +105,7 @@ def test_vae_encode_matches_diffusers(tiny_model, sampled):
     """The posterior mean (sample_mode "argmax"), or a sample with the same generator (the img2img default), then
     (z - shift) * scale as diffusers' Z-Image img2img pipeline prepares its latents."""
     ref = diffusers.AutoencoderKL.from_pretrained(tiny_model / "vae", dtype=torch.float32)
-    ours = _load(AutoencoderEncoder, open_vae, tiny_model / "vae")
+    ours = load_model(AutoencoderEncoder, open_vae, tiny_model / "vae")
     image = torch.rand(1, 3, 96, 80, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         dist = ref.encode(image).latent_dist
@@ -182,8 +174,8 @@ BF16_FORWARD_TOL = 0.03
 
 
 def test_bf16_forward_agrees_with_fp32(tiny_model):
-    fp32 = _load(ZImageDiT, open_dit, tiny_model / "transformer")
-    bf16 = _load(ZImageDiT, open_dit, tiny_model / "transformer", torch.bfloat16)
+    fp32 = load_model(ZImageDiT, open_dit, tiny_model / "transformer")
+    bf16 = load_model(ZImageDiT, open_dit, tiny_model / "transformer", torch.bfloat16)
     g = torch.Generator().manual_seed(1)
     x, cap = torch.randn(1, 16, 16, 16, generator=g), torch.randn(20, 48, generator=g)
     t = torch.tensor([0.5])

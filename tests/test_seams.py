@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from fixtures import TINY, make_checkpoint, rel_err
+from fixtures import TINY, load_model, make_checkpoint, rel_err
 from safetensors.torch import save_file
 
 from zimage_lite.config import VAEConfig
@@ -21,13 +21,6 @@ from zimage_lite.weights.names import vae_flux_name
 from zimage_lite.weights.sources import SafetensorsSource
 
 
-def _load(cls, opener, path, dtype=torch.float32):
-    cfg, src = opener(path)
-    with torch.device("meta"):
-        model = cls(cfg)
-    return load_module(model, src, dtype, "cpu", cls.__name__)
-
-
 def _cfg_inputs(times=(0.4, 0.4)):
     """A CFG-style batch of two items whose captions differ in length (back to back in every block)."""
     g = torch.Generator().manual_seed(4)
@@ -37,7 +30,7 @@ def _cfg_inputs(times=(0.4, 0.4)):
 
 @pytest.fixture(scope="module")
 def dit(tiny_model):
-    return _load(ZImageDiT, open_dit, tiny_model / "transformer")
+    return load_model(ZImageDiT, open_dit, tiny_model / "transformer")
 
 
 # Items at different times get their adaLN rows from one batched MLP: BLAS rounding only. Measured 6.1e-7.
@@ -124,8 +117,8 @@ def test_encoder_from_the_flux_ae_layout_is_exact(vae_folder, tmp_path):
     save_file(_flux_ae(vae_folder), tmp_path / "ae.safetensors")
     image = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        want = _load(AutoencoderEncoder, open_vae, vae_folder).encode(image)
-        got = _load(AutoencoderEncoder, open_vae, tmp_path / "ae.safetensors").encode(image)
+        want = load_model(AutoencoderEncoder, open_vae, vae_folder).encode(image)
+        got = load_model(AutoencoderEncoder, open_vae, tmp_path / "ae.safetensors").encode(image)
     assert want.shape == (1, 16, 6, 5)
     assert torch.equal(got, want)
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from fixtures import rel_err
+from fixtures import load_model, rel_err
 
 import zimage_lite
 from zimage_lite.cli import main
@@ -23,17 +23,9 @@ from zimage_lite.models.vae_encoder import AutoencoderEncoder
 from zimage_lite.runtime.devices import CpuDevice
 from zimage_lite.runtime.streamer import Streamer
 from zimage_lite.weights.components import open_dit, open_vae
-from zimage_lite.weights.load import load_module
 
 cuda = pytest.mark.cuda  # skipped without a GPU (conftest); benchmarks/gpu_check.sh selects these
 FP16_TOL = 0.01  # fp16 vs fp32 DiT forward, relative L2: measured 1.4e-3
-
-
-def _load(cls, opener, path, dtype=torch.float32, device="cpu"):
-    cfg, src = opener(path)
-    with torch.device("meta"):
-        model = cls(cfg)
-    return load_module(model, src, dtype, device, cls.__name__)
 
 
 def _inputs(seed=0, hw=(12, 10), cap=20):
@@ -56,8 +48,8 @@ def test_cpu_streaming_renders_the_resident_image(tiny_model):
 
 def test_block_slots_give_the_resident_output(tiny_model):
     """The streamer's slot bookkeeping (blocks in host chunks, two alternating device slots), on the CPU device."""
-    ref = _load(ZImageDiT, open_dit, tiny_model / "transformer")
-    model = _load(ZImageDiT, open_dit, tiny_model / "transformer")
+    ref = load_model(ZImageDiT, open_dit, tiny_model / "transformer")
+    model = load_model(ZImageDiT, open_dit, tiny_model / "transformer")
     blocks = [b.module for b in model.schedule()]
     streamed = [i % 3 != 0 for i in range(len(blocks))]
     streamer = Streamer(blocks, streamed, CpuDevice())
@@ -73,7 +65,7 @@ def test_block_slots_give_the_resident_output(tiny_model):
 
 
 def test_chunked_attention_matches(tiny_model):
-    model = _load(ZImageDiT, open_dit, tiny_model / "transformer")
+    model = load_model(ZImageDiT, open_dit, tiny_model / "transformer")
     x, t, caps = _inputs(1, (16, 16), 40)
     with torch.no_grad():
         want = model(x, t, caps)
@@ -90,7 +82,7 @@ TILE_TOL = 8e-6
 
 @pytest.mark.parametrize("tile", [16, 9, 5])  # 16: 3x2 tiles; 9 and 5: ragged edges
 def test_tiled_vae_decode_matches_untiled(tiny_model, tile):
-    vae = _load(AutoencoderDecoder, open_vae, tiny_model / "vae")
+    vae = load_model(AutoencoderDecoder, open_vae, tiny_model / "vae")
     lat = torch.randn(1, 16, 40, 24, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         whole, tiled = vae.decode(lat), vae.decode(lat, tile=tile)
@@ -100,7 +92,7 @@ def test_tiled_vae_decode_matches_untiled(tiny_model, tile):
 
 @pytest.mark.parametrize("tile", [16, 9, 5])
 def test_tiled_vae_encode_matches_untiled(tiny_model, tile):
-    vae = _load(AutoencoderEncoder, open_vae, tiny_model / "vae")
+    vae = load_model(AutoencoderEncoder, open_vae, tiny_model / "vae")
     image = torch.rand(1, 3, 320, 192, generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
         whole, tiled = vae.encode(image), vae.encode(image, tile=tile)
@@ -112,7 +104,7 @@ def test_fp16_guard_keeps_latents_finite(tiny_model, monkeypatch):
     """FFN weights scaled so that silu(w1 x) * w3 x exceeds fp16's range (each factor stays in it), as in the real
     model: without the guard the output is not finite (the precondition: this input does overflow), with it every
     value is finite."""
-    model = _load(ZImageDiT, open_dit, tiny_model / "transformer", torch.float16)
+    model = load_model(ZImageDiT, open_dit, tiny_model / "transformer", torch.float16)
     for block in [b.module for b in model.schedule()]:
         block.feed_forward.w1.weight.data *= 300
         block.feed_forward.w3.weight.data *= 300
@@ -128,8 +120,8 @@ def test_fp16_guard_keeps_latents_finite(tiny_model, monkeypatch):
 
 
 def test_fp16_run_agrees_with_fp32(tiny_model):
-    ref = _load(ZImageDiT, open_dit, tiny_model / "transformer")
-    half = _load(ZImageDiT, open_dit, tiny_model / "transformer", torch.float16)
+    ref = load_model(ZImageDiT, open_dit, tiny_model / "transformer")
+    half = load_model(ZImageDiT, open_dit, tiny_model / "transformer", torch.float16)
     x, t, caps = _inputs()
     with torch.no_grad():
         a, b = ref(x, t, caps), half(x.half(), t, [c.half() for c in caps]).float()

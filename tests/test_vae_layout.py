@@ -5,32 +5,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import rel_err
+from fixtures import load_model, rel_err
 
 from zimage_lite.models import vae as vae_module
 from zimage_lite.models import vae_tiles
 from zimage_lite.models.vae import AutoencoderDecoder
 from zimage_lite.models.vae_tiles import channels_last
 from zimage_lite.weights.components import open_vae
-from zimage_lite.weights.load import load_module
 
 # The two layouts' convolutions sum in different orders. Measured on these inputs (Zen 5, torch 2.13): fp32 3.7e-6
 # whole, 9.0e-7 tiled, 7.2e-6 batch of 2; bf16 1.3e-2 .. 1.4e-2 (every map rounded to bf16 after other sums)
 LAYOUT_TOL = {torch.float32: 5e-5, torch.bfloat16: 5e-2}
 
 
-def _decoder(path, dtype) -> AutoencoderDecoder:
-    cfg, src = open_vae(path / "vae")
-    with torch.device("meta"):
-        model = AutoencoderDecoder(cfg)
-    return load_module(model, src, dtype, "cpu", "AutoencoderDecoder")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("batch", "tile"), [(1, None), (1, 9), (2, None)])
 def test_channels_last_decode_gives_the_nchw_image(tiny_model, monkeypatch, dtype, batch, tile):
     """Forced each way (the rule itself depends on the CPU: the next test)."""
-    vae = _decoder(tiny_model, dtype)
+    vae = load_model(AutoencoderDecoder, open_vae, tiny_model / "vae", dtype)
     latent = torch.randn(batch, 16, 40, 24, generator=torch.Generator().manual_seed(3))
     nhwc_inputs = []
     for m in vae.modules():

@@ -14,7 +14,18 @@ from torch import nn
 
 from ..config import VAEConfig
 from .layers import attention
-from .vae_tiles import F32, VAEMemory, Walk, channels_last, group_stats, map_tiles, norm_silu, resnet_tiled, window
+from .vae_tiles import (
+    F32,
+    VAEMemory,
+    Walk,
+    channels_last,
+    group_stats,
+    map_format,
+    map_tiles,
+    norm_silu,
+    resnet_tiled,
+    window,
+)
 
 GN_EPS = 1e-6
 
@@ -86,19 +97,15 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     kernel = torch.einsum("yak,oikl,xbl->yxoiab", taps, conv.weight, taps).reshape(4 * cout, -1, 2, 2)
     y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel, conv.bias.repeat(4))
     del kernel
-    if y.is_contiguous(memory_format=torch.channels_last):  # NHWC maps (vae_tiles.channels_last) stay NHWC
-        phases = y.permute(0, 2, 3, 1).view(b, h + 1, w + 1, 2, 2, cout)
-        out = torch.empty(b, h, 2, w, 2, cout, dtype=y.dtype, device=y.device)
-        for py in range(2):
-            for px in range(2):
-                out[:, :, py, :, px] = phases[:, py:py + h, px:px + w, py, px]
-        return out.view(b, 2 * h, 2 * w, cout).permute(0, 3, 1, 2)
-    y = y.view(b, 2, 2, cout, h + 1, w + 1)
-    out = torch.empty(b, cout, h, 2, w, 2, dtype=y.dtype, device=y.device)
+    # y's channels are (phase row, phase column, channel); both read as (b, row, column, py, px, channel), and the
+    # output, in y's layout (NHWC maps stay NHWC: vae_tiles.channels_last), as (b, i, py, j, px, channel)
+    phases = y.view(b, 2, 2, cout, h + 1, w + 1).permute(0, 4, 5, 1, 2, 3)
+    out = torch.empty(b, cout, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=map_format(y))
+    grid = out.permute(0, 2, 3, 1).view(b, h, 2, w, 2, cout)
     for py in range(2):
         for px in range(2):  # phase (py, px) of output pixel (i, j) read input rows i-1+py, i+py: y's row i+py
-            out[:, :, :, py, :, px] = y[:, py, px, :, py:py + h, px:px + w]
-    return out.view(b, cout, 2 * h, 2 * w)
+            grid[:, :, py, :, px] = phases[:, py:py + h, px:px + w, py, px]
+    return out
 
 
 class Upsample(nn.Module):

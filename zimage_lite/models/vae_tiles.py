@@ -273,8 +273,9 @@ class Walk:
         # blocks (CUDA's hold no scores); then to_out beside them (a bf16 Linear on the CPU, with the same scratch),
         # and x + that. The scratch: 66-450 KiB measured at 128 to 512 channels on 2 threads, 2.5-4 MiB on 32.
         m = c * n * self.e
-        scratch = 2 * c * c * self.e + (256 << 10) * torch.get_num_threads() if self.cpu and self.e != F32 else 0
-        if self.cpu and self.e != F32 and cpu_bf16_route("cpu", torch.bfloat16):
+        bf16_cpu = self.cpu and self.e != F32
+        scratch = 2 * c * c * self.e + (256 << 10) * torch.get_num_threads() if bf16_cpu else 0
+        if bf16_cpu and cpu_bf16_route("cpu", torch.bfloat16):
             kernel = cpu_bf16_route_bytes(1, n, n, c) + scratch
         else:
             kernel = sdpa_cpu_buffers(n, c, self.e) if self.cpu else 0
