@@ -37,7 +37,8 @@ resident and against diffusers' group offloading, memory per stage against the p
 """
 # A pipeline run's events and the plan's stages they belong to
 EVENT_PLAN = {"encoded": "text_encoder", "step": "dit", "decoded": "vae"}
-PEAKS = ("peak_device_bytes", "peak_reserved_bytes", "host_peak_bytes", "pinned_bytes", "pinned_peak_bytes")
+PEAKS = ("peak_device_bytes", "peak_reserved_bytes", "host_peak_bytes", "pinned_bytes", "pinned_peak_bytes",
+         "code_rss_bytes", "heap_rss_bytes")  # the last two: at each event (run.py `process_growth`)
 
 
 def steady(times: list[float]) -> float:
@@ -233,11 +234,15 @@ def gpu_run_table(rows: list[dict]) -> list[str]:
                    f"{gib_cell(r['host_peak_bytes'])} | {d['load_seconds']:.1f} |")
     out += ["", "Our runs per stage against the plan (planned host: what the plan says the stage holds in RAM; above "
             "baseline: the stage's peak RSS minus the RSS before any weight was read (interpreter, torch, CUDA "
-            "context); pinned: bytes torch's pinned host allocator held at the stage's end; wall: the stage's "
+            "context); of which code and heap: how far the RSS of executable file maps (library code, paged in as "
+            "kernels first run) and of the heap (the interpreter's objects and caches) had grown past the baseline "
+            "at the stage's largest event, which no plan counts as a stage's tensors (runs before 2026-12-04 did not "
+            "record them); pinned: bytes torch's pinned host allocator held at the stage's end; wall: the stage's "
             "seconds with loading its weights):", "",
             "| run | stage | planned device GiB | allocated GiB | reserved GiB | planned host GiB | "
-            "planned pinned GiB | host peak GiB | above baseline GiB | pinned GiB | wall s |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "planned pinned GiB | host peak GiB | above baseline GiB | of which code MiB | of which heap MiB | "
+            "pinned GiB | wall s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r or r["impl"] != "zimage-lite":
             continue
@@ -248,11 +253,19 @@ def gpu_run_table(rows: list[dict]) -> list[str]:
                        f"{gib_cell(plan.get('host_bytes'))} | {gib_cell(plan.get('pinned_bytes'))} | "
                        f"{gib_cell(f['host_peak_bytes'])} | "
                        f"{gib_cell(f['host_peak_bytes'] - r['baseline_rss_bytes'])} | "
+                       f"{_growth_cell(r, f, 'code_rss_bytes')} | {_growth_cell(r, f, 'heap_rss_bytes')} | "
                        f"{gib_cell(f['pinned_bytes'])} | {f['wall_seconds']:.1f} |")
     for r in rows:
         if "plan_text" in r and r["settings"] == "capped":
             out += ["", "The capped run's plan, as `zimage-lite plan` prints it:", "", "```", r["plan_text"], "```"]
     return out
+
+
+def _growth_cell(r: dict, f: dict, key: str) -> str:
+    """MiB the RSS part `key` grew by from the run's baseline to a stage's largest event; blank where unrecorded."""
+    if f.get(key) is None or f"baseline_{key}" not in r:
+        return ""
+    return f"{(f[key] - r[f'baseline_{key}']) / 2**20:.0f}"
 
 
 def _settings(r: dict) -> str:

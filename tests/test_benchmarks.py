@@ -40,10 +40,15 @@ def test_pipeline_memory_rows_put_each_stage_beside_its_plan(tmp_path):
     assert row["component"] == "pipeline" and Path(row["weights"]).suffix == Path(row["text_encoder"]).suffix == ".gguf"
     assert [e["stage"] for e in row["events"]] == ["encoded", "step", "decoded"]
     assert set(row["plan"]) == {"text_encoder", "dit", "vae"} and row["baseline_rss_bytes"] > 0
+    if Path("/proc/self/smaps").exists():  # running the stages' kernels pages library code in; the heap is there
+        assert row["events"][-1]["code_rss_bytes"] > row["baseline_code_rss_bytes"] > 0
+        assert min(e["heap_rss_bytes"] for e in row["events"]) > 0
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
                             capture_output=True, text=True).stdout
     assert "## Whole pipeline per stage against the plan: demo, DiT and text encoder Q4_K_M, cpu, 64x64" in report
-    assert len([ln for ln in report.splitlines() if ln.startswith("| default budget |")]) == 3  # one per stage
+    stages = [ln.split("|") for ln in report.splitlines() if ln.startswith("| default budget |")]
+    assert len(stages) == 3  # one per stage, with the code and heap growth where /proc tells them
+    assert all(cells[10].strip().lstrip("-").isdigit() == Path("/proc/self/smaps").exists() for cells in stages)
 
 
 @pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="the harness measures peak RSS with GNU time")
