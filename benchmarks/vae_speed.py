@@ -2,6 +2,10 @@
 
     flock /work/wt/fullsize.lock python benchmarks/vae_speed.py --json benchmarks/results/cpu-vae.json
 
+`--encode`: the encoder instead (img2img, inpainting and control images), on a random image of that size, two
+variants interleaved: `encode NCHW` (NCHW maps, ours before) and `encode` (the maps as the runtime lays them out now,
+channels-last where vae_tiles.channels_last says so).
+
 One process loads the VAE of the `--preset turbo` cache folder (random weights, the real shapes) per dtype and
 decodes a random latent of --width x --height pixels with three variants, interleaved (A B C, then C B A, so that
 drift and other processes' load fall on all): `upsampled` (nearest x2, then the 3x3 convolution on the upsampled
@@ -22,6 +26,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,11 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.run import DEFAULT_CACHE, DTYPES, append_rows, machine  # noqa: E402
 from zimage_lite.models import vae as vae_module  # noqa: E402
+from zimage_lite.models import vae_encoder  # noqa: E402
 from zimage_lite.models.vae import AutoencoderDecoder  # noqa: E402
+from zimage_lite.models.vae_encoder import AutoencoderEncoder  # noqa: E402
 from zimage_lite.weights.components import open_component  # noqa: E402
 from zimage_lite.weights.load import load_module  # noqa: E402
 
 VARIANTS = ("upsampled", "phases NCHW", "phases")
+ENCODE_VARIANTS = ("encode NCHW", "encode")
 # profiler op name -> kind; the rest is "other"
 KINDS = {"mkldnn_convolution": "conv", "convolution": "conv", "native_group_norm": "group_norm",
          "_scaled_dot_product_flash_attention_for_cpu": "attention", "bmm": "matmul", "addmm": "matmul",
@@ -50,9 +58,10 @@ def upsampled(self: vae_module.Upsample, x: torch.Tensor) -> torch.Tensor:
     return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def flop_hooks(decoder: AutoencoderDecoder, total: list[float]) -> list:
-    """Forward hooks adding each layer's FLOPs to total[0] (as the upsampled form counts them, so both variants'
-    effective GFLOP/s compare): convolutions, linear layers, the attention's two matmuls. Remove them after."""
+def flop_hooks(model: torch.nn.Module, total: list[float]) -> list:
+    """Forward hooks adding each layer's FLOPs to total[0] (for the decoder as the upsampled form counts them, so
+    all variants' effective GFLOP/s compare): convolutions, linear layers, the attention's two matmuls. Remove them
+    after."""
 
     def conv(m: torch.nn.Conv2d, args: tuple, out: torch.Tensor) -> None:
         total[0] += 2 * out.numel() * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
@@ -65,7 +74,7 @@ def flop_hooks(decoder: AutoencoderDecoder, total: list[float]) -> list:
         total[0] += 2 * 2 * b * (h * w) ** 2 * c
 
     hooks = {torch.nn.Conv2d: conv, torch.nn.Linear: linear, vae_module.AttnBlock: attention}
-    return [m.register_forward_hook(hook) for m in decoder.modules() for kind, hook in hooks.items()
+    return [m.register_forward_hook(hook) for m in model.modules() for kind, hook in hooks.items()
             if isinstance(m, kind)]
 
 
@@ -84,12 +93,12 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def profiled_decode(decoder: AutoencoderDecoder, latent: torch.Tensor) -> tuple[float, dict[str, float]]:
-    """One decode: its wall seconds and its self CPU seconds per kind of op."""
+def profiled(fn) -> tuple[float, dict[str, float]]:
+    """One call of fn (a decode or an encode): its wall seconds and its self CPU seconds per kind of op."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        seconds = _seconds(lambda: decoder.decode(latent))
+        seconds = _seconds(fn)
     kinds: dict[str, float] = {}
     for e in prof.key_averages():
         kind = KINDS.get(e.key.removeprefix("aten::"), "other")
@@ -124,6 +133,7 @@ def main() -> int:
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--json", help="append the rows to this JSON file (a list)")
     p.add_argument("--layers", action="store_true", help="only time the upsampling layers alone (no files), print")
+    p.add_argument("--encode", action="store_true", help="time the encoder (NCHW against the runtime's layout)")
     args = p.parse_args()
     if args.layers:
         with torch.inference_mode():
@@ -137,6 +147,11 @@ def main() -> int:
     info = {"component": "vae", "command": f"python benchmarks/vae_speed.py {' '.join(sys.argv[1:])}",
             "machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": "cpu", "width": args.width,
             "height": args.height, "threads": torch.get_num_threads()}
+    if args.encode:
+        rows = encode_rows(comp, args, info)
+        if args.json:
+            append_rows(Path(args.json), rows)
+        return 0
     phases, layout, rows = vae_module.Upsample.forward, vae_module.channels_last, []
 
     def nchw(device: str, elem: int) -> bool:
@@ -158,7 +173,7 @@ def main() -> int:
                         vae_module.channels_last = nchw
                     hooks = flop_hooks(decoder, flops) if variant == "upsampled" and not flops[0] else []
                     try:
-                        runs[variant].append(profiled_decode(decoder, latent))
+                        runs[variant].append(profiled(partial(decoder.decode, latent)))
                     finally:
                         vae_module.Upsample.forward, vae_module.channels_last = phases, layout
                         for h in hooks:
@@ -175,6 +190,40 @@ def main() -> int:
     if args.json:
         append_rows(Path(args.json), rows)
     return 0
+
+
+def encode_rows(comp, args: argparse.Namespace, info: dict) -> list[dict]:
+    """The encoder per dtype, `encode NCHW` and `encode` interleaved (A B, B A), as rows like the decoder's."""
+    image = torch.rand(1, 3, args.height, args.width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    layout, rows = vae_encoder.channels_last, []
+    with torch.inference_mode():
+        for name in args.dtypes.split(","):
+            with torch.device("meta"):
+                encoder = AutoencoderEncoder(comp.config)
+            encoder = load_module(encoder, comp.source, DTYPES[name], "cpu", "VAE")
+            flops, load = [0.0], [round(v, 2) for v in os.getloadavg()]
+            roof = conv_roof(DTYPES[name], args.height // 8)
+            runs: dict[str, list] = {v: [] for v in ENCODE_VARIANTS}
+            for order in (ENCODE_VARIANTS, ENCODE_VARIANTS[::-1]):
+                for variant in order:
+                    if variant == "encode NCHW":
+                        vae_encoder.channels_last = lambda device, elem: False
+                    hooks = flop_hooks(encoder, flops) if not flops[0] else []
+                    try:
+                        runs[variant].append(profiled(partial(encoder.encode, image)))
+                    finally:
+                        vae_encoder.channels_last = layout
+                        for h in hooks:
+                            h.remove()
+                    print(f"{name} {variant}: {runs[variant][-1][0]:.1f} s", file=sys.stderr, flush=True)
+            for variant, measured in runs.items():
+                row = {**info, "dtype": name, "variant": variant, "seconds": [t for t, _ in measured],
+                       "flops": int(flops[0]), "conv_roof_gflops": round(roof, 1), "ops_seconds": min(measured)[1],
+                       "load_before": load, "load_after": [round(v, 2) for v in os.getloadavg()]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            del encoder
+    return rows
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from torch import nn
 from ..config import VAEConfig
 from ..errors import ShapeError
 from .vae import GN_EPS, MidBlock, ResnetBlock
-from .vae_tiles import F32, VAEMemory, Walk, map_tiles, resnet_tiled, window
+from .vae_tiles import F32, VAEMemory, Walk, channels_last, map_tiles, resnet_tiled, window
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped before use, as diffusers does
 
@@ -97,16 +97,18 @@ class AutoencoderEncoder(nn.Module):
                              f"and W multiples of {scale}")
         weight = self.encoder.conv_in.weight
         h, w = image.shape[2] // scale, image.shape[3] // scale
+        nhwc = channels_last(weight.device.type, weight.element_size())  # the decoder's rule
+        layout = torch.channels_last if nhwc else torch.contiguous_format
         if tile is None or (h <= tile and w <= tile):
-            moments = self.encoder(image.to(weight.device, weight.dtype))
+            moments = self.encoder(image.to(weight.device, weight.dtype, memory_format=layout))
         else:
-            moments = encode_tiled(self.encoder, image.to(weight.dtype), tile, weight.device)
+            moments = encode_tiled(self.encoder, image.to(weight.dtype, memory_format=layout), tile, weight.device)
         mean, logvar = moments.float().chunk(2, dim=1)
         z = mean
         if generator is not None:
             std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
             z = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
-        return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
+        return ((z - self.cfg.shift_factor) * self.cfg.scaling_factor).contiguous()
 
 
 def encode_tiled(encoder: Encoder, image: torch.Tensor, tile: int, device: torch.device) -> torch.Tensor:
@@ -133,11 +135,13 @@ def encode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
     (vae_tiles.Walk)."""
     chans, scale = cfg.block_out_channels, cfg.scale
     tiled = tile is not None and (h > tile or w > tile)
-    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu", cpu=device == "cpu")
+    nhwc = channels_last(device, elem)
+    walk = Walk(elem, cfg.norm_num_groups, separate=tiled and device != "cpu", cpu=device == "cpu", nhwc=nhwc)
     hh, ww = h * scale, w * scale
     image = cfg.out_channels * hh * ww * elem
-    # the image in the compute dtype where the pass reads it (host memory when tiled): a copy unless it already is
-    if elem != F32 or (device != "cpu" and not tiled):
+    # the image in the compute dtype and layout where the pass reads it (host memory when tiled): a copy unless it
+    # already is
+    if elem != F32 or nhwc or (device != "cpu" and not tiled):
         (walk.store if tiled else walk.device).alloc(image)
     px = tile * scale if tiled else None
     if tiled:
@@ -148,9 +152,10 @@ def encode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
         x = walk.conv(cfg.out_channels, chans[0], hh * ww)
     c = chans[0]
     for level, width in enumerate(chans):
-        for _ in range(cfg.layers_per_block):
+        block_input = x  # untiled, Encoder.forward holds a down block's input until the block returns
+        for i in range(cfg.layers_per_block):
             if not tiled:
-                x = walk.then(x, walk.resnet(c, width, hh * ww))
+                x = walk.then(x if i else 0, walk.resnet(c, width, hh * ww))
             elif width > c:
                 x = walk.then(x, walk.resnet_tiled(c, width, hh, ww, px), walk.store)
             else:
@@ -166,6 +171,8 @@ def encode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
             else:
                 x = walk.then(x, walk.downsample(c, hh, ww))
             hh, ww = hh // 2, ww // 2
+        if not tiled:
+            walk.device.free(block_input)
     n = h * w
     if tiled:  # the last map stays referenced until the pass ends; on a GPU the mid block reads a copy
         x = walk.device.alloc(x) if walk.separate else 0
@@ -174,5 +181,7 @@ def encode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
     # moments in fp32, then the latents: a sample's clamp, exp, noise and sums, and the scaling, at most six at once
     latent = cfg.latent_channels * n * F32
     walk.device.during((2 * latent if elem != F32 else 0) + 6 * latent)
+    if nhwc:  # the latents in NHWC beside their contiguous copy
+        walk.device.during(latent)
     walk.device.alloc(latent)
     return VAEMemory(walk.device.peak, walk.store.peak if walk.separate else 0)

@@ -41,11 +41,12 @@ class VAEMemory:
 
 
 def channels_last(device_type: str, elem: int) -> bool:
-    """Whether the decoder keeps its maps channels-last (NHWC): on a CPU whose oneDNN runs bf16 (`_bf16_on_onednn`:
-    AVX512), in fp32 and bf16. oneDNN computes NHWC maps without reordering them into its channel blocks and back:
-    the full-size decode on 2 Zen 5 cores measured 3.9 -> 3.0 s in bf16 and 7.2 -> 5.9 s in fp32 at 512x512,
-    19.6 -> 14.9 s and 37.8 -> 28.4 s at 1024x1024 (benchmarks/vae_speed.py). AVX2-only CPUs keep NCHW maps: their
-    kernels' speed and temporaries in NHWC are unmeasured."""
+    """Whether the VAE (decoder and encoder) keeps its maps channels-last (NHWC): on a CPU whose oneDNN runs bf16
+    (`_bf16_on_onednn`: AVX512), in fp32 and bf16. oneDNN computes NHWC maps without reordering them into its channel
+    blocks and back: the full-size decode on 2 Zen 5 cores measured 3.9 -> 3.0 s in bf16 and 7.2 -> 5.9 s in fp32 at
+    512x512, 19.6 -> 14.9 s and 37.8 -> 28.4 s at 1024x1024; the encode 2.1 -> 1.55 s and 4.0 -> 3.25 s at 512x512,
+    9.1 -> 6.5 s and 22.2 -> 17.1 s at 1024x1024 (benchmarks/vae_speed.py [--encode]). AVX2-only CPUs keep NCHW
+    maps: their kernels' speed and temporaries in NHWC are unmeasured."""
     return device_type == "cpu" and _bf16_on_onednn()
 
 
