@@ -38,7 +38,7 @@ resident and against diffusers' group offloading, memory per stage against the p
 # A pipeline run's events and the plan's stages they belong to
 EVENT_PLAN = {"encoded": "text_encoder", "step": "dit", "decoded": "vae"}
 PEAKS = ("peak_device_bytes", "peak_reserved_bytes", "host_peak_bytes", "pinned_bytes", "pinned_peak_bytes",
-         "code_rss_bytes", "heap_rss_bytes")  # the last two: at each event (run.py `process_growth`)
+         "code_rss_bytes", "heap_rss_bytes")  # the last two: at each event (runtime/memory.code_and_heap_rss)
 
 
 def steady(times: list[float]) -> float:
@@ -128,10 +128,11 @@ def vae_table(rows: list[dict]) -> list[str]:
     out = ["| dtype | variant | runs, s | mean s | effective GFLOP/s | vs the first variant | conv roof GFLOP/s | "
            "self time by op (best run) | load avg before, after |", "|---|---|---|---:|---:|---:|---:|---|---|"]
     mean = {(r["dtype"], r["variant"]): sum(r["seconds"]) / len(r["seconds"]) for r in rows}
+    first = {}  # per dtype, its first variant's mean
     for r in rows:
         m = mean[(r["dtype"], r["variant"])]
         ops = ", ".join(f"{k} {v:.1f}" for k, v in r["ops_seconds"].items() if v >= 0.05)
-        ratio = m / mean[(r["dtype"], "encode NCHW" if r["variant"].startswith("encode") else "upsampled")]
+        ratio = m / first.setdefault(r["dtype"], m)
         out.append(f"| {r['dtype']} | {r['variant']} | {', '.join(f'{t:.1f}' for t in r['seconds'])} | {m:.1f} | "
                    f"{r['flops'] / 1e9 / m:.0f} | {ratio:.3f} | {r['conv_roof_gflops']:.0f} | "
                    f"{ops} | {r['load_before'][0]:.1f}, {r['load_after'][0]:.1f} |")
@@ -235,10 +236,10 @@ def gpu_run_table(rows: list[dict]) -> list[str]:
     out += ["", "Our runs per stage against the plan (planned host: what the plan says the stage holds in RAM; above "
             "baseline: the stage's peak RSS minus the RSS before any weight was read (interpreter, torch, CUDA "
             "context); of which code and heap: how far the RSS of executable file maps (library code, paged in as "
-            "kernels first run) and of the heap (the interpreter's objects and caches) had grown past the baseline "
-            "at the stage's largest event, which no plan counts as a stage's tensors (runs before 2026-12-04 did not "
-            "record them); pinned: bytes torch's pinned host allocator held at the stage's end; wall: the stage's "
-            "seconds with loading its weights):", "",
+            "kernels first run) and of the main malloc arena (`[heap]`: the main thread's blocks under the mapping "
+            "threshold) had grown past the baseline, the largest over the stage's events: no plan counts either as "
+            "a stage's tensors (runs before 2026-12-04 did not record them); pinned: bytes torch's pinned host "
+            "allocator held at the stage's end; wall: the stage's seconds with loading its weights):", "",
             "| run | stage | planned device GiB | allocated GiB | reserved GiB | planned host GiB | "
             "planned pinned GiB | host peak GiB | above baseline GiB | of which code MiB | of which heap MiB | "
             "pinned GiB | wall s |",
@@ -263,7 +264,7 @@ def gpu_run_table(rows: list[dict]) -> list[str]:
 
 def _growth_cell(r: dict, f: dict, key: str) -> str:
     """MiB the RSS part `key` grew by from the run's baseline to a stage's largest event; blank where unrecorded."""
-    if f.get(key) is None or f"baseline_{key}" not in r:
+    if f"baseline_{key}" not in r:
         return ""
     return f"{(f[key] - r[f'baseline_{key}']) / 2**20:.0f}"
 
@@ -318,17 +319,19 @@ def render(rows: list[dict]) -> str:
                       "with one, with four, each LoRA on every linear; their forwards alternate (0, 1, 4, 0, 1, "
                       "4, ...). The first round is dropped. Target: at most 3% per LoRA."]
         elif component == "vae":
-            what = "encode" if first["variant"].startswith("encode") else "decode"
-            lines += [f"## VAE {what}, full-size FLUX VAE, {first['device']}, {first['width']}x{first['height']}", "",
-                      "One process, the variants interleaved (A B .., then .. B A): `encode NCHW` the encoder on NCHW "
-                      "maps (ours before), `encode` on the maps the runtime lays out (channels-last where "
-                      "vae_tiles.channels_last says so); `upsampled` is nearest x2 then "
-                      "the 3x3 convolution (diffusers', and ours at first); `phases` one 2x2 convolution per output "
-                      "phase on the low-resolution map, with channels-last maps where the runtime keeps them (ours "
-                      "now; rows of earlier runs: NCHW maps), `phases NCHW` the same on NCHW maps (ours before). "
-                      "GFLOP/s count the upsampled form's FLOPs for all. The roof: one 512-channel 3x3 convolution "
-                      "(NCHW) at the latent's size, same run. A load average above the core count means other "
-                      "processes shared the CPU."]
+            encode = first["variant"].startswith("encode")
+            variants = ("`encode NCHW` the encoder on NCHW maps (ours before), `encode` on the maps the runtime lays "
+                        "out (channels-last where vae_tiles.channels_last says so). GFLOP/s count its layers' FLOPs"
+                        if encode else
+                        "`upsampled` is nearest x2 then the 3x3 convolution (diffusers', and ours at first); `phases` "
+                        "one 2x2 convolution per output phase on the low-resolution map, with channels-last maps "
+                        "where the runtime keeps them (ours now; rows of earlier runs: NCHW maps), `phases NCHW` the "
+                        "same on NCHW maps (ours before). GFLOP/s count the upsampled form's FLOPs for all")
+            lines += [f"## VAE {'encode' if encode else 'decode'}, full-size FLUX VAE, {first['device']}, "
+                      f"{first['width']}x{first['height']}", "",
+                      f"One process, the variants interleaved (A B .., then .. B A): {variants}. The roof: one "
+                      "512-channel 3x3 convolution (NCHW) at the latent's size, same run. A load average above the "
+                      "core count means other processes shared the CPU."]
         elif component == "dequant":
             shape = "x".join(map(str, first["shape"]))
             lines += [f"## Dequantizing one {shape} weight to bf16 on the CPU", "",

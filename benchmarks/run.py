@@ -209,30 +209,6 @@ def memory_figures(device: torch.device) -> dict:
     return out
 
 
-def process_growth() -> dict:
-    """Two parts of the RSS that are no stage's tensors, read from /proc/self/smaps ({} where there is none): the
-    resident pages of executable file maps (library code: torch's kernels page theirs in when first run) and of the
-    heap (the interpreter's objects and caches, blocks below the mapping threshold). A stage's RSS above the run's
-    baseline holds what they grew by beside what the plan counts."""
-    code = heap = 0
-    try:
-        with open("/proc/self/smaps", encoding="utf-8", errors="replace") as f:
-            kind = None
-            for line in f:
-                fields = line.split()
-                if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a map's first line
-                    path = fields[5] if len(fields) > 5 else ""
-                    kind = "code" if "x" in fields[1] and path.startswith("/") else "heap" if path == "[heap]" else None
-                elif fields[:1] == ["Rss:"] and kind:
-                    if kind == "code":
-                        code += int(fields[1]) * 1024
-                    else:
-                        heap += int(fields[1]) * 1024
-    except OSError:
-        return {}
-    return {"code_rss_bytes": code, "heap_rss_bytes": heap}
-
-
 def _pipeline(spec: dict, device: torch.device) -> dict:
     """Our pipeline, prompt to image, through the public API only (`load`, `generate`, `plan`): per event its
     seconds, the wall time since the previous event (which includes loading the stage's weights), device peaks
@@ -241,7 +217,7 @@ def _pipeline(spec: dict, device: torch.device) -> dict:
     import dataclasses
 
     import zimage_lite
-    from zimage_lite.runtime.memory import peak_bytes, reset_peak
+    from zimage_lite.runtime.memory import code_and_heap_rss, peak_bytes, reset_peak
 
     try:  # its own module since issue 9
         from zimage_lite.runtime.plan_format import format_plan
@@ -258,14 +234,14 @@ def _pipeline(spec: dict, device: torch.device) -> dict:
         torch.zeros(1, device=device)  # the CUDA context's host memory belongs to the baseline, not to a stage
     reset_peak(host)
     baseline = peak_bytes(host)  # RSS before any weight is read: the interpreter, torch, the CUDA context
-    growth = process_growth()
+    growth = code_and_heap_rss()
     events, last = [], time.perf_counter()
     open_seconds = last - t0
     for e in pipe.generate(PROMPT, width=spec["width"], height=spec["height"], steps=spec["steps"], seed=0):
         now = time.perf_counter()
         events.append({"stage": e.stage, "step": e.step, "seconds": e.seconds, "wall_seconds": now - last,
                        "load_seconds": e.load_seconds,
-                       "tokens": e.info.get("tokens"), **memory_figures(device), **process_growth()})
+                       "tokens": e.info.get("tokens"), **memory_figures(device), **code_and_heap_rss()})
         reset_peak(host)  # the next event's host peak starts here
         last = time.perf_counter()
     plan = {s.name: {**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)

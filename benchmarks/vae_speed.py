@@ -1,4 +1,4 @@
-"""The full-size FLUX VAE decode on the CPU: where the time goes, and the decoder's upsampling before and after.
+"""The full-size FLUX VAE on the CPU, decode (or encode): where the time goes, and the layers' forms before and after.
 
     flock /work/wt/fullsize.lock python benchmarks/vae_speed.py --json benchmarks/results/cpu-vae.json
 
@@ -12,7 +12,9 @@ drift and other processes' load fall on all): `upsampled` (nearest x2, then the 
 map, NCHW maps: diffusers' Upsample2D, and ours at first), `phases NCHW` (vae.upsample_conv: one 2x2 convolution per
 output phase on the low-resolution map, NCHW maps: ours before the maps went channels-last) and `phases` (what the
 runtime does now: the same, with channels-last maps where vae_tiles.channels_last says so, as it does on the CPU for
-fp32, and for bf16 where oneDNN has it). Each decode runs under torch.profiler; the rows
+fp32, and for bf16 where oneDNN has it). Each variant runs once untimed first (oneDNN's primitives, the first
+touch of memory; rows before the encoder's were added, 2026-12-04, had no such call), then each timed decode runs
+under torch.profiler; the rows
 give its seconds by kind of op (self CPU time), the decoder's FLOPs as the upsampled form counts them (so that both
 variants' effective GFLOP/s compare), and the GFLOP/s of one 512-channel 3x3 convolution at the latent's size in the
 same dtype, measured in the same run: the convolution roof the decode is held against. The load average before and
@@ -26,6 +28,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -142,79 +146,75 @@ def main() -> int:
                     print(json.dumps(row), flush=True)
         return 0
     comp = open_component(args.cache / "turbo" / "vae", "vae")
-    latent = torch.randn(1, comp.config.latent_channels, args.height // 8, args.width // 8,
-                         generator=torch.Generator().manual_seed(0))
     info = {"component": "vae", "command": f"python benchmarks/vae_speed.py {' '.join(sys.argv[1:])}",
             "machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": "cpu", "width": args.width,
             "height": args.height, "threads": torch.get_num_threads()}
+    dtypes, side = args.dtypes.split(","), args.height // 8
     if args.encode:
-        rows = encode_rows(comp, args, info)
-        if args.json:
-            append_rows(Path(args.json), rows)
-        return 0
-    phases, layout, rows = vae_module.Upsample.forward, vae_module.channels_last, []
-
-    def nchw(device: str, elem: int) -> bool:
-        return False
-
-    with torch.inference_mode():
-        for name in args.dtypes.split(","):
-            with torch.device("meta"):
-                decoder = AutoencoderDecoder(comp.config)
-            decoder = load_module(decoder, comp.source, DTYPES[name], "cpu", "VAE")
-            flops = [0.0]
-            load = [round(v, 2) for v in os.getloadavg()]
-            roof = conv_roof(DTYPES[name], latent.shape[2])
-            runs: dict[str, list] = {v: [] for v in VARIANTS}
-            for order in (VARIANTS, VARIANTS[::-1]):
-                for variant in order:
-                    vae_module.Upsample.forward = upsampled if variant == "upsampled" else phases
-                    if variant != "phases":
-                        vae_module.channels_last = nchw
-                    hooks = flop_hooks(decoder, flops) if variant == "upsampled" and not flops[0] else []
-                    try:
-                        runs[variant].append(profiled(partial(decoder.decode, latent)))
-                    finally:
-                        vae_module.Upsample.forward, vae_module.channels_last = phases, layout
-                        for h in hooks:
-                            h.remove()
-                    print(f"{name} {variant}: {runs[variant][-1][0]:.1f} s", file=sys.stderr, flush=True)
-            for variant, measured in runs.items():
-                seconds = [s for s, _ in measured]
-                row = {**info, "dtype": name, "variant": variant, "seconds": seconds, "flops": int(flops[0]),
-                       "conv_roof_gflops": round(roof, 1), "ops_seconds": min(measured)[1], "load_before": load,
-                       "load_after": [round(v, 2) for v in os.getloadavg()]}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-            del decoder
+        image = torch.rand(1, 3, args.height, args.width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        rows = interleaved(AutoencoderEncoder, comp, dtypes, ENCODE_VARIANTS, encoder_variant,
+                           lambda encoder: encoder.encode(image), side, info)
+    else:
+        latent = torch.randn(1, comp.config.latent_channels, side, args.width // 8,
+                             generator=torch.Generator().manual_seed(0))
+        rows = interleaved(AutoencoderDecoder, comp, dtypes, VARIANTS, decoder_variant,
+                           lambda decoder: decoder.decode(latent), side, info)
     if args.json:
         append_rows(Path(args.json), rows)
     return 0
 
 
-def encode_rows(comp, args: argparse.Namespace, info: dict) -> list[dict]:
-    """The encoder per dtype, `encode NCHW` and `encode` interleaved (A B, B A), as rows like the decoder's."""
-    image = torch.rand(1, 3, args.height, args.width, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    layout, rows = vae_encoder.channels_last, []
+def _nchw(device: str, elem: int) -> bool:
+    return False
+
+
+@contextmanager
+def decoder_variant(variant: str) -> Iterator[None]:
+    """The decoder's upsampling and layout as `variant` (VARIANTS) has them, put back after."""
+    phases, layout = vae_module.Upsample.forward, vae_module.channels_last
+    vae_module.Upsample.forward = upsampled if variant == "upsampled" else phases
+    vae_module.channels_last = layout if variant == "phases" else _nchw
+    try:
+        yield
+    finally:
+        vae_module.Upsample.forward, vae_module.channels_last = phases, layout
+
+
+@contextmanager
+def encoder_variant(variant: str) -> Iterator[None]:
+    """The encoder's layout as `variant` (ENCODE_VARIANTS) has it, put back after."""
+    layout = vae_encoder.channels_last
+    vae_encoder.channels_last = _nchw if variant == "encode NCHW" else layout
+    try:
+        yield
+    finally:
+        vae_encoder.channels_last = layout
+
+
+def interleaved(model_cls: type[torch.nn.Module], comp, dtypes: list[str], variants: tuple[str, ...],
+                as_variant: Callable[[str], AbstractContextManager], run: Callable[[torch.nn.Module], object],
+                side: int, info: dict) -> list[dict]:
+    """Per dtype, the full-size `model_cls` loaded once and `run` with each of `variants` set up (`as_variant`):
+    once untimed (oneDNN's primitives, the first touch of memory; the first variant's call also counts the FLOPs),
+    then timed under the profiler in order and reversed (A B .., .. B A). One row per dtype and variant."""
+    rows = []
     with torch.inference_mode():
-        for name in args.dtypes.split(","):
+        for name in dtypes:
             with torch.device("meta"):
-                encoder = AutoencoderEncoder(comp.config)
-            encoder = load_module(encoder, comp.source, DTYPES[name], "cpu", "VAE")
-            flops, load = [0.0], [round(v, 2) for v in os.getloadavg()]
-            roof = conv_roof(DTYPES[name], args.height // 8)
-            runs: dict[str, list] = {v: [] for v in ENCODE_VARIANTS}
-            for order in (ENCODE_VARIANTS, ENCODE_VARIANTS[::-1]):
+                model = model_cls(comp.config)
+            model = load_module(model, comp.source, DTYPES[name], "cpu", "VAE")
+            flops, load, roof = [0.0], [round(v, 2) for v in os.getloadavg()], conv_roof(DTYPES[name], side)
+            runs: dict[str, list] = {v: [] for v in variants}
+            for variant in variants:
+                hooks = flop_hooks(model, flops) if variant == variants[0] else []
+                with as_variant(variant):
+                    run(model)
+                for h in hooks:
+                    h.remove()
+            for order in (variants, variants[::-1]):
                 for variant in order:
-                    if variant == "encode NCHW":
-                        vae_encoder.channels_last = lambda device, elem: False
-                    hooks = flop_hooks(encoder, flops) if not flops[0] else []
-                    try:
-                        runs[variant].append(profiled(partial(encoder.encode, image)))
-                    finally:
-                        vae_encoder.channels_last = layout
-                        for h in hooks:
-                            h.remove()
+                    with as_variant(variant):
+                        runs[variant].append(profiled(partial(run, model)))
                     print(f"{name} {variant}: {runs[variant][-1][0]:.1f} s", file=sys.stderr, flush=True)
             for variant, measured in runs.items():
                 row = {**info, "dtype": name, "variant": variant, "seconds": [t for t, _ in measured],
@@ -222,7 +222,7 @@ def encode_rows(comp, args: argparse.Namespace, info: dict) -> list[dict]:
                        "load_before": load, "load_after": [round(v, 2) for v in os.getloadavg()]}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-            del encoder
+            del model
     return rows
 
 

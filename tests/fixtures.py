@@ -22,6 +22,7 @@ from PIL import Image
 
 from zimage_lite.config import DiTConfig, ModelConfig, TextEncoderConfig, VAEConfig
 from zimage_lite.demo import write_checkpoint
+from zimage_lite.runtime.memory import map_entries
 
 TINY = ModelConfig(
     dit=DiTConfig(dim=64, n_layers=2, n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=48,
@@ -114,15 +115,8 @@ def allocated_peak(fn) -> int:
 
 def resident_bytes_of(path: Path) -> int:
     """This process's resident bytes in memory maps of `path` (/proc/self/smaps)."""
-    total, inside, target = 0, False, str(path.resolve())
-    with open("/proc/self/smaps", encoding="utf-8") as f:
-        for line in f:
-            head = line.split()
-            if head and "-" in head[0] and len(head) >= 5:  # a mapping's first line: range, perms, ..., [path]
-                inside = len(head) >= 6 and head[5] == target
-            elif inside and head[:1] == ["Rss:"]:
-                total += int(head[1]) * 1024
-    return total
+    target = str(path.resolve())
+    return sum(kb.get("Rss", 0) for _, _, p, kb in map_entries() if p == target) * 1024
 
 
 def resident_bytes_under(t: torch.Tensor) -> int:

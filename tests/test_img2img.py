@@ -152,7 +152,8 @@ def test_q8_dit_matches_diffusers_on_dequantized_weights(tiny_model, img2img, tm
 @pytest.mark.parametrize("size,what", [(64, "dit streams"), (192, "the VAE encoder tiles")])
 def test_smallest_budget_equals_resident(tiny_model, size, what):
     """At the smallest budget the DiT streams (64 px) or the VAE encodes and decodes in tiles (192 px, where the VAE
-    stages are the largest; at 128 px only the decoder tiles): the resident, untiled run's result."""
+    stages are the largest; at 128 px, with channels-last maps, only the decoder does): the resident, untiled run's
+    result."""
     image, mask = picture(size, size, seed=2), mask_picture(size, size)
     resident = zimage_lite.load(tiny_model, device="cpu", dtype="fp32", ram="64GB")
     tokens = resident.tokenizer.encode("x").ids.shape[0]

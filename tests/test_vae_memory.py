@@ -47,6 +47,7 @@ def models():
 
 
 # (latent cells, tile); 5: ragged tiles; 64 x 64 whole: where the down blocks' held inputs set the encode's peak
+# (with channels-last maps)
 CASES = [((20, 12), None), ((20, 12), 8), ((20, 12), 5), ((33, 17), 9), ((64, 64), None)]
 
 

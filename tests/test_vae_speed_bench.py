@@ -43,3 +43,20 @@ def test_vae_speed_rows_and_report(tmp_path):
     report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
                             capture_output=True, text=True).stdout
     assert "## VAE decode, full-size FLUX VAE, cpu, 64x48" in report and "| fp32 | phases |" in report
+
+
+def test_vae_speed_encode_rows_and_report(tmp_path):
+    """--encode: the encoder on NCHW maps and on the runtime's, the same FLOPs, rendered as an encode table."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "turbo").symlink_to(demo_path())
+    out = tmp_path / "vae.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vae_speed.py"), "--cache", str(tmp_path / "cache"),
+                    "--width", "64", "--height", "48", "--dtypes", "fp32", "--encode", "--json", str(out)],
+                   check=True, capture_output=True)
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["encode NCHW", "encode"]
+    assert rows[0]["flops"] == rows[1]["flops"] > 0 and all(len(r["seconds"]) == 2 for r in rows)
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], check=True,
+                            capture_output=True, text=True).stdout
+    assert "## VAE encode, full-size FLUX VAE, cpu, 64x48" in report and "| fp32 | encode NCHW |" in report
+    assert "| 1.000 |" in report.split("| fp32 | encode NCHW |")[1].splitlines()[0]  # the first variant's ratio

@@ -22,6 +22,7 @@ from .vae_tiles import (
     group_stats,
     map_format,
     map_tiles,
+    memory_format,
     norm_silu,
     resnet_tiled,
     window,
@@ -168,8 +169,7 @@ class AutoencoderDecoder(nn.Module):
         """
         weight = self.decoder.conv_in.weight
         z = (latents.to(weight.device) / self.cfg.scaling_factor + self.cfg.shift_factor)
-        nhwc = channels_last(weight.device.type, weight.element_size())
-        z = z.to(weight.dtype, memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        z = z.to(weight.dtype, memory_format=memory_format(channels_last(weight.device.type, weight.element_size())))
         if tile is None or (z.shape[2] <= tile and z.shape[3] <= tile):
             image = self.decoder(z)
         else:

@@ -17,7 +17,7 @@ from torch import nn
 from ..config import VAEConfig
 from ..errors import ShapeError
 from .vae import GN_EPS, MidBlock, ResnetBlock
-from .vae_tiles import F32, VAEMemory, Walk, channels_last, map_tiles, resnet_tiled, window
+from .vae_tiles import F32, VAEMemory, Walk, channels_last, map_tiles, memory_format, resnet_tiled, window
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped before use, as diffusers does
 
@@ -97,8 +97,7 @@ class AutoencoderEncoder(nn.Module):
                              f"and W multiples of {scale}")
         weight = self.encoder.conv_in.weight
         h, w = image.shape[2] // scale, image.shape[3] // scale
-        nhwc = channels_last(weight.device.type, weight.element_size())  # the decoder's rule
-        layout = torch.channels_last if nhwc else torch.contiguous_format
+        layout = memory_format(channels_last(weight.device.type, weight.element_size()))
         if tile is None or (h <= tile and w <= tile):
             moments = self.encoder(image.to(weight.device, weight.dtype, memory_format=layout))
         else:
@@ -178,10 +177,9 @@ def encode_memory(cfg: VAEConfig, h: int, w: int, tile: int | None, elem: int, d
         x = walk.device.alloc(x) if walk.separate else 0
     x = walk.then(x, walk.mid(c, n, cfg.mid_block_add_attention))
     x = walk.then(x, walk.head(c, 2 * cfg.latent_channels, n))
-    # moments in fp32, then the latents: a sample's clamp, exp, noise and sums, and the scaling, at most six at once
+    # moments in fp32, then the latents: a sample's clamp, exp, noise and sums, the scaling and (channels-last maps)
+    # the contiguous copy, at most six at once
     latent = cfg.latent_channels * n * F32
     walk.device.during((2 * latent if elem != F32 else 0) + 6 * latent)
-    if nhwc:  # the latents in NHWC beside their contiguous copy
-        walk.device.during(latent)
     walk.device.alloc(latent)
     return VAEMemory(walk.device.peak, walk.store.peak if walk.separate else 0)

@@ -44,16 +44,19 @@ def channels_last(device_type: str, elem: int) -> bool:
     """Whether the VAE (decoder and encoder) keeps its maps channels-last (NHWC): on a CPU whose oneDNN runs bf16
     (`_bf16_on_onednn`: AVX512), in fp32 and bf16. oneDNN computes NHWC maps without reordering them into its channel
     blocks and back: the full-size decode on 2 Zen 5 cores measured 3.9 -> 3.0 s in bf16 and 7.2 -> 5.9 s in fp32 at
-    512x512, 19.6 -> 14.9 s and 37.8 -> 28.4 s at 1024x1024; the encode 2.1 -> 1.55 s and 4.0 -> 3.25 s at 512x512,
-    9.1 -> 6.5 s and 22.2 -> 17.1 s at 1024x1024 (benchmarks/vae_speed.py [--encode]). AVX2-only CPUs keep NCHW
-    maps: their kernels' speed and temporaries in NHWC are unmeasured."""
+    512x512, 19.6 -> 14.9 s and 37.8 -> 28.4 s at 1024x1024; the encode 2.11 -> 1.61 s and 4.29 -> 3.37 s at
+    512x512, 10.37 -> 7.58 s and 20.54 -> 15.33 s at 1024x1024 (benchmarks/vae_speed.py [--encode]). AVX2-only
+    CPUs keep NCHW maps: their kernels' speed and temporaries in NHWC are unmeasured."""
     return device_type == "cpu" and _bf16_on_onednn()
+
+
+def memory_format(nhwc: bool) -> torch.memory_format:
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def map_format(x: torch.Tensor) -> torch.memory_format:
     """The layout a new map made from x keeps: channels-last when x is laid out so (a window of such a map too)."""
-    nhwc = x.dim() == 4 and x.stride(1) == 1 < x.stride(3)
-    return torch.channels_last if nhwc else torch.contiguous_format
+    return memory_format(x.dim() == 4 and x.stride(1) == 1 < x.stride(3))
 
 
 def group_stats(x: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:

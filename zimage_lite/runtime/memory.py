@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -262,6 +262,38 @@ class FileMap:
     written: bool  # shared and writable, or private with pages already written (copies the process owns)
 
 
+def map_entries(source: str = "/proc/self/smaps") -> Iterator[tuple[str, str, str, dict[str, int]]]:
+    """This process's memory maps as Linux lists them in `source` (/proc/self/smaps, or /proc/self/maps: no fields):
+    per map its address range ("lo-hi", hex), permissions ("r-xp"), path ("" for an anonymous map; "[heap]" and
+    the like as named) and its kB fields by name ("Rss", "Anonymous", "Swap", ...). OSError where there is none."""
+    with open(source, encoding="utf-8", errors="replace") as f:
+        entry: tuple[str, str, str, dict[str, int]] | None = None
+        for line in f:
+            fields = line.split(None, 5)
+            if not fields:
+                continue
+            if "-" in fields[0] and not fields[0].endswith(":"):  # a map's first line: range, perms, ..., path
+                if entry is not None:
+                    yield entry
+                entry = (fields[0], fields[1], fields[5].strip() if len(fields) == 6 else "", {})
+            elif entry is not None and len(fields) > 1 and fields[1].isdigit():  # "Rss:  120 kB"
+                entry[3][fields[0].rstrip(":")] = int(fields[1])
+        if entry is not None:
+            yield entry
+
+
+def code_and_heap_rss() -> dict[str, int]:
+    """Two parts of this process's RSS that are no stage's tensors, for the benchmarks' stage tables ({} where /proc
+    has no smaps): the resident pages of executable file maps (library code: torch's kernels page theirs in when
+    first run) and of the main malloc arena (`[heap]`: the main thread's blocks below the mapping threshold)."""
+    try:
+        maps = [(perms, path, kb.get("Rss", 0) * 1024) for _, perms, path, kb in map_entries()]
+    except OSError:
+        return {}
+    return {"code_rss_bytes": sum(rss for perms, path, rss in maps if "x" in perms and path.startswith("/")),
+            "heap_rss_bytes": sum(rss for _, path, rss in maps if path == "[heap]")}
+
+
 def file_maps(detail: bool = False) -> list[FileMap]:
     """This process's memory maps of files, from /proc (empty elsewhere). `detail`: read /proc/self/smaps (~8 ms)
     to tell a private map whose pages were written to (its copy-on-write copies: Anonymous or Swap > 0); else
@@ -269,25 +301,15 @@ def file_maps(detail: bool = False) -> list[FileMap]:
     if not RELEASES_FILE_PAGES:
         return []
     try:
-        with open("/proc/self/smaps" if detail else "/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
+        entries = list(map_entries("/proc/self/smaps" if detail else "/proc/self/maps"))
     except OSError:
         return []
     maps: list[FileMap] = []
-    of_file = False  # whether the map whose smaps fields follow is a file's
-    for line in lines:
-        fields = line.split(None, 5)
-        if not fields:
-            continue
-        if fields[0] in ("Anonymous:", "Swap:"):  # a written private page, resident or swapped out
-            if of_file and int(fields[1]):
-                maps[-1] = replace(maps[-1], written=True)
-        elif "-" in fields[0] and not fields[0].endswith(":"):  # a map's first line: range, perms, ..., path
-            of_file = len(fields) == 6 and fields[5].startswith("/")
-            if of_file:
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                perms = fields[1]
-                maps.append(FileMap(lo, hi, fields[5].strip(), perms[1] == "w" and perms[3] == "s"))
+    for span, perms, path, kb in entries:
+        if path.startswith("/"):
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            written = (perms[1] == "w" and perms[3] == "s") or kb.get("Anonymous", 0) > 0 or kb.get("Swap", 0) > 0
+            maps.append(FileMap(lo, hi, path, written))
     return maps
 
 
