@@ -122,8 +122,9 @@ def layer_rounds(dtype: torch.dtype, rounds: int = 3) -> list[dict]:
         for fn in forms.values():
             fn()  # oneDNN's primitives for the shape
         times: dict[str, list[float]] = {k: [] for k in forms}
+        order = tuple(forms)  # the layers alone: the layout variants (VARIANTS' middle one) do not apply
         for i in range(rounds):
-            for k in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+            for k in (order if i % 2 == 0 else order[::-1]):
                 times[k].append(round(_seconds(forms[k]), 3))
         rows.append({"channels": c, "side": side, "dtype": str(dtype), **times})
     return rows
