@@ -16,16 +16,20 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
     or on its Q8_0 file for a format sd.cpp cannot run on the CPU (INT8 ConvRot), marked so."""
     peer = {(r["quant"], r["round"]): r for r in rows if r["impl"] == "stable-diffusion.cpp"}
     steps = rows[0]["steps"]
+    roofs = [f"{r['int8_roof_gflops']:.0f}" for r in rows if r.get("int8_roof_gflops")]
     out = ["| round | impl | DiT file (+ text encoder, where named) | compute | load s | text encoder s | s/step | "
            "VAE s | "
            f"whole image s ({steps} step{'s' * (steps > 1)}) | est. 8 steps s | peak RSS GiB | DiT GFLOP/s | "
-           "÷ sd.cpp: text encoder, step, VAE, whole, RSS |", "|---:|---|---|---|" + "---:|" * 8 + "---|"]
+           + "step ÷ (FLOPs ÷ int8 roof) | " * bool(roofs) + "÷ sd.cpp: text encoder, step, VAE, whole, RSS |",
+           "|---:|---|---|---|" + "---:|" * (8 + bool(roofs)) + "---|"]
     for r in rows:
         step = sum(r["step_times"]) / len(r["step_times"])
         whole = r["total_seconds"]
         other = None if r["impl"] == "stable-diffusion.cpp" else (peer.get((r["quant"], r["round"]))
                                                                   or peer.get(("Q8_0", r["round"])))
         ratios, rate = "", f"{r['dit_step_flops'] / step / 1e9:.0f}" if r.get("dit_step_flops") else ""
+        bound = (f"{step * r['int8_roof_gflops'] * 1e9 / r['dit_step_flops']:.2f} | "
+                 if r.get("dit_step_flops") and r.get("int8_roof_gflops") else " | ") if roofs else ""
         if other:
             pairs = [(r["text_encoder_seconds"], other["text_encoder_seconds"]),
                      (step, sum(other["step_times"]) / len(other["step_times"])),
@@ -37,7 +41,8 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
         mark = "*" if r["impl"] != "stable-diffusion.cpp" and not r.get("loads_apart") else ""
         out.append(f"| {r['round']} | {r['impl']} | {files} | {r['dtype']} | {r['load_seconds']:.0f} | "
                    f"{r['text_encoder_seconds']:.1f}{mark} | {step:.1f} | {r['vae_seconds']:.1f}{mark} | {whole:.0f} | "
-                   f"{whole + (8 - steps) * step:.0f} | {gib_cell(r['peak_rss_bytes'])} | {rate} | {ratios} |")
+                   f"{whole + (8 - steps) * step:.0f} | {gib_cell(r['peak_rss_bytes'])} | {rate} | {bound}"
+                   f"{ratios} |")
     if any(r["impl"] != "stable-diffusion.cpp" and not r.get("loads_apart") for r in rows):
         out += ["", "\\*: placing the text encoder's (the VAE's) weights included, as our runs measured before "
                 "benchmarks/sdcpp.py took it out (`Event.load_seconds`); sd.cpp's log times each stage without "
@@ -52,6 +57,10 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
                 "blocks' Linears at 2 per weight per token and attention's two S x S x dim products, "
                 "benchmarks/sdcpp.py `dit_step_flops`) over the measured s/step; compare with the GEMM roofs "
                 "below."]
+    if roofs:
+        out += ["", "step ÷ (FLOPs ÷ int8 roof): s/step over the time those FLOPs take at the machine's int8 roof, the "
+                "best int8 route of benchmarks/roofs.py on its 1088 x 3840 x 10240 product, measured in the same "
+                f"process just before each int8 run ({', '.join(roofs)} GFLOP/s, in order)."]
     qwen = sorted({r["tokens"] for r in rows if r.get("tokens") and r.get("tokenizer") == "qwen"})
     small = sorted({r["tokens"] for r in rows if r.get("tokens") and r.get("tokenizer") != "qwen"})
     if qwen:

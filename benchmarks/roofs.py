@@ -119,6 +119,17 @@ def measure(threads: int, repeats: int, budget: float, shape: tuple[int, int, in
                     budget))
 
 
+def int8_roof(threads: int, repeats: int = 5, budget: float = 5.0, shape: tuple[int, int, int] = (M, K, N)) -> dict:
+    """The int8 roof of the machine as it is now (benchmarks/sdcpp.py measures it just before each run that computes
+    in int8): the best GFLOP/s of the int8 routes on the reference shape, and that route's name."""
+    torch.set_num_threads(threads)
+    m, k, n = shape
+    int8 = {name: build for name, build in routes(m, k, n).items() if name.startswith("int8")}
+    rows = [r for r in _rows("roofs", int8, list(shape), 2 * m * k * n, threads, repeats, budget) if "gflops" in r]
+    best = max(rows, key=lambda r: r["gflops"])
+    return {"int8_roof_gflops": best["gflops"], "int8_roof_route": best["route"]}
+
+
 def _rows(component: str, builders: dict[str, Callable[[], Callable[[], object]]], shape: list[int], flops: int,
           threads: int, repeats: int, budget: float) -> list[dict]:
     rows = []

@@ -22,8 +22,10 @@ that sdist (benchmarks/qwen_tokenizer.py), and both wrap the prompt in the same 
 tokens (`--tokenizer checkpoint`: the random checkpoint's small tokenizer instead, 2.5x the tokens). Before each run
 the three files are read once (`warm_files`), so that neither pays a disk read: ours maps its files and reads their
 pages as a stage first touches them (a cold text encoder file put 4 s of disk reads into our text-encoder stage),
-sd.cpp reads them while loading. `--preset demo --runs ours:Q4_K_M:fp32` is a seconds-long smoke run of ours
-(tests/test_sdcpp_log.py).
+sd.cpp reads them while loading. Before each run of ours that computes in int8 (an int8 DiT file, or `+int8`), the
+machine's int8 roof is measured again in this process (benchmarks/roofs.py `int8_roof`): the step against FLOPs over
+that roof, with the roof as the machine runs then. `--preset demo --runs ours:Q4_K_M:fp32` is a seconds-long smoke
+run of ours (tests/test_sdcpp_log.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.qwen_tokenizer import qwen_model  # noqa: E402
+from benchmarks.roofs import int8_roof  # noqa: E402
 from benchmarks.run import DEFAULT_CACHE, PROMPT, child, emit, machine, model_folder, weights_file  # noqa: E402
 from zimage_lite.config import PRESETS, SEQ_MULTI_OF, DiTConfig  # noqa: E402
 
@@ -252,7 +255,9 @@ def main() -> int:
                 warm = warm_files(list(files.values()))
                 load = os.getloadavg()[0]  # what else the machine runs: other jobs share its cores
                 if impl == "ours":
-                    r = {"impl": "zimage-lite", "tokenizer": "qwen" if ours != folder else "checkpoint",
+                    # an int8 run's bound, FLOPs / the int8 roof, with the roof as the machine runs it now
+                    roof = int8_roof(args.threads) if quant.startswith("int8") or dtype.endswith("+int8") else {}
+                    r = {"impl": "zimage-lite", "tokenizer": "qwen" if ours != folder else "checkpoint", **roof,
                          **run_ours(ours, files, dtype, size, args.steps, args.preset)}
                 else:
                     r = {"impl": "stable-diffusion.cpp", "version": sdcpp_version(binary.parent.parent),

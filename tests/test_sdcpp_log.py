@@ -104,10 +104,15 @@ def test_report_puts_ours_beside_sdcpp_on_the_same_file_and_the_roofs():
     assert "one forward's FLOPs (5.00 TFLOP" in md and "Caption tokens, ours: 44, tokenized with Qwen's own" in md
     assert "| int8 x | 4 x 8 x 16 | 2 | 250 | 240 | 2.50 |" in md
     # a format sd.cpp cannot run on the CPU is set beside sd.cpp's Q8_0 and says so
-    convrot = {**_row("zimage-lite", "int8-convrot", 25.0, 2**30), "dit_file": "c.safetensors"}
+    # with its int8 roof measured before it: 5 TFLOP at 250 GFLOP/s take 20 s, the step 25 s
+    convrot = {**_row("zimage-lite", "int8-convrot", 25.0, 2**30), "dit_file": "c.safetensors",
+               "dit_step_flops": 5e12, "int8_roof_gflops": 250.0}
     md = render([convrot, _row("stable-diffusion.cpp", "Q8_0", 100.0, 2**31)])
-    assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0* | 25.0 | 20.0* | 85 | 235 | 1.00 |  | " \
+    assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0* | 25.0 | 20.0* | 85 | 235 | 1.00 | 200 | 1.25 | " \
            "1.00, 0.25, 1.00, 0.36, 0.50 (vs its Q8_0) |" in md
+    assert "measured in the same process just before each int8 run (250 GFLOP/s, in order)" in md
+    assert "| DiT GFLOP/s | step ÷ (FLOPs ÷ int8 roof) | ÷ sd.cpp" in md
+    assert "| turbo-dit-Q8_0.gguf | fp32 | 5 | 10.0 | 100.0 | 20.0 | 235 | 835 | 2.00 |  |  |  |" in md  # a cell each
     assert "\\*: placing the text encoder's (the VAE's) weights included" in md  # a row measured before the split
 
 
@@ -171,6 +176,25 @@ def test_our_stage_seconds_say_which_part_placed_the_weights(monkeypatch):
     for stage in ("encoded", "decoded"):
         e = events[stage]
         assert 0.5 <= e.load_seconds < e.seconds and e.seconds - e.load_seconds < 0.5, (stage, e)
+
+
+def test_int8_roof_is_the_best_int8_route_now(monkeypatch):
+    """sdcpp.py's same-run roof: the fastest of roofs.py's int8 routes (here calls that sleep 2 and 20 ms; a float
+    route, faster still, is not one), its GFLOP/s from its best call."""
+    import time
+
+    import torch
+
+    from benchmarks import roofs
+
+    def sleeper(seconds):
+        return lambda: lambda: time.sleep(seconds)
+
+    monkeypatch.setattr(roofs, "routes", lambda m, k, n: {"fp32 F.linear": sleeper(0.0), "int8 slow": sleeper(0.02),
+                                                         "int8 fast": sleeper(0.002)})
+    roof = roofs.int8_roof(torch.get_num_threads(), 2, 1.0, shape=(10, 10, 10))  # it sets the count: the suite's
+    assert roof["int8_roof_route"] == "int8 fast"
+    assert 2 * 1000 / 0.004 / 1e9 < roof["int8_roof_gflops"] <= 2 * 1000 / 0.002 / 1e9
 
 
 def test_roofs_measure_attention_beside_the_gemms_and_the_report_shows_them():
