@@ -25,8 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which component of a model folder (default dit; 'all' writes both into the --out folder); "
                         "for a single file it is detected from the tensor names")
     p.add_argument("--out", type=Path, default=None,
-                   help="output file, or a folder for the community file names (z_image_turbo-Q4_K_M.gguf, "
-                        "Qwen3-4B-Q4_K_M.gguf); default: the current folder")
+                   help="output file (.gguf for GGUF types, .safetensors for int8-convrot/int8-rowwise, a folder "
+                        "name without an extension for int8/nf4), or an existing folder for the community file names "
+                        "(z_image_turbo-Q4_K_M.gguf, Qwen3-4B-Q4_K_M.gguf); default: the current folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 

@@ -260,6 +260,13 @@ def output_paths(inputs: list[SourceInput], target: Target, out: Path | None) ->
         if not folder.is_dir():
             raise OptionError(f"--out {folder}: with --component all, --out must be an existing folder")
         return [folder / n for n in names]
+    # a file name says its format: one that says another is refused (it would not load as what its name says)
+    suffix, kind = (".gguf", "a GGUF file") if target.is_gguf else (".safetensors", "a safetensors file") \
+        if target.name in INT8_TARGETS else ("", "a diffusers folder")
+    if out.suffix.lower() != suffix and (suffix or out.suffix.lower() in (".gguf", ".safetensors")):
+        want = f"a name ending in {suffix}" if suffix else "a folder name without a file extension"
+        raise OptionError(f"--out {out}: --type {target.name} writes {kind}; give {want}, or an existing folder "
+                          f"for the community name ({names[0]})")
     return [out]
 
 

@@ -107,6 +107,18 @@ def test_quantize_output_refused_before_work(tiny_model, tmp_path, capsys, no_wo
             "is a file, not a folder", watch=(tmp_path,))
 
 
+@pytest.mark.parametrize("kind, name, names", [
+    ("Q8_0", "z.png", ("--out", "z.png", "writes a GGUF file", "ending in .gguf")),
+    ("int8-convrot", "z.gguf", ("--out", "z.gguf", "writes a safetensors file", "ending in .safetensors")),
+    ("nf4", "z.safetensors", ("--out", "writes a diffusers folder", "without a file extension")),
+])
+def test_quantize_output_named_for_another_format_is_refused(tiny_model, tmp_path, capsys, no_work, kind, name,
+                                                             names):
+    """A file name that says another format than the type writes (it would not load as what it says)."""
+    refused(capsys, ["quantize", str(tiny_model), "--type", kind, "--out", str(tmp_path / name)], *names,
+            watch=(tmp_path,))
+
+
 def test_write_time_permission_error(kq_model, tmp_path, capsys, monkeypatch):
     import tempfile
 
@@ -304,6 +316,29 @@ def test_disk_full_writing_a_gguf_injected(kq_model, tmp_path, capsys, monkeypat
             str(tmp_path / "z.gguf"), "disk full", "MB", watch=(tmp_path,))
 
 
+@pytest.mark.parametrize("where", ["--out", "--model", "quantize --out"])
+def test_a_path_too_long_is_one_line(tiny_model, tmp_path, capsys, where):
+    """A name over the file system's limit (255 bytes) fails in the OS, wherever the path is first used: one line
+    naming it (cut in the middle) and what to do, as for every other bad path."""
+    long = tmp_path / ("a" * 300)
+    argv = {"--out": run_args(tiny_model, long.with_suffix(".png")), "--model": ["plan", "--model", str(long)],
+            "quantize --out": ["quantize", str(tiny_model), "--type", "Q8_0", "--out", f"{long}.gguf"]}[where]
+    refused(capsys, argv, str(long)[:40] + "...", "File name too long", "give a shorter path", watch=(tmp_path,))
+
+
+def test_a_short_write_is_disk_full(kq_model, tmp_path, capsys, monkeypatch):
+    """numpy's tofile (what the GGUF writer writes tensors with) reports a disk that fills mid-tensor as a short
+    write, with no errno: "21760 requested and 672 written" (measured on a 64 KiB tmpfs)."""
+    import gguf
+
+    def short(self, *args, **kwargs):
+        raise OSError("21760 requested and 672 written")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short)
+    refused(capsys, ["quantize", str(kq_model), "--type", "Q8_0", "--out", str(tmp_path / "z.gguf")],
+            str(tmp_path / "z.gguf"), "disk full", watch=(tmp_path,))
+
+
 def test_disk_full_in_the_second_component_says_what_was_written(tiny_model, tmp_path, capsys, monkeypatch):
     import gguf
 
@@ -402,6 +437,26 @@ def test_ctrl_c_mid_run_leaves_no_file(tiny_model, tmp_path, capsys, monkeypatch
                  "--out", str(tmp_path / "o.png")])
     assert code == 130 and "nothing was written" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
+
+
+def test_ctrl_c_after_a_preview_says_the_preview_was_written(tiny_model, tmp_path, capsys, monkeypatch):
+    import zimage_lite.pipeline as pipeline
+
+    real, calls = pipeline.euler_step, []
+
+    def second_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "euler_step", second_interrupted)
+    preview = tmp_path / "p.png"
+    code = main(["run", "x", "--model", str(tiny_model), "--width", "32", "--height", "32", "--steps", "3",
+                 "--out", str(tmp_path / "o.png"), "--preview", str(preview)])
+    err = capsys.readouterr().err
+    assert code == 130 and f"interrupted: the preview {preview} (step 1 of 3) was written in full" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]
 
 
 def test_ctrl_c_while_writing_leaves_no_file(tmp_path, monkeypatch):

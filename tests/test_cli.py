@@ -185,6 +185,23 @@ def test_plan_help_names_its_model_default(capsys):
         assert default in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.parametrize("argv, names", [
+    (["run", "x", "--width", "abc"], ("zimage-lite run: argument --width", "invalid int value", "--help")),
+    (["run", "x", "--dtype", "bf8"], ("argument --dtype", "invalid choice", "--help")),
+    (["plan", "--preset", "demo", "--prompt-tokens", "-5"], ("--prompt-tokens -5", "1 to 512")),
+])
+def test_option_errors_are_one_line(argv, names, capsys):
+    """argparse's own refusals too (a value of the wrong type, an unknown choice): one line, no usage block."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse exits itself
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    for name in names:
+        assert name in err, err
+
+
 def test_plan_names_where_its_budget_came_from(capsys):
     """A budget measured from the machine is called so, not printed as a byte count posing as an option value."""
     assert main(["plan", "--preset", "demo", "--device", "cpu"]) == 0

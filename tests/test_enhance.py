@@ -303,6 +303,13 @@ def test_a_missing_system_file_is_refused(tmp_path, capsys):
     refused(capsys, ["enhance", "x", "--system", str(tmp_path / "nope.txt")], "--system", "nope.txt")
 
 
+def test_an_empty_system_file_is_refused_as_the_system_prompt(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text(" \n")
+    err = refused(capsys, ["enhance", "x", "--system", str(tmp_path / "empty.txt")], "--system", "empty.txt",
+                  "instructions the enhancer follows")
+    assert "image to draw" not in err  # the prompt's message, not this file's
+
+
 def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(lm_model, capsys):
     long = " ".join([PROMPTS["en"]] * 600)  # ~6000 tokens in the tiny tokenizer
     pipe = zimage_lite.load(lm_model, device="cpu", dtype="fp32")

@@ -173,6 +173,30 @@ def test_forced_route_must_be_known(monkeypatch):
         route_for("cpu")
 
 
+def test_forced_onednn_must_be_able_to_run(monkeypatch):
+    """Forcing oneDNN where it cannot run is refused, as the timing would not pick it: off the CPU, and on a CPU
+    whose kernel is inexact even at 7 bits (its activations would get no levels: NaN outputs)."""
+    monkeypatch.setenv(ROUTE_ENV, "onednn")
+    with pytest.raises(OptionError, match="CPU only"):
+        route_for("cuda")
+    monkeypatch.setattr(int8_compute, "onednn_levels", lambda: 0)
+    with pytest.raises(OptionError, match="does not multiply exactly"):
+        route_for("cpu")
+
+
+@pytest.mark.parametrize("route", ["onednn", "int_mm"])
+def test_a_strided_bf16_input_quantizes_as_its_contiguous_copy(route):
+    """A transposed bf16 input (rows of two ConvRot groups): its fp32 copy is made contiguous for the rotation to
+    write into; the output is the contiguous input's, bit for bit."""
+    x, q, s, _ = _layer(CONVROT)
+    strided = x[0].bfloat16().t().contiguous().t()  # [7, 512] with a last-axis stride of 7
+    assert not strided.is_contiguous()
+    packed = prepack(q) if route == "onednn" else None
+    got = int8_linear(strided, q, s, 256, route=route, packed=packed)
+    assert torch.equal(got, int8_linear(strided.contiguous(), q, s, 256, route=route, packed=packed))
+    assert torch.equal(quantize_weight(strided, CONVROT)[0], quantize_weight(strided.contiguous(), CONVROT)[0])
+
+
 @pytest.mark.cuda
 def test_cuda_int_mm_matches_float_route():
     x, q, s, bias = _layer(CONVROT, "cuda")

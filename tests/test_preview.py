@@ -129,6 +129,24 @@ def test_preview_shows_the_denoised_estimate(events):
     assert (steps[0].denoised - steps[0].latents).abs().max() > 0.1
 
 
+def test_inpaint_preview_keeps_the_original_outside_the_mask(tiny_model):
+    """Inpainting keeps the original where the mask is black: the preview's estimate shows it there (not the model's
+    guess), so at the last step it is again the final latent; inside the mask it is the model's estimate."""
+    from fixtures import mask_picture, picture
+
+    from zimage_lite.inputs import mask_tensor
+
+    pipe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32")
+    events = list(pipe.generate("x", width=80, height=48, steps=3, seed=2, image=picture(80, 48),
+                                mask=mask_picture(80, 48)))
+    steps = [e for e in events if e.stage == "step"]
+    # measured difference 0 (the same blend with the clean original); before the blend: 2.87
+    assert (steps[-1].denoised - steps[-1].latents).abs().max() < 1e-6
+    keep = (mask_tensor(mask_picture(80, 48), 80, 48, 6, 10) == 0).expand_as(steps[0].denoised)
+    first = (steps[0].denoised - steps[-1].latents).abs()
+    assert first[keep].max() == 0 and first[~keep].max() > 0.1
+
+
 # --- the --preview file -----------------------------------------------------------------------------------------
 
 def test_preview_file_is_rewritten_after_every_step(tiny_model, tmp_path, monkeypatch):
@@ -163,19 +181,22 @@ def test_a_failed_preview_write_does_not_stop_the_run(tmp_path):
     assert preview.writes == 0 and "--preview" in str(preview.error)
 
 
-@pytest.mark.parametrize("case", ["no folder", "a folder", "not png", "a user file", "same as out"])
+@pytest.mark.parametrize("case", ["no folder", "a folder", "not png", "a user file", "same as out",
+                                  "same as out by a link"])
 def test_bad_preview_paths_are_refused(case, tmp_path, capsys, tiny_model):
     out = tmp_path / "o.png"
     user = tmp_path / "photo.png"
     Image.new("RGB", (2, 2)).save(user)
     (tmp_path / "dir.png").mkdir()
+    (tmp_path / "ln").symlink_to(tmp_path)
     path, names = {
         "no folder": (tmp_path / "missing" / "p.png", ("--preview", "does not exist")),
         "a folder": (tmp_path / "dir.png", ("--preview", "is a folder")),
         "not png": (tmp_path / "p.jpg", ("--preview", ".png")),
         "a user file": (user, ("--preview", "--force")),
         "same as out": (out, ("--preview", "--out")),
+        "same as out by a link": (tmp_path / "ln" / "o.png", ("--preview", "--out")),  # refused before the run
     }[case]
-    force = ["--force"] if case == "same as out" else []  # else the --out check would refuse first
+    force = ["--force"] if case.startswith("same as out") else []  # else the --out check would refuse first
     refused(capsys, ["run", "x", "--model", str(tiny_model), *SMALL, "--out", str(out), "--preview", str(path),
                      *force], *names, watch=(tmp_path,))

@@ -10,12 +10,12 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .commands import check_given, cmd_info, cmd_plan, cmd_quantize
 from .enhance_options import add_enhance_args, check_enhance_args, cmd_enhance, enhance_for_run
-from .errors import OptionError, ZImageLiteError
+from .errors import Interrupted, OptionError, ZImageLiteError, os_error_line
 from .options import (
     MAX_STEPS,
     check_image_options,
@@ -59,7 +59,15 @@ def _add_size_args(p: argparse.ArgumentParser) -> None:
                    help="guidance scale, 0 to 100; CFG runs when above 1 (default 0; plan --preset base: 4)")
 
 
-class _Parser(argparse.ArgumentParser):
+class _OneLine(argparse.ArgumentParser):
+    """A parser whose errors (an option's value of the wrong type, an unknown choice) are one line, as every other
+    error of the CLI is, pointing at --help for the options instead of printing their usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (`{self.prog} --help` lists the options)\n")
+
+
+class _Parser(_OneLine):
     """A subcommand's parser whose arguments may come from a module imported only when that subcommand is parsed or
     shows its help (`fill`): `zimage-lite run` and `plan` never import the quantize tool."""
 
@@ -133,7 +141,7 @@ def _add_control_args(p: argparse.ArgumentParser, image: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zimage-lite", description="Z-Image-Turbo on small hardware.")
+    parser = _OneLine(prog="zimage-lite", description="Z-Image-Turbo on small hardware.")
     parser.add_argument("--version", action="version", version=f"zimage-lite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -298,6 +306,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             elif ev.stage == "decoded":
                 close(ev)
                 save_image(ev.image, out, ev.info | enhanced, force=args.force)
+    except KeyboardInterrupt as e:  # the preview, if any, is a whole file: say so
+        if preview is None or not preview.writes:
+            raise
+        raise Interrupted(getattr(e, "signal_name", "SIGINT"), (f"the preview {preview.path} ({preview.last})",)
+                          ) from None
     finally:
         bar.close()
     total = time.perf_counter() - start
@@ -389,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other command-line tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
             return 141
+        except OSError as e:  # the file system refused a path the options gave (a name too long, ...): one line
+            print(f"error: {os_error_line(e)}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Interrupted)
             line, code = interrupted_message(e)
             print(line, file=sys.stderr)

@@ -26,6 +26,9 @@ def system_prompt(path: str | Path | None = None) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise OptionError(f"--system {file}: cannot be read as UTF-8 text ({getattr(e, 'strerror', None) or e})"
                           ) from None
+    if not text.strip():
+        raise OptionError(f"--system {file} is empty: give the instructions the enhancer follows, or leave --system "
+                          "out for ours")
     return check_text(text.strip(), f"--system {file}")
 
 

@@ -1,5 +1,7 @@
 """Error types. Each carries a message a user can act on, naming the file, tensor or option at fault."""
 
+import errno
+
 
 class ZImageLiteError(Exception):
     """Base class: the CLI prints these as one line, without a traceback."""
@@ -38,3 +40,12 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal_name)
         self.signal_name = signal_name
         self.written = written
+
+
+def os_error_line(e: OSError) -> str:
+    """The one line for an OS error on a path the options gave (the CLI's last resort, where no check named it
+    first): the file, cut in the middle when it is long, and the system's reason."""
+    name = "" if e.filename is None else str(e.filename)
+    shown = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]} ({len(name)} characters)"
+    hint = "; give a shorter path" if e.errno == errno.ENAMETOOLONG else ""
+    return f"{shown}: {e.strerror or e}{hint}" if shown else f"{e.strerror or e}{hint}"

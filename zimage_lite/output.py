@@ -52,7 +52,8 @@ def _remove(path: Path) -> None:
 def write_error(path: Path, e: OSError, option: str = "--out", needed: int | None = None) -> OptionError:
     """The one line for an OS error while writing `path`: disk full (with the size needed when known), else the
     system's reason."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    short = e.errno is None and " requested and " in str(e)  # numpy's tofile (the GGUF writer's): a short write
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) or short:
         size = f" (it needs {format_si(needed)})" if needed else ""
         return OptionError(f"{option} {path}: disk full while writing{size}; free some space or choose another "
                            f"folder. {path.name} was not written and no existing file was changed")

@@ -382,6 +382,7 @@ class ZImagePipeline(StageModels):
             latents = euler_step(latents, pred, sigmas[i].to(self.device), sigmas[i + 1].to(self.device))
             if mask is not None:
                 latents = inpaint_blend(latents, init_latents, noise, mask, sigmas[i + 1] if i + 1 < steps else None)
+                denoised = inpaint_blend(denoised, init_latents, noise, mask, None)  # the kept part: the original
             yield Event("step", i + 1 - start, steps - start, time.perf_counter() - t0, peak_bytes(self.device),
                         latents, denoised=denoised)
         del dit, forward  # this frame lives on through the VAE stage: its reference would keep the DiT (and its map)

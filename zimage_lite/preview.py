@@ -87,7 +87,7 @@ def check_preview(path: Path, force: bool, out: Path | None = None) -> None:
     a preview is scratch that every step rewrites, but any other file there is the user's."""
     if path.suffix.lower() != ".png":
         raise OptionError(f"--preview {path}: a preview is written as PNG; give a file name ending in .png")
-    if out is not None and os.path.abspath(path) == os.path.abspath(out):
+    if out is not None and os.path.realpath(path) == os.path.realpath(out):  # links followed: one file, two names
         raise OptionError(f"--preview {path} is the --out file; give the preview another name")
     check_output(path, force or is_preview(path), "--preview")
 
@@ -101,6 +101,7 @@ class PreviewFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.writes = 0
+        self.last = ""  # "step 3 of 8": what the file shows now
         self.error: OptionError | None = None
 
     def write(self, image: Image.Image, step: int, steps: int) -> None:
@@ -111,5 +112,6 @@ class PreviewFile:
             write_atomic(self.path, lambda tmp: image.save(tmp, "PNG", pnginfo=info, compress_level=1), force=True,
                          option="--preview")
             self.writes += 1
+            self.last = f"step {step} of {steps}"
         except OptionError as e:
             self.error = self.error or e

@@ -133,7 +133,8 @@ def rounded_rows(x: torch.Tensor, groupsize: int = 0, levels: int = 127) -> tupl
     """`round_rows_` of any float `x`, left as it is, rotated first in groups of `groupsize` (0: not): (values in
     -levels..levels as fp32, fp32 scales [rows, 1]). One fp32 copy of x is all it makes. Weights at quantization and
     activations at each int8 matmul (int8_compute) alike; callers pick the integer dtype."""
-    x32 = x.float()  # x itself when fp32 (not ours to change), else a copy of our own
+    # x itself when fp32 (not ours to change), else a contiguous copy of our own (rotate writes into it by rows)
+    x32 = x if x.dtype == torch.float32 else x.to(torch.float32, memory_format=torch.contiguous_format)
     own = x32 if x32 is not x else None
     if groupsize:
         x32 = rotate(x32, groupsize, out=own)  # into our copy, else a new tensor: worked in place below

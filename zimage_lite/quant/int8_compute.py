@@ -147,10 +147,16 @@ def route_for(device: torch.device | str) -> str:
     measured choice (`cpu_route`)."""
     forced = os.environ.get(ROUTE_ENV)
     if forced:
-        if forced not in ROUTES:
-            from ..errors import OptionError
+        from ..errors import OptionError
 
+        if forced not in ROUTES:
             raise OptionError(f"${ROUTE_ENV}={forced!r}: expected one of {', '.join(ROUTES)}")
+        if forced == "onednn" and torch.device(device).type != "cpu":
+            raise OptionError(f"${ROUTE_ENV}=onednn: oneDNN's int8 kernel runs on the CPU only, not on {device}; "
+                              "use int_mm or float")
+        if forced == "onednn" and not onednn_levels():  # its activations would have no levels: NaN everywhere
+            raise OptionError(f"${ROUTE_ENV}=onednn: this CPU's oneDNN int8 kernel does not multiply exactly even "
+                              "at 7 bits; use int_mm or float")
         return forced
     if torch.device(device).type == "cuda":
         return "int_mm"

@@ -365,7 +365,8 @@ def _checked(req: PlanRequest) -> PlanRequest:
     if req.dtype not in DTYPE_BYTES:
         raise OptionError(f"--dtype {req.dtype!r}: use auto, bf16, fp16 or fp32")
     if not 1 <= req.caption_tokens <= MAX_TEXT_TOKENS:
-        raise OptionError(f"caption_tokens {req.caption_tokens} must be between 1 and {MAX_TEXT_TOKENS}")
+        raise OptionError(f"--prompt-tokens {req.caption_tokens}: give 1 to {MAX_TEXT_TOKENS} (the tokens of the "
+                          "prompt the plan counts for)")
     return req
 
 
