@@ -189,6 +189,7 @@ def test_plan_help_names_its_model_default(capsys):
     (["run", "x", "--width", "abc"], ("zimage-lite run: argument --width", "invalid int value", "--help")),
     (["run", "x", "--dtype", "bf8"], ("argument --dtype", "invalid choice", "--help")),
     (["plan", "--preset", "demo", "--prompt-tokens", "-5"], ("--prompt-tokens -5", "1 to 512")),
+    (["plan", "--preset", "demo", "--ram", "1e400"], ("--ram '1e400'", "too large")),
 ])
 def test_option_errors_are_one_line(argv, names, capsys):
     """argparse's own refusals too (a value of the wrong type, an unknown choice): one line, no usage block."""

@@ -72,6 +72,11 @@ def test_a_kernel_inexact_even_at_7_bits_is_not_used(monkeypatch, tmp_path):
     monkeypatch.setattr(int8_compute, "onednn_levels", lambda: 0)
     assert route_for("cpu") == "float"
     cpu_route.cache_clear()
+    # not "float" whatever the figures: the best of the routes left
+    (tmp_path / "int8-route.json").unlink()  # timed again
+    monkeypatch.setattr(int8_compute, "time_routes", lambda: {"onednn": 400.0, "int_mm": 200.0, "float": 100.0})
+    assert cpu_route()["route"] == "onednn" and route_for("cpu") == "int_mm"
+    cpu_route.cache_clear()
 
 
 def _dit_block(g):

@@ -54,6 +54,16 @@ def test_fit_tool_runs_on_a_vae_folder(tiny_model):
     assert result["cells"] == 2 * 8 * 8
 
 
+@pytest.mark.parametrize("samples, size", [(0, 8), (1, 1), (1, 8)])
+def test_fit_tool_refuses_too_few_cells(tiny_model, capsys, samples, size):
+    """0 samples, 1 cell (singular) or 64 cells for 17 numbers per colour (a fit that says nothing): one line."""
+    from zimage_lite.preview_fit import main as fit_main
+
+    assert fit_main([str(tiny_model / "vae"), "--samples", str(samples), "--size", str(size)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "too few" in err and "--samples" in err and "Traceback" not in err
+
+
 def test_fit_reads_images_as_every_input_is(tmp_path):
     """--images are read as the run's inputs are (inputs.open_image, to_mode): a photo stored on its side with an
     EXIF orientation comes upright, a grey or RGBA one in RGB: the pixels fitted are the ones the user sees."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import OptionError
 from .preview import FLUX, Projection
 
 
@@ -56,6 +57,11 @@ def fit_projection(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], scale: in
     """The least-squares projection from (latents, image) pairs, latents (B, C, h, w) and images in [-1, 1]
     (B, 3, scale*h, scale*w), and its RMS error per colour channel over every cell."""
     pairs = list(pairs)
+    cells = sum(latents[:, 0].numel() for latents, _ in pairs)
+    unknowns = pairs[0][0].shape[1] + 1 if pairs else 17  # per colour: a weight per latent channel, and a bias
+    if cells < 4 * unknowns:  # fewer than 4 equations per unknown: a fit that says nothing, or a singular one
+        raise OptionError(f"{cells} latent cells are too few to fit {unknowns} numbers per colour (at least "
+                          f"{4 * unknowns}): give more --samples or a larger --size (or larger --images)")
     fit = LeastSquares(pairs[0][0].shape[1])
     for latents, image in pairs:
         fit.add(latents, cell_colours(image, scale))

@@ -161,7 +161,9 @@ def route_for(device: torch.device | str) -> str:
     if torch.device(device).type == "cuda":
         return "int_mm"
     route = cpu_route()["route"]
-    return "float" if route == "onednn" and not onednn_levels() else route
+    if route == "onednn" and not onednn_levels():  # the fastest, but inexact: the best of the others
+        return choose_route({r: g for r, g in cpu_route()["gflops"].items() if r != "onednn"})
+    return route
 
 
 def _machine_key() -> str:

@@ -38,7 +38,9 @@ def parse_size(text: str, option: str) -> int:
     if match is None or unit not in UNITS:
         raise OptionError(f"{option} {text!r} is not a size: use {_FORMS}")
     value = float(match.group("num")) * UNITS[unit]
-    if not math.isfinite(value) or value < 1:
+    if not math.isfinite(value):
+        raise OptionError(f"{option} {text!r} is too large to be a size: use {_FORMS}")
+    if value < 1:
         raise OptionError(f"{option} {text!r} must be at least one byte: use {_FORMS}")
     return int(value)
 
