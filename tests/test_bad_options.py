@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,41 @@ class TestPythonAPI:
             zimage_lite.load(tiny_model, device="cpu", vram="4GB")
         with pytest.raises(OptionError, match="--vram 4GB: this run is on the CPU"):
             zimage_lite.load(tiny_model, device="cpu", vram=4 * 10**9)
+
+    @pytest.mark.parametrize("kwargs,message", [
+        ({"model": None}, "model=None"), ({"device": None}, "device=None"), ({"ram": 0}, "--ram 0"),
+        ({"ram": -5}, "--ram -5"), ({"ram": True}, "--ram True"), ({"ram": [1]}, "--ram [1]"),
+        ({"loras": ["x.safetensors"]}, "not a (file, scale) pair"),
+        ({"loras": ("x.safetensors", 0.5)}, "'x.safetensors' is not a (file, scale) pair"),
+    ], ids=lambda v: repr(v)[:20])
+    def test_load_refuses_arguments_of_the_wrong_kind(self, tiny_model, kwargs, message):
+        """Before: an AttributeError, TypeError or ValueError from deep inside (a budget of 0 only at the first
+        image)."""
+        with pytest.raises(OptionError, match=re.escape(message)):
+            zimage_lite.load(kwargs.pop("model", tiny_model), device=kwargs.pop("device", "cpu"), **kwargs)
+
+    def test_load_takes_a_torch_device_and_generate_names_an_unknown_argument(self, tiny_model):
+        pipe = zimage_lite.load(tiny_model, device=torch.device("cpu"), dtype="fp32")
+        assert pipe.device == torch.device("cpu")
+        with pytest.raises(TypeError, match="generate\\(\\) got an unexpected keyword argument 'sead'"):
+            pipe.text_to_image("a fox", sead=1)
+
+    def test_step_events_carry_the_run_parameters(self, tiny_model):
+        """As generate() says: every event's info holds them (a progress display reads info["steps"] there)."""
+        pipe = zimage_lite.load(tiny_model, device="cpu", dtype="fp32")
+        events = list(pipe.generate("a fox", width=32, height=32, steps=2, seed=3))
+        assert all(e.info["seed"] == 3 and e.info["steps"] == 2 for e in events)
+
+    def test_save_image_refuses_what_is_not_an_image_or_parameters(self, tmp_path):
+        from PIL import Image
+
+        from zimage_lite.image import save_image
+
+        with pytest.raises(OptionError, match="not a PIL image"):
+            save_image(None, tmp_path / "x.png")
+        with pytest.raises(OptionError, match="give a mapping"):
+            save_image(Image.new("RGB", (4, 4)), tmp_path / "x.png", [("a", 1)])
+        assert list(tmp_path.iterdir()) == []
 
 
 # ---- prompt input: PROMPT, --prompt-file FILE, --prompt-file - ------------------------------------------------------

@@ -71,7 +71,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         preset = args.preset or "turbo"
         fill_defaults(args, PRESETS.get(preset, PRESETS["turbo"]))  # plan_for names an unknown preset
         if args.device == "auto":  # the budget that applies depends on the device auto finds
-            from .pipeline import resolve_device
+            from .runtime.budget import resolve_device
 
             check_budgets(resolve_device("auto").type, vram, ram)
         adapters = None

@@ -110,6 +110,9 @@ def check_scale(scale: Any) -> float:
     return value
 
 
+CONTROL_ARGS = ("control_image", "control_scale", "control_preprocess")  # control_request's: generate() passes them
+
+
 def control_request(control: ControlFile | None, image: Image.Image | str | Path | None,
                     mask: Image.Image | str | Path | None, strength: float | None, width: int | None,
                     height: int | None, grid: Grid = TURBO_GRID, control_image: Image.Image | str | Path | None = None,

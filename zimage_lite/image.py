@@ -148,6 +148,11 @@ def save_image(image: Image.Image, path: str | Path, params: Mapping[str, Any] |
 
     Written atomically: an error or Ctrl-C leaves no partial file; an existing file is replaced only with `force`.
     """
+    if not isinstance(image, Image.Image):
+        raise OptionError(f"save_image: image is {type(image).__name__}, not a PIL image (text_to_image returns one)")
+    if params is not None and not isinstance(params, Mapping):
+        raise OptionError(f"save_image: params is {type(params).__name__}; give a mapping of run parameters, such "
+                          "as an event's info")
     path = Path(path)
     fmt = image_format(path)
     options = _save_options(fmt, _typed(image.info if params is None else params, str(path)), path)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import DiTConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, OptionError
 from .models.adapters import adapter_names, attach
 from .options import check_lora_scale
 from .runtime.sizes import DTYPE_TYPES, TensorTable
@@ -63,12 +63,18 @@ class Loras:
         self.uses, self.dit = tuple(uses), dit
 
     @classmethod
-    def read(cls, specs: Iterable[tuple[str | Path, float]], dit: DiTConfig) -> Loras:
+    def read(cls, specs: Iterable[tuple[str | Path, float]] | str | Path, dit: DiTConfig) -> Loras:
         """Read and check each (path, scale) against the DiT of `dit`; the tensors are dropped again (they are read
         once more when the DiT is placed, so they take no memory between DiT stages). The same file twice: a
         DuplicateLoraWarning, and both apply."""
         uses: list[LoraUse] = []
-        for path, scale in specs:
+        if isinstance(specs, (str, Path)):
+            specs = [specs]  # one file, not its characters: refused below as not a pair
+        for spec in specs:
+            if not (isinstance(spec, (tuple, list)) and len(spec) == 2):
+                raise OptionError(f"loras: {spec!r} is not a (file, scale) pair; give a list of pairs, e.g. "
+                                  "[('style.safetensors', 0.8)]")
+            path, scale = spec
             scale = check_lora_scale(scale, path)
             f = read_lora(Path(path), dit)
             twin = next((u for u in uses if u.sha256 == f.sha256), None)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from .config import PRESETS, DiTConfig, ModelConfig, SchedulerConfig
 from .errors import OptionError
-from .runtime.units import MIB, format_option_size
+from .runtime.units import MIB, format_option_size, parse_size
 
 # torch.Generator.manual_seed takes any unsigned 64-bit integer; noise is drawn from it, so a seed is one of those.
 SEED_LIMIT = 2**64
@@ -163,6 +163,17 @@ def check_budgets(device_kind: str, vram: int | str | None, ram: int | str | Non
     if device_kind == "cuda" and ram is not None:
         raise OptionError(f"--ram {shown(ram)}: this run is on a GPU, where --ram does not apply; bound its memory "
                           f"with --vram, or pass --device cpu for a CPU run")
+
+
+def budget_bytes(value: object, option: str) -> int | None:
+    """A memory budget as given to `load` (bytes, or text such as '4GB': units.parse_size), in bytes; None: none."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_size(value, option)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise OptionError(f"{option} {value!r}: give a size in bytes (at least 1) or as text such as '4GB'")
+    return int(value)
 
 
 def check_text(text: object, option: str, empty_ok: bool = False) -> str:

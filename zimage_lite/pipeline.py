@@ -25,7 +25,7 @@ from PIL import Image
 from . import __version__
 from .components import COMPONENTS
 from .config import MAX_TEXT_TOKENS, DiTConfig, ModelConfig
-from .control import ControlFile, ControlRequest, control_latents, control_request
+from .control import CONTROL_ARGS, ControlFile, ControlRequest, control_latents, control_request
 from .enhance import DEFAULT_MAX_TOKENS, Enhanced, enhance
 from .errors import BudgetError, OptionError
 from .image import to_pil
@@ -35,6 +35,7 @@ from .loras import Loras
 from .models.controlnet import controlled
 from .models.vae_encoder import AutoencoderEncoder
 from .options import (
+    budget_bytes,
     check_budgets,
     check_guidance,
     check_seed,
@@ -48,11 +49,11 @@ from .options import (
 from .preview import preview_image
 from .quant.qlinear import release_scratch
 from .runtime import plan
-from .runtime.budget import device_kind, usable_budget
+from .runtime.budget import resolve_device, usable_budget
 from .runtime.memory import is_out_of_memory, map_large_host_blocks, peak_bytes, reset_peak, reused_heap, trim_host
 from .runtime.plan_format import format_plan
 from .runtime.sizes import source_table
-from .runtime.units import format_size, parse_size
+from .runtime.units import format_size
 from .sampling import (
     combine_cfg,
     euler_step,
@@ -107,20 +108,6 @@ class Request:
     init: InitImage | None
     control: ControlRequest | None
     pipeline: Any = field(repr=False, compare=False)
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto`, `cpu`, `cuda` or `cuda:N` as a torch device; OptionError for a device this machine does not have."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device_kind(device) == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(f"--device {device}: no CUDA GPU is visible to torch (use --device cpu or auto)")
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise OptionError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -244,6 +231,9 @@ class ZImagePipeline(StageModels):
                 mask: Image.Image | None = None, strength: float | None = None, **control: Any) -> Request:
         """generate()'s arguments as a `Request` for `run` (its `params` are `run_params`')."""
         d = self.defaults
+        if unknown := sorted(set(control) - set(CONTROL_ARGS)):
+            raise TypeError(f"generate() got an unexpected keyword argument {unknown[0]!r} (besides its own, it "
+                            f"takes {', '.join(CONTROL_ARGS)} for a ControlNet given to load)")
         steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
         ctrl = control_request(self.control, image, mask, strength, width, height, self.grid, **control)
         if ctrl is not None:  # the image and mask are the ControlNet's inpaint input, not an init image
@@ -384,7 +374,7 @@ class ZImagePipeline(StageModels):
                 latents = inpaint_blend(latents, init_latents, noise, mask, sigmas[i + 1] if i + 1 < steps else None)
                 denoised = inpaint_blend(denoised, init_latents, noise, mask, None)  # the kept part: the original
             yield Event("step", i + 1 - start, steps - start, time.perf_counter() - t0, peak_bytes(self.device),
-                        latents, denoised=denoised)
+                        latents, info=params, denoised=denoised)
         del dit, forward  # this frame lives on through the VAE stage: its reference would keep the DiT (and its map)
         self._release("dit")
         if ctrl is not None:
@@ -452,10 +442,12 @@ def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: P
     `int8_compute`: GGUF-quantized Linears are converted to int8 rows at load and run by integer matmuls
     (quant/int8_compute.py), at some extra error.
     """
+    if not isinstance(model, (str, Path)):
+        raise OptionError(f"model={model!r}: give a model folder, a weights file or 'demo'")
     dev = resolve_device(device)
+    vram_bytes, ram_bytes = budget_bytes(vram, "--vram"), budget_bytes(ram, "--ram")
     check_budgets(dev.type, vram, ram)  # options first: opening the files takes a while
-    vram = parse_size(vram, "--vram") if isinstance(vram, str) else vram
-    ram = parse_size(ram, "--ram") if isinstance(ram, str) else ram
+    vram, ram = vram_bytes, ram_bytes
     files = resolve_model(model, dit=dit, text_encoder=text_encoder, vae=vae)
     return ZImagePipeline(files, dev, resolve_dtype(dtype, dev), keep_loaded=keep_loaded, vram=vram, ram=ram,
                           loras=loras, control=control, int8_compute=int8_compute)

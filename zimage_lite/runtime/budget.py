@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 from ..errors import OptionError
 from .units import GIB, KIB
@@ -27,6 +28,27 @@ def device_kind(device: str) -> str:
     if kind not in DEVICE_KINDS or (index and (kind != "cuda" or not index.isdigit())):
         raise OptionError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
     return kind
+
+
+def resolve_device(device: Any) -> Any:
+    """`auto`, `cpu`, `cuda` or `cuda:N` (or a torch.device) as a torch device; OptionError for a device this machine
+    does not have. Imports torch (the planner's other functions do not)."""
+    import torch
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise OptionError(f"device={device!r}: give 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device_kind(device) == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {device}: no CUDA GPU is visible to torch (use --device cpu or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise OptionError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return torch.device(device)
 
 
 def _mem_available() -> int | None:
