@@ -38,7 +38,7 @@ from zimage_lite.quant.recipes import (
 )
 from zimage_lite.runtime.memory import peak_bytes, release_pages
 from zimage_lite.runtime.units import format_si, gib
-from zimage_lite.weights.components import LAYOUT_HINT, UNUSED, identify, open_component
+from zimage_lite.weights.components import LAYOUT_HINT, UNUSED, identify, open_component, tokenizer_in
 from zimage_lite.weights.control_files import is_controlnet
 from zimage_lite.weights.gguf_source import GGUFSource
 from zimage_lite.weights.names import translate
@@ -108,9 +108,11 @@ def open_inputs(src: Path, component: str | None) -> list[SourceInput]:
         raise OptionError(f"--component all needs the model folder; {src} holds only {label}")
     if wanted and wanted != comp.kind:
         raise OptionError(f"--component {component}, but {src} holds {label}")
+    # the tokenizer as the runtime finds it beside a single file (components.tokenizer_in), or in the model folder
+    # above a component folder (text_encoder/ of the official layout)
     base = src if src.is_dir() else src.parent
-    tok = base / "tokenizer.json"
-    return [_open(src, comp.kind, tok if tok.is_file() else base.parent / "tokenizer" / "tokenizer.json")]
+    tok = tokenizer_in(base) or tokenizer_in(base.parent) or base.parent / "tokenizer" / "tokenizer.json"
+    return [_open(src, comp.kind, tok)]
 
 
 # ---- memory: hand back the source's mapped pages --------------------------------------------------------------------
@@ -255,6 +257,9 @@ def output_paths(inputs: list[SourceInput], target: Target, out: Path | None) ->
     names = [convrot.FILE_NAMES[i.component].format(t=target.name.replace("-", "_"))
              if target.name in INT8_TARGETS else BNB_FOLDER.format(t=target.name) if not target.is_gguf
              else FILE_NAMES[i.component].format(t=target.name) for i in inputs]
+    folder_output = not target.is_gguf and target.name not in INT8_TARGETS
+    if len(inputs) == 1 and folder_output and out is not None and (out / "config.json").is_file():
+        return [out]  # an earlier bitsandbytes output: replaced with --force, refused without (not written into)
     if len(inputs) > 1 or out is None or out.is_dir():
         folder = out or Path.cwd()
         if not folder.is_dir():

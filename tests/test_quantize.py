@@ -250,6 +250,20 @@ def test_text_encoder_from_a_bf16_gguf_keeps_its_vocabulary(tiny_model, tmp_path
     assert _field(b, "general.architecture") == "qwen3" and _field(b, "general.file_type") == int(TARGETS["Q8_0"].ftype)
 
 
+def test_a_single_text_encoder_file_takes_the_tokenizer_folder_beside_it(tiny_model, tmp_path):
+    """A folder of single files, as the runtime reads it (README: tokenizer/tokenizer.json in the folder): the GGUF
+    carries that vocabulary (it was written without one, with a note that the file was missing)."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_model / "tokenizer", tmp_path / "tokenizer")
+    weights = {}
+    for shard in sorted((tiny_model / "text_encoder").glob("*.safetensors")):
+        weights.update(load_file(shard))
+    save_file(weights, tmp_path / "qwen_3_4b.safetensors")
+    [q8] = convert(tmp_path / "qwen_3_4b.safetensors", "Q8_0", out=tmp_path / "te.gguf")
+    assert len([k for k in GGUFReader(q8.path).fields if k.startswith("tokenizer.")]) >= 8
+
+
 def _comfy_single_file(kq_model: Path, path: Path) -> None:
     """The official DiT as a ComfyUI/stable-diffusion.cpp single file: fused qkv, prefix, BF16 weights (norms,
     biases and pad tokens F32, as in our BF16 GGUF, so both sources hold the same values)."""
@@ -344,6 +358,17 @@ def test_existing_output_needs_force(kq_model, tmp_path, capsys):
     umask = os.umask(0)
     os.umask(umask)
     assert out.read_bytes()[:4] == b"GGUF" and out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_an_earlier_bnb_folder_is_refused_then_replaced(kq_model, tmp_path, capsys):
+    """A bitsandbytes output is itself a folder: given again as --out it is that output (refused without --force,
+    replaced with it), not a parent folder to write the community-named one into."""
+    out = tmp_path / "dit-nf4"
+    assert quant(capsys, kq_model, "--type", "nf4", "--out", out)[0] == 0
+    code, err = quant(capsys, kq_model, "--type", "nf4", "--out", out)
+    assert code == 2 and "--force" in err and str(out) in err
+    assert quant(capsys, kq_model, "--type", "nf4", "--out", out, "--force")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_truncated_shard_is_named(kq_model, tmp_path, capsys):

@@ -369,13 +369,18 @@ def _gguf_tokenizer(path: Path) -> Path | None:
     return out
 
 
+def tokenizer_in(home: Path) -> Path | None:
+    """The tokenizer.json a model folder holds: in tokenizer/ (the official layout) or loose; None: neither is
+    there (anything at the path counts: a folder or a FIFO there is refused by name, not passed over)."""
+    return next((c for c in (home / TOKENIZER_FOLDER / "tokenizer.json", home / "tokenizer.json") if c.exists()), None)
+
+
 def _tokenizer(home: Path, text_encoder: Path, override: Path | None) -> Path:
     if override is not None:
         tok = Path(override) / "tokenizer.json" if Path(override).is_dir() else Path(override)
         return check_file(tok, "tokenizer")
-    for cand in (home / TOKENIZER_FOLDER / "tokenizer.json", home / "tokenizer.json"):
-        if cand.exists():
-            return check_file(cand)  # a FIFO or a folder there is refused by name, not passed over
+    if (cand := tokenizer_in(home)) is not None:
+        return check_file(cand)
     from_gguf = _gguf_tokenizer(text_encoder) if text_encoder.is_file() else None
     if from_gguf is not None:
         return from_gguf
