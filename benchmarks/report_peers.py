@@ -59,8 +59,8 @@ def sdcpp_table(rows: list[dict]) -> list[str]:
                 "below."]
     if roofs:
         out += ["", "step ÷ (FLOPs ÷ int8 roof): s/step over the time those FLOPs take at the machine's int8 roof, the "
-                "best int8 route of benchmarks/roofs.py on its 1088 x 3840 x 10240 product, measured in the same "
-                f"process just before each int8 run ({', '.join(roofs)} GFLOP/s, in order)."]
+                "best int8 route of benchmarks/roofs.py on its 1088 x 3840 x 10240 product, measured by the benchmark "
+                f"just before it starts each int8 run ({', '.join(roofs)} GFLOP/s, in order)."]
     qwen = sorted({r["tokens"] for r in rows if r.get("tokens") and r.get("tokenizer") == "qwen"})
     small = sorted({r["tokens"] for r in rows if r.get("tokens") and r.get("tokenizer") != "qwen"})
     if qwen:

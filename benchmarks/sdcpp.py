@@ -23,7 +23,8 @@ tokens (`--tokenizer checkpoint`: the random checkpoint's small tokenizer instea
 the three files are read once (`warm_files`), so that neither pays a disk read: ours maps its files and reads their
 pages as a stage first touches them (a cold text encoder file put 4 s of disk reads into our text-encoder stage),
 sd.cpp reads them while loading. Before each run of ours that computes in int8 (an int8 DiT file, or `+int8`), the
-machine's int8 roof is measured again in this process (benchmarks/roofs.py `int8_roof`): the step against FLOPs over
+machine's int8 roof is measured again in this benchmark's own process, just before it starts the run's
+(benchmarks/roofs.py `int8_roof`): the step against FLOPs over
 that roof, with the roof as the machine runs then. `--preset demo --runs ours:Q4_K_M:fp32` is a seconds-long smoke
 run of ours (tests/test_sdcpp_log.py).
 """

@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for a single file it is detected from the tensor names")
     p.add_argument("--out", type=Path, default=None,
                    help="output file (.gguf for GGUF types, .safetensors for int8-convrot/int8-rowwise, a folder "
-                        "name without an extension for int8/nf4), or an existing folder for the community file names "
-                        "(z_image_turbo-Q4_K_M.gguf, Qwen3-4B-Q4_K_M.gguf); default: the current folder")
+                        "name not ending in either for int8/nf4: an earlier such output is replaced with --force), or "
+                        "an existing folder for the community file names (z_image_turbo-Q4_K_M.gguf, "
+                        "Qwen3-4B-Q4_K_M.gguf); default: the current folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
 
 

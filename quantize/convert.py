@@ -59,6 +59,7 @@ READABLE = {"F32", "F16", "BF16"}
 FILE_NAMES = {"dit": "z_image_turbo-{t}.gguf", "text_encoder": "Qwen3-4B-{t}.gguf",
               "controlnet": "Z-Image-Turbo-Fun-Controlnet-{t}.gguf"}
 BNB_FOLDER = "z_image_turbo-{t}"
+BNB_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the weights file of a bitsandbytes folder (diffusers' name)
 COMPONENTS = {"dit": "dit", "text-encoder": "text_encoder", "text_encoder": "text_encoder", "all": "all",
               "controlnet": "controlnet"}
 
@@ -209,7 +210,7 @@ def convert_bnb(inp: SourceInput, target: Target, out: Path, force: bool) -> Res
             release_pages(inp.root)
             bar.update(sum(e.nbytes for e in group.entries))
 
-        bnb.write_safetensors(tmp / "diffusion_pytorch_model.safetensors", plan,
+        bnb.write_safetensors(tmp / BNB_WEIGHTS, plan,
                               lambda name: writing.read(inp.source, name, shapes[name]), metadata, dtype, on_group)
 
     with tqdm(total=total, desc=out.name, unit="B", unit_scale=True, disable=None) as bar:
@@ -252,13 +253,24 @@ def _storage_dtype(inp: SourceInput, linear: set[str]) -> str:
 # ---- entry point -----------------------------------------------------------------------------------------------------
 
 
+def _bnb_output(folder: Path) -> bool:
+    """Whether `folder` is a bitsandbytes folder this tool wrote: its two files and nothing else, the config with a
+    quantization_config. Any other folder (a source, a project) is a parent to write into, never replaced."""
+    try:
+        names = {p.name for p in folder.iterdir()}
+        config = read_json(folder / "config.json") if names == {"config.json", BNB_WEIGHTS} else {}
+    except (OSError, ZImageLiteError):
+        return False
+    return "quantization_config" in config
+
+
 def output_paths(inputs: list[SourceInput], target: Target, out: Path | None) -> list[Path]:
     """Where each component goes: the community file names, in `out` when it is a folder (or with `all`)."""
     names = [convrot.FILE_NAMES[i.component].format(t=target.name.replace("-", "_"))
              if target.name in INT8_TARGETS else BNB_FOLDER.format(t=target.name) if not target.is_gguf
              else FILE_NAMES[i.component].format(t=target.name) for i in inputs]
     folder_output = not target.is_gguf and target.name not in INT8_TARGETS
-    if len(inputs) == 1 and folder_output and out is not None and (out / "config.json").is_file():
+    if len(inputs) == 1 and folder_output and out is not None and _bnb_output(out):
         return [out]  # an earlier bitsandbytes output: replaced with --force, refused without (not written into)
     if len(inputs) > 1 or out is None or out.is_dir():
         folder = out or Path.cwd()

@@ -145,8 +145,18 @@ class TestPythonAPI:
     def test_load_takes_a_torch_device_and_generate_names_an_unknown_argument(self, tiny_model):
         pipe = zimage_lite.load(tiny_model, device=torch.device("cpu"), dtype="fp32")
         assert pipe.device == torch.device("cpu")
-        with pytest.raises(TypeError, match="generate\\(\\) got an unexpected keyword argument 'sead'"):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'sead': generate\\(\\) takes"):
             pipe.text_to_image("a fox", sead=1)
+        assert zimage_lite.load(tiny_model, device="cpu", ram=8e9).ram == 8 * 10**9  # a whole float is a size
+
+    def test_control_args_are_control_requests(self):
+        """generate() tells its own keywords from control_request's by CONTROL_ARGS: the two lists are one."""
+        import inspect
+
+        from zimage_lite.control import CONTROL_ARGS, control_request
+
+        keywords = [n for n, p in inspect.signature(control_request).parameters.items() if n.startswith("control_")]
+        assert keywords == list(CONTROL_ARGS)
 
     def test_step_events_carry_the_run_parameters(self, tiny_model):
         """As generate() says: every event's info holds them (a progress display reads info["steps"] there)."""

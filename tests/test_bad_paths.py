@@ -326,6 +326,19 @@ def test_a_path_too_long_is_one_line(tiny_model, tmp_path, capsys, where):
     refused(capsys, argv, str(long)[:40] + "...", "File name too long", "give a shorter path", watch=(tmp_path,))
 
 
+def test_an_os_error_about_no_path_keeps_its_traceback(monkeypatch):
+    """The CLI's one line is for a path the file system refused; an OS error naming no file (out of memory, an I/O
+    error mid-run) is not a usage error and goes up with its traceback."""
+    from zimage_lite import cli
+
+    def no_memory(args):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(cli, "cmd_info", no_memory)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        main(["info", "x"])
+
+
 def test_a_short_write_is_disk_full(kq_model, tmp_path, capsys, monkeypatch):
     """numpy's tofile (what the GGUF writer writes tensors with) reports a disk that fills mid-tensor as a short
     write, with no errno: "21760 requested and 672 written" (measured on a 64 KiB tmpfs)."""

@@ -187,6 +187,8 @@ def test_forced_onednn_must_be_able_to_run(monkeypatch):
     monkeypatch.setattr(int8_compute, "onednn_levels", lambda: 0)
     with pytest.raises(OptionError, match="does not multiply exactly"):
         route_for("cpu")
+    # `info` and `plan` report it rather than fail
+    assert int8_compute.describe_route("cpu").startswith("none: $ZIMAGE_LITE_INT8_ROUTE=onednn")
 
 
 @pytest.mark.parametrize("route", ["onednn", "int_mm"])

@@ -369,6 +369,13 @@ def test_an_earlier_bnb_folder_is_refused_then_replaced(kq_model, tmp_path, caps
     assert code == 2 and "--force" in err and str(out) in err
     assert quant(capsys, kq_model, "--type", "nf4", "--out", out, "--force")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    # any other folder is a parent, even with a config.json and --force: a project's files are never replaced
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    (project / "notes.txt").write_text("mine")
+    assert quant(capsys, kq_model, "--type", "nf4", "--out", project, "--force")[0] == 0
+    assert sorted(p.name for p in project.iterdir()) == ["config.json", "notes.txt", "z_image_turbo-nf4"]
 
 
 def test_truncated_shard_is_named(kq_model, tmp_path, capsys):

@@ -110,7 +110,7 @@ def test_report_puts_ours_beside_sdcpp_on_the_same_file_and_the_roofs():
     md = render([convrot, _row("stable-diffusion.cpp", "Q8_0", 100.0, 2**31)])
     assert "| 1 | zimage-lite | c.safetensors | fp32 | 5 | 10.0* | 25.0 | 20.0* | 85 | 235 | 1.00 | 200 | 1.25 | " \
            "1.00, 0.25, 1.00, 0.36, 0.50 (vs its Q8_0) |" in md
-    assert "measured in the same process just before each int8 run (250 GFLOP/s, in order)" in md
+    assert "measured by the benchmark just before it starts each int8 run (250 GFLOP/s, in order)" in md
     assert "| DiT GFLOP/s | step ÷ (FLOPs ÷ int8 roof) | ÷ sd.cpp" in md
     assert "| turbo-dit-Q8_0.gguf | fp32 | 5 | 10.0 | 100.0 | 20.0 | 235 | 835 | 2.00 |  |  |  |" in md  # a cell each
     assert "\\*: placing the text encoder's (the VAE's) weights included" in md  # a row measured before the split

@@ -64,7 +64,10 @@ class _OneLine(argparse.ArgumentParser):
     error of the CLI is, pointing at --help for the options instead of printing their usage."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {self.prog}: {message} (`{self.prog} --help` lists the options)\n")
+        # the top parser also reports a command's unknown options: point at the command's help too
+        hint = (f"`{self.prog} --help` lists the options" if " " in self.prog else
+                f"`{self.prog} --help` lists the commands, `{self.prog} COMMAND --help` a command's options")
+        self.exit(2, f"error: {self.prog}: {message} ({hint})\n")
 
 
 class _Parser(_OneLine):
@@ -403,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
             return 141
         except OSError as e:  # the file system refused a path the options gave (a name too long, ...): one line
+            if e.filename is None:  # not about a path (out of memory, an I/O error): the traceback says where
+                raise
             print(f"error: {os_error_line(e)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Interrupted)

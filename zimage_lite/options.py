@@ -171,9 +171,9 @@ def budget_bytes(value: object, option: str) -> int | None:
         return None
     if isinstance(value, str):
         return parse_size(value, option)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 1:
         raise OptionError(f"{option} {value!r}: give a size in bytes (at least 1) or as text such as '4GB'")
-    return int(value)
+    return int(value)  # 8e9 as well as 8_000_000_000
 
 
 def check_text(text: object, option: str, empty_ok: bool = False) -> str:

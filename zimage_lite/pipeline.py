@@ -232,8 +232,8 @@ class ZImagePipeline(StageModels):
         """generate()'s arguments as a `Request` for `run` (its `params` are `run_params`')."""
         d = self.defaults
         if unknown := sorted(set(control) - set(CONTROL_ARGS)):
-            raise TypeError(f"generate() got an unexpected keyword argument {unknown[0]!r} (besides its own, it "
-                            f"takes {', '.join(CONTROL_ARGS)} for a ControlNet given to load)")
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}: generate() takes its own and, for a "
+                            f"ControlNet given to load, {', '.join(CONTROL_ARGS)}")
         steps = check_steps(d.default_steps if steps is None else steps, self.scheduler.num_train_timesteps)
         ctrl = control_request(self.control, image, mask, strength, width, height, self.grid, **control)
         if ctrl is not None:  # the image and mask are the ControlNet's inpaint input, not an init image
@@ -430,13 +430,15 @@ class ZImagePipeline(StageModels):
 
 
 def load(model: str | Path = "demo", *, dit: Path | None = None, text_encoder: Path | None = None,
-         vae: Path | None = None, device: str = "auto", dtype: str = "auto", vram: int | str | None = None,
+         vae: Path | None = None, device: str | torch.device = "auto", dtype: str = "auto",
+         vram: int | str | None = None,
          ram: int | str | None = None, keep_loaded: bool = False,
          loras: Sequence[tuple[str | Path, float]] = (), control: str | Path | None = None,
          int8_compute: bool = False) -> ZImagePipeline:
     """Open a model (a folder in the official layout, or 'demo') for generation; weights load stage by stage.
 
-    `vram`/`ram` are memory budgets in bytes or as text ('4GB'); absent, what the device reports minus headroom.
+    `device`: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device. `vram`/`ram` are memory budgets in bytes or as
+    text ('4GB'); absent, what the device reports minus headroom.
     `loras`: (file, scale) pairs applied to the DiT as low-rank side paths, scale as diffusers' `set_adapters`
     weights (alpha / rank comes on top); read and checked here. `control`: a ControlNet file (control.py).
     `int8_compute`: GGUF-quantized Linears are converted to int8 rows at load and run by integer matmuls

@@ -128,8 +128,9 @@ def _onednn_mm(values: torch.Tensor, zero: int, packed: torch.Tensor, scale: tor
 def onednn_levels() -> int:
     """The activation levels of the onednn route on this CPU: 127 where its u8 x s8 kernel sums exactly (VNNI, AMX:
     32-bit sums), 63 where pairs of products saturate at 16 bits (AVX2's vpmaddubsw: with u8 activations up to 127
-    no pair exceeds 2 x 127 x 127 < 2^15), 0 where even that is not exact (`route_for` then takes "float"). Found
-    by products whose sums are exact in fp32: all-255 (then all-127) rows of 32 x 64 against weights of 127."""
+    no pair exceeds 2 x 127 x 127 < 2^15), 0 where even that is not exact (`route_for` then takes the best other
+    route). Found by products whose sums are exact in fp32: all-255 (then all-127) rows of 32 x 64 against weights
+    of 127."""
     k, n = 64, 8
     packed = prepack(torch.full((n, k), 127, dtype=torch.int8))
     for top, levels in ((255, 127), (127, 63)):
@@ -281,7 +282,10 @@ def cpu_route() -> dict:
 
 def describe_route(device: torch.device | str = "cpu") -> str:
     """One line for `info` and `plan`: the route int8 weights take on `device` and why."""
-    route = route_for(device)
+    try:
+        route = route_for(device)
+    except ZImageLiteError as e:  # a forced route that cannot run here: reported, as the run would refuse it
+        return f"none: {e}"
     cpu = torch.device(device).type == "cpu"
     narrow = "7-bit activations: the CPU's u8 x s8 kernel saturates" if route == "onednn" and cpu \
         and onednn_levels() < 127 else ""
