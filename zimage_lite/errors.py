@@ -44,8 +44,8 @@ class Interrupted(KeyboardInterrupt):
 
 def os_error_line(e: OSError) -> str:
     """The one line for an OS error on a path the options gave (the CLI's last resort, where no check named it
-    first): the file, cut in the middle when it is long, and the system's reason."""
-    name = "" if e.filename is None else str(e.filename)
+    first; `e.filename` set): the file, cut in the middle when it is long, and the system's reason."""
+    name = str(e.filename)
     shown = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]} ({len(name)} characters)"
     hint = "; give a shorter path" if e.errno == errno.ENAMETOOLONG else ""
-    return f"{shown}: {e.strerror or e}{hint}" if shown else f"{e.strerror or e}{hint}"
+    return f"{shown}: {e.strerror or e}{hint}"

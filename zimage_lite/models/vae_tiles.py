@@ -51,6 +51,7 @@ def channels_last(device_type: str, elem: int) -> bool:
 
 
 def memory_format(nhwc: bool) -> torch.memory_format:
+    """The torch layout of channels-last (NHWC) maps, or of NCHW ones."""
     return torch.channels_last if nhwc else torch.contiguous_format
 
 
